@@ -1,0 +1,339 @@
+"""common.py: presets, latent conventions, velocity calls, loading, data, resume, DDP, tiling."""
+import os, subprocess, sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import common as C
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["tiny-flux1", "tiny-flux2", "tiny-zimage", "tiny-sd3", "tiny-qwen"]
+
+
+def run(args, **kw):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kw)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+# --------------------------------------------------------------------------- models
+@pytest.fixture(scope="module")
+def tiny_models():
+    return {p: (C.load_dit(p), C.load_vae(p)) for p in TINY}
+
+
+def test_import_does_no_work():
+    r = run([sys.executable, "-X", "importtime", "-c", "import common"])
+    heavy = [l for l in r.stderr.splitlines() if l.rstrip().endswith(("diffusers", "transformers", "peft", "lpips"))]
+    assert not heavy, heavy
+
+
+@pytest.mark.parametrize("preset", TINY)
+def test_vae_roundtrip_and_normalisation(tiny_models, preset):
+    """encode/decode are the raw VAE plus an exactly invertible per-family normalisation."""
+    fam = C.PRESETS[preset].family
+    _, vae = tiny_models[preset]
+    x = torch.rand(2, 3, 48, 64)
+    z = C.encode(vae, fam, x)
+    assert z.shape[-2:] == ((3, 4) if fam == "flux2" else (6, 8))
+    with torch.no_grad():
+        raw_in = (x * 2 - 1).unsqueeze(2) if fam == "qwen" else x * 2 - 1
+        raw = vae.decode(vae.encode(raw_in).latent_dist.mode()).sample
+        raw = raw[:, :, 0] if fam == "qwen" else raw
+        y = C.decode(vae, fam, z)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y, (raw + 1) / 2, atol=1e-5, rtol=1e-5)
+
+
+def test_latent_statistics_follow_each_family():
+    """The normalisation constants are the ones each family's pipeline uses."""
+    vae = C.load_vae("tiny-sd3")
+    z = torch.randn(1, 16, 4, 4)
+    mean, std = C._stats(vae, "sd3", z)
+    assert float(mean.flatten()[0]) == pytest.approx(0.0609) and float(std.flatten()[0]) == pytest.approx(1 / 1.5305)
+    q = C.load_vae("tiny-qwen")
+    mean, std = C._stats(q, "qwen", z)
+    assert torch.allclose(mean.flatten(), torch.tensor(q.config.latents_mean))
+    assert torch.allclose(std.flatten(), torch.tensor(q.config.latents_std))
+
+
+def test_patchify_roundtrip_and_pack_matches_pipelines():
+    from diffusers import Flux2KleinPipeline, FluxPipeline, QwenImagePipeline
+    z = torch.randn(2, 16, 6, 8)
+    assert torch.equal(C.unpatchify(C.patchify(z)), z)
+    assert torch.equal(C.patchify(z), Flux2KleinPipeline._patchify_latents(z))
+    assert torch.equal(C.pack(z), FluxPipeline._pack_latents(z, 2, 16, 6, 8))
+    assert torch.equal(C.pack(z), QwenImagePipeline._pack_latents(z, 2, 16, 6, 8))
+    assert torch.equal(C.unpack(C.pack(z), 6, 8), z)
+
+
+@pytest.mark.parametrize("preset", TINY)
+def test_velocity_matches_raw_diffusers_call(tiny_models, preset):
+    """common.velocity against the call each diffusers pipeline makes (its own packing,
+    ids and timestep convention), written out independently here."""
+    from diffusers import Flux2KleinPipeline, FluxPipeline, QwenImagePipeline
+    fam = C.PRESETS[preset].family
+    dit, _ = tiny_models[preset]
+    B, (H, W) = 2, ((4, 6) if fam == "flux2" else (8, 12))
+    Cz = 128 if fam == "flux2" else 16
+    z, t = torch.randn(B, Cz, H, W), torch.tensor([0.25, 0.8])
+    cond = C.expand_cond(C.tiny_cond(dit, fam), B)
+    e = cond["embeds"]
+    with torch.no_grad():
+        v = C.velocity(fam, dit, z, t, cond)
+        if fam == "flux1":
+            out = dit(hidden_states=FluxPipeline._pack_latents(z, B, Cz, H, W), encoder_hidden_states=e,
+                      pooled_projections=cond["pooled"], timestep=t,
+                      img_ids=FluxPipeline._prepare_latent_image_ids(B, H // 2, W // 2, "cpu", torch.float32),
+                      txt_ids=torch.zeros(e.shape[1], 3), guidance=torch.full((B,), 3.5)).sample
+            ref = FluxPipeline._unpack_latents(out, H * 8, W * 8, 8)
+        elif fam == "flux2":
+            out = dit(hidden_states=Flux2KleinPipeline._pack_latents(z), encoder_hidden_states=e, timestep=t,
+                      img_ids=Flux2KleinPipeline._prepare_latent_ids(z), txt_ids=Flux2KleinPipeline._prepare_text_ids(e)).sample
+            ref = out.transpose(1, 2).reshape(B, Cz, H, W)
+        elif fam == "zimage":  # pipeline: timestep (1000 - t)/1000, prediction = -output
+            out = dit(list(z.unsqueeze(2).unbind(0)), 1 - t, list(e.unbind(0))).sample
+            ref = -torch.stack(out)[:, :, 0]
+        elif fam == "sd3":
+            ref = dit(hidden_states=z, encoder_hidden_states=e, pooled_projections=cond["pooled"], timestep=t * 1000).sample
+        else:
+            out = dit(hidden_states=QwenImagePipeline._pack_latents(z, B, Cz, H, W), encoder_hidden_states=e,
+                      encoder_hidden_states_mask=cond["mask"], timestep=t, img_shapes=[[(1, H // 2, W // 2)]] * B).sample
+            ref = QwenImagePipeline._unpack_latents(out, H * 8, W * 8, 8)[:, :, 0]
+    assert v.shape == z.shape
+    torch.testing.assert_close(v, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_sigma_convention_euler_lands_on_data():
+    """z_t = (1-t) z_0 + t eps with v = eps - z_0: an Euler step of size t with the true v
+    lands on z_0, and a step to s lands on z_s (the convention all methods rely on)."""
+    z0, eps = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)
+    t, s = 0.7, 0.3
+    z_t = (1 - t) * z0 + t * eps
+    v = eps - z0
+    torch.testing.assert_close(z_t - t * v, z0)
+    torch.testing.assert_close(z_t - (t - s) * v, (1 - s) * z0 + s * eps)
+
+
+def test_velocity_time_is_mapped_to_each_family_scale(tiny_models):
+    """The timestep each model's embedder sees: sigma*1000 for SD3 (explicitly), 1 - sigma for Z-Image."""
+    seen = {}
+    for preset, attr in [("tiny-sd3", "time_text_embed"), ("tiny-zimage", "t_embedder")]:
+        dit, _ = tiny_models[preset]
+        fam = C.PRESETS[preset].family
+        h = getattr(dit, attr).register_forward_hook(lambda m, a, o, p=preset: seen.update({p: a[0].clone()}))
+        with torch.no_grad():
+            C.velocity(fam, dit, torch.randn(1, 16, 4, 4), torch.tensor([0.3]), C.tiny_cond(dit, fam))
+        h.remove()
+    assert torch.allclose(seen["tiny-sd3"].float(), torch.tensor([300.0]))
+    assert torch.allclose(seen["tiny-zimage"].float() / C.load_dit("tiny-zimage").config.t_scale, torch.tensor([0.7]))
+
+
+def test_save_pretrained_loads_back_through_user_loader(tmp_path, tiny_models):
+    """The hub code path: from_pretrained on a folder, flat or pipeline-style subfolders."""
+    dit, vae = tiny_models["tiny-flux1"]
+    dit.save_pretrained(tmp_path / "flat")
+    vae.save_pretrained(tmp_path / "pipe" / "vae")
+    dit.save_pretrained(tmp_path / "pipe" / "transformer")
+    for d in [C.load_dit("tiny-flux1", path=str(tmp_path / "flat")), C.load_dit("tiny-flux1", path=str(tmp_path / "pipe"))]:
+        for a, b in zip(d.state_dict().values(), dit.state_dict().values()):
+            assert torch.equal(a, b)
+    v2 = C.load_vae("tiny-flux1", path=str(tmp_path / "pipe"))
+    x = torch.rand(1, 3, 32, 32)
+    torch.testing.assert_close(C.encode(v2, "flux1", x), C.encode(vae, "flux1", x))
+
+
+def test_tiny_weights_are_deterministic():
+    a, b = C.load_dit("tiny-qwen"), C.load_dit("tiny-qwen")
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_lora_roundtrip_in_diffusers_format(tmp_path):
+    from safetensors.torch import load_file, save_file
+    dit = C.add_lora(C.load_dit("tiny-flux1"), 4, 4, ["to_q", "to_k"])
+    for n, p in dit.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_()
+    sd = C.lora_state(dit)
+    assert sd and all(k.startswith("transformer.") and "lora_" in k for k in sd)
+    assert all(v.dtype == torch.float32 for v in sd.values())
+    save_file(sd, tmp_path / "l.safetensors")
+    fresh = C.add_lora(C.load_dit("tiny-flux1"), 4, 4, ["to_q", "to_k"])
+    C.load_lora_state(fresh, load_file(tmp_path / "l.safetensors"))
+    assert all(torch.equal(a, b) for a, b in zip(C.lora_state(fresh).values(), sd.values()))
+
+
+# --------------------------------------------------------------------------- data
+def _write(path, arr, mode=None):
+    Image.fromarray(arr, mode) if mode else Image.fromarray(arr)
+    (Image.fromarray(arr, mode) if mode else Image.fromarray(arr)).save(path)
+
+
+def test_image_modes_load_as_rgb(tmp_path):
+    rgb = (np.random.rand(20, 30, 3) * 255).astype(np.uint8)
+    _write(tmp_path / "rgb.png", rgb)
+    _write(tmp_path / "gray.png", rgb[..., 0])
+    rgba = np.concatenate([rgb, np.full((20, 30, 1), 255, np.uint8)], -1)
+    _write(tmp_path / "rgba.png", rgba)
+    Image.fromarray(rgb).convert("P").save(tmp_path / "pal.png")
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(tmp_path / "g16.png")
+    ref = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(C.load_image(tmp_path / "rgb.png"), ref)
+    torch.testing.assert_close(C.load_image(tmp_path / "rgba.png"), ref)  # opaque alpha: unchanged
+    g = C.load_image(tmp_path / "gray.png")
+    assert g.shape == (3, 20, 30) and torch.equal(g[0], g[2])
+    torch.testing.assert_close(g[0], ref[0])
+    torch.testing.assert_close(C.load_image(tmp_path / "g16.png")[0], ref[0], atol=1e-4, rtol=0)
+    assert C.load_image(tmp_path / "pal.png").shape == (3, 20, 30)
+
+
+def test_dataset_edge_cases(tmp_path, capsys):
+    d = tmp_path / "imgs"
+    (d / "sub").mkdir(parents=True)
+    _write(d / "sub" / "ok.jpg", (np.random.rand(80, 90, 3) * 255).astype(np.uint8))
+    _write(d / "small.png", (np.random.rand(20, 24, 3) * 255).astype(np.uint8))
+    (d / "corrupt.png").write_bytes(b"not a png")
+    (d / "notes.txt").write_text("ignored")
+    ds = C.ImageDataset(str(d), crop=32)
+    assert len(ds) == 3  # recursive, extensions only
+    xs = [ds[(i, 7)] for i in range(3)] + [ds[(i, 7)] for i in range(3)]
+    assert all(x.shape == (3, 32, 32) and 0 <= x.min() and x.max() <= 1 for x in xs)
+    err = capsys.readouterr().err
+    assert err.count("unreadable") == 1 and err.count("smaller than crop") == 1  # reported once each
+    assert torch.equal(ds[(1, 5)], ds[(1, 5)])  # a crop is a function of (index, seed)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no images"):
+        C.ImageDataset(str(tmp_path / "empty"))
+    with pytest.raises(SystemExit, match="not found"):
+        C.ImageDataset("LSDIR", data_root=str(tmp_path))
+    lst = tmp_path / "list.txt"
+    lst.write_text(str(d / "sub" / "ok.jpg") + "\n")
+    assert len(C.ImageDataset(str(lst), crop=16)) == 1
+
+
+def test_sample_data_is_real_photos():
+    ds = C.ImageDataset("sample", crop=64)
+    assert len(ds) == len(C.SAMPLE_PHOTOS) >= 10
+    x = ds[(0, 0)]
+    assert x.shape == (3, 64, 64) and x.std() > 0.01
+
+
+def test_step_sampler_shards_and_resumes():
+    full = C.StepSampler(10, 4, 0, 1, seed=3)
+    r0, r1 = C.StepSampler(10, 4, 0, 2, seed=3), C.StepSampler(10, 4, 1, 2, seed=3)
+    take = lambda s, n: [next(it) for it in [iter(s)] for _ in range(n)]
+    a, b0, b1 = take(full, 12), take(r0, 6), take(r1, 6)
+    assert a == [x for k in range(3) for x in b0[2 * k:2 * k + 2] + b1[2 * k:2 * k + 2]]
+    assert sorted(i for i, _ in a[:10]) == list(range(10))  # an epoch sees each image once
+    assert take(C.StepSampler(10, 4, 0, 1, seed=3, start_step=2), 4) == a[8:12]
+
+
+# --------------------------------------------------------------------------- training harness
+def _final(d):
+    return torch.load(os.path.join(d, "final.pt"), weights_only=True)
+
+
+def test_exact_resume(tmp_path):
+    toy = os.path.join(ROOT, "tests", "toy_train.py")
+    run([sys.executable, toy, "--out_dir", str(tmp_path / "a"), "--max_steps", "4", "--noise"])
+    run([sys.executable, toy, "--out_dir", str(tmp_path / "b"), "--max_steps", "2", "--noise"])
+    run([sys.executable, toy, "--out_dir", str(tmp_path / "b"), "--max_steps", "4", "--noise"])
+    a, b = _final(tmp_path / "a"), _final(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ddp_two_ranks_equal_one_process(tmp_path):
+    toy = os.path.join(ROOT, "tests", "toy_train.py")
+    run([sys.executable, toy, "--out_dir", str(tmp_path / "one"), "--max_steps", "2"])
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", toy,
+         "--out_dir", str(tmp_path / "two"), "--max_steps", "2"])
+    a, b = _final(tmp_path / "one"), _final(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_crash_during_save_keeps_last_checkpoint(tmp_path, monkeypatch):
+    import safetensors.torch
+    net = torch.nn.Linear(3, 3)
+    opt = torch.optim.AdamW(net.parameters())
+    C.save_checkpoint(str(tmp_path), 1, {"a": 1}, {"net": net}, {"opt": opt})
+    w1 = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1)
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError):
+        C.save_checkpoint(str(tmp_path), 2, {"a": 1}, {"net": net}, {"opt": opt})
+    monkeypatch.undo()
+    ckpt = C.latest_checkpoint(str(tmp_path))
+    assert ckpt.endswith("ckpt-0000001")
+    fresh = torch.nn.Linear(3, 3)
+    assert C.load_checkpoint(ckpt, {"net": fresh}, {"opt": torch.optim.AdamW(fresh.parameters())})["step"] == 1
+    assert torch.equal(fresh.weight, w1)
+    C.save_checkpoint(str(tmp_path), 3, {"a": 1}, {"net": net}, {"opt": opt})  # a later save still works
+    assert C.latest_checkpoint(str(tmp_path)).endswith("ckpt-0000003")
+
+
+def test_checkpoint_keeps_only_trainable_state(tmp_path):
+    from safetensors.torch import load_file
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.utils.spectral_norm(torch.nn.Linear(4, 4)))
+    net[0].requires_grad_(False)
+    ck = C.save_checkpoint(str(tmp_path), 1, {}, {"d": net}, {})
+    keys = set(load_file(os.path.join(ck, "d.safetensors")))
+    assert not any(k.startswith("0.") for k in keys)  # frozen weights are not stored
+    assert "1.weight_u" in keys  # spectral-norm state is (exact resume needs it)
+
+
+# --------------------------------------------------------------------------- tiling
+def test_tiled_equals_untiled_for_local_function():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode="replicate")
+    z = torch.randn(1, 4, 37, 50)
+    with torch.no_grad():
+        full = conv(z)
+        for tile, ov in [(16, 4), (20, 2), (24, 8)]:
+            torch.testing.assert_close(C.tiled(conv, z, tile, ov), full, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(C.tiled(lambda x: x * x.mean(), z, 16, 4), z * z.mean())  # non-local: differs
+
+
+def test_pad_to_multiple_and_crop_back():
+    x = torch.rand(1, 3, 37, 50)
+    p, (H, W) = C.pad_to_multiple(x, 16)
+    assert p.shape[-2:] == (48, 64) and torch.equal(p[..., :H, :W], x)
+    tiny = torch.rand(1, 3, 5, 3)
+    assert C.pad_to_multiple(tiny, 16)[0].shape[-2:] == (16, 16)
+
+
+def test_parse_config_flags_are_field_names():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Cfg:
+        lr_g: float = 5e-6
+        model: str = "zimage"
+        sample: bool = False
+        steps: int = 1
+    c = C.parse_config(Cfg, ["--lr_g", "1e-5", "--sample", "--steps", "4"])
+    assert c == Cfg(lr_g=1e-5, model="zimage", sample=True, steps=4)
+    assert C.parse_config(Cfg, ["--sample", "false"]).sample is False
+
+
+def test_resolve_preset():
+    assert C.resolve_preset("tiny", "flux2-klein") == "tiny-flux2"
+    assert C.resolve_preset("zimage", "flux2-klein") == "zimage"
+    with pytest.raises(SystemExit, match="unknown --model"):
+        C.resolve_preset("sdxl", "flux2-klein")
+
+
+def test_lpips_is_zero_on_identical_and_positive_otherwise(capsys):
+    lp = C.load_lpips("cpu", pretrained=False)
+    assert "random" in capsys.readouterr().out
+    x = torch.rand(1, 3, 32, 32)
+    assert float(lp(x, x)) == pytest.approx(0, abs=1e-6)
+    assert float(lp(x, x.flip(-1))) > 0
