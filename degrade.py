@@ -4,33 +4,30 @@ Real-ESRGAN second-order degradation: batched, seeded, pure torch, CPU or GPU.
 Wang et al., "Real-ESRGAN: Training Real-World Blind Super-Resolution with Pure Synthetic Data",
 arXiv 2107.10833, Sec. 3. StrSR, FluxSR, SMFSR and TEASR all make their training LR images this
 way, and the DIV2K-val test inputs are made the same way. With k1, k2 random blur kernels and s the
-final sinc filter (Fig. 2 of the paper; numbers from the official train_realesrgan_x4plus.yml):
+final sinc filter (numbers: the official train_realesrgan_x4plus.yml):
 
-  gt = USM(hr)                                        sharpened target (optional)
-  stage 1:  x = JPEG(noise(resize(gt (*) k1)))
-  stage 2:  x = noise(resize(x (*) k2))               the k2 blur with p 0.8
-            x = JPEG((*) s (resize to H/4 (x)))   or   (*) s (resize to H/4 (JPEG(x)))   50/50
-  lr = round(clamp(x, 0, 1) * 255) / 255
+  gt = USM(hr)                                    sharpened target (optional)
+  stage 1:  x = JPEG(noise(resize(gt * k1)))
+  stage 2:  x = noise(resize(x * k2))             the k2 blur with p 0.8
+            x = JPEG(resize_lr(x) * s)  or  resize_lr(JPEG(x)) * s,  50/50
+  lr = round(clamp(x, 0, 1) * 255) / 255          LR size (H // scale, W // scale), as the reference
 
-Where the reference (basicsr RealESRGANDataset + RealESRGANModel.feed_data) draws per image, we draw
-per image: the three kernels, noise sigma or Poisson scale, gray-or-colour noise, JPEG quality. Where
-it draws per batch, we draw per batch: up/down/keep and its factor, the resize mode, Gaussian or
-Poisson, whether the second blur runs, the order of the last stage. Every draw comes from `generator`
-and is made on the generator's device, so a seed fixes the LR batch.
+Where the reference (basicsr RealESRGANDataset + RealESRGANModel.feed_data) draws per image, so do
+we: the three kernels, noise sigma or Poisson scale, gray or colour noise, JPEG quality. Per batch:
+up/down/keep and its factor, resize mode, Gaussian or Poisson, whether the second blur runs, the
+order of the last stage. Every draw comes from `generator`, so a seed fixes the LR batch.
 
-  from degrade import degrade, PRESETS
   lr, gt = degrade(hr, scale=4, opts=PRESETS["seesr"], generator=g)   # hr (B, 3, H, W) in [0, 1]
   python degrade.py --hr DIV2K_valid_HR --out DIV2K_valid_LR --seed 0  # paired LR PNGs
   python degrade.py --bench                                            # images/s table
 
-LR size is (H // scale, W // scale), the reference's floor; the target is not cropped.
 Differences from the reference, each on purpose:
-  - The 51x51 USM blur runs separably, as two matmuls (same result, measured 3-4x faster on CPU).
-  - JPEG rounding is straight-through: the forward pass is exact rounding, as the reference's
-    DiffJPEG(differentiable=False) used in training, and the gradient passes as identity.
-  - JPEG uses the Annex K tables as printed (basicsr transposes the luma table), pads to 16 by edge
-    replication like libjpeg (basicsr pads with zeros), and floors quantisation steps at 1 like libjpeg
-    (only changes anything for q > 95; q = 100 would divide by zero).
+  - The 51x51 USM blur runs separably as two matmuls (same numbers, ~3x faster on CPU).
+  - JPEG rounding is straight-through: the forward pass rounds exactly, as the DiffJPEG(
+    differentiable=False) used in Real-ESRGAN training; the gradient passes as identity.
+  - JPEG pads to 16 by edge replication as libjpeg does (basicsr pads with zeros, which rings at the
+    bottom and right borders) and floors quantisation steps at 1 as libjpeg does (changes only q > 95;
+    q = 100 would divide by zero). Otherwise it equals basicsr's DiffJPEG to float precision.
   - Gray Gaussian noise is drawn per image (basicsr draws one (H, W) field shared by the batch).
 """
 
@@ -274,7 +271,7 @@ def add_poisson_noise(img, scale, gray=False, generator=None):
 # -----------------------------------------------------------------------------
 # JPEG
 
-# ITU-T T.81 Annex K quantisation tables, row = vertical frequency
+# ITU-T T.81 Annex K quantisation tables as printed (row = vertical frequency)
 Y_TABLE = [[16, 11, 10, 16, 24, 40, 51, 61], [12, 12, 14, 19, 26, 58, 60, 55], [14, 13, 16, 24, 40, 57, 69, 56],
            [14, 17, 22, 29, 51, 87, 80, 62], [18, 22, 37, 56, 68, 109, 103, 77], [24, 35, 55, 64, 81, 104, 113, 92],
            [49, 64, 78, 87, 103, 121, 120, 101], [72, 92, 95, 98, 112, 100, 103, 99]]
@@ -314,7 +311,9 @@ def diff_jpeg(img, quality):
     factor = torch.where(q < 50, 50 / q, 2 - q / 50)
     x = F.pad(img * 255, (0, -W % 16, 0, -H % 16), mode="replicate")  # whole 16x16 MCUs
     ycc = torch.einsum("ij,bjhw->bihw", img.new_tensor(RGB2YCC), x)
-    y = _quantise(ycc[:, :1] - 128, (img.new_tensor(Y_TABLE) * factor).clamp_min(1)) + 128
+    # reference != libjpeg: basicsr's DiffJPEG applies the luma table transposed; we follow it, since
+    # the point is the papers' LR distribution (the chroma table is symmetric)
+    y = _quantise(ycc[:, :1] - 128, (img.new_tensor(Y_TABLE).T * factor).clamp_min(1)) + 128
     cbcr = _quantise(F.avg_pool2d(ycc[:, 1:], 2), (img.new_tensor(C_TABLE) * factor).clamp_min(1))
     cbcr = cbcr.repeat_interleave(2, -2).repeat_interleave(2, -1)
     rgb = torch.einsum("ij,bjhw->bihw", img.new_tensor(YCC2RGB), torch.cat([y, cbcr], 1))
@@ -322,11 +321,6 @@ def diff_jpeg(img, quality):
 
 # -----------------------------------------------------------------------------
 # the pipeline
-
-
-def _resize(x, mode, size=None, scale_factor=None):
-    kw = {} if mode == "area" else {"align_corners": False}
-    return F.interpolate(x, size=size, scale_factor=scale_factor, mode=mode, **kw)
 
 
 @torch.no_grad()
@@ -361,14 +355,13 @@ def degrade(hr, scale=4, opts=DegradeOpts(), generator=None):
     k2 = kernels(o.blur_sigma2, o.betag_range2, o.betap_range2, o.sinc_prob2)
     use_sinc = (u(0, 1) < o.final_sinc_prob).view(B, 1, 1)
     sizes = 7 + 2 * torch.randint(8, (B,), generator=g, device=dev)
-    pulse = torch.zeros(21, 21, device=hr.device)
-    pulse[10, 10] = 1
+    pulse = F.pad(hr.new_ones(1, 1), (10, 10, 10, 10))  # 21x21 identity kernel
     k_sinc = torch.where(use_sinc, sinc_kernel(u(math.pi / 3, math.pi), sizes, 21).to(hr.device), pulse)
     gt = usm_sharp(hr, o.usm_weight, o.usm_threshold) if o.use_usm else hr
 
     # 1. first degradation: blur, resize, noise, JPEG
     x = filter2d(gt, k1)
-    x = _resize(x, mode(), scale_factor=resize_factor(o.resize_prob, *o.resize_range))
+    x = F.interpolate(x, scale_factor=resize_factor(o.resize_prob, *o.resize_range), mode=mode())
     x = noise(x, o.gaussian_noise_prob, o.noise_range, o.poisson_scale_range, o.gray_noise_prob)
     x = diff_jpeg(x.clamp(0, 1), u(*o.jpeg_range))
 
@@ -376,13 +369,13 @@ def degrade(hr, scale=4, opts=DegradeOpts(), generator=None):
     if coin(o.second_blur_prob):
         x = filter2d(x, k2)
     s = resize_factor(o.resize_prob2, *o.resize_range2)
-    x = _resize(x, mode(), size=(max(1, int(H / scale * s)), max(1, int(W / scale * s))))
+    x = F.interpolate(x, size=(max(1, int(H / scale * s)), max(1, int(W / scale * s))), mode=mode())
     x = noise(x, o.gaussian_noise_prob2, o.noise_range2, o.poisson_scale_range2, o.gray_noise_prob2)
 
     # 3. [resize to LR + sinc] then JPEG, or JPEG then [resize + sinc], 50/50: the paper found that
     # other orders give twisted lines
     def resize_sinc(x):
-        x = _resize(x, mode(), size=(H // scale, W // scale))
+        x = F.interpolate(x, size=(H // scale, W // scale), mode=mode())
         return filter2d(x, k_sinc) if use_sinc.any() else x  # a pulse kernel is the identity
 
     q2 = u(*o.jpeg_range2)
@@ -406,22 +399,20 @@ def _save(x, path):
 
 def bench(opts, scale=4, size=512, batches=(4, 16), images=64):
     """Print images/s of degrade() at size x size HR for each batch size on each device present."""
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print(f"{size}x{size} HR -> {size // scale}x{size // scale} LR, USM {'on' if opts.use_usm else 'off'}, "
-          f"{images} images per row (random branches averaged)")
+          f"{images} images per row, so the random branches average out")
     print("| device | batch | img/s | ms/img |\n|---|---|---|---|")
-    for d in devices:
-        name = f"cpu ({torch.get_num_threads()} threads)" if d == "cpu" else torch.cuda.get_device_name()
+    for d in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        name = f"cpu, {torch.get_num_threads()} threads" if d == "cpu" else torch.cuda.get_device_name()
         sync = torch.cuda.synchronize if d == "cuda" else (lambda: None)
         for B in batches:
             g = torch.Generator(d).manual_seed(0)
             # smooth random content, so USM masks and Poisson level counts behave as on photos
-            hr = torch.rand(B, 3, size // 8, size // 8, generator=g, device=d)
-            hr = F.interpolate(hr, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+            hr = F.interpolate(torch.rand(B, 3, size // 8, size // 8, generator=g, device=d), size=(size, size),
+                               mode="bicubic", align_corners=False).clamp(0, 1)
             degrade(hr, scale, opts, g)  # warm-up
             sync()
-            t0 = time.perf_counter()
-            n = max(1, images // B)
+            t0, n = time.perf_counter(), max(1, images // B)
             for _ in range(n):
                 degrade(hr, scale, opts, g)
             sync()
@@ -449,9 +440,8 @@ def main():
     files = sorted(f for f in os.listdir(a.hr) if f.lower().endswith(IMAGE_EXTS))
     for i, f in enumerate(files):
         stem = os.path.splitext(f)[0]
-        # One image at a time, with a CPU generator seeded from (seed, file stem): an image's LR does
-        # not depend on the other files, their order, or the device, and per-batch draws (resize, noise
-        # type, order) are not shared between test images.
+        # One image at a time with a CPU generator seeded from (seed, file stem): an image's LR depends
+        # on neither the other files nor the device, and no per-batch draw is shared between images.
         g = torch.Generator().manual_seed(a.seed * 2 ** 32 + zlib.crc32(stem.encode()))
         lr, _ = degrade(_load(os.path.join(a.hr, f)).to(a.device), a.scale, opts, g)
         _save(lr, os.path.join(a.out, stem + ".png"))
