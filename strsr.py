@@ -1,0 +1,610 @@
+"""
+StrSR: Spectral and Trajectory Regularization for Diffusion Transformer Super-Resolution
+(Wang et al.; paper text in shared/papers/strsr.txt, no arXiv id in our copy).
+
+One-step real-world x4 SR by adversarial distillation of a text-to-image DiT (FLUX.2-klein-4B
+"StrSR-F", the default, or Z-Image-Turbo "StrSR-Z") with a LoRA. The LR image enters twice (the
+"dual encoder", Sec. 3.2): its VAE latent is the starting point of one Euler step, and a frozen
+Qwen3-VL reads it to replace the text condition. A frozen CLIP ConvNeXt-XXLarge with small trainable
+heads is the discriminator (Sec. 3.3); a frequency distribution loss fights the DiT's periodic
+grid artifacts (Sec. 3.4). Plain-text equations (sigma convention: t = 1 is noise, v = eps - z_0):
+
+  (5)  c = MLP(E_vlm(x_lr))                     MLP: Linear(H_vlm, d/2) -> SiLU -> Linear(d/2, d)
+  (6)  z_lr = E_vae(bicubic_x4(x_lr))
+       x0_hat = z_lr - t* v_theta(z_lr, t*, c), t* = 0.8;  x_sr = D_vae(x0_hat)   (Sec. 3.1, NFE 1)
+  (7)  D_Ra(a, b) = C(a) - mean_batch C(b), per discriminator level, summed over levels
+       L_D = 0.5 [BCE(D_Ra(x_hr, x_sr), 1) + BCE(D_Ra(x_sr, x_hr), 0)]
+       L_G = 0.5 [BCE(D_Ra(x_sr, x_hr), 1) + BCE(D_Ra(x_hr, x_sr), 0)]
+  (8)  L_R1 = mean || C(x_hr) - C(x_hr + n) ||^2,  n small noise (approximate R1)
+  (9)  L_Dis = L_D + lambda_r1 L_R1                                     lambda_r1 = 10
+  (10) FDL(x, y) = sum_l SW(|F phi_l(x)|, |F phi_l(y)|) + lambda_p SW(ang F phi_l(x), ang F phi_l(y))
+       phi_l: VGG19 relu{1_2,2_2,3_4,4_4,5_4}, F: 2-D DFT, SW: sliced Wasserstein distance
+  (11) L_Gen = 1.0 L1 + 3.0 LPIPS + 0.1 L_G + lambda_fdl FDL,  lambda_fdl = 0 (stage 1), 0.002 (stage 2)
+
+  python strsr.py --model tiny                                     # CPU, under a minute, random tiny models
+  python strsr.py --model tiny --stage 2                           # resumes the stage-1 run, adds FDL
+  torchrun --nproc_per_node=4 strsr.py --data LSDIR                # stage 1: 40k steps
+  torchrun --nproc_per_node=4 strsr.py --data LSDIR --stage 2      # stage 2: 20k more steps with FDL
+  python strsr.py --stage 2 --init_ckpt out/strsr --out_dir out/strsr-s2   # stage 2 in a new folder
+  python strsr.py --model zimage --cond text                       # Table 4 ablation (w/o VLM)
+  python strsr.py --sample --ckpt out/strsr --input photo.png --output out/strsr/sr
+
+Differences from the paper and the official code (each marked `# ours` or `# paper != code`):
+  - Tiny presets replace Qwen3-VL, ConvNeXt-XXLarge and VGG19 with random networks of the same
+    classes (offline tests); they prove the code path, not the method.
+  - The discriminator sees the full-resolution crop (the paper does not say it resizes).
+  - Training crops are random 1024 crops (common loader); the paper center-crops.
+  - L1 is taken on [-1, 1] images (the range the official R1 noise scale refers to).
+  - R1 noise: uniform in [-0.005, 0.005] on [-1, 1] images (official: uniform; paper: Gaussian).
+  - FDL projection kernels are drawn once (fixed seed), so a resumed run is bit-identical; on feature
+    maps smaller than 5x5 (tiny crops only) the kernels are cropped to the map and re-normalised.
+  - G and D steps alternate on the same batch: G first, then D on the detached output. Since the
+    backbone is frozen, D reuses the backbone features of that G step (no second backbone pass).
+  - Stage 2 continues the step count, optimizer states and RNG of the stage-1 run in the same
+    --out_dir (or starts fresh optimizers from --init_ckpt in a new folder).
+"""
+import dataclasses, json, os, time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclasses.dataclass
+class Config:
+    model: str = "flux2-klein"    # paper: FLUX.2-klein-4B (StrSR-F); also zimage (StrSR-Z); tiny -> tiny-flux2
+    model_path: str = ""          # local folder of the base pipeline (else the hub id of the preset)
+    data: str = "sample"          # paper: LSDIR + the first 10k Aesthetic-4K images
+    data_root: str = "data"
+    out_dir: str = "out/strsr"
+    stage: int = 1                # Sec. 4.1: stage 1 without FDL, stage 2 with FDL
+    init_ckpt: str = ""           # stage 2 in a new out_dir: start from this stage-1 checkpoint
+    max_steps: int = 0            # steps of this stage; 0: paper 40k (stage 1) / 20k (stage 2), tiny 20 / 10 (ours)
+    batch_size: int = 4           # paper: batch 4 (1 per GPU x 4 A800)
+    micro_batch: int = 1          # paper: 1 per GPU
+    crop: int = 0                 # 0: paper 1024 (paper: center crops; here random crops), tiny 64 (ours)
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 1000
+    grid_every: int = 500
+    num_workers: int = 2
+    grad_ckpt: bool = True        # gradient checkpointing of DiT, VAE and D backbone on GPU
+    fsdp: bool = False            # FSDP2 via common.shard_fsdp2 (not needed for 4B/6B bases)
+    # generator
+    lora_rank: int = 256          # paper
+    lora_alpha: int = 256         # official
+    t_star: float = 0.8           # official: fixed one-step time
+    cond: str = "vlm"             # vlm (Eq. 5) | none (Table 4 "w/o emb") | text (Table 4 "w/o VLM")
+    vlm: str = "Qwen/Qwen3-VL-4B-Instruct"  # paper
+    vlm_prompt: str = "Describe this image in detail."  # ours: the official wording is not in the paper
+    vlm_max_pixels: int = 1024 * 1024  # ours: caps the VLM's input on huge images at sampling time
+    # discriminator
+    disc_width: int = 512         # official head width; tiny: 32 (ours)
+    r1_noise: float = 0.005       # official: uniform noise scale on [-1, 1] images
+    # losses, Eq. (9) and (11)
+    w_l1: float = 1.0             # paper
+    w_lpips: float = 3.0          # paper
+    w_gan: float = 0.1            # paper
+    w_fdl: float = 0.002          # paper, stage 2 only (0 in stage 1)
+    w_r1: float = 10.0            # paper
+    fdl_phase: float = 1.0        # official FDL phase weight
+    fdl_projections: int = 256    # official (FDL default); tiny: 32 (ours)
+    # optimisation (Sec. 4.1)
+    lr_g: float = 5e-6            # paper
+    lr_d: float = 1e-6            # paper
+    weight_decay: float = 0.01    # ours: torch AdamW default (the paper says "default betas")
+    grad_clip: float = 1.0        # official
+    # sampling
+    sample: bool = False
+    ckpt: str = ""
+    input: str = ""
+    output: str = "out/strsr/sr"
+    steps: int = 1                # paper: 1; K > 1 splits the same straight path t* -> 0 into K Euler steps (ours)
+    tile: int = 0                 # latent tile; 0: the paper's 1024 px in this family's latent units
+    overlap: int = 0              # latent overlap; 0: the paper's 64 px
+
+
+def resolve(cfg):
+    """Concrete preset, crop and step count (the 0 defaults depend on preset and stage)."""
+    if cfg.stage not in (1, 2):
+        raise SystemExit(f"--stage {cfg.stage}: expected 1 or 2")
+    if cfg.cond not in ("vlm", "none", "text"):
+        raise SystemExit(f"--cond {cfg.cond!r}: expected vlm, none or text")
+    preset = common.resolve_preset(cfg.model, "flux2-klein")
+    if common.PRESETS[preset].family not in ("flux2", "zimage"):
+        raise SystemExit(f"--model {preset}: StrSR supports the flux2 and zimage families")
+    tiny = common.PRESETS[preset].hub is None
+    steps = {(1, False): 40000, (2, False): 20000, (1, True): 20, (2, True): 10}[(cfg.stage, tiny)]
+    return dataclasses.replace(cfg, model=preset, crop=cfg.crop or (64 if tiny else 1024),
+                               max_steps=cfg.max_steps or steps,  # tiny: narrow D heads, fewer FDL projections (ours)
+                               disc_width=32 if tiny and cfg.disc_width == 512 else cfg.disc_width,
+                               fdl_projections=32 if tiny and cfg.fdl_projections == 256 else cfg.fdl_projections)
+
+
+# -----------------------------------------------------------------------------
+# generator: base DiT + LoRA, one step from the LR latent
+
+LORA_TARGETS = {  # official target modules; FLUX.2 needs a regex (attn.to_out is a ModuleList in double blocks)
+    "flux2": r".*(transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+             r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out))",
+    "zimage": ["to_q", "to_k", "to_v", "to_out.0", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"],
+}
+
+
+def generate(dit, family, z_lr, cond, t_star, steps=1):
+    """x0_hat = z_lr - t* v_theta(z_lr, t*, c): one Euler step from t* to 0 starting at the clean LR
+    latent (no noise added). steps > 1 walks the same straight path in K equal Euler steps."""
+    z, ts = z_lr, torch.linspace(t_star, 0, steps + 1).tolist()
+    for t, s in zip(ts[:-1], ts[1:]):
+        v_theta = common.velocity(family, dit, z, torch.full((z.shape[0],), t, device=z.device), cond)
+        z = z - (t - s) * v_theta
+    return z
+
+
+def latent_factor(vae, family):
+    """Pixels per latent cell: VAE downsampling (x2 for FLUX.2's patchified latents)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1) * (2 if family == "flux2" else 1)
+
+
+# -----------------------------------------------------------------------------
+# dual encoder: frozen Qwen3-VL + adaptive MLP (Eq. 5)
+
+
+def tiny_vlm_config():
+    """A Qwen3-VL with the real classes and layout (vision tower with deepstack, M-RoPE text model)."""
+    from transformers import Qwen3VLConfig
+    return Qwen3VLConfig(
+        text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=16,
+                         rope_parameters=dict(rope_type="default", rope_theta=5e5, mrope_section=[4, 2, 2], mrope_interleaved=True)),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
+                           temporal_patch_size=2, out_hidden_size=32, num_position_embeddings=64, deepstack_visual_indexes=[0]),
+        image_token_id=100, video_token_id=101, vision_start_token_id=102, vision_end_token_id=103)
+
+
+class VLMEncoder(nn.Module):
+    """E_vlm: the LR image + a fixed describe-the-image prompt through a frozen Qwen3-VL; returns the
+    last hidden states of the whole sequence (B, L, H_vlm). Pixels are resized and patchified here on
+    the device, in the layout of the Qwen2-VL/Qwen3-VL image processor (tested against it)."""
+
+    def __init__(self, path=None, prompt="", max_pixels=1024 * 1024, dtype=torch.float32):
+        super().__init__()
+        from transformers import Qwen3VLModel
+        if path is None:  # tiny: random weights, stand-in ids for the chat template around the image
+            cfg = tiny_vlm_config()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                self.model = Qwen3VLModel(cfg)
+            pre, post = [1, 2, cfg.vision_start_token_id], [cfg.vision_end_token_id, 3, 4, 5, 6]
+            mean = std = [0.5] * 3
+            self.min_pixels, self.max_pixels = 8 * 8, max_pixels
+        else:
+            from transformers import AutoProcessor
+            self.model = Qwen3VLModel.from_pretrained(path, dtype=dtype)
+            cfg, proc = self.model.config, AutoProcessor.from_pretrained(path)
+            msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            text = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            pre, post = (proc.tokenizer(s, add_special_tokens=False).input_ids for s in text.split(proc.image_token))
+            ip = proc.image_processor
+            mean, std = ip.image_mean, ip.image_std
+            self.min_pixels, self.max_pixels = ip.size["shortest_edge"], min(max_pixels, ip.size["longest_edge"])
+        self.model.requires_grad_(False).eval()
+        v = cfg.vision_config
+        self.patch, self.merge, self.temporal, self.image_token = v.patch_size, v.spatial_merge_size, v.temporal_patch_size, cfg.image_token_id
+        self.pre, self.post, self.hidden_size = list(pre), list(post), cfg.text_config.hidden_size
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode=True):  # frozen: always in eval mode
+        return super().train(False)
+
+    def pixels(self, x):
+        """(B, 3, h, w) in [0, 1] -> flat patches (B * gh * gw, 3 * T * p * p) and grid (B, 3)."""
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+        B, C, h, w = x.shape
+        p, m, T = self.patch, self.merge, self.temporal
+        H, W = smart_resize(h, w, factor=p * m, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        if (H, W) != (h, w):
+            x = F.interpolate(x, size=(H, W), mode="bicubic", align_corners=False, antialias=True)  # as the processor: no clamp
+        x = (x - self.mean) / self.std
+        gh, gw = H // p, W // p
+        x = x.reshape(B, C, gh // m, m, p, gw // m, m, p).permute(0, 2, 5, 3, 6, 1, 4, 7)  # (B, gh/m, gw/m, m, m, C, p, p)
+        x = x.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, T, -1, -1)  # a still image fills the temporal patch
+        grid = torch.tensor([[1, gh, gw]] * B, device=x.device)
+        return x.reshape(B * gh * gw, C * T * p * p), grid
+
+    @torch.no_grad()
+    def forward(self, x_lr):
+        B = x_lr.shape[0]
+        patches, grid = self.pixels(x_lr.float())
+        n = int(grid[0, 1] * grid[0, 2]) // self.merge ** 2
+        ids = torch.tensor(self.pre + [self.image_token] * n + self.post, device=x_lr.device).expand(B, -1)
+        out = self.model(input_ids=ids, pixel_values=patches.to(self.model.dtype), image_grid_thw=grid,
+                         mm_token_type_ids=(ids == self.image_token).int(), attention_mask=torch.ones_like(ids), use_cache=False)
+        return out.last_hidden_state  # (B, L, H_vlm)
+
+
+class Condition(nn.Module):
+    """The DiT's caption tokens. `vlm`: c = MLP(E_vlm(x_lr)) (Eq. 5), the MLP trains with the generator;
+    the Table 4 ablations hold a fixed embedding: `none` one zero token, `text` the base's own text
+    encoding of an empty prompt (kept as a buffer, so checkpoints carry it)."""
+
+    def __init__(self, mode, width, vlm=None, fixed=None):
+        super().__init__()
+        self.mode, self.vlm = mode, vlm
+        if mode == "vlm":
+            h = vlm.hidden_size
+            self.mlp = nn.Sequential(nn.Linear(h, width // 2), nn.SiLU(), nn.Linear(width // 2, width))
+        else:
+            self.register_buffer("embeds", fixed if fixed is not None else torch.zeros(1, 1, width))
+
+    def forward(self, x_lr):
+        if self.mode != "vlm":
+            return {"embeds": self.embeds.expand(x_lr.shape[0], -1, -1)}
+        return {"embeds": self.mlp(self.vlm(x_lr))}  # Eq. (5); the VLM runs once per batch, no grad
+
+
+def build_generator(cfg, device, ckpt=None):
+    """Base DiT + LoRA, VAE and the condition, on `device`. Frozen weights in bf16 on GPU."""
+    family, tiny = common.PRESETS[cfg.model].family, common.PRESETS[cfg.model].hub is None
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    path = cfg.model_path or None
+    dit = common.add_lora(common.load_dit(cfg.model, path, dtype), cfg.lora_rank, cfg.lora_alpha, LORA_TARGETS[family])
+    vae = common.load_vae(cfg.model, path, dtype)
+    width = dit.config.cap_feat_dim if family == "zimage" else dit.config.joint_attention_dim
+    vlm = fixed = None
+    if cfg.cond == "vlm":
+        vlm = VLMEncoder(None if tiny else cfg.vlm, cfg.vlm_prompt, cfg.vlm_max_pixels, dtype)
+    elif ckpt:  # the fixed embedding is in the checkpoint
+        from safetensors.torch import load_file
+        fixed = load_file(os.path.join(ckpt, "cond.safetensors"))["embeds"]
+    elif cfg.cond == "text":
+        fixed = (common.tiny_cond(dit, family) if tiny else
+                 common.prompt_cond(cfg.model, "", os.path.join(cfg.out_dir, "cache"), device, path))["embeds"].cpu()
+    cond = Condition(cfg.cond, width, vlm, fixed)
+    return dit.to(device), vae.to(device), cond.to(device)
+
+
+# -----------------------------------------------------------------------------
+# discriminator: frozen CLIP ConvNeXt + trainable spectral-norm heads (Sec. 3.3)
+
+
+class Blur(nn.Module):
+    """BlurPool's low-pass: a [1, 2, 1] binomial filter per channel, stride 1 (the stride is in the
+    conv that follows: anti-aliased downsampling). # ours: kernel 3, zero padding"""
+
+    def __init__(self, channels):
+        super().__init__()
+        k = torch.tensor([1.0, 2.0, 1.0])
+        self.register_buffer("k", (k[:, None] * k[None] / 16).expand(channels, 1, 3, 3).contiguous(), persistent=False)
+
+    def forward(self, x):
+        return F.conv2d(x, self.k.to(x.dtype), padding=1, groups=x.shape[1])
+
+
+def head(channels, width):
+    """BlurPool -> SN Conv3x3 s2 -> LeakyReLU(0.2) -> BlurPool -> SN Conv1x1 -> 1-channel patch logits."""
+    sn = nn.utils.parametrizations.spectral_norm
+    return nn.Sequential(Blur(channels), sn(nn.Conv2d(channels, width, 3, 2, 1)), nn.LeakyReLU(0.2),
+                         Blur(width), sn(nn.Conv2d(width, 1, 1)))
+
+
+class Discriminator(nn.Module):
+    """C(x) in Eq. (7): features of the first three ConvNeXt stages and the pooled CLIP embedding of a
+    frozen CLIP image tower, each read by a trainable head; returns a list of logits (B, N_level)."""
+
+    def __init__(self, tiny, width=512):
+        super().__init__()
+        import open_clip, timm
+        if tiny:  # the same timm ConvNeXt class and block structure, random weights
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                trunk = timm.create_model("convnext_xxlarge", pretrained=False, depths=(1, 1, 1, 1), dims=(16, 32, 64, 128), num_classes=0)
+                proj = nn.Linear(128, 32, bias=False)
+        else:  # paper: CLIP-ConvNeXt-XXLarge, LAION-2B (dims 384/768/1536/3072, embedding 1024)
+            clip = open_clip.create_model("convnext_xxlarge", pretrained="laion2b_s34b_b82k_augreg_soup")
+            trunk, proj = clip.visual.trunk, clip.visual.head.proj
+        self.trunk, self.proj = trunk.requires_grad_(False).eval(), proj.requires_grad_(False).eval()
+        chans = [f["num_chs"] for f in trunk.feature_info[:3]]
+        self.heads = nn.ModuleList(head(c, width) for c in chans)
+        sn = nn.utils.parametrizations.spectral_norm
+        self.pooled_head = nn.Sequential(sn(nn.Linear(proj.out_features, width)), nn.LeakyReLU(0.2), sn(nn.Linear(width, 1)))
+        self.register_buffer("mean", torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode=True):  # the backbone stays in eval mode (no stochastic depth)
+        super().train(mode)
+        self.trunk.eval()
+        return self
+
+    def features(self, x):
+        """Images in [0, 1] -> [stage 1, stage 2, stage 3 maps, pooled embedding]. The backbone is
+        frozen: it records a graph only when the gradient must reach the input (the generator)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and x.requires_grad):
+            h, feats = self.trunk.stem((x - self.mean) / self.std), []
+            for i, stage in enumerate(self.trunk.stages):
+                h = stage(h)
+                if i < 3:
+                    feats.append(h)
+            return feats + [self.proj(self.trunk.forward_head(self.trunk.norm_pre(h)))]
+
+    def logits(self, feats):
+        return [hd(f).flatten(1) for hd, f in zip(self.heads, feats)] + [self.pooled_head(feats[-1])]
+
+    def forward(self, x):
+        return self.logits(self.features(x))
+
+    def trainable(self):
+        return [p for m in (self.heads, self.pooled_head) for p in m.parameters()]
+
+
+# -----------------------------------------------------------------------------
+# losses
+
+
+def ragan_loss(d_real, d_fake, generator=False):
+    """Eq. (7): relativistic average GAN, D_Ra(a, b) = C(a) - mean_batch C(b), per level, summed over
+    levels. D form pushes real above the average fake and fake below the average real; G form swaps."""
+    bce = F.binary_cross_entropy_with_logits
+    loss = 0.0
+    for r, f in zip(d_real, d_fake):
+        r, f = r.float(), f.float()
+        ra_real, ra_fake = r - f.mean(0, keepdim=True), f - r.mean(0, keepdim=True)
+        if generator:
+            loss = loss + 0.5 * (bce(ra_fake, torch.ones_like(ra_fake)) + bce(ra_real, torch.zeros_like(ra_real)))
+        else:
+            loss = loss + 0.5 * (bce(ra_real, torch.ones_like(ra_real)) + bce(ra_fake, torch.zeros_like(ra_fake)))
+    return loss
+
+
+def r1_approx(disc, x_real, d_real, noise_scale=0.005):
+    """Eq. (8): mean ||C(x) - C(x + n)||^2 summed over levels, n ~ U[-s, s] on [-1, 1] images (official
+    scale; paper: Gaussian). For small n this is (s^2 / 3) ||grad_x C||^2, the R1 penalty, without a
+    double backward. `d_real` = disc(x_real), passed in because the D step has it already."""
+    n = (torch.rand_like(x_real) * 2 - 1) * noise_scale / 2  # paper != code: paper Gaussian, official uniform; /2: [0, 1] images
+    d_noisy = disc(x_real + n)
+    return sum(((r.float() - q.float()) ** 2).mean() for r, q in zip(d_real, d_noisy))
+
+
+VGG19_RELU = (3, 8, 17, 26, 35)  # relu1_2, relu2_2, relu3_4, relu4_4, relu5_4 in torchvision's vgg19().features
+
+
+class FDLFeatures(nn.Module):
+    """phi of Eq. (10): frozen VGG19 features (ImageNet weights; random offline) and, per layer, the
+    fixed random projections of the sliced Wasserstein distance (5x5 kernels over all channels,
+    each L2-normalised, drawn once)."""
+
+    def __init__(self, pretrained=True, projections=256, kernel=5):
+        super().__init__()
+        import torchvision
+        vgg = None
+        if pretrained:
+            try:
+                vgg = torchvision.models.vgg19(weights="IMAGENET1K_V1").features
+            except Exception as e:
+                print(f"notice: VGG19 weights unavailable ({type(e).__name__}); FDL uses a random VGG19")
+        if vgg is None:
+            if not pretrained:
+                print("notice: FDL with a random VGG19 (tiny preset)")
+            vgg = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["E"])
+        self.vgg = vgg[:VGG19_RELU[-1] + 1].requires_grad_(False).eval()
+        g = torch.Generator().manual_seed(0)
+        for i, c in enumerate((64, 128, 256, 512, 512)):
+            k = torch.randn(projections, c, kernel, kernel, generator=g)
+            self.register_buffer(f"proj{i}", k / k.flatten(1).norm(dim=1).view(-1, 1, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x):
+        h, out = (x - self.mean) / self.std, []
+        for i, layer in enumerate(self.vgg):
+            h = layer(h)
+            if i in VGG19_RELU:
+                out.append(h)
+        return out
+
+
+def sliced_wasserstein(a, b, kernels):
+    """1-D Wasserstein distance between the spatial distributions of random projections, (B,)."""
+    h, w = a.shape[-2:]
+    if h < kernels.shape[-2] or w < kernels.shape[-1]:  # ours: maps smaller than the kernel (tiny crops only)
+        kernels = kernels[..., :h, :w]
+        kernels = kernels / kernels.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    pa = F.conv2d(a, kernels).flatten(2).sort(-1).values
+    pb = F.conv2d(b, kernels).flatten(2).sort(-1).values
+    return (pa - pb).abs().mean((1, 2))
+
+
+def fdl_loss(phi, x, y, phase_weight=1.0):
+    """Eq. (10): per VGG layer, the DFT of the features split into amplitude and phase; sliced
+    Wasserstein distance of each between x and y; summed over layers, mean over the batch."""
+    loss = 0.0
+    for i, (fx, fy) in enumerate(zip(phi(x), phi(y))):
+        Fx, Fy = torch.fft.fft2(fx.float()), torch.fft.fft2(fy.float())
+        k = getattr(phi, f"proj{i}")
+        loss = loss + sliced_wasserstein(Fx.abs(), Fy.abs(), k) + phase_weight * sliced_wasserstein(Fx.angle(), Fy.angle(), k)
+    return loss.mean()
+
+
+def g_step(dit, vae, cond, disc, lpips, phi, family, x_lr, x_hr, cfg):
+    """Generator forward and Eq. (11). D's heads are frozen for this pass so it gives them no
+    gradient. Returns the loss, its terms, x_sr and the backbone features the D step reuses."""
+    with torch.no_grad():
+        z_lr = common.encode(vae, family, common.upsample_lr(x_lr))   # Eq. (6)
+        feats_real = disc.features(x_hr)                              # frozen backbone, once per batch
+    c = cond(x_lr)                                                    # Eq. (5)
+    x0_hat = generate(dit, family, z_lr, c, cfg.t_star)
+    x_sr = common.decode(vae, family, x0_hat)
+    for p in disc.trainable():
+        p.requires_grad_(False)
+    feats_fake = disc.features(x_sr)
+    d_real, d_fake = disc.logits(feats_real), disc.logits(feats_fake)
+    for p in disc.trainable():
+        p.requires_grad_(True)
+    terms = {"l1": F.l1_loss(x_sr.float() * 2 - 1, x_hr * 2 - 1),  # ours: on [-1, 1] images
+             "lpips": lpips(x_sr.float(), x_hr),
+             "gan": ragan_loss(d_real, d_fake, generator=True)}     # Eq. (7), G form
+    w_fdl = cfg.w_fdl if cfg.stage == 2 else 0.0
+    if w_fdl:
+        terms["fdl"] = fdl_loss(phi, x_sr.float(), x_hr, cfg.fdl_phase)  # Eq. (10)
+    loss = cfg.w_l1 * terms["l1"] + cfg.w_lpips * terms["lpips"] + cfg.w_gan * terms["gan"] + w_fdl * terms.get("fdl", 0.0)  # Eq. (11)
+    return loss, terms, x_sr, feats_real, feats_fake
+
+
+def d_step(disc, x_hr, feats_real, feats_fake, cfg):
+    """Eq. (9) on the generator's detached output: no gradient can reach G. The frozen backbone's
+    features of this batch come from the G step; only the heads run again (and one backbone pass
+    on the noisy real images for R1)."""
+    d_real = disc.logits(feats_real)
+    d_fake = disc.logits([f.detach() for f in feats_fake])
+    terms = {"d_gan": ragan_loss(d_real, d_fake), "r1": r1_approx(disc, x_hr, d_real, cfg.r1_noise)}
+    return terms["d_gan"] + cfg.w_r1 * terms["r1"], terms
+
+
+# -----------------------------------------------------------------------------
+# sampler
+
+
+def build_sampler(ckpt, device="cpu", steps=1, seed=0, tile=None, overlap=None):
+    """fn(x_lr (1, 3, h, w) in [0, 1]) -> (1, 3, 4h, 4w): bicubic x4, pad to 16, one step (tiled in
+    latent space for large inputs, the VLM condition computed once on the whole LR), crop back.
+    Deterministic: `seed` is unused (no noise enters StrSR's one step)."""
+    path = common.latest_checkpoint(ckpt)
+    if path is None:
+        raise SystemExit(f"--ckpt {ckpt!r}: no checkpoint (a ckpt-* folder or an out_dir holding one)")
+    names = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{k: v for k, v in common.load_config(path).items() if k in names})
+    device = torch.device(device)
+    dit, vae, cond = build_generator(cfg, device, ckpt=path)
+    common.load_checkpoint(path, {"dit": dit, "cond": cond}, restore_rng=False)
+    dit.eval()
+    cond.eval()
+    family = common.PRESETS[cfg.model].family
+    f = latent_factor(vae, family)
+    tile, overlap = tile or cfg.tile or 1024 // f, overlap or cfg.overlap or 64 // f
+    if common.PRESETS[cfg.model].hub is not None:
+        vae.enable_tiling()  # ours: the VAE tiles too (above 1024 px), so memory stays bounded
+
+    @torch.no_grad()
+    def sr(x_lr):
+        x_lr = x_lr.to(device).float()
+        x, (H, W) = common.pad_to_multiple(common.upsample_lr(x_lr))
+        with common.autocast(device):
+            c = cond(x_lr)  # once, on the whole LR image
+            z_lr = common.encode(vae, family, x)
+            z = common.tiled(lambda zt: generate(dit, family, zt, c, cfg.t_star, steps), z_lr, tile, overlap)
+            x_sr = common.decode(vae, family, z)
+        return x_sr[..., :H, :W].float().clamp(0, 1).cpu()
+    sr.cond = cond  # for inspection (tests: the VLM runs once per image)
+    return sr
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def train(cfg):
+    from degrade import degrade, DegradeOpts
+    ddp, rank, local_rank, world, device = common.compute_init(cfg.seed)
+    cfg = resolve(cfg)
+    log = common.Logger(cfg.out_dir, rank == 0)
+    log(json.dumps(dataclasses.asdict(cfg)))
+    family, tiny = common.PRESETS[cfg.model].family, common.PRESETS[cfg.model].hub is None
+
+    # 1. models: LoRA generator + condition MLP train; VLM, VAE, D backbone, VGG, LPIPS frozen
+    with torch.random.fork_rng(devices=[]):  # the same initial weights on every rank
+        torch.manual_seed(cfg.seed)
+        dit, vae, cond = build_generator(cfg, device)
+        disc = Discriminator(tiny, cfg.disc_width).to(device)
+        lpips = common.load_lpips(device, pretrained=not tiny)
+        phi = FDLFeatures(not tiny, cfg.fdl_projections).to(device) if cfg.stage == 2 else None
+    if cfg.grad_ckpt and device.type == "cuda":
+        dit.enable_gradient_checkpointing()
+        vae.enable_gradient_checkpointing()
+        disc.trunk.set_grad_checkpointing(True)
+    if cfg.fsdp:
+        dit = common.shard_fsdp2(dit)
+    params_g = [p for p in dit.parameters() if p.requires_grad] + [p for p in cond.parameters() if p.requires_grad]
+    params_d = disc.trainable()
+
+    # 2. optimizers: AdamW with default betas, separate learning rates (Sec. 4.1)
+    opt_g = torch.optim.AdamW(params_g, lr=cfg.lr_g, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    opt_d = torch.optim.AdamW(params_d, lr=cfg.lr_d, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+
+    # 3. resume this run, or continue a stage-1 run into stage 2, or start stage 2 from --init_ckpt
+    g = torch.Generator(device).manual_seed(cfg.seed * world + rank + 1)  # degradation draws
+    models, optims = {"dit": dit, "cond": cond, "disc": disc}, {"g": opt_g, "d": opt_d}
+    step = stage_start = 0
+    ckpt = common.latest_checkpoint(cfg.out_dir)
+    if ckpt:
+        state = common.load_checkpoint(ckpt, models, optims, generators={"degrade": g})
+        prev = common.load_config(ckpt).get("stage", 1)
+        if prev > cfg.stage:
+            raise SystemExit(f"{ckpt} is a stage-{prev} checkpoint; --stage {cfg.stage} cannot resume it")
+        step = state["step"]
+        stage_start = state.get("stage_start", 0) if prev == cfg.stage else step
+        log(f"resumed {ckpt} at step {step}" + (" (stage 1 -> stage 2)" if prev != cfg.stage else ""))
+    elif cfg.init_ckpt:
+        init = common.latest_checkpoint(cfg.init_ckpt)
+        if init is None:
+            raise SystemExit(f"--init_ckpt {cfg.init_ckpt!r}: no checkpoint there")
+        common.load_checkpoint(init, models, restore_rng=False)
+        log(f"initialised from {init}")
+    elif cfg.stage == 2:
+        raise SystemExit("--stage 2 starts from a stage-1 run: use its --out_dir, or --init_ckpt DIR")
+    end = stage_start + cfg.max_steps
+
+    # 4. data: HR crops; LR made on the device by the Real-ESRGAN degradation
+    loader, accum = common.make_loader(cfg.data, cfg.crop, cfg.data_root, cfg.batch_size, cfg.micro_batch,
+                                       rank, world, cfg.seed, step, cfg.num_workers)
+
+    # 5. loop: G step (Eq. 11) then D step (Eq. 9) on each micro-batch; both optimizers step per step
+    dit.train(), cond.train(), disc.train()
+    t0, ms = time.time(), []
+    while step < end:
+        sums = {}
+        for _ in range(accum):
+            x_lr, x_hr = degrade(next(loader).to(device), 4, DegradeOpts(), generator=g)
+            with common.autocast(device):
+                loss_g, terms, x_sr, feats_real, feats_fake = g_step(dit, vae, cond, disc, lpips, phi, family, x_lr, x_hr, cfg)
+            (loss_g / accum).backward()
+            with common.autocast(device):
+                loss_d, terms_d = d_step(disc, x_hr, feats_real, feats_fake, cfg)
+            (loss_d / accum).backward()
+            for k, v in {"loss": loss_g, **terms, "d": loss_d, **terms_d}.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
+        for params, opt in ((params_g, opt_g), (params_d, opt_d)):
+            common.allreduce_grads(params)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        step += 1
+        ms.append((time.time() - t0) * 1000)
+        t0 = time.time()
+        if step % cfg.log_every == 0 or step == end:
+            log.step(step, end, common.reduce_mean(sums), sum(ms) / len(ms), device)
+            ms = []
+        if rank == 0 and (step % cfg.grid_every == 0 or step == end):
+            common.save_grid(os.path.join(cfg.out_dir, "grids", f"step-{step:07d}.png"), x_lr, x_sr.detach(), x_hr)
+        if step % cfg.save_every == 0 or step == end:
+            common.save_checkpoint(cfg.out_dir, step, cfg, models, optims, extra={"stage_start": stage_start},
+                                   generators={"degrade": g})
+    if ddp:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    cfg = common.parse_config(Config)
+    if cfg.sample:
+        if not cfg.ckpt or not cfg.input:
+            raise SystemExit("--sample needs --ckpt DIR and --input PATH (an image or a folder)")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        sr = build_sampler(cfg.ckpt, device, cfg.steps, cfg.seed, cfg.tile or None, cfg.overlap or None)
+        print(f"wrote {common.sample_files(sr, cfg.input, cfg.output)} images to {cfg.output}")
+    else:
+        train(cfg)
