@@ -1,0 +1,262 @@
+"""fluxsr.py: the FTD algebra (Eqs. 13-18), TV-LPIPS, ADL and its hooks, the teacher sampler and
+its resumable pair writer, exact resume, and a tiny torchrun make_pairs -> train -> sample run."""
+import glob, math, os, subprocess, sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common as C
+import fluxsr as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(args):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def dyadic(*shape, g):
+    """Values k/16, |k| <= 64: every sum, difference and scaling by 1/4 or 1/2 below is exact in fp32."""
+    return torch.randint(-64, 65, shape, generator=g).float() / 16
+
+
+# --------------------------------------------------------------------------- FTD (Eqs. 13-18)
+@pytest.mark.parametrize("T_L", [0.25, 0.5])
+def test_ftd_loss_exactly_zero_at_true_sr_velocity(T_L):
+    g = torch.Generator().manual_seed(0)
+    eps, z_0, z_L = (dyadic(2, 16, 4, 4, g=g) for _ in range(3))
+    u_t = eps - z_0  # Alg. 1 line 6
+    v_sr = (z_L - z_0) / T_L  # Eq. 13, third line: z_L - z_0 = u^SR T_L
+    assert M.ftd_loss(u_t, v_sr, eps, z_L, T_L).item() == 0.0
+    # off the optimum the loss is positive and equals T_L^2 ||v_sr - v||^2 (Eq. 17 simplified)
+    delta = torch.randn(v_sr.shape, generator=g)
+    loss = M.ftd_loss(u_t, v_sr + delta, eps, z_L, T_L)
+    assert loss > 0
+    torch.testing.assert_close(loss, T_L ** 2 * delta.pow(2).mean())
+
+
+def test_ftd_loss_both_lines_of_eq17_agree_and_zero_in_float64():
+    g = torch.Generator().manual_seed(1)
+    T_L = 0.3
+    eps, z_0, z_L, v = (torch.randn(2, 16, 4, 4, generator=g, dtype=torch.float64) for _ in range(4))
+    u_t = eps - z_0
+    v_phi = (u_t - v * T_L) / (1 - T_L)  # Eq. 15
+    first_line = ((1 - T_L) * v_phi - (eps - z_L)).pow(2).mean()  # Eq. 17, first line
+    torch.testing.assert_close(M.ftd_loss(u_t, v, eps, z_L, T_L), first_line)
+    assert M.ftd_loss(u_t, (z_L - z_0) / T_L, eps, z_L, T_L) < 1e-28
+
+
+def test_generator_with_true_velocity_recovers_z0():
+    g = torch.Generator().manual_seed(2)
+    z_0, z_L = (torch.randn(2, 16, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    for T_L in (0.25, 0.5, 0.8):
+        torch.testing.assert_close(M.G(z_L, (z_L - z_0) / T_L, T_L), z_0)  # Eq. 18
+    gd = torch.Generator().manual_seed(3)
+    z_0, z_L = dyadic(1, 16, 4, 4, g=gd), dyadic(1, 16, 4, 4, g=gd)
+    assert torch.equal(M.G(z_L, (z_L - z_0) / 0.5, 0.5), z_0)
+
+
+def test_z_t_hits_z_L_at_T_L_and_eps_at_1_and_moves_with_v_phi():
+    g = torch.Generator().manual_seed(4)
+    z_L, eps, z_0 = (torch.randn(3, 16, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    T_L = 0.4
+    ones = torch.ones(3, dtype=torch.float64)
+    assert torch.equal(M.ftd_z_t(z_L, eps, T_L * ones, T_L), z_L)  # Eq. 16 at t = T_L
+    assert torch.equal(M.ftd_z_t(z_L, eps, ones, T_L), eps)  # and at t = 1
+    # the segment's velocity dz_t/dt is the LR flow v_phi of Eq. 15 at the FTD optimum
+    t, h = torch.tensor([0.5, 0.7, 0.9], dtype=torch.float64), 1e-6
+    dz = (M.ftd_z_t(z_L, eps, t + h, T_L) - M.ftd_z_t(z_L, eps, t - h, T_L)) / (2 * h)
+    v_phi = ((eps - z_0) - (z_L - z_0) / T_L * T_L) / (1 - T_L)
+    torch.testing.assert_close(dz, v_phi, atol=1e-7, rtol=1e-7)
+
+
+# --------------------------------------------------------------------------- TV-LPIPS (Eqs. 19-21)
+def test_tv_of_constant_is_zero_and_known_images():
+    assert torch.equal(M.tv(torch.full((2, 3, 16, 16), 0.37)), torch.zeros(2, 3, 15, 15))
+    ramp = torch.arange(16.0).mul(0.25).expand(1, 3, 16, 16)  # columns step 0.25, rows constant
+    assert torch.equal(M.tv(ramp), torch.full((1, 3, 15, 15), 0.25))
+    checker = (torch.arange(16)[:, None] + torch.arange(16)[None]).remainder(2).float().expand(1, 3, 16, 16)
+    assert torch.equal(M.tv(checker), torch.full((1, 3, 15, 15), 2.0))  # |dy| + |dx| = 1 + 1
+
+
+def test_tv_lpips_and_rec_loss_follow_eq19_and_eq21():
+    torch.manual_seed(0)
+    lpips = C.load_lpips(torch.device("cpu"), pretrained=False)
+    a, b = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
+    assert M.tv_lpips(lpips, a, a, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+    base, tv_term = lpips(a, b), lpips(M.tv(a), M.tv(b))
+    assert tv_term > 0
+    torch.testing.assert_close(M.tv_lpips(lpips, a, b, 2.0), base + 2.0 * tv_term)
+    rec, mse, tvl = M.rec_loss(lpips, a, b, 0.5, 2.0)
+    torch.testing.assert_close(mse, (a - b).pow(2).mean())
+    torch.testing.assert_close(rec, mse + 0.5 * (base + 2.0 * tv_term))
+
+
+# --------------------------------------------------------------------------- ADL (Eqs. 22-23)
+def test_adl_identical_tokens_one_orthogonal_near_zero_and_brute_force():
+    g = torch.Generator().manual_seed(5)
+    same = torch.randn(1, 1, 32, generator=g).expand(2, 50, 32)
+    assert M.adl_loss([same, 3 * same]).item() == pytest.approx(1.0, abs=1e-6)
+    for n in (64, 1024):  # N orthonormal tokens: cos to their mean is exactly 1/sqrt(N)
+        q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+        assert M.adl_loss([q[None]]).item() == pytest.approx(1 / math.sqrt(n), rel=1e-6)
+    assert M.adl_loss([q[None]]) < 0.05
+    feats = [torch.randn(2, 10, 8, generator=g) + 0.5, torch.randn(2, 10, 8, generator=g)]
+    ref = np.mean([np.mean([np.dot(a, f[b].mean(0)) / np.linalg.norm(a) / np.linalg.norm(f[b].mean(0)) for a in f[b]])
+                   for f in (x.numpy() for x in feats) for b in range(2)])
+    assert M.adl_loss(feats).item() == pytest.approx(ref, rel=1e-5)
+
+
+def _hooked_step(grad_ckpt):
+    torch.manual_seed(0)
+    dit = C.add_lora(C.load_dit("tiny-flux1"), 4, 4, M.LORA_TARGETS)
+    for n, p in dit.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(generator=torch.Generator().manual_seed(7))
+    if grad_ckpt:
+        dit.enable_gradient_checkpointing()
+    feats = M.BlockFeatures(dit)
+    before_norm_out = []
+    dit.norm_out.register_forward_hook(lambda m, args, out: before_norm_out.append(args[0]))
+    cond = C.expand_cond(C.tiny_cond(dit, "flux1"), 2)
+    z, t = torch.randn(2, 16, 6, 8, generator=torch.Generator().manual_seed(8)), torch.tensor([0.3, 0.9])
+    with feats.record() as A:
+        C.velocity("flux1", dit, z, t, cond)
+    n_img = 6 * 8 // 4
+    loss = M.adl_loss([a[:, -n_img:] for a in A])
+    loss.backward()
+    C.velocity("flux1", dit, z, t, cond)  # outside record(): not collected
+    grads = {n: p.grad.clone() for n, p in dit.named_parameters() if p.grad is not None}
+    return A, before_norm_out[0], n_img, loss, grads
+
+
+def test_adl_hooks_take_image_tokens_of_every_block_once_under_checkpointing():
+    A, last_img, n_img, loss, grads = _hooked_step(grad_ckpt=False)
+    A_ck, _, _, loss_ck, grads_ck = _hooked_step(grad_ckpt=True)
+    # one entry per block (1 double + 1 single in tiny-flux1), also after checkpointing's recompute
+    assert len(A) == 2 and len(A_ck) == 2
+    assert all(a.shape == (2, n_img, 32) for a in A)
+    # the single block's hooked output is the image stream that reaches norm_out: image tokens only
+    torch.testing.assert_close(A[-1][:, -n_img:], last_img)
+    torch.testing.assert_close(loss_ck, loss)
+    assert grads and grads.keys() == grads_ck.keys()
+    for k in grads:
+        torch.testing.assert_close(grads_ck[k], grads[k], atol=1e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- teacher pairs
+def test_flux_sigmas_match_diffusers_flux_schedule():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    sch = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                          base_image_seq_len=256, max_image_seq_len=4096)
+    for steps, n in ((28, 4096), (4, 16)):
+        sch.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=calculate_shift(n))
+        torch.testing.assert_close(M.flux_sigmas(steps, n), sch.sigmas.float(), atol=1e-6, rtol=1e-6)
+
+
+def _pairs_cfg(data, n=4):
+    return M.Config(model="tiny", data=str(data), make_pairs=n)
+
+
+def _read_pairs(folder):
+    return {os.path.basename(f): load_file(f) for f in sorted(glob.glob(os.path.join(folder, "pair-*.safetensors")))}
+
+
+@pytest.fixture(scope="module")
+def clean_pairs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("clean")
+    M.make_pairs(_pairs_cfg(d))
+    return d
+
+
+def test_pairs_are_the_teachers_euler_samples(clean_pairs):
+    p = load_file(os.path.join(clean_pairs, "pair-000001.safetensors"))
+    dit, vae = C.load_dit("tiny-flux1"), C.load_vae("tiny-flux1")
+    eps = M.pair_noise(0, 1, (1, 16, 8, 8))
+    assert torch.equal(p["eps"], eps[0])
+    z = eps  # the Euler loop written out here, on the schedule checked against diffusers above
+    sig = M.flux_sigmas(4, 16)
+    for t, s in zip(sig[:-1], sig[1:]):
+        z = z + (s - t) * C.velocity("flux1", dit, z, t.view(1), C.tiny_cond(dit, "flux1"))
+    torch.testing.assert_close(p["z_0"], z[0].detach(), atol=1e-5, rtol=1e-5)
+    x = C.decode(vae, "flux1", z).clamp(0, 1).mul(255).round()[0].detach()
+    assert (p["x_0"].float() - x).abs().max() <= 1
+    assert p["x_0"].dtype == torch.uint8 and p["x_0"].shape == (3, 64, 64)
+
+
+def test_make_pairs_resumes_after_kill_without_duplicates(tmp_path, monkeypatch, clean_pairs):
+    written, real_write, real_sample = [], M.write_pair, M.teacher_sample
+
+    def write(folder, i, *a):
+        written.append(i)
+        real_write(folder, i, *a)
+
+    def crash_at_third(*a, **k):  # a kill while pair 2 is being sampled
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        return real_sample(*a, **k)
+
+    monkeypatch.setattr(M, "write_pair", write)
+    monkeypatch.setattr(M, "teacher_sample", crash_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        M.make_pairs(_pairs_cfg(tmp_path))
+    assert written == [0, 1]
+    (tmp_path / ".tmp-pair-000002.safetensors").write_bytes(b"half a pair")  # a kill mid-write
+    monkeypatch.setattr(M, "teacher_sample", real_sample)
+    M.make_pairs(_pairs_cfg(tmp_path))
+    assert written == [0, 1, 2, 3]  # each pair written once
+    assert not glob.glob(str(tmp_path / ".tmp-*"))
+    a, b = _read_pairs(tmp_path), _read_pairs(clean_pairs)
+    assert a.keys() == b.keys() and len(a) == 4
+    for k in a:
+        assert all(torch.equal(a[k][n], b[k][n]) for n in ("eps", "z_0", "x_0"))
+    with pytest.raises(SystemExit, match="other settings"):  # no mixing of teachers in one folder
+        M.make_pairs(M.Config(model="tiny", data=str(tmp_path), make_pairs=4, guidance=2.0))
+
+
+def test_aligned_crops_of_pairs(clean_pairs):
+    full = M.PairDataset(str(clean_pairs), 64)[(0, 0)]
+    for seed in range(4):
+        eps, z_0, x_0 = M.PairDataset(str(clean_pairs), 32)[(0, seed)]
+        assert eps.shape == z_0.shape == (16, 4, 4) and x_0.shape == (3, 32, 32)
+        hits = [(i, j) for i in (0, 16, 32) for j in (0, 16, 32) if torch.equal(full[2][:, i:i + 32, j:j + 32], x_0)]
+        i, j = hits[0]  # the pixel crop sits on the token grid, the latent crop at the same place
+        assert torch.equal(full[0][:, i // 8:i // 8 + 4, j // 8:j // 8 + 4], eps)
+        assert torch.equal(full[1][:, i // 8:i // 8 + 4, j // 8:j // 8 + 4], z_0)
+
+
+# --------------------------------------------------------------------------- training
+def _lora(out):
+    return load_file(sorted(glob.glob(os.path.join(out, "ckpt-*")))[-1] + "/pytorch_lora_weights.safetensors")
+
+
+def test_exact_resume(tmp_path, clean_pairs):
+    kw = dict(model="tiny", data=str(clean_pairs), batch_size=1, num_workers=0, save_every=1, log_every=1)
+    M.train(M.Config(out_dir=str(tmp_path / "a"), max_steps=2, **kw))
+    M.train(M.Config(out_dir=str(tmp_path / "b"), max_steps=1, **kw))
+    M.train(M.Config(out_dir=str(tmp_path / "b"), max_steps=2, **kw))
+    a, b = _lora(tmp_path / "a"), _lora(tmp_path / "b")
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)  # it trained
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tiny_torchrun_make_pairs_train_then_sample(tmp_path, clean_pairs):
+    tr = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "fluxsr.py", "--model", "tiny"]
+    run(tr + ["--make_pairs", "4", "--data", str(tmp_path / "pairs")])
+    a, b = _read_pairs(tmp_path / "pairs"), _read_pairs(clean_pairs)  # pair i does not depend on world size
+    assert a.keys() == b.keys() and all(torch.equal(a[k]["z_0"], b[k]["z_0"]) for k in a)
+    out = tmp_path / "out"
+    r = run(tr + ["--data", str(tmp_path / "pairs"), "--out_dir", str(out), "--max_steps", "2", "--batch_size", "2",
+                  "--num_workers", "0", "--log_every", "1"])
+    assert "step 2/2" in r.stdout and os.path.exists(out / "grids" / "step-2.png")
+    C.save_image(torch.rand(3, 20, 28), str(tmp_path / "lr" / "x.png"))  # 80x112 px: 10x14 latents, tiles of 8
+    run([sys.executable, "fluxsr.py", "--sample", "--ckpt", str(out), "--input", str(tmp_path / "lr"),
+         "--output", str(tmp_path / "sr")])
+    y = C.load_image(str(tmp_path / "sr" / "x.png"))
+    assert y.shape == (3, 80, 112)
