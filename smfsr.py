@@ -1,0 +1,692 @@
+"""
+SMFSR: Noise-Started One-Step Real-World Super-Resolution via LR-Conditioned SplitMeanFlow and GAN
+Refinement (Zhu, Zhang, Zheng, Luo, Guo, Yang; https://github.com/wzhu121/SMFSR, inference only).
+The authors released no training code: this file is a from-the-paper implementation of all three
+stages. Every step is written out here; nothing is taken from another project.
+
+An LR-conditioned SD3.5-Medium predicts the average velocity u(z_t, r, t) over [r, t]; one jump from
+pure noise (r = 0, t = 1) gives the HR latent, so different seeds give different plausible outputs.
+Stage 0 (`--stage teacher`) trains an LR-conditioned flow-matching teacher, stage 1 (`--stage isc`)
+distils it into the average-velocity student with Interval Splitting Consistency (Algorithm 1),
+stage 2 (`--stage gan`) refines the one-step output with reconstruction, VSD and a DINOv3 GAN.
+
+Notation (rectified flow, t = 1 is noise): z_hr, z_lr the latents of the HR image and of the bicubic
+x4 LR image, c the caption, eps ~ N(0, I).
+    (1)  z_t = (1 - t) z_hr + t eps            (2)  v = eps - z_hr
+    (3)  L_FM = || v_theta(z_t, t) - (eps - z_hr) ||^2                         (stage 0, the teacher)
+    (5)  u(z_t, r, t) = 1/(t - r) int_r^t v(z_tau, tau) dtau                   (average velocity)
+    (8)  (t - r) u(z_t, r, t) = (s - r) u(z_s, r, s) + (t - s) u(z_t, s, t),   r <= s <= t
+    (10) z_s = z_t - (t - s) u(z_t, s, t)
+    (11) L_ISC = || u(z_t, r, t) - sg[(1 - lam) u(z_s, r, s) + lam u(z_t, s, t)] ||^2,  s = (1 - lam) t + lam r
+    (12) L_bnd = || u(z_t, t, t) - v_phi^w(z_t, t) ||^2                        (boundary, frozen teacher phi)
+    (13) v_phi^w = w v_phi(z_t, t; z_lr, c) + (1 - w) v_phi(z_t, t; z_lr)
+    (14) z_hat = eps - u(eps, 0, 1)                                            (one-step sampler)
+    (15) grad_theta L_VSD = E[ w(t) (v_phi(z_hat_t, t) - v_phi'(z_hat_t, t)) dz_hat_t/dtheta ],
+         z_hat_t = (1 - t) z_hat + t eps
+    (16) L_diff = || v_phi'(z_hat_t, t) - (eps - sg(z_hat)) ||^2              (fake score phi', a LoRA)
+    (17) L_adv^G = -E[D(x_hat)]      (18) L_adv^D = E[max(0, 1 - D(x_hr))] + E[max(0, 1 + D(x_hat))]
+    (19) L_Rec = MSE(x_hat, x_hr) + LPIPS(x_hat, x_hr),   x_hat = VAE-decode(z_hat)
+    (20) L_stu = 1.0 L_ISC + 1.0 L_Rec + 1.0 L_VSD + 0.5 L_adv^G
+Algorithm 1 (stage 1): sample r <= t, lam ~ U(0, 1), eps, q ~ U(0, 1); z_t by Eq. 1; with probability
+p = 0.6 the boundary branch (Eq. 12), else the splitting branch (lines 9-13, Eqs. 10-11).
+
+Launch:
+    python smfsr.py --stage teacher --data LSDIR_FFHQ10k.txt --captions captions.tsv   # -> out/smfsr-teacher
+    python smfsr.py --stage isc --data LSDIR_FFHQ10k.txt    # starts from out/smfsr-teacher -> out/smfsr-isc
+    python smfsr.py --stage gan --data LSDIR_FFHQ10k.txt    # starts from out/smfsr-isc -> out/smfsr-gan
+    torchrun --nproc_per_node=4 smfsr.py --stage teacher ...    # Sec. 4: 4 GPUs, any stage
+    python smfsr.py --sample --ckpt out/smfsr-gan --input lr/ --output sr/ [--steps 4] [--seed 1] [--start lr]
+    python smfsr.py --model tiny --stage teacher && python smfsr.py --model tiny --stage isc \
+        && python smfsr.py --model tiny --stage gan      # CPU smoke run (random tiny SD3, 4 steps each)
+
+What differs from the paper, and why:
+- LR injection. DiT4SR adds a third (LR) stream to every MM-DiT block with its own projections and
+  MLP, and the LR tokens join the joint attention, which changes the base from the first step. Here
+  the LR latent goes through the base's own patch embedding (same 2-D positions), each block
+  modulates the LR tokens with its image adaLN and projects them with LR-specific key/value layers
+  (copies of the block's image k/v at init), and the image queries attend over [image, text, LR]
+  in one joint softmax. A zero-initialised per-head gate mixes that with the base attention:
+  o = o_base + gate (o_joint - o_base), so gate = 1 is DiT4SR's joint attention and gate = 0 is
+  the base exactly (bit-identical at init). The LR tokens are not updated block to block (no LR
+  MLP stream) and text tokens do not see them: far fewer parameters (~120M on SD3.5-M vs the
+  paper's 366M trainable) and one extra attention call per block. Only these LR parameters and the
+  (r, t) embedding train; the base stays frozen (one bf16 copy shared by teacher, student, fake score).
+- (r, t) embedding: e_{r,t} = e_t + MLP([e_r, e_t]) with the MLP's last layer zero-initialised, so the
+  student starts as the teacher: u(z, r, t) = v(z, t) (the paper gives only Linear-SiLU-Linear).
+- Algorithm 1 writes the splitting branch under q < p, Sec. 4 calls p = 0.6 "the probability of using
+  the boundary branch": we follow Sec. 4. The branch is drawn per micro-batch (the paper: per step).
+- Unknown in the paper (`# ours` in Config): the (r, t) law (logit-normal(0, 1), sorted), the teacher's
+  t law (logit-normal, SD3's), stage-2 learning rates, the VSD t law and w(t), the fake-score LoRA,
+  the DINOv3 size, layers and heads, micro-batch, tile.
+- VSD: w(t) = t / mean|z_hat - x0_phi| (DMD's normaliser written for velocities: x0_phi' - x0_phi =
+  t (v_phi - v_phi')); the (1 - t) of dz_hat_t/dz_hat is folded into it. One fake-score forward at
+  (z_hat_t, t) serves both Eq. 15 (detached) and Eq. 16 (through its LoRA).
+- Captions are optional (a tab-separated file; the paper captions the LR with LLaVA, and Table 8 shows
+  the empty prompt does about as well); the sampler uses the empty prompt.
+- `--start lr` (ours): start at z_t0 = (1 - t0) z_lr + t0 eps with t0 = --start_t (Eq. 1 with z_lr in
+  place of z_hr) and jump to 0 along the average velocity; t0 = 1 is the paper's noise start.
+- `--steps K` on a teacher checkpoint takes K Euler steps (a teacher ignores r: u = v).
+- No --fsdp: SD3.5-Medium (2.5B) fits one GPU, and the branch draw differs per rank.
+"""
+import contextlib, copy, dataclasses, json, os, time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from degrade import DegradeOpts, degrade
+
+DEFAULT_MODEL = "sd35-medium"
+FAMILY = "sd3"
+STAGES = {"teacher": (80_000, 32), "isc": (40_000, 16), "gan": (10_000, 8)}  # Sec. 4: iterations, batch
+PREVIOUS = {"isc": "teacher", "gan": "isc"}
+# the fake score's LoRA: every linear of the joint attention (ours)
+FAKE_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                     "attn.add_v_proj", "attn.to_add_out")
+
+
+# --------------------------------------------------------------------------- config
+@dataclasses.dataclass
+class Config:
+    model: str = DEFAULT_MODEL    # Sec. 4: SD3.5-Medium; --model tiny -> tiny-sd3
+    model_path: str = ""          # local folder of the base (default: the hub id)
+    stage: str = "teacher"        # Sec. 4: teacher (stage 0) -> isc (stage 1, Alg. 1) -> gan (stage 2, Eq. 20)
+    init_ckpt: str = ""           # the previous stage's checkpoint; default out/smfsr-<previous stage>
+    teacher_ckpt: str = ""        # the frozen stage-0 teacher (isc, gan); default: isc's init, gan: what isc used
+    data: str = "sample"          # Sec. 4: LSDIR + first 10k FFHQ (folder or file list); sample = offline photos
+    data_root: str = "data"
+    captions: str = ""            # optional "<image file stem>\t<caption>" lines (Sec. 4: LLaVA); none: empty prompt
+    cache_dir: str = "out/cache"  # encoded captions
+    out_dir: str = ""             # default out/smfsr-<stage>
+    lr: float = 5e-5              # Sec. 4: AdamW, fixed lr (stages 0 and 1; ours for stage 2)
+    lr_fake: float = 5e-5         # ours: fake-score LoRA (Eq. 16)
+    lr_d: float = 5e-5            # ours: discriminator heads (Eq. 18)
+    grad_clip: float = 1.0        # ours
+    p_boundary: float = 0.6       # Sec. 4: probability of the boundary branch
+    teacher_cfg: float = 1.0      # Eq. 13 w for every teacher call; 1 = no CFG, the paper's choice (Table 6)
+    p_drop: float = 0.2           # Sec. 4.4: caption dropout
+    t_mean: float = 0.0           # ours: logit-normal(t_mean, t_std) for t (stage 0) and for sorted (r, t) (Alg. 1 line 3)
+    t_std: float = 1.0            # ours
+    w_isc: float = 1.0            # Sec. 4: lambda_1 (Eq. 20)
+    w_rec: float = 1.0            # Sec. 4: lambda_2
+    w_vsd: float = 1.0            # Sec. 4: lambda_3
+    w_gan: float = 0.5            # Sec. 4: lambda_4
+    vsd_t_min: float = 0.02       # ours: t ~ U(vsd_t_min, vsd_t_max) in Eqs. 15-16 (DMD's range)
+    vsd_t_max: float = 0.98       # ours
+    fake_rank: int = 64           # ours: LoRA rank (= alpha) of the fake score v_phi'
+    disc_model: str = "facebook/dinov3-vitb16-pretrain-lvd1689m"  # ours: DINOv3 ViT-B/16 (the paper names no size)
+    disc_width: int = 256         # ours: channels of each discriminator head
+    max_steps: int = 0            # 0: Sec. 4 for the stage (80k, 40k, 10k)
+    batch_size: int = 0           # 0: Sec. 4 for the stage (32, 16, 8); global batch
+    micro_batch: int = 2          # ours: per rank per forward
+    crop: int = 512               # Sec. 4 / REFERENCE conventions: 512 HR crops
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 1000
+    grid_every: int = 500
+    num_workers: int = 2
+    grad_ckpt: bool = True        # gradient checkpointing of the DiT blocks (GPU only)
+    fsdp: bool = False            # shared field; not supported here (the base fits one GPU)
+    sample: bool = False          # --sample mode
+    ckpt: str = ""                # checkpoint folder or out_dir (latest ckpt-*) to sample from
+    input: str = ""               # LR image or folder
+    output: str = "out/smfsr/sr"
+    steps: int = 1                # Eq. 14: one jump; 2 or 4 along the average velocity (Table 7)
+    start: str = "noise"          # noise (Eq. 14) | lr (ours, see the docstring)
+    start_t: float = 0.8          # ours: t0 of --start lr
+    tile: int = 64                # ours: latent tile, 512 px = the training crop
+    overlap: int = 16             # ours: 128 px
+
+
+# --model tiny: small sizes unless the flag was given (values equal to the default are replaced)
+TINY = dict(crop=64, max_steps=4, batch_size=2, micro_batch=1, fake_rank=4, disc_width=16, tile=8, overlap=2)
+
+
+def resolve(cfg):
+    """Preset name, with the tiny and per-stage defaults applied and the settings checked."""
+    preset = common.resolve_preset(cfg.model, DEFAULT_MODEL)
+    if common.PRESETS[preset].family != FAMILY:
+        raise SystemExit(f"--model {cfg.model}: SMFSR is built on SD3.5 (MM-DiT joint attention, pooled text)")
+    if cfg.stage not in STAGES:
+        raise SystemExit(f"--stage {cfg.stage!r}: expected one of {', '.join(STAGES)}")
+    if cfg.model == "tiny":
+        for k, v in TINY.items():
+            if getattr(cfg, k) == getattr(Config, k):
+                setattr(cfg, k, v)
+    cfg.max_steps = cfg.max_steps or STAGES[cfg.stage][0]
+    cfg.batch_size = cfg.batch_size or STAGES[cfg.stage][1]
+    cfg.out_dir = cfg.out_dir or f"out/smfsr-{cfg.stage}"
+    if cfg.crop % 16:
+        raise SystemExit(f"--crop {cfg.crop}: expected a multiple of 16")
+    if cfg.tile % 2 or cfg.overlap % 2 or not 2 <= cfg.overlap <= cfg.tile // 2:
+        raise SystemExit(f"--tile {cfg.tile} --overlap {cfg.overlap}: expected even, 2 <= overlap <= tile / 2")
+    if cfg.start not in ("noise", "lr") or not 0 < cfg.start_t <= 1:
+        raise SystemExit(f"--start {cfg.start} --start_t {cfg.start_t}: expected noise or lr, 0 < start_t <= 1")
+    if cfg.fsdp:
+        raise SystemExit("--fsdp: not supported by smfsr.py; SD3.5-Medium (2.5B) fits one GPU, shared by teacher, "
+                         "student and fake score")
+    return preset
+
+
+class Captions:
+    """Per-image captions drawn with dropout (Sec. 4.4); '' and dropped captions are the empty prompt.
+    Each caption is encoded once into common.prompt_cond's disk cache (rank 0 first) and read back per
+    batch. Tiny presets: any caption is common.tiny_cond, the empty prompt zeros. The loader yields
+    images only, so a twin of its StepSampler yields the same (index, seed) keys, in step with it."""
+
+    def __init__(self, cfg, preset, dit, device, rank, world, start_step):
+        self.tiny = common.PRESETS[preset].hub is None and not cfg.model_path
+        self.preset, self.cfg, self.device, self.text = preset, cfg, device, []
+        if self.tiny:
+            self.prompt = {k: v.to(device) for k, v in common.tiny_cond(dit, FAMILY).items()}
+        if cfg.captions:
+            with open(cfg.captions) as f:
+                table = dict(line.rstrip("\n").split("\t", 1) for line in f if "\t" in line)
+            names = (common.SAMPLE_PHOTOS if cfg.data == "sample" else
+                     [os.path.splitext(os.path.basename(p))[0] for p in common.list_images(cfg.data, cfg.data_root)])
+            self.text = [table.get(n, "").strip() for n in names]
+            self.keys = iter(common.StepSampler(len(names), cfg.batch_size, rank, world, cfg.seed, start_step))
+        if not self.tiny and rank == 0:
+            for c in [""] + sorted(set(self.text)):  # loads the text encoders once per caption not yet cached
+                self.encode(c)
+        if dist.is_initialized():
+            dist.barrier()
+        self.empty = self.encode("")
+
+    def encode(self, caption):
+        if self.tiny:
+            return self.prompt if caption else {k: torch.zeros_like(v) for k, v in self.prompt.items()}
+        return common.prompt_cond(self.preset, caption, self.cfg.cache_dir, self.device, self.cfg.model_path or None)
+
+    def batch(self, B):
+        """The conditions of the next micro-batch of the loader (B, ...)."""
+        if not self.text:
+            return common.expand_cond(self.empty, B)
+        idx = [next(self.keys)[0] for _ in range(B)]
+        keep = (torch.rand(B) >= self.cfg.p_drop).tolist()  # caption dropout, p = 0.2
+        conds = [self.encode(self.text[i]) if k and self.text[i] else self.empty for i, k in zip(idx, keep)]
+        return {k: torch.cat([c[k] for c in conds]) for k in self.empty}
+
+
+# --------------------------------------------------------------------------- model wrapping
+class LRBranch(nn.Module):
+    """The LR tokens' part of one block's joint attention: LR-specific key/value projections, copies of
+    the block's image ones at init (DiT4SR initialises its LR stream from the noise stream), and a
+    zero-initialised per-head gate, so the block is exactly the base at init."""
+
+    def __init__(self, attn):
+        super().__init__()
+        self.to_k, self.to_v = copy.deepcopy(attn.to_k).float(), copy.deepcopy(attn.to_v).float()
+        self.gate = nn.Parameter(torch.zeros(attn.heads))
+
+
+def joint_attention(attn, lr, x, c, x_lr):
+    """SD3's joint attention (diffusers' JointAttnProcessor2_0, written out) in which the image queries
+    also attend to the LR tokens: o = o_base + gate (o_joint - o_base). Returns (image, text) outputs."""
+    B, N, _ = x.shape
+    heads = lambda y: y.view(B, -1, attn.heads, y.shape[-1] // attn.heads).transpose(1, 2)  # (B, heads, L, d)
+    q, k, v = heads(attn.to_q(x)), heads(attn.to_k(x)), heads(attn.to_v(x))
+    cq, ck, cv = heads(attn.add_q_proj(c)), heads(attn.add_k_proj(c)), heads(attn.add_v_proj(c))
+    k_lr, v_lr = heads(lr.to_k(x_lr)), heads(lr.to_v(x_lr))
+    if attn.norm_q is not None:  # SD3.5: RMS qk-norm, the LR keys share the image keys' norm
+        q, k, k_lr = attn.norm_q(q), attn.norm_k(k), attn.norm_k(k_lr)
+    if attn.norm_added_q is not None:
+        cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
+    K, V = torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+    o = F.scaled_dot_product_attention(torch.cat([q, cq], 2), K, V)  # the base: [image, text] tokens
+    o_x = o[:, :, :N]
+    o_joint = F.scaled_dot_product_attention(q, torch.cat([K, k_lr], 2), torch.cat([V, v_lr], 2))  # + LR tokens
+    o_x = o_x + lr.gate.view(1, -1, 1, 1).to(o_x.dtype) * (o_joint - o_x)
+    flat = lambda y: y.transpose(1, 2).reshape(B, -1, y.shape[1] * y.shape[-1])
+    out_c = None if attn.context_pre_only else attn.to_add_out(flat(o[:, :, N:]))
+    return attn.to_out[0](flat(o_x)), out_c
+
+
+def block_forward(block, lr, x, c, x_lr, temb):
+    """diffusers' JointTransformerBlock.forward, written out, with the LR tokens in its attention."""
+    mod = block.norm1(x, emb=temb)  # adaLN-zero; SD3.5's dual-attention blocks return two more
+    nx, g_msa, sh_mlp, sc_mlp, g_mlp = mod[:5]
+    nx_lr = block.norm1(x_lr, emb=temb)[0]  # the LR tokens take the image tokens' modulation
+    if block.context_pre_only:
+        nc = block.norm1_context(c, temb)
+    else:
+        nc, cg_msa, csh_mlp, csc_mlp, cg_mlp = block.norm1_context(c, emb=temb)
+    a, ca = joint_attention(block.attn, lr, nx, nc, nx_lr)
+    x = x + g_msa.unsqueeze(1) * a
+    if block.use_dual_attention:
+        x = x + mod[6].unsqueeze(1) * block.attn2(hidden_states=mod[5])
+    n = block.norm2(x) * (1 + sc_mlp[:, None]) + sh_mlp[:, None]
+    x = x + g_mlp.unsqueeze(1) * block.ff(n)
+    if block.context_pre_only:
+        return None, x
+    c = c + cg_msa.unsqueeze(1) * ca
+    n = block.norm2_context(c) * (1 + csc_mlp[:, None]) + csh_mlp[:, None]
+    return c + cg_mlp.unsqueeze(1) * block.ff_context(n), x
+
+
+class RTEmbed(nn.Module):
+    """e_{r,t} from the base's own embeddings e_r, e_t (Fig. 2): Linear(2D -> D) -> SiLU -> Linear(D -> D),
+    as e_t + MLP([e_r, e_t]) with the last layer zero-initialised (ours): u(z, r, t) = v(z, t) at init."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(2 * dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, e_r, e_t):
+        return e_t + self.mlp(torch.cat([e_r, e_t], -1))
+
+
+class SRNet(nn.Module):
+    """Everything SMFSR adds to a frozen SD3 transformer: one LRBranch per block, and for the student the
+    (r, t) embedding. The transformer is an argument, not a submodule, so teacher, student and fake
+    score share one copy of the base weights and a checkpoint holds only what trains."""
+
+    def __init__(self, dit, two_times):
+        super().__init__()
+        self.lr = nn.ModuleList(LRBranch(b.attn) for b in dit.transformer_blocks)
+        self.rt = RTEmbed(dit.inner_dim) if two_times else None
+        self.requires_grad_(True)
+
+    def forward(self, dit, z_t, r, t, z_lr, cond):
+        """u(z_t, r, t; z_lr, c) for (B, C, H, W) latents and r, t (B,) in [0, 1]; a teacher (no rt)
+        ignores r and gives v(z_t, t; z_lr, c). The SD3 transformer takes sigma * 1000."""
+        B, C, H, W = z_t.shape
+        dt, p = dit.dtype, dit.config.patch_size
+        x = dit.pos_embed(z_t.to(dt)).contiguous()  # (B, N, D): patches + 2-D sin-cos positions
+        x_lr = dit.pos_embed(z_lr.to(dt)).contiguous()  # the same patch embedding at the same positions
+        pooled = cond["pooled"].to(dt)
+        temb = dit.time_text_embed((t * 1000).to(dt), pooled)  # e_t: timestep + pooled text (B, D)
+        if self.rt is not None:
+            temb = self.rt(dit.time_text_embed((r * 1000).to(dt), pooled), temb)  # e_{r,t}
+        c = dit.context_embedder(cond["embeds"].to(dt))
+        for block, lr in zip(dit.transformer_blocks, self.lr):
+            if dit.gradient_checkpointing and torch.is_grad_enabled():
+                c, x = torch.utils.checkpoint.checkpoint(block_forward, block, lr, x, c, x_lr, temb, use_reentrant=False)
+            else:
+                c, x = block_forward(block, lr, x, c, x_lr, temb)
+        x = dit.proj_out(dit.norm_out(x, temb))  # (B, N, p * p * C)
+        x = x.view(B, H // p, W // p, p, p, -1).permute(0, 5, 1, 3, 2, 4)  # unpatchify as diffusers does
+        return x.reshape(B, -1, H, W).float()
+
+
+def bind(net, dit, z_lr, cond):
+    """u(z, r, t) with the LR latent and the caption fixed: what Algorithm 1 and the sampler call."""
+    return lambda z, r, t: net(dit, z, r, t, z_lr, cond)
+
+
+def teacher_velocity(teacher, dit, z_lr, cond, null, w):
+    """v_phi^w(z, t) of the frozen teacher (Eq. 13). w = 1: the conditional teacher (no CFG, Table 6);
+    otherwise one batched call for the captioned and the caption-free velocity (the LR stays)."""
+    if w == 1:
+        return lambda z, t: teacher(dit, z, t, t, z_lr, cond)
+
+    def v(z, t):
+        two = lambda a: torch.cat([a, a])
+        both = {k: torch.cat([cond[k], null[k].expand_as(cond[k])]) for k in cond}
+        v_c, v_u = teacher(dit, two(z), two(t), two(t), two(z_lr), both).chunk(2)
+        return w * v_c + (1 - w) * v_u  # Eq. (13)
+    return v
+
+
+@contextlib.contextmanager
+def fake_score(dit):
+    """Inside: the fake score v_phi' = the teacher + its LoRA; outside the LoRA is off. peft ties the
+    LoRA's requires_grad to this switch, so Eq. 16 is back-propagated inside the block."""
+    dit.enable_adapters()
+    try:
+        yield
+    finally:
+        dit.disable_adapters()
+
+
+def logit_normal(n, cfg, device):
+    return torch.sigmoid(cfg.t_mean + cfg.t_std * torch.randn(n, device=device))
+
+
+def _bc(t):  # (B,) -> (B, 1, 1, 1)
+    return t.view(-1, 1, 1, 1)
+
+
+# --------------------------------------------------------------------------- losses
+def fm_loss(v, z_hr, eps, t):
+    """Stage 0: LR-conditioned flow matching of the teacher, v(z, t) = u(z, t, t)."""
+    z_t = (1 - _bc(t)) * z_hr + _bc(t) * eps  # Eq. (1)
+    return F.mse_loss(v(z_t, t, t), eps - z_hr)  # Eq. (3)
+
+
+def isc_loss(u, z_t, r, t, lam):
+    """Interval Splitting Consistency, Algorithm 1 lines 9-13: the target is built without gradient."""
+    s = (1 - lam) * t + lam * r  # line 4
+    with torch.no_grad():
+        u2 = u(z_t, s, t)  # line 9
+        z_s = z_t - _bc(t - s) * u2  # line 10, Eq. (10)
+        u1 = u(z_s, r, s)  # line 11
+        u_target = (1 - _bc(lam)) * u1 + _bc(lam) * u2  # line 12
+    return F.mse_loss(u(z_t, r, t), u_target)  # line 13, Eq. (11)
+
+
+def boundary_loss(u, v_teacher, z_t, t):
+    """Boundary consistency, Algorithm 1 line 15: at r = t the average velocity is the teacher's v."""
+    with torch.no_grad():
+        v = v_teacher(z_t, t)
+    return F.mse_loss(u(z_t, t, t), v)  # Eq. (12)
+
+
+def rec_loss(lpips, x_hat, x_hr):
+    """Eq. 19 on images in [0, 1]; returns (L_Rec, MSE, LPIPS)."""
+    mse, lp = F.mse_loss(x_hat, x_hr), lpips(x_hat, x_hr)
+    return mse + lp, mse, lp  # Eq. (19)
+
+
+def vsd_loss(z_hat, z_hat_t, t, v_real, v_fake):
+    """Eq. 15 as a loss whose gradient on z_hat is w(t) (v_phi - v_phi') / numel, w(t) = t / mean|z_hat -
+    x0_phi| (DMD's normaliser, ours). v_real, v_fake: the teacher's and the fake score's velocities at
+    z_hat_t (no gradient). Descent moves z_hat towards the teacher's x0 and away from the fake's."""
+    x0_real = z_hat_t - _bc(t) * v_real  # the teacher's clean estimate
+    w = _bc(t) / (z_hat - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-5)
+    grad = w * (v_real - v_fake)  # Eq. (15)
+    return 0.5 * F.mse_loss(z_hat, (z_hat - grad).detach())
+
+
+def fake_score_loss(v_fake, eps, z_hat):
+    """Eq. 16: the fake score learns the flow of the generated latents (sg(z_hat))."""
+    return F.mse_loss(v_fake, eps - z_hat.detach())  # Eq. (16)
+
+
+def adv_g_loss(d_fake):
+    return -d_fake.mean()  # Eq. (17)
+
+
+def adv_d_loss(d_real, d_fake):
+    return F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()  # Eq. (18), hinge
+
+
+class Discriminator(nn.Module):
+    """Frozen DINOv3 ViT + trainable heads (Eqs. 17-18). Features: the patch tokens of 4 evenly spaced
+    layers, as a grid (ours, as ADD's DINOv2 discriminator); per level SN-Conv3x3 -> LReLU(0.2) ->
+    SN-Conv1x1 -> patch logits. Tiny presets: a random DINOv3 of the same class."""
+
+    def __init__(self, tiny, hub, width):
+        super().__init__()
+        from transformers import DINOv3ViTConfig, DINOv3ViTModel
+        vit = (DINOv3ViTModel(DINOv3ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                              num_attention_heads=2, num_register_tokens=4))
+               if tiny else DINOv3ViTModel.from_pretrained(hub))
+        self.vit = vit.requires_grad_(False).eval()
+        n, d = vit.config.num_hidden_layers, vit.config.hidden_size
+        self.levels = [n * (i + 1) // 4 for i in range(4)]
+        sn = nn.utils.parametrizations.spectral_norm
+        self.heads = nn.ModuleList(nn.Sequential(sn(nn.Conv2d(d, width, 3, padding=1)), nn.LeakyReLU(0.2),
+                                                 sn(nn.Conv2d(width, 1, 1))) for _ in self.levels)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode=True):  # the backbone stays in eval mode (DINOv3 jitters its positions in training)
+        super().train(mode)
+        self.vit.eval()
+        return self
+
+    def features(self, x):
+        """Images in [0, 1], sides multiples of 16 -> per level (B, D, H/16, W/16)."""
+        hs = self.vit(pixel_values=(x - self.mean) / self.std, output_hidden_states=True).hidden_states
+        skip, ps = 1 + self.vit.config.num_register_tokens, self.vit.config.patch_size  # CLS + registers first
+        h, w = x.shape[-2] // ps, x.shape[-1] // ps
+        return [hs[i][:, skip:].transpose(1, 2).reshape(x.shape[0], -1, h, w) for i in self.levels]
+
+    def forward(self, feats):
+        return torch.cat([head(f.float()).flatten(1) for head, f in zip(self.heads, feats)], 1)  # (B, levels x h x w)
+
+
+# --------------------------------------------------------------------------- sampler
+def generate(u, eps, steps, z_lr=None, start_t=1.0):
+    """Eq. 14 in `steps` jumps along the average velocity, t_k = t0 (1 - k/steps):
+    z <- z - (t_k - t_k+1) u(z, t_k+1, t_k). From noise (z = eps, t0 = 1) or, given z_lr, from
+    z = (1 - t0) z_lr + t0 eps (Eq. 1 with z_lr in place of z_hr; ours)."""
+    t0 = 1.0 if z_lr is None else start_t
+    z = eps if z_lr is None else (1 - t0) * z_lr + t0 * eps
+    ts, ones = torch.linspace(t0, 0, steps + 1, device=eps.device), torch.ones(eps.shape[0], device=eps.device)
+    for t, r in zip(ts[:-1], ts[1:]):
+        z = z - (t - r) * u(z, r * ones, t * ones)
+    return z
+
+
+def load_net(ckpt, name, net):
+    """The trained part of a stage (`teacher` or `student`) from its checkpoint folder."""
+    if not os.path.exists(os.path.join(ckpt, f"{name}.safetensors")):
+        raise SystemExit(f"{ckpt}: no {name}.safetensors (expected a --stage {'teacher' if name == 'teacher' else 'isc/gan'} checkpoint)")
+    common.load_checkpoint(ckpt, {name: net}, restore_rng=False)
+
+
+def build_sampler(ckpt, device="cpu", steps=1, seed=0, start=None, start_t=None, tile=None, overlap=None):
+    """fn(x_lr (1, 3, h, w) in [0, 1]) -> (1, 3, 4h, 4w): bicubic x4, encode, `steps` jumps of Eq. 14 from
+    noise seeded by `seed` (each jump's velocity over overlapping latent tiles), decode."""
+    if steps < 1:
+        raise SystemExit(f"--steps {steps}: expected >= 1 (the paper samples 1, 2 or 4)")
+    found = common.latest_checkpoint(ckpt)
+    if not found:
+        raise SystemExit(f"--ckpt {ckpt!r}: no checkpoint (a ckpt-* folder or an out_dir holding them)")
+    names = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{k: v for k, v in common.load_config(found).items() if k in names})
+    cfg.start, cfg.start_t = start or cfg.start, cfg.start_t if start_t is None else start_t
+    cfg.tile, cfg.overlap = tile or cfg.tile, overlap or cfg.overlap
+    preset, device = resolve(cfg), torch.device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dit = common.load_dit(preset, cfg.model_path or None, dtype).requires_grad_(False).eval()
+    name = "teacher" if cfg.stage == "teacher" else "student"
+    with torch.random.fork_rng(devices=[]):  # the init is overwritten; keep the caller's RNG as it was
+        net = SRNet(dit, two_times=name == "student")
+    load_net(found, name, net)
+    state = torch.load(os.path.join(found, "state.pt"), weights_only=True)
+    dit, net = dit.to(device), net.to(device).eval()
+    vae = common.load_vae(preset, cfg.model_path or None, dtype).to(device)
+    if common.PRESETS[preset].hub is not None:
+        vae.enable_tiling()  # full-resolution encode/decode of large images
+    cond = {k: v.to(device) for k, v in state["cond"].items()}  # the empty prompt: no text encoder needed
+
+    @torch.no_grad()
+    def sr(x_lr):
+        x, (H, W) = common.pad_to_multiple(common.upsample_lr(x_lr.to(device)))
+        with common.autocast(device):
+            z_lr = common.encode(vae, FAMILY, x)
+            eps = torch.randn(z_lr.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+            C = z_lr.shape[1]
+
+            def u(z, r, t):  # tiles over [z | z_lr] channels: each tile sees its own slice of both
+                tile_u = lambda zz: net(dit, zz[:, :C], r, t, zz[:, C:], cond)
+                return common.tiled(tile_u, torch.cat([z, z_lr], 1), cfg.tile, cfg.overlap)
+            z_hat = generate(u, eps, steps, z_lr if cfg.start == "lr" else None, cfg.start_t)
+            return common.decode(vae, FAMILY, z_hat)[..., :H, :W].clamp(0, 1).float().cpu()
+    return sr
+
+
+# --------------------------------------------------------------------------- training
+def stage_inputs(cfg):
+    """(init, teacher) checkpoint folders of a stage: each stage starts from the previous one's output,
+    and the teacher of stage 2 is the one stage 1 distilled (recorded in its config.json)."""
+    if cfg.stage == "teacher":
+        return None, None
+    prev = PREVIOUS[cfg.stage]
+    src = cfg.init_ckpt or f"out/smfsr-{prev}"
+    init = common.latest_checkpoint(src)
+    if not init:
+        raise SystemExit(f"--stage {cfg.stage} starts from a --stage {prev} checkpoint and {src!r} holds none: "
+                         f"run --stage {prev} first or pass --init_ckpt")
+    src = cfg.teacher_ckpt or (init if cfg.stage == "isc" else common.load_config(init).get("teacher_ckpt", ""))
+    teacher = common.latest_checkpoint(src)
+    if not teacher:
+        raise SystemExit(f"--teacher_ckpt {src!r}: no stage-0 teacher checkpoint there")
+    return init, teacher
+
+
+def train(cfg):
+    ddp, rank, local_rank, world, device = common.compute_init(cfg.seed)
+    preset = resolve(cfg)
+    tiny = common.PRESETS[preset].hub is None and not cfg.model_path
+    stage, gan = cfg.stage, cfg.stage == "gan"
+    init, teacher_ckpt = stage_inputs(cfg)
+    cfg.init_ckpt, cfg.teacher_ckpt = init or "", teacher_ckpt or ""  # stored in config.json: the gan stage reads it
+    log = common.Logger(cfg.out_dir, rank == 0)
+    log(json.dumps(dataclasses.asdict(cfg)))
+
+    # 1. models: one frozen SD3 (bf16 on GPU) shared by teacher, student and fake score. Trainable: the
+    #    LR branches (+ the (r, t) embedding of the student), in stage 2 also the fake-score LoRA and D heads
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dit = common.load_dit(preset, cfg.model_path or None, dtype).requires_grad_(False).eval()
+    name = "teacher" if stage == "teacher" else "student"
+    with torch.random.fork_rng(devices=[]):  # the same init on every rank
+        torch.manual_seed(cfg.seed)
+        net = SRNet(dit, two_times=name == "student")
+        teacher = SRNet(dit, two_times=False).requires_grad_(False) if init else None
+        if gan:
+            common.add_lora(dit, cfg.fake_rank, cfg.fake_rank, FAKE_LORA_TARGETS)  # B = 0: v_phi' = v_phi at init
+            disc = Discriminator(tiny, cfg.disc_model, cfg.disc_width)
+            lpips = common.load_lpips(device, pretrained=not tiny)
+    if init:
+        load_net(cfg.teacher_ckpt, "teacher", teacher)
+        load_net(init, "teacher" if stage == "isc" else "student", net)  # Alg. 1: the student starts as the teacher
+
+    # 2. optimizers: AdamW with a fixed lr per trained part (Sec. 4), grad clip per part
+    models = {name: net}
+    params = [p for p in net.parameters() if p.requires_grad]
+    opts = {"opt": torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)}
+    groups = [params]
+    if gan:
+        fake_params = [p for n, p in dit.named_parameters() if "lora_" in n]
+        dit.disable_adapters()
+        d_params = list(disc.heads.parameters())
+        models["disc"] = disc.heads
+        opts["opt_fake"] = torch.optim.AdamW(fake_params, lr=cfg.lr_fake, betas=(0.9, 0.999), weight_decay=0.0)
+        opts["opt_d"] = torch.optim.AdamW(d_params, lr=cfg.lr_d, betas=(0.9, 0.999), weight_decay=0.0)
+        groups += [fake_params, d_params]
+        disc = disc.to(device)
+    dit, net = dit.to(device), net.to(device)
+    teacher = teacher.to(device) if teacher else None
+    vae = common.load_vae(preset, cfg.model_path or None, dtype).to(device)
+    if cfg.grad_ckpt and device.type == "cuda":
+        dit.enable_gradient_checkpointing()  # SRNet.forward checkpoints each block when this is on
+    amp = lambda: common.autocast(device)
+    log(f"{preset}: stage {stage}, {sum(p.numel() for p in params) / 1e6:.3g}M trainable ({name}); "
+        f"init {init or preset}, teacher {cfg.teacher_ckpt or '-'}")
+
+    # 3. resume
+    g = torch.Generator(device).manual_seed(1_000_003 + cfg.seed * world + rank)  # degradations
+    start_step, ckpt = 0, common.latest_checkpoint(cfg.out_dir)
+    if ckpt:
+        state = common.load_checkpoint(ckpt, models, opts, generators={"degrade": g})
+        start_step = state["step"]
+        if gan:
+            common.load_lora_state(dit, state["fake_lora"])
+        log(f"resumed from {ckpt} at step {start_step}")
+
+    # 4. loader and captions: data position = step
+    if cfg.batch_size % (world * cfg.micro_batch):
+        raise SystemExit(f"--batch_size {cfg.batch_size} must divide by ranks {world} x --micro_batch {cfg.micro_batch}")
+    loader, accum = common.make_loader(cfg.data, cfg.crop, cfg.data_root, cfg.batch_size, cfg.micro_batch, rank,
+                                       world, cfg.seed, start_step, cfg.num_workers)
+    captions = Captions(cfg, preset, dit, device, rank, world, start_step)
+    log(f"batch {cfg.batch_size} = {world} ranks x {accum} accum x {cfg.micro_batch}, crop {cfg.crop}")
+
+    # 5. loop. DiT passes per micro-batch: teacher 1; isc 2 (boundary: teacher + student) or 3 (split:
+    #    two without gradient for the target); gan: isc + one-step generator + teacher + fake score
+    t0, done = time.time(), 0
+    for step in range(start_step + 1, cfg.max_steps + 1):
+        sums = {}
+        for _ in range(accum):
+            x = next(loader).to(device, non_blocking=True)  # Alg. 1 line 2 (x_l from the degradation)
+            with torch.no_grad(), amp():  # line 6: z_l, z_h = E(x_l), E(x_h)
+                x_lr, x_hr = degrade(x, 4, DegradeOpts(), generator=g)
+                z_hr, z_lr = common.encode(vae, FAMILY, torch.cat([x_hr, common.upsample_lr(x_lr)])).chunk(2)  # one encode
+            B = z_hr.shape[0]
+            cond = captions.batch(B)
+            u = bind(net, dit, z_lr, cond)
+            eps = torch.randn_like(z_hr)  # Alg. 1 line 5
+            if stage == "teacher":
+                with amp():
+                    l_fm = fm_loss(u, z_hr, eps, logit_normal(B, cfg, device))  # t: SD3's logit-normal (ours)
+                (l_fm / accum).backward()
+                terms = dict(loss=l_fm, fm=l_fm)
+            else:  # Algorithm 1
+                v_teacher = teacher_velocity(teacher, dit, z_lr, cond, captions.empty, cfg.teacher_cfg)
+                r, t = logit_normal(2 * B, cfg, device).view(2, B).sort(0).values  # line 3: r <= t (ours: logit-normal)
+                lam = torch.rand(B, device=device)  # line 4 (s inside isc_loss)
+                q = torch.rand(())  # line 5
+                z_t = (1 - _bc(t)) * z_hr + _bc(t) * eps  # line 7, Eq. (1)
+                with amp():
+                    l_isc = boundary_loss(u, v_teacher, z_t, t) if q < cfg.p_boundary else isc_loss(u, z_t, r, t, lam)
+                w_isc = cfg.w_isc if gan else 1.0
+                (w_isc * l_isc / accum).backward()  # its graph is freed before the next one is built
+                terms = dict(loss=w_isc * l_isc, isc=l_isc)
+            if gan:  # Eq. 20: + L_Rec + L_VSD + L_adv^G; Eqs. 16 and 18 train phi' and D alongside
+                eps_1, eps_v = torch.randn_like(z_hr), torch.randn_like(z_hr)
+                t_v = cfg.vsd_t_min + (cfg.vsd_t_max - cfg.vsd_t_min) * torch.rand(B, device=device)
+                ones = torch.ones(B, device=device)
+                with amp():
+                    z_hat = eps_1 - u(eps_1, 0 * ones, ones)  # Eq. (14)
+                    x_hat = common.decode(vae, FAMILY, z_hat).float()
+                    l_rec, l_mse, l_lpips = rec_loss(lpips, x_hat, x_hr)
+                    z_hat_t = (1 - _bc(t_v)) * z_hat.detach() + _bc(t_v) * eps_v
+                    with torch.no_grad():
+                        v_real = v_teacher(z_hat_t, t_v)
+                with fake_score(dit):  # one fake-score pass: detached for Eq. 15, through its LoRA for Eq. 16
+                    with amp():
+                        v_fake = teacher(dit, z_hat_t, t_v, t_v, z_lr, cond)
+                    l_fake = fake_score_loss(v_fake, eps_v, z_hat)
+                    (l_fake / accum).backward()
+                with amp():
+                    l_vsd = vsd_loss(z_hat, z_hat_t, t_v, v_real, v_fake.detach())  # Eq. (15)
+                    f_fake = disc.features(x_hat)
+                    with torch.no_grad():
+                        f_real = disc.features(x_hr)
+                    disc.heads.requires_grad_(False)  # L_adv^G reaches the generator only
+                    l_adv = adv_g_loss(disc(f_fake))
+                    disc.heads.requires_grad_(True)
+                    l_d = adv_d_loss(disc(f_real), disc([f.detach() for f in f_fake]))
+                l_g = cfg.w_rec * l_rec + cfg.w_vsd * l_vsd + cfg.w_gan * l_adv
+                ((l_g + l_d) / accum).backward()
+                terms = dict(loss=terms["loss"] + l_g, isc=l_isc, mse=l_mse, lpips=l_lpips, vsd=l_vsd, adv=l_adv,
+                             fake=l_fake, d=l_d)
+            sums = {k: sums.get(k, 0) + v.detach() / accum for k, v in terms.items()}
+        common.allreduce_grads([p for group in groups for p in group])  # Alg. 1 line 17: update theta
+        for group in groups:
+            torch.nn.utils.clip_grad_norm_(group, cfg.grad_clip)
+        for opt in opts.values():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        done += 1
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            stats = common.reduce_mean({k: float(v) for k, v in sums.items()})
+            log.step(step, cfg.max_steps, stats, 1000 * (time.time() - t0) / done, device)
+            t0, done = time.time(), 0
+        if rank == 0 and (step % cfg.grid_every == 0 or step == cfg.max_steps):
+            if not gan:  # the current model's sample of the last micro-batch (cfg.steps jumps, fixed noise)
+                with torch.no_grad(), amp():
+                    eps_g = torch.randn(z_lr.shape, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+                    x_hat = common.decode(vae, FAMILY, generate(u, eps_g, cfg.steps)).float()
+            common.save_grid(os.path.join(cfg.out_dir, "grids", f"step-{step}.png"), x_lr, x_hat.detach().clamp(0, 1), x_hr)
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            extra = {"cond": {k: v[:1].detach().cpu() for k, v in captions.empty.items()}}
+            if gan:
+                extra["fake_lora"] = common.lora_state(dit)
+            common.save_checkpoint(cfg.out_dir, step, cfg, models, opts, extra=extra, generators={"degrade": g})
+    return net
+
+
+if __name__ == "__main__":
+    cfg = common.parse_config(Config)
+    if cfg.sample:
+        if not cfg.input:
+            raise SystemExit("--sample needs --input (an LR image or a folder of them)")
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        given = lambda k: getattr(cfg, k) if getattr(cfg, k) != getattr(Config, k) else None  # else the checkpoint's
+        fn = build_sampler(cfg.ckpt or "out/smfsr-gan", dev, cfg.steps, cfg.seed, cfg.start, cfg.start_t,
+                           given("tile"), given("overlap"))
+        n = common.sample_files(fn, cfg.input, cfg.output)
+        print(f"{n} images -> {cfg.output}")
+    else:
+        train(cfg)
+    if dist.is_initialized():
+        dist.destroy_process_group()

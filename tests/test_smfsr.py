@@ -1,0 +1,307 @@
+"""smfsr.py: Algorithm 1 on flows whose average velocity is known in closed form, the stop-gradient of
+the splitting target, the wrapped SD3 (exactly the base at init, the LR tokens in one joint softmax),
+the sampler (Eq. 14), VSD (Eqs. 15-16), the hinge GAN (Eqs. 17-18), exact resume of stage 2, and a
+tiny teacher (torchrun) -> isc -> gan run as subprocesses, then --sample with 1 and 4 steps."""
+import glob, os, runpy, subprocess, sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import common as C
+import smfsr as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(args):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+# --------------------------------------------------------------------------- closed-form flows
+# Data N(a, sigma^2 I) with independent noise: the flow's trajectories are z_tau = a + (z_t - a) s(tau)/s(t),
+# s(tau)^2 = (1 - tau)^2 sigma^2 + tau^2, so u(z_t, r, t) = (z_t - z_r)/(t - r) (Eq. 5) is known exactly.
+# sigma = 0 is a point mass: straight lines, u = v = (z_t - a)/t for every r.
+def flow(a, sigma):
+    s = lambda tau: ((1 - tau) ** 2 * sigma ** 2 + tau ** 2).sqrt()
+    bc = M._bc
+
+    def v(z, t):  # dz/dt along the trajectory
+        return (z - a) * bc((t - (1 - t) * sigma ** 2) / s(t) ** 2)
+
+    def u(z, r, t):
+        same = bc(t - r).abs() < 1e-12
+        avg = (z - a) * bc((1 - s(r) / s(t)) / (t - r).where(~same.flatten(), torch.ones_like(t)))
+        return torch.where(same, v(z, t), avg)
+    return u, v, s
+
+
+def times(B, g):
+    r, t = torch.rand(2, B, generator=g, dtype=torch.float64).mul(0.96).add(0.02).sort(0).values
+    return r, t, torch.rand(B, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.5, 2.0])
+def test_isc_and_boundary_are_zero_on_the_true_average_velocity(sigma):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(1, 4, 3, 3, generator=g, dtype=torch.float64)
+    u, v, s = flow(a, sigma)
+    z_t = torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64)
+    r, t, lam = times(6, g)
+    lam[0], r[1] = 0.0, t[1]  # the interval ends: s = t, and r = t
+    assert M.isc_loss(u, z_t, r, t, lam).item() < 1e-28  # Eq. 11: the split target equals the prediction
+    assert M.boundary_loss(u, v, z_t, t).item() == 0.0  # Eq. 12: u(z, t, t) = v
+    # the limit r -> t of the closed form is v: the boundary branch anchors the right field
+    torch.testing.assert_close(u(z_t, t - 1e-7, t), v(z_t, t), atol=1e-5, rtol=1e-5)
+    if sigma > 0:  # curved flow: the instantaneous velocity is not the average one
+        assert M.isc_loss(lambda z, r_, t_: v(z, t_), z_t, r, t, lam).item() > 1e-4
+    z_hr = a + sigma * torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64)
+    eps = torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64)  # Eq. 3 with the exact conditional velocity
+    oracle = lambda z, r_, t_: (z - z_hr) / M._bc(t_)
+    assert M.fm_loss(oracle, z_hr, eps, t).item() < 1e-28
+
+
+def test_splitting_target_gets_no_gradient():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+    w = torch.nn.Parameter(torch.tensor([0.3, -0.7]))
+    u = lambda z, r, t: conv(z) * (1 + w[0] * M._bc(r) + w[1] * M._bc(t))
+    params = list(conv.parameters()) + [w]
+    z_t = torch.randn(3, 4, 5, 5)
+    r, t, lam = (x.float() for x in times(3, torch.Generator().manual_seed(1)))
+
+    def grads(loss):
+        return torch.autograd.grad(loss, params)
+    got = grads(M.isc_loss(u, z_t, r, t, lam))
+    s = (1 - lam) * t + lam * r  # an independent target, built outside the graph
+    with torch.no_grad():
+        u2 = u(z_t, s, t)
+        target = (1 - M._bc(lam)) * u(z_t - M._bc(t - s) * u2, r, s) + M._bc(lam) * u2
+    want = grads(F.mse_loss(u(z_t, r, t), target))
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(got, want))
+    u2 = u(z_t, s, t)  # the same target with its graph kept: gradients differ, so the test can tell
+    live = (1 - M._bc(lam)) * u(z_t - M._bc(t - s) * u2, r, s) + M._bc(lam) * u2
+    assert not all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, grads(F.mse_loss(u(z_t, r, t), live))))
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.5])
+def test_sampler_lands_on_the_flow_endpoint_in_1_2_4_jumps(sigma):
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(1, 4, 3, 3, generator=g, dtype=torch.float64)
+    u, v, s = flow(a, sigma)
+    eps, z_lr = (torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    one = torch.ones((), dtype=torch.float64)
+    for steps in (1, 2, 4):
+        torch.testing.assert_close(M.generate(u, eps, steps), a + (eps - a) * s(0 * one) / s(one))  # Eq. 14
+        z0 = (1 - 0.7) * z_lr + 0.7 * eps  # --start lr: Eq. 1 with z_lr at t0 = 0.7, then the same flow
+        torch.testing.assert_close(M.generate(u, eps, steps, z_lr, 0.7), a + (z0 - a) * s(0 * one) / s(0.7 * one))
+    calls = []
+    M.generate(lambda z, r, t: calls.append((r[0].item(), t[0].item())) or z, eps, 4)  # u(z, r, t): r < t
+    assert calls == [(0.75, 1.0), (0.5, 0.75), (0.25, 0.5), (0.0, 0.25)]
+
+
+# --------------------------------------------------------------------------- the wrapped SD3
+def random_dit(**extra):
+    import diffusers
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        dit = diffusers.SD3Transformer2DModel(**{**C.PRESETS["tiny-sd3"].dit, **extra}).requires_grad_(False).eval()
+        for p in dit.parameters():  # away from zero-initialised layers, so every path counts
+            p.normal_(0, 0.2)
+    return dit
+
+
+@pytest.mark.parametrize("extra", [{}, dict(dual_attention_layers=(0,), qk_norm="rms_norm")], ids=["sd3", "sd3.5"])
+def test_wrapped_model_is_the_base_at_init_and_reads_the_lr(extra):
+    dit = random_dit(**extra)  # the second config has SD3.5-Medium's dual attention and RMS qk-norm
+    cond = C.expand_cond(C.tiny_cond(dit, "sd3"), 2)
+    g = torch.Generator().manual_seed(3)
+    z, z_lr, z_lr2 = (torch.randn(2, 16, 8, 12, generator=g) for _ in range(3))
+    t, r = torch.tensor([0.3, 0.9]), torch.tensor([0.1, 0.5])
+    with torch.no_grad():
+        v = C.velocity("sd3", dit, z, t, cond)
+        teacher, student = M.SRNet(dit, False), M.SRNet(dit, True)
+        assert torch.equal(teacher(dit, z, r, t, z_lr, cond), v)  # bit-identical
+        assert torch.equal(student(dit, z, r, t, z_lr, cond), v)  # u(z, r, t) = v(z, t) for any r
+        for b in teacher.lr:
+            b.gate.fill_(1.0)
+        a, b = teacher(dit, z, r, t, z_lr, cond), teacher(dit, z, r, t, z_lr2, cond)
+    assert (a - v).abs().mean() > 1e-3 and (a - b).abs().mean() > 1e-3  # open gates: the output follows the LR
+    assert sum(p.numel() for p in teacher.parameters()) == 2 * (2 * 32 * 32 + 2 * 32 + 2)  # 2 blocks: k, v, gate
+
+
+def test_gated_joint_attention_is_one_softmax_over_image_text_and_lr():
+    dit = random_dit(qk_norm="rms_norm")
+    attn, g = dit.transformer_blocks[0].attn, torch.Generator().manual_seed(4)
+    lr = M.LRBranch(attn)
+    with torch.no_grad():
+        for p in lr.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        lr.gate.copy_(torch.tensor([0.25, 0.8]))
+        x, c, x_lr = torch.randn(2, 6, 32, generator=g), torch.randn(2, 5, 32, generator=g), torch.randn(2, 6, 32, generator=g)
+        out_x, out_c = M.joint_attention(attn, lr, x, c, x_lr)
+        heads = lambda y: y.view(2, -1, 2, 16).transpose(1, 2)
+        q, k, vv = attn.norm_q(heads(attn.to_q(x))), attn.norm_k(heads(attn.to_k(x))), heads(attn.to_v(x))
+        ck, cv = attn.norm_added_k(heads(attn.add_k_proj(c))), heads(attn.add_v_proj(c))
+        kl, vl = attn.norm_k(heads(lr.to_k(x_lr))), heads(lr.to_v(x_lr))
+        soft = lambda K, V: torch.softmax(q @ K.transpose(-1, -2) / 4.0, -1) @ V  # explicit, scale 1/sqrt(16)
+        base, joint = soft(torch.cat([k, ck], 2), torch.cat([vv, cv], 2)), soft(torch.cat([k, ck, kl], 2), torch.cat([vv, cv, vl], 2))
+        o = base + lr.gate.view(1, 2, 1, 1) * (joint - base)
+        want = attn.to_out[0](o.transpose(1, 2).reshape(2, 6, 32))
+    torch.testing.assert_close(out_x, want, atol=1e-5, rtol=1e-5)
+    assert out_c.shape == (2, 5, 32)
+
+
+# --------------------------------------------------------------------------- VSD and GAN
+def test_teacher_cfg_is_eq13_in_one_batched_call():
+    dit = random_dit()
+    teacher = M.SRNet(dit, False).requires_grad_(False)
+    with torch.no_grad():
+        for b in teacher.lr:
+            b.gate.fill_(0.5)
+    g = torch.Generator().manual_seed(7)
+    cond = {"embeds": torch.randn(2, 8, 32, generator=g), "pooled": torch.randn(2, 16, generator=g)}
+    null = {k: torch.zeros_like(v[:1]) for k, v in cond.items()}
+    z, z_lr, t = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, 8, 8, generator=g), torch.tensor([0.4, 0.8])
+    with torch.no_grad():
+        v_c = teacher(dit, z, t, t, z_lr, cond)
+        v_u = teacher(dit, z, t, t, z_lr, C.expand_cond(null, 2))  # the caption dropped, the LR kept
+        assert torch.equal(M.teacher_velocity(teacher, dit, z_lr, cond, null, 1.0)(z, t), v_c)  # w = 1: no CFG
+        torch.testing.assert_close(M.teacher_velocity(teacher, dit, z_lr, cond, null, 4.5)(z, t), 4.5 * v_c - 3.5 * v_u,
+                                   atol=1e-4, rtol=1e-4)  # batched vs separate calls: float rounding
+    assert (v_c - v_u).abs().mean() > 1e-3
+
+
+def test_vsd_gradient_is_zero_when_the_fake_score_is_the_teacher():
+    dit = random_dit()
+    teacher = M.SRNet(dit, False).requires_grad_(False)
+    with torch.no_grad():
+        for b in teacher.lr:
+            b.gate.fill_(0.5)
+    C.add_lora(dit, 4, 4, M.FAKE_LORA_TARGETS)  # peft's B = 0: the fake score starts as the teacher
+    dit.disable_adapters()
+    cond, g = C.expand_cond(C.tiny_cond(dit, "sd3"), 2), torch.Generator().manual_seed(5)
+    z_hat = torch.randn(2, 16, 8, 8, generator=g, requires_grad=True)
+    z_lr, eps = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, 8, 8, generator=g)
+    t = torch.tensor([0.3, 0.7])
+    z_hat_t = (1 - M._bc(t)) * z_hat.detach() + M._bc(t) * eps
+    v_real = teacher(dit, z_hat_t, t, t, z_lr, cond).detach()
+    with M.fake_score(dit):
+        v_fake = teacher(dit, z_hat_t, t, t, z_lr, cond)
+        M.fake_score_loss(v_fake, eps, z_hat).backward()  # Eq. 16 reaches the LoRA only
+    assert torch.equal(v_fake, v_real)
+    grad, = torch.autograd.grad(M.vsd_loss(z_hat, z_hat_t, t, v_real, v_fake.detach()), z_hat)
+    assert torch.equal(grad, torch.zeros_like(grad))
+    lora = [p for n, p in dit.named_parameters() if "lora_B" in n]
+    assert all(p.grad is not None for p in lora) and not any(p.requires_grad for p in lora)  # off outside
+    with torch.no_grad():
+        for p in lora:
+            p.add_(0.1)
+        with M.fake_score(dit):
+            assert not torch.equal(teacher(dit, z_hat_t, t, t, z_lr, cond), v_real)
+        assert torch.equal(teacher(dit, z_hat_t, t, t, z_lr, cond), v_real)  # the teacher is the base + LR again
+
+
+def test_vsd_gradient_value_and_direction():
+    g = torch.Generator().manual_seed(6)
+    z_hat, x_star, eps = (torch.randn(2, 4, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([0.2, 0.8], dtype=torch.float64)
+    z_t = (1 - M._bc(t)) * z_hat + M._bc(t) * eps
+    v_real, v_fake = (z_t - x_star) / M._bc(t), (z_t - z_hat) / M._bc(t)  # teacher's x0 = x_star, fake's x0 = z_hat
+    z = z_hat.clone().requires_grad_(True)
+    grad, = torch.autograd.grad(M.vsd_loss(z, z_t, t, v_real, v_fake), z)
+    w = M._bc(t) / (z_hat - x_star).abs().mean(dim=(1, 2, 3), keepdim=True)  # independent: x0_phi = x_star
+    torch.testing.assert_close(grad, w * (v_real - v_fake) / z_hat.numel())  # Eq. 15
+    after = z_hat - 1e-2 * z_hat.numel() * grad
+    assert ((after - x_star).flatten(1).norm(dim=1) < (z_hat - x_star).flatten(1).norm(dim=1)).all()
+
+
+def test_hinge_losses_on_separable_logits():
+    real, fake = torch.tensor([1.0, 2.5, 7.0]), torch.tensor([-1.0, -3.0, -1.5])
+    assert M.adv_d_loss(real, fake).item() == 0.0  # Eq. 18: margins met
+    assert M.adv_d_loss(torch.zeros(3), torch.zeros(3)).item() == 2.0
+    assert M.adv_d_loss(torch.tensor([0.5, 3.0]), torch.tensor([0.0, -2.0])).item() == pytest.approx(0.25 + 0.5)
+    assert M.adv_g_loss(fake).item() == pytest.approx(11.0 / 6)  # Eq. 17: -E[D(x_hat)]
+    disc = M.Discriminator(True, "", 8)
+    x = torch.rand(2, 3, 64, 48, requires_grad=True)
+    logits = disc(disc.features(x))
+    assert logits.shape == (2, 4 * 4 * 3) and not disc.vit.training
+    logits.mean().backward()
+    assert x.grad.abs().sum() > 0 and all(p.grad is not None for p in disc.heads.parameters())
+
+
+# --------------------------------------------------------------------------- training and sampling
+def _state(out, name):
+    return load_file(sorted(glob.glob(os.path.join(out, "ckpt-*")))[-1] + f"/{name}.safetensors")
+
+
+def test_captions_follow_the_loaders_images(tmp_path):
+    names = C.SAMPLE_PHOTOS
+    (tmp_path / "cap.tsv").write_text("".join(f"{n}\tcaption {n}\n" for n in names[::2]))  # every other photo
+    cfg = M.Config(model="tiny", captions=str(tmp_path / "cap.tsv"), batch_size=4, micro_batch=2, crop=32, p_drop=0.0)
+    M.resolve(cfg)
+    loader, _ = C.make_loader("sample", 32, "data", 4, 2, 0, 1, cfg.seed, 3, 0)  # resumed at step 3
+    caps = M.Captions(cfg, "tiny-sd3", C.load_dit("tiny-sd3"), torch.device("cpu"), 0, 1, 3)
+    keys, ds = iter(C.StepSampler(len(names), 4, 0, 1, cfg.seed, 3)), C.ImageDataset("sample", 32)
+    for _ in range(4):
+        k = [next(keys) for _ in range(2)]
+        assert torch.equal(next(loader), torch.stack([ds[key] for key in k]))  # the loader follows its sampler
+        captioned = caps.batch(2)["embeds"].flatten(1).abs().sum(1) > 0  # the caption of that very image
+        assert captioned.tolist() == [i % 2 == 0 for i, _ in k]
+
+
+@pytest.fixture(scope="module")
+def isc_ckpt(tmp_path_factory):
+    """A tiny teacher -> isc chain, in-process (2 steps each)."""
+    d = tmp_path_factory.mktemp("chain")
+    kw = dict(model="tiny", max_steps=2, num_workers=0)
+    M.train(M.Config(stage="teacher", out_dir=str(d / "teacher"), **kw))
+    M.train(M.Config(stage="isc", out_dir=str(d / "isc"), init_ckpt=str(d / "teacher"), **kw))
+    return d / "isc"
+
+
+def test_exact_resume_of_the_gan_stage(tmp_path, isc_ckpt):
+    """Stage 2 holds the most state: student, fake-score LoRA, D heads (spectral-norm vectors), 3 optimizers."""
+    kw = dict(model="tiny", stage="gan", init_ckpt=str(isc_ckpt), num_workers=0, save_every=1, log_every=1)
+    M.train(M.Config(out_dir=str(tmp_path / "a"), max_steps=2, **kw))
+    M.train(M.Config(out_dir=str(tmp_path / "b"), max_steps=1, **kw))
+    M.train(M.Config(out_dir=str(tmp_path / "b"), max_steps=2, **kw))
+    for name in ("student", "disc"):
+        a, b = _state(tmp_path / "a", name), _state(tmp_path / "b", name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "_u" in k)
+    a, b = (torch.load(sorted(glob.glob(str(tmp_path / d / "ckpt-*")))[-1] + "/state.pt")["fake_lora"] for d in "ab")
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)  # the fake score trained
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tiny_teacher_torchrun_isc_gan_then_sample(tmp_path, monkeypatch):
+    out = {s: tmp_path / s for s in M.STAGES}
+    tiny = ["--model", "tiny", "--max_steps", "2", "--num_workers", "0", "--log_every", "1"]
+    r = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "smfsr.py",
+             "--stage", "teacher", "--out_dir", str(out["teacher"])] + tiny)
+    assert "step 2/2" in r.stdout
+    (tmp_path / "cap.tsv").write_text("".join(f"{n}\ta photo of {n}\n" for n in C.SAMPLE_PHOTOS[:8]))
+    r = run([sys.executable, "smfsr.py", "--stage", "isc", "--out_dir", str(out["isc"]), "--init_ckpt", str(out["teacher"]),
+             "--captions", str(tmp_path / "cap.tsv"), "--teacher_cfg", "4.5"] + tiny)
+    assert "step 2/2" in r.stdout and "isc" in r.stdout
+    r = run([sys.executable, "smfsr.py", "--stage", "gan", "--out_dir", str(out["gan"]), "--init_ckpt", str(out["isc"])] + tiny)
+    assert "step 2/2" in r.stdout and "vsd" in r.stdout and os.path.exists(out["gan"] / "grids" / "step-2.png")
+    teacher, student = _state(out["teacher"], "teacher"), _state(out["gan"], "student")
+    assert "rt.mlp.0.weight" in student and "rt.mlp.0.weight" not in teacher
+    assert C.load_config(sorted(glob.glob(str(out["gan"] / "ckpt-*")))[-1])["teacher_ckpt"].startswith(str(out["teacher"]))
+    C.save_image(torch.rand(3, 20, 28), str(tmp_path / "lr" / "x.png"))  # 80x112 px: 10x14 latents, tiles of 8
+    monkeypatch.setattr(sys, "argv", ["smfsr.py", "--sample", "--ckpt", str(out["gan"]), "--input", str(tmp_path / "lr"),
+                                      "--output", str(tmp_path / "sr"), "--steps", "4"])
+    runpy.run_path(os.path.join(ROOT, "smfsr.py"), run_name="__main__")  # the CLI, in this process (imports paid)
+    assert C.load_image(str(tmp_path / "sr" / "x.png")).shape == (3, 80, 112)
+    x = C.load_image(str(tmp_path / "lr" / "x.png"))[None]
+    ys = [M.build_sampler(str(out["gan"]), steps=1, seed=s)(x) for s in (0, 0, 1)]
+    assert ys[0].shape == (1, 3, 80, 112) and torch.equal(ys[0], ys[1])  # same seed, same output
+    assert (ys[0] - ys[2]).abs().mean() > 1e-3  # another seed, another sample (Eq. 14 starts from noise)
+    y_lr = M.build_sampler(str(out["gan"]), steps=2, seed=0, start="lr", start_t=0.5)(x)
+    assert y_lr.shape == ys[0].shape and (y_lr - ys[0]).abs().mean() > 1e-3
