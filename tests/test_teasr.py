@@ -1,0 +1,308 @@
+"""TEASR (teasr.py): the dual-branch DiT against the base and diffusers' own forward, the math of each
+loss term against independent computations, where each stop-gradient sends gradient, Algorithm 1's
+time arguments, and end-to-end runs (train, resume, sample, torchrun) on the tiny preset."""
+import os, runpy, subprocess, sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import common
+import teasr
+from teasr import (CondBranch, adv_loss, any_step_sample, consistency_loss, fake_estimate, flow_loss,
+                   rectify_loss, tar_weight, v_theta)
+
+# one thread: the tiny model's ops take microseconds, and two OpenMP threads on a shared 2-core machine
+# wait on each other for milliseconds per op (measured: 1.4 s/step with one thread, 12-45 s with two)
+ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+TINY = ["--model", "tiny", "--num_workers", "0", "--log_every", "1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run(args, timeout=240):
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def tiny_inputs(B=2, H=8, W=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z_t, z_lr = torch.randn(B, 16, H, W, generator=g), torch.randn(B, 16, H, W, generator=g)
+    return z_t, z_lr, torch.rand(B, generator=g), torch.rand(B, generator=g)
+
+
+def tiny_cond(dit):
+    return {"embeds": common.tiny_cond(dit, "qwen")["embeds"]}  # all-ones mask dropped, as teasr.empty_prompt
+
+
+# --------------------------------------------------------------------------- dual-branch DiT
+@pytest.mark.parametrize("fused_t", [False, True])
+def test_noise_branch_is_the_base_at_init(fused_t):
+    """LoRA (up = 0) and the t_tar embedder (a copy; zero for --fused_t) at init: v_theta is bit-identical
+    to the frozen base alone."""
+    base, dit = common.load_dit("tiny-qwen"), common.load_dit("tiny-qwen")
+    branch = CondBranch(dit, 8, 8.0, fused_t=fused_t)
+    z_t, z_lr, t, t_tar = tiny_inputs()
+    cond = tiny_cond(dit)
+    with torch.no_grad():
+        ref = v_theta(base, None, z_t, t, z_lr, t if fused_t else t_tar, cond)  # fused at init: all tokens at t
+        assert torch.equal(v_theta(dit, branch, z_t, t, z_lr, t_tar, cond), ref)
+
+
+def test_dual_branch_matches_diffusers_forward():
+    """The hand-written forward equals QwenImageTransformer2DModel.forward on the same [noise | LR] sequence,
+    with its zero_cond_t (condition tokens at t = 0) and both token groups at the same RoPE positions."""
+    ours, ref = common.load_dit("tiny-qwen"), common.load_dit("tiny-qwen")
+    ref.zero_cond_t = True
+    for b in ref.transformer_blocks:
+        b.zero_cond_t = True
+    rope = ref.pos_embed.forward  # diffusers puts a second image at frame 1; give it frame 0, as ours
+
+    def same_positions(fhw, device=None, max_txt_seq_len=None):
+        img, txt = rope([fhw[0][0]], device=device, max_txt_seq_len=max_txt_seq_len)
+        return torch.cat([img, img]), txt
+    ref.pos_embed.forward = same_positions
+    z_t, z_lr, t, _ = tiny_inputs()
+    cond, (B, C, H, W) = tiny_cond(ours), z_t.shape
+    with torch.no_grad():
+        out = ref(hidden_states=torch.cat([common.pack(z_t), common.pack(z_lr)], 1),
+                  encoder_hidden_states=cond["embeds"].expand(B, -1, -1), timestep=t,
+                  img_shapes=[[(1, H // 2, W // 2), (1, H // 2, W // 2)]] * B, return_dict=False)[0]
+        expect = common.unpack(out[:, : H * W // 4], H, W)
+        got = v_theta(ours, None, z_t, t, z_lr, torch.zeros(B), cond)
+    torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_acts_on_condition_tokens_only():
+    """With a trained (non-zero) LoRA every hooked Linear gives the base's output, bit for bit, on the noise
+    half of the tokens and a different one on the condition half; gradients reach the branch, never the base."""
+    base, dit = common.load_dit("tiny-qwen"), common.load_dit("tiny-qwen")
+    torch.manual_seed(0)
+    branch = CondBranch(dit, 4, 4.0)
+    with torch.no_grad():
+        for p in branch.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    base_mods = dict(base.named_modules())
+    for name, mod in dit.named_modules():
+        if name.replace(".", "_") in branch.lora:
+            x = torch.randn(2, 6, mod.in_features)  # tokens [noise (3) | condition (3)]
+            with torch.no_grad():
+                y, y0 = mod(x), base_mods[name](x)
+            assert torch.equal(y[:, :3], y0[:, :3]), name
+            assert not torch.allclose(y[:, 3:], y0[:, 3:]), name
+    z_t, z_lr, t, t_tar = tiny_inputs()
+    cond = tiny_cond(dit)
+    v = v_theta(dit, branch, z_t, t, z_lr, t_tar, cond)
+    assert not torch.allclose(v, v_theta(base, None, z_t, t, z_lr, t_tar, cond))
+    v.square().mean().backward()
+    assert all(p.grad is None for p in dit.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in branch.parameters())
+
+
+def test_gradient_checkpointing_same_gradients():
+    """The GPU path re-runs each block (and its LoRA hooks, which add in place) in backward: same gradients."""
+    dit = common.load_dit("tiny-qwen")
+    torch.manual_seed(0)
+    branch = CondBranch(dit, 4, 4.0)
+    with torch.no_grad():
+        for p in branch.lora.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    z_t, z_lr, t, t_tar = tiny_inputs()
+    grads = []
+    for ckpt in (False, True):
+        dit.gradient_checkpointing = False
+        if ckpt:
+            dit.enable_gradient_checkpointing()
+        branch.zero_grad()
+        v_theta(dit, branch, z_t, t, z_lr, t_tar, tiny_cond(dit)).square().mean().backward()
+        grads.append([p.grad.clone() for p in branch.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- losses
+def test_tar_weight_values_and_guard():
+    s = torch.tensor([1.0, 0.5, 0.25, 0.1])
+    torch.testing.assert_close(tar_weight(s), torch.tensor([0.0, 0.5, 2.25, 8.1]))  # (1 - s)^2 / s
+    w0 = tar_weight(torch.tensor([0.0, 1e-12, 0.05]), min_s=0.05)
+    assert torch.isfinite(w0).all()
+    torch.testing.assert_close(w0, torch.tensor([20.0, (1 - 1e-12) ** 2 / 0.05, 0.95 ** 2 / 0.05]))
+    grid = torch.linspace(0, 1, 101)
+    assert (tar_weight(grid).diff() <= 0).all()  # larger weight nearer the data (Sec. 3.2)
+    assert torch.equal(tar_weight(s, const=True), torch.ones(4))
+
+
+def straight(z_0):
+    """The exact velocity of a straight flow to the data point z_0: v(z, t, .) = (z - z_0) / t."""
+    return lambda z, t, t_tar: (z - z_0.repeat(z.shape[0] // z_0.shape[0], 1, 1, 1)) / t.view(-1, 1, 1, 1)
+
+
+def test_flow_and_consistency_zero_for_a_straight_flow():
+    g = torch.Generator().manual_seed(1)
+    z_0, eps = torch.randn(3, 4, 6, 6, generator=g), torch.randn(3, 4, 6, 6, generator=g)
+    t = torch.tensor([0.9, 0.5, 0.3])
+    v = straight(z_0)
+    assert flow_loss(v, z_0, t, eps) < 1e-10
+    assert consistency_loss(v, z_0, t, t * torch.tensor([0.0, 0.5, 0.9]), eps) < 1e-10
+    bent = lambda z, t, t_tar: v(z, t, t_tar) + (t - t_tar).view(-1, 1, 1, 1) * z  # depends on the step size
+    assert consistency_loss(bent, z_0, t, t / 2, eps) > 1e-3
+
+
+def test_consistency_loss_equations_1_to_4():
+    """Against the hand-derived value for v(z, t, s) = (t - s) z:
+    v1 = d z_t, v(z_t, t, m) = d/2 z_t, z_m = (1 - d^2/4) z_t, v2 = d/4 z_t (2 - d^2/4), d = t - s."""
+    g = torch.Generator().manual_seed(2)
+    z_0, eps = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
+    t, s = torch.tensor([0.8, 0.6]), torch.tensor([0.2, 0.5])
+    v = lambda z, t, t_tar: (t - t_tar).view(-1, 1, 1, 1) * z
+    d = (t - s).view(-1, 1, 1, 1)
+    z_t = (1 - t.view(-1, 1, 1, 1)) * z_0 + t.view(-1, 1, 1, 1) * eps
+    expect = ((d * z_t - d / 4 * z_t * (2 - d ** 2 / 4)) ** 2).mean()
+    torch.testing.assert_close(consistency_loss(v, z_0, t, s, eps), expect)
+
+
+class Toy(nn.Module):
+    """A small velocity model v(z, t, t_tar) that records its time arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.a, self.b = nn.Parameter(torch.tensor(0.3)), nn.Parameter(torch.tensor(-0.2))
+        self.calls = []
+
+    def forward(self, z, t, t_tar):
+        self.calls.append((t.detach().clone(), t_tar.detach().clone()))
+        return self.conv(z) + self.a * t.view(-1, 1, 1, 1) + self.b * t_tar.view(-1, 1, 1, 1) * z
+
+
+def test_adv_loss_fake_trajectory_and_its_stop_gradient():
+    """Eqs. 7-8: flow matching on the re-noised estimate with target time -t'; sg(z_fake) keeps the
+    generator (here a separate module) out of the gradient, the velocity model receives it."""
+    torch.manual_seed(3)
+    v, gen = Toy(), nn.Conv2d(4, 4, 1)
+    eps, eps_fake, t = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6), torch.tensor([0.3, 0.7])
+    z_fake = gen(eps)
+    loss = adv_loss(v, z_fake, t, eps_fake)
+    assert torch.equal(v.calls[-1][1], -t) and torch.equal(v.calls[-1][0], t)
+    z = t.view(-1, 1, 1, 1) * eps_fake + (1 - t.view(-1, 1, 1, 1)) * z_fake
+    torch.testing.assert_close(loss, ((v(z, t, -t) - (eps_fake - z_fake)) ** 2).mean())
+    loss.backward()
+    assert all(p.grad is None for p in gen.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in v.parameters())
+
+
+def test_rectify_loss_gradient_is_tar_weighted_score_difference():
+    """Eqs. 9-11 + 14: only the one-step forward v_gen gets gradient, and it is 2 w(s) Delta / numel with
+    Delta = v(z_s, s, -s) - v(z_s, s, s) computed here independently; the two score forwards and z_fake
+    (through Eq. 9) get none."""
+    torch.manual_seed(4)
+    v, gen = Toy(), nn.Conv2d(4, 4, 1)
+    eps, eps_rect, s = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6), torch.tensor([0.3, 0.02])
+    v_gen = gen(eps)
+    z_fake = eps - v_gen
+    v_gen.retain_grad()
+    rectify_loss(v, v_gen, z_fake, s, eps_rect, min_s=0.05).backward()
+    assert torch.equal(v.calls[-1][1], torch.cat([-s, s])) and torch.equal(v.calls[-1][0], torch.cat([s, s]))
+    assert all(p.grad is None for p in v.parameters())
+    with torch.no_grad():
+        z_s = s.view(-1, 1, 1, 1) * eps_rect + (1 - s.view(-1, 1, 1, 1)) * z_fake
+        delta = v(z_s, s, -s) - v(z_s, s, s)
+        w = torch.tensor([0.7 ** 2 / 0.3, 0.98 ** 2 / 0.05]).view(-1, 1, 1, 1)
+    torch.testing.assert_close(v_gen.grad, 2 * w * delta / delta.numel())  # sg(v_gen) in the target too
+    grads = [p.grad.clone() for p in gen.parameters()]
+    gen.zero_grad()
+    (gen(eps) * (2 * w * delta / delta.numel())).sum().backward()  # the same gradient, through v_gen alone
+    for a, b in zip(grads, gen.parameters()):
+        torch.testing.assert_close(a, b.grad)
+
+
+def test_fake_estimate_is_one_step_from_noise():
+    torch.manual_seed(5)
+    v, eps = Toy(), torch.randn(2, 4, 6, 6)
+    z_fake, v_gen = fake_estimate(v, eps)
+    assert torch.equal(v.calls[-1][0], torch.ones(2)) and torch.equal(v.calls[-1][1], torch.zeros(2))
+    torch.testing.assert_close(z_fake, eps - v(eps, torch.ones(2), torch.zeros(2)))
+
+
+# --------------------------------------------------------------------------- sampler
+def test_any_step_time_arguments_and_straight_line():
+    """Algorithm 1: noise branch at tau_i, condition branch at tau_{i+1}; with the exact velocity of a
+    straight flow every N lands on the data point."""
+    v, eps = Toy(), torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        any_step_sample(v, eps, 4)
+    torch.testing.assert_close(torch.stack([torch.cat(c) for c in v.calls]),
+                               torch.tensor([[1.0, 0.75], [0.75, 0.5], [0.5, 0.25], [0.25, 0.0]]))
+    g = torch.Generator().manual_seed(6)
+    z_0, eps = torch.randn(2, 4, 6, 6, generator=g), torch.randn(2, 4, 6, 6, generator=g)
+    outs = [any_step_sample(straight(z_0), eps, n) for n in (1, 2, 4, 7)]
+    for out in outs:
+        torch.testing.assert_close(out, z_0, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("teasr") / "run")
+    log = run(["teasr.py", *TINY, "--max_steps", "2", "--save_every", "1", "--out_dir", out])
+    assert "step 2/2" in log and "mem" in log and "adv" in log and "rect" in log
+    return out
+
+
+def test_train_then_sample_any_steps(trained, tmp_path):
+    """Tiny training run, then `--sample --steps 8` (CLI) and 1, 2, 4, 8 steps through build_sampler;
+    an odd size (not a multiple of 16 after x4) and tiling (tiny latent tile 8) included."""
+    assert os.path.exists(os.path.join(trained, "grids", "step-2.png"))
+    lr_dir = tmp_path / "lr"
+    common.save_image(torch.rand(3, 21, 30, generator=torch.Generator().manual_seed(7)), str(lr_dir / "x.png"))
+    argv = sys.argv
+    try:  # the CLI, in this process (one import of diffusers less)
+        sys.argv = ["teasr.py", "--sample", "--ckpt", trained, "--input", str(lr_dir), "--output", str(tmp_path / "sr"),
+                    "--steps", "8"]
+        runpy.run_path(os.path.join(ROOT, "teasr.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+    cli = np.asarray(Image.open(tmp_path / "sr" / "x.png"))
+    assert cli.shape == (84, 120, 3)
+    x_lr = common.load_image(str(lr_dir / "x.png"))[None]
+    outs = {n: teasr.build_sampler(trained, steps=n)(x_lr) for n in (1, 2, 4, 8)}
+    for n, y in outs.items():
+        assert y.shape == (1, 3, 84, 120) and torch.isfinite(y).all() and 0 <= y.min() and y.max() <= 1
+    assert not torch.equal(outs[1], outs[4])
+    ours = (outs[8][0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
+    assert np.abs(ours.astype(int) - cli.astype(int)).max() <= 1  # the CLI is build_sampler
+    with pytest.raises(SystemExit):
+        teasr.build_sampler(trained, steps=0)
+
+
+def test_exact_resume(trained, tmp_path):
+    """Resuming the run's step-1 checkpoint for one more step reproduces its step-2 checkpoint."""
+    import shutil
+    from safetensors.torch import load_file
+    out = tmp_path / "resume"
+    shutil.copytree(os.path.join(trained, "ckpt-0000001"), out / "ckpt-0000001")
+    cfg = teasr.Config(model="tiny", num_workers=0, log_every=1, max_steps=2, save_every=1, out_dir=str(out))
+    teasr.train(cfg)
+    a = load_file(os.path.join(trained, "ckpt-0000002", "cond_branch.safetensors"))
+    b = load_file(str(out / "ckpt-0000002" / "cond_branch.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+def test_torchrun_two_ranks(tmp_path):
+    out = str(tmp_path / "ddp")
+    log = run(["-m", "torch.distributed.run", "--nproc_per_node=2", "teasr.py", *TINY, "--max_steps", "2", "--out_dir", out])
+    assert "2 ranks" in log and "step 2/2" in log
+    ck = os.path.join(out, "ckpt-0000002")
+    assert all(os.path.exists(os.path.join(ck, f)) for f in ("cond_branch.safetensors", "rng-0.pt", "rng-1.pt"))
