@@ -1,0 +1,280 @@
+"""eval.py: Y-channel PSNR/SSIM against numpy, pairing, unavailable metrics, end-to-end runs, resume."""
+import json, os, subprocess, sys, threading, types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+import common as C
+import eval as E
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ["strsr", "fluxsr", "smfsr", "teasr"]
+PREP = {"fluxsr": [["--make_pairs", "2"]]}  # runs before training, with the same --data (teacher pairs)
+
+
+def run(args, timeout=300):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return C.sample_photos(["astronaut"])[0]  # (3, 512, 512)
+
+
+def crops(photo, n, size):
+    return [photo[:, 40 + 90 * i: 40 + 90 * i + size, 60 + 70 * i: 60 + 70 * i + size].clone() for i in range(n)]
+
+
+def q8(x):  # what an 8-bit PNG holds
+    return (x * 255).round() / 255
+
+
+def make_paired(root, photo, n=2, hr=64):
+    """RealSR layout: LR/<k>_LR4.png (bicubic /4 of the HR) and HR/<k>_HR.png."""
+    for i, x in enumerate(crops(photo, n, hr)):
+        x_lr = F.interpolate(x[None], scale_factor=0.25, mode="bicubic", antialias=True).clamp(0, 1)
+        C.save_image(x_lr, os.path.join(root, "LR", f"img{i}_LR4.png"))
+        C.save_image(x, os.path.join(root, "HR", f"img{i}_HR.png"))
+
+
+# --------------------------------------------------------------------------- independent references
+def y_bt601(x):
+    """MATLAB rgb2ycbcr luma of (3, H, W) in [0, 1]: 16..235 (ITU-R BT.601)."""
+    r, g, b = x.double().numpy()
+    return 16 + 65.481 * r + 128.553 * g + 24.966 * b
+
+
+def psnr_np(a, b):
+    return 10 * np.log10(255**2 / np.mean((y_bt601(a) - y_bt601(b)) ** 2))
+
+
+def ssim_np(a, b):
+    """Wang et al. 2004 on the 8-bit Y: 11x11 Gaussian window (sigma 1.5), valid region only."""
+    x, y = np.round(y_bt601(a)), np.round(y_bt601(b))
+    t = np.arange(-5, 6)
+    w = np.exp(-(t[:, None] ** 2 + t[None] ** 2) / (2 * 1.5**2))
+    w /= w.sum()
+    f = lambda z: ndimage.correlate(z, w, mode="constant")[5:-5, 5:-5]
+    mx, my = f(x), f(y)
+    vx, vy, cxy = f(x * x) - mx**2, f(y * y) - my**2, f(x * y) - mx * my
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    return np.mean((2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+
+
+# --------------------------------------------------------------------------- metrics
+def test_y_channel_is_bt601(photo):
+    """The Y eval.py asks pyiqa for is BT.601 YCbCr (MATLAB rgb2ycbcr), not pyiqa's default YIQ."""
+    from pyiqa.utils.color_util import to_y_channel
+    x = photo[:, :32, :48]
+    space = dict((m[0], m[2]) for m in E.METRICS)["PSNR"]["color_space"]
+    y = to_y_channel(x[None].double(), 255.0, space)[0, 0].numpy()
+    assert np.abs(y - y_bt601(x)).max() <= 0.5 + 1e-6  # 8-bit rounding of Y
+    black_white = torch.tensor([0.0, 1.0]).view(1, 1, 1, 2).expand(1, 3, 1, 2).double()
+    assert to_y_channel(black_white, 255.0, space).flatten().tolist() == [16.0, 235.0]  # studio range
+
+
+def test_psnr_ssim_match_numpy(photo):
+    g = torch.Generator().manual_seed(0)
+    sc = E.Scorer(["PSNR", "SSIM"], torch.device("cpu"))
+    for a in crops(photo, 3, 96):
+        blur = F.avg_pool2d(a[None], 3, 1, 1, count_include_pad=False)[0]
+        colour = torch.tensor([0.03, -0.02, 0.01]).view(3, 1, 1)
+        b = q8((blur + colour + 0.02 * torch.randn(a.shape, generator=g)).clamp(0, 1))
+        psnr, ssim = sc.compute("PSNR", b[None], a[None]), sc.compute("SSIM", b[None], a[None])
+        assert psnr == pytest.approx(psnr_np(b, a), abs=2e-3)
+        assert ssim == pytest.approx(ssim_np(b, a), abs=2e-4)
+        assert 15 < psnr < 40 and 0.3 < ssim < 0.99
+    assert sc.compute("SSIM", a[None], a[None]) == pytest.approx(1.0, abs=1e-9)
+    assert not sc.unavailable
+
+
+def test_pair_by_stem_reports_missing(tmp_path, photo, capsys):
+    names = {"sr": ["Canon_001_LR4.png", "Canon_002_LR4.png", "x.png"], "hr": ["Canon_001_HR.png", "Canon_003_HR.png", "x.png"]}
+    for d, files in names.items():
+        for f in files:
+            C.save_image(photo[:, :16, :16], str(tmp_path / d / f))
+    pairs, only_sr, only_hr = E.pair_by_stem(C.list_images(str(tmp_path / "sr")), C.list_images(str(tmp_path / "hr")))
+    assert [p[0] for p in pairs] == ["Canon_001", "x"] and only_sr == ["Canon_002"] and only_hr == ["Canon_003"]
+    assert pairs[0][1].endswith("Canon_001_LR4.png") and pairs[0][2].endswith("Canon_001_HR.png")
+    rows = E.main(["--sr", str(tmp_path / "sr"), "--hr", str(tmp_path / "hr"), "--metrics", "PSNR", "--out_dir", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert "1 SR without HR: Canon_002" in out and "1 HR without SR: Canon_003" in out
+    assert rows[0]["n"] == 2 and rows[0]["PSNR"] > 60  # identical pairs: eps-limited PSNR
+
+
+def test_missing_or_malformed_benchmark(tmp_path):
+    with pytest.raises(SystemExit, match=r"RealSR/LR/\*.png and .*RealSR/HR"):
+        E.load_bench("RealSR", str(tmp_path))
+    os.makedirs(tmp_path / "RealSR" / "LR")
+    with pytest.raises(SystemExit, match="no images"):
+        E.load_bench("RealSR", str(tmp_path))
+    with pytest.raises(SystemExit, match="unknown --bench"):
+        E.load_bench("Set5", str(tmp_path))
+
+
+def test_unavailable_metrics_reported_rest_computed(tmp_path, photo, monkeypatch):
+    """A metric that cannot load, or gives a non-number, is n/a with its reason; the others are scored."""
+    import pyiqa
+    real = pyiqa.create_metric
+
+    class NaNMetric(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor([float("nan")])
+
+    def fake(name, **kw):
+        if name == "lpips":
+            raise OSError("weights lpips_alex.pth not found")
+        return NaNMetric() if name == "musiq" else real(name, **kw)
+
+    monkeypatch.setattr(pyiqa, "create_metric", fake)
+    make_paired(str(tmp_path / "RealSR"), photo)
+    out = str(tmp_path / "out")
+    rows = E.main(["--method", "bicubic", "--bench", "RealSR", "--data_root", str(tmp_path), "--out_dir", out,
+                   "--metrics", "PSNR,SSIM,LPIPS,MUSIQ"])
+    r = rows[0]
+    assert r["PSNR"] > 20 and 0 < r["SSIM"] < 1
+    assert r["LPIPS"] is None and "lpips_alex.pth not found" in r["unavailable"]["LPIPS"]
+    assert r["MUSIQ"] is None and "non-finite" in r["unavailable"]["MUSIQ"]
+    assert "DISTS" not in r  # not requested: "-", not n/a
+    md = open(os.path.join(out, "results.md")).read()
+    line = next(l for l in md.splitlines() if l.startswith("| bicubic | RealSR"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[5] == "n/a" and cells[9] == "n/a" and cells[6] == "-" and "lpips_alex.pth not found" in md
+    assert json.load(open(os.path.join(out, "results.json")))[0]["LPIPS"] is None
+    assert "n/a" not in open(os.path.join(out, "results.csv")).read()  # empty cells, never a number
+
+
+# --------------------------------------------------------------------------- end to end
+def test_bicubic_end_to_end(tmp_path, photo, monkeypatch):
+    """eval.py --method bicubic over a generated RealSR folder (value checked against numpy) and a
+    DIV2K-val HR folder (LR made once with degrade.py, HR not a multiple of 4)."""
+    data, out = tmp_path / "data", str(tmp_path / "out")
+    make_paired(str(data / "RealSR"), photo)
+    for i, x in enumerate(crops(photo, 2, 66)):  # 0801 66x66 (cropped to 64 first), 0802 64x64
+        C.save_image(x[:, : 66 - 2 * i, : 66 - 2 * i], str(data / "DIV2K-val" / "HR" / f"{801 + i:04d}.png"))
+    E.main(["--method", "bicubic", "--bench", "RealSR,DIV2K-val", "--data_root", str(data), "--out_dir", out,
+            "--metrics", "PSNR,SSIM,NIQE"])
+    rows = {row["dataset"]: row for row in json.load(open(os.path.join(out, "results.json")))}
+    ref = []
+    for i in range(2):
+        lr = C.load_image(str(data / "RealSR" / "LR" / f"img{i}_LR4.png"))[None]
+        sr = C.load_image(os.path.join(out, "bicubic", "RealSR", f"img{i}.png"))
+        assert torch.equal(sr, q8(C.upsample_lr(lr)[0]))
+        ref.append(psnr_np(sr, C.load_image(str(data / "RealSR" / "HR" / f"img{i}_HR.png"))))
+    assert rows["RealSR"]["PSNR"] == pytest.approx(np.mean(ref), abs=2e-3)
+    lr_dir = data / "DIV2K-val" / "LR_seed0"
+    assert sorted(os.listdir(lr_dir)) == ["0801.png", "0802.png"]
+    assert C.load_image(str(lr_dir / "0801.png")).shape == (3, 16, 16)
+    assert C.load_image(os.path.join(out, "bicubic", "DIV2K-val", "0801.png")).shape == (3, 64, 64)
+    assert rows["DIV2K-val"]["n"] == 2 and 10 < rows["DIV2K-val"]["PSNR"] < rows["RealSR"]["PSNR"]
+    assert rows["RealSR"]["s/img"] > 0 and rows["RealSR"]["mem_GB"] > 0
+    assert "| bicubic | DIV2K-val | 2 |" in open(os.path.join(out, "results.md")).read()
+    mtime = os.path.getmtime(lr_dir / "0801.png")
+    E.main(["--method", "bicubic", "--bench", "DIV2K-val", "--data_root", str(data), "--out_dir", out, "--metrics", "PSNR"])
+    assert os.path.getmtime(lr_dir / "0801.png") == mtime  # the LR set is made once
+    import degrade  # the same LR as the degrade.py command line with the same seed
+    monkeypatch.setattr(sys, "argv", ["degrade.py", "--hr", str(data / "DIV2K-val" / "HR"), "--out", str(tmp_path / "cli"), "--seed", "0", "--device", "cpu"])
+    degrade.main()
+    assert torch.equal(C.load_image(str(tmp_path / "cli" / "0802.png")), C.load_image(str(lr_dir / "0802.png")))
+    # LR-only benchmark: no-reference metrics only, FR columns "-"
+    C.save_image(photo[:, :16, :16], str(data / "RealLQ250" / "LR" / "a.png"))
+    row = E.main(["--method", "bicubic", "--bench", "RealLQ250", "--data_root", str(data), "--out_dir", out, "--metrics", "PSNR,NIQE"])[0]
+    assert "PSNR" not in row and "NIQE" in row
+
+
+def test_resume_after_interruption(tmp_path, photo, monkeypatch):
+    """Interrupted in generation, then in scoring: nothing done is redone, and the result equals a
+    run that was never interrupted. A different seed invalidates the outputs."""
+    make_paired(str(tmp_path / "RealSR"), photo, n=3)
+    calls = {"sr": 0, "score": 0, "fail_sr": 0, "fail_score": 0}
+
+    def build_sampler(ckpt, device="cpu", steps=1, seed=0):
+        def fn(x_lr):
+            calls["sr"] += 1
+            if calls["sr"] == calls["fail_sr"]:
+                raise KeyboardInterrupt
+            return C.upsample_lr(x_lr)
+        return fn
+
+    monkeypatch.setitem(sys.modules, "fakesr", types.SimpleNamespace(build_sampler=build_sampler))
+    compute = E.Scorer.compute
+
+    def counted(self, col, *inputs):
+        calls["score"] += 1
+        if calls["score"] == calls["fail_score"]:
+            raise KeyboardInterrupt
+        return compute(self, col, *inputs)
+
+    monkeypatch.setattr(E.Scorer, "compute", counted)
+    args = ["--method", "fakesr", "--ckpt", "x", "--bench", "RealSR", "--data_root", str(tmp_path), "--metrics", "PSNR,SSIM"]
+    run_dir = tmp_path / "out" / "fakesr" / "RealSR"
+
+    def go(fail_sr=0, fail_score=0, out="out", extra=()):
+        calls.update(sr=0, score=0, fail_sr=fail_sr, fail_score=fail_score)
+        return E.main(args + ["--out_dir", str(tmp_path / out), *extra])
+
+    with pytest.raises(KeyboardInterrupt):
+        go(fail_sr=2)  # dies on the 2nd image: only the 1st is on disk
+    assert sorted(os.listdir(run_dir)) == ["img0.png", "run.json", "scores.jsonl"]
+    with pytest.raises(KeyboardInterrupt):
+        go(fail_score=3)  # generates images 2 and 3, scores image 1 (2 metrics), dies on image 2
+    assert calls["sr"] == 2
+    rows = go()
+    assert calls["sr"] == 0 and calls["score"] == 4  # images 2 and 3 only
+    fresh = go(out="fresh")
+    assert calls["score"] == 6 and rows[0]["PSNR"] == fresh[0]["PSNR"] and rows[0]["SSIM"] == fresh[0]["SSIM"]
+    recs = [json.loads(l) for l in open(run_dir / "scores.jsonl")]
+    assert sorted(r["image"] for r in recs if r["set"] == "fr") == ["img0", "img1", "img2"]
+    assert sorted(r["image"] for r in recs if r["set"] == "gen") == ["img0", "img1", "img2"]
+    go(extra=["--seed", "1"])  # another run's outputs are not reused
+    assert calls["sr"] == 3 and calls["score"] == 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def method_ckpt(tmp_path_factory, request):
+    """Train a tiny checkpoint of the first method script that has build_sampler (2 steps) in a
+    background thread while the other tests run: the method's own start-up dominates (~60 s)."""
+    have = [m for m in METHODS if os.path.exists(os.path.join(ROOT, m + ".py"))
+            and "def build_sampler" in open(os.path.join(ROOT, m + ".py")).read()]
+    if not have or not any(i.name == "test_method_checkpoint_end_to_end" for i in request.session.items):
+        yield None
+        return
+    m, tmp = have[0], tmp_path_factory.mktemp("method")
+    base = [sys.executable, m + ".py", "--model", "tiny", "--out_dir", str(tmp / "ckpt"), "--num_workers", "0"]
+    base += ["--data", str(tmp / "pairs")] if m in PREP else []
+    result = {"method": m, "ckpt": str(tmp / "ckpt")}
+
+    def train():
+        try:
+            for extra in PREP.get(m, []) + [["--max_steps", "2"]]:
+                run(base + extra, timeout=600)
+        except BaseException as e:
+            result["error"] = e
+
+    result["thread"] = threading.Thread(target=train, daemon=True)
+    result["thread"].start()
+    yield result
+    result["thread"].join()
+
+
+def test_method_checkpoint_end_to_end(tmp_path, photo, method_ckpt):
+    """eval.py --method M --ckpt over a generated RealSR folder, M's tiny checkpoint trained 2 steps."""
+    if method_ckpt is None:
+        pytest.skip(f"no method script with build_sampler yet ({', '.join(m + '.py' for m in METHODS)})")
+    method_ckpt["thread"].join()
+    if "error" in method_ckpt:
+        raise method_ckpt["error"]
+    m = method_ckpt["method"]
+    make_paired(str(tmp_path / "data" / "RealSR"), photo, n=1)
+    out = str(tmp_path / "out")
+    E.main(["--method", m, "--ckpt", method_ckpt["ckpt"], "--bench", "RealSR", "--data_root", str(tmp_path / "data"),
+            "--out_dir", out, "--metrics", "PSNR,SSIM"])
+    row = json.load(open(os.path.join(out, "results.json")))[0]
+    assert row["method"] == m and 5 < row["PSNR"] < 60 and row["s/img"] > 0
+    assert C.load_image(os.path.join(out, m, "RealSR", "img0.png")).shape == (3, 64, 64)
