@@ -5,10 +5,10 @@
 
 Training: ms per step (median after a warm-up step); the DiT passes one step makes, counted
 with a hook on the first transformer block of every DiT the method builds (`fwd` without
-grad, `fwd+bwd` with grad); the time of one such pass of the base DiT on the same latent
-batch; overhead = step time / (passes x pass time): what the step spends outside the DiT
-(VAE, LPIPS, discriminator, data, degradation, optimizer). Methods whose passes carry the
-LR tokens too (SMFSR, TEASR: 2x tokens) have a floor above this base pass; see the note.
+grad, `fwd+bwd` with grad) and weighed by batch x tokens, so a call on 2B latents or on LR +
+noise tokens counts as 2; the time of one such pass of the base DiT on the training latent of
+one micro-batch; overhead = step time / (passes x pass time): what the step spends outside the
+DiT (VAE, LPIPS, discriminator, data, degradation, optimizer).
 Inference: ms per image for one-step SR at 128->512 and 512->2048 (tiled), the ratio to
 VAE encode + one DiT forward + VAE decode at 512 (x16 by area for 2048), peak memory.
 Peak memory on CPU is the peak resident set above the start of the measured phase.
@@ -82,8 +82,23 @@ class PeakRSS:
             self.gb = (max(self.peak, self._rss()) - self.base) / 2**30
 
 
+def _tokens(args, kwargs):
+    """Batch x tokens of the image stream entering a block (its first 3-D tensor argument)."""
+    h = kwargs.get("hidden_states", kwargs.get("x", args[0] if args else None))
+    return h.shape[0] * h.shape[1] if torch.is_tensor(h) and h.dim() == 3 else 0
+
+
+def hook_block0(dit, fn):
+    for name in FIRST_BLOCK:
+        blocks = getattr(dit, name, None)
+        if blocks is not None and len(blocks):
+            return blocks[0].register_forward_pre_hook(fn, with_kwargs=True)
+
+
 class PassCounter:
-    """Counts DiT passes: a pre-hook on block 0 of every DiT that common.load_dit builds."""
+    """Counts DiT passes: a pre-hook on block 0 of every DiT that common.load_dit builds. A pass is
+    weighed by its batch x tokens, so one call on a batch of 2B (or on 2x tokens: LR + noise) counts
+    as two passes of the reference shape; `fwd` without grad, `fwd_bwd` with grad."""
 
     def __init__(self):
         self.fwd = self.fwd_bwd = 0
@@ -91,19 +106,15 @@ class PassCounter:
 
         def load(*a, **k):
             dit = self._load(*a, **k)
-            for name in FIRST_BLOCK:
-                blocks = getattr(dit, name, None)
-                if blocks is not None and len(blocks):
-                    blocks[0].register_forward_pre_hook(self._hook)
-                    break
+            hook_block0(dit, self._hook)
             return dit
         common.load_dit = load
 
-    def _hook(self, module, args):
+    def _hook(self, module, args, kwargs):
         if torch.is_grad_enabled():
-            self.fwd_bwd += 1
+            self.fwd_bwd += _tokens(args, kwargs)
         else:
-            self.fwd += 1
+            self.fwd += _tokens(args, kwargs)
 
     def reset(self):
         self.fwd = self.fwd_bwd = 0
@@ -134,7 +145,11 @@ def base_pass_ms(preset, latent_shape, device):
 
     def fwd_bwd():
         common.velocity(fam, dit, z, t, cond).square().mean().backward()
-    return timed(fwd), timed(fwd_bwd)
+    unit = []
+    h = hook_block0(dit, lambda m, a, k: unit.append(_tokens(a, k)))
+    fwd()
+    h.remove()
+    return timed(fwd), timed(fwd_bwd), unit[0]
 
 
 # --------------------------------------------------------------------------- per method
@@ -204,11 +219,12 @@ def main():
             ms, (fwd, fwdbwd), gb, extra = run_train(mod, method, preset, crop, args.steps, out, counter, device)
             latent = (1, 128, crop // 16, crop // 16) if DEFAULT_FAMILY[method] == "flux2" else (1, 16, crop // 8, crop // 8)
             micro = mod.Config().micro_batch
-            f_ms, fb_ms = base_pass_ms(preset, (micro,) + latent[1:], device)
+            f_ms, fb_ms, unit = base_pass_ms(preset, (micro,) + latent[1:], device)
+            fwd, fwdbwd = fwd / unit, fwdbwd / unit
             floor = fwd * f_ms + fwdbwd * fb_ms
             n_params = sum(p.numel() for p in _raw_load(preset).parameters()) / 1e6
             train_rows.append(f"| {method}{' (' + extra[0] + ')' if extra else ''} | {preset} ({n_params:.2f}M) | {crop} x{micro} | "
-                              f"{ms:.0f} | {fwd:g} / {fwdbwd:g} | {f_ms:.1f} / {fb_ms:.1f} | {ms / floor:.2f} | {gb:.2f} |")
+                              f"{ms:.0f} | {fwd:.3g} / {fwdbwd:.3g} | {f_ms:.1f} / {fb_ms:.1f} | {ms / floor:.2f} | {gb:.2f} |")
             rows, fl = run_infer(mod, preset, common.latest_checkpoint(out), device)
             infer_rows.append(f"| {method} | {preset} | {rows[128][0]:.0f} | {rows[128][0] / fl:.2f} | {rows[128][1]:.2f} | "
                               f"{rows[512][0]:.0f} | {rows[512][0] / (16 * fl):.2f} | {rows[512][1]:.2f} |")
