@@ -8,7 +8,7 @@ Every velocity call here speaks one convention (rectified flow, sigma form):
 on (B, C, H, W) latents, whatever the family does inside (packing, position ids, its
 own timestep scale). Images are (B, 3, H, W) floats in [0, 1] everywhere outside the VAE.
 """
-import contextlib, dataclasses, glob, hashlib, json, math, os, random, shutil, sys, time, warnings
+import contextlib, dataclasses, glob, hashlib, json, os, random, shutil, sys, warnings
 
 import numpy as np
 import torch
@@ -638,7 +638,9 @@ def upsample_lr(x_lr, scale=4):
 
 
 def sample_files(sr_fn, inp, output):
-    """Run `sr_fn(x_lr (1,3,h,w)) -> (1,3,4h,4w)` over an image or a folder; write PNGs."""
+    """--sample: run `sr_fn(x_lr (1,3,h,w)) -> (1,3,4h,4w)` over an image or a folder; write PNGs."""
+    if not inp or not os.path.exists(inp):
+        raise SystemExit(f"--sample needs --input: an LR image or a folder of them (got {inp!r})")
     files = list_images(inp) if os.path.isdir(inp) else [inp]
     from tqdm import tqdm
     for f in tqdm(files, desc="sr", disable=len(files) < 2):
@@ -646,6 +648,7 @@ def sample_files(sr_fn, inp, output):
         with torch.no_grad():
             y = sr_fn(x)
         save_image(y, os.path.join(output, os.path.splitext(os.path.basename(f))[0] + ".png"))
+    print(f"{len(files)} images -> {output}")
     return len(files)
 
 

@@ -105,7 +105,7 @@ class Config:
 
 
 # --model tiny: small sizes unless the flag was given (values equal to the default are replaced)
-TINY = dict(pair_size=64, crop=64, teacher_steps=4, lora_rank=8, lora_alpha=8.0, batch_size=2, tile=8, overlap=2)
+TINY = dict(max_steps=20, pair_size=64, crop=64, teacher_steps=4, lora_rank=8, lora_alpha=8.0, batch_size=2, tile=8, overlap=2)
 
 
 def resolve(cfg):
@@ -475,11 +475,8 @@ def train(cfg):
 if __name__ == "__main__":
     cfg = common.parse_config(Config)
     if cfg.sample:
-        if not cfg.input:
-            raise SystemExit("--sample needs --input (an LR image or a folder of them)")
         dev = "cuda" if torch.cuda.is_available() else "cpu"
-        n = common.sample_files(build_sampler(cfg.ckpt or cfg.out_dir, dev, cfg.steps, cfg.seed), cfg.input, cfg.output)
-        print(f"{n} images -> {cfg.output}")
+        common.sample_files(build_sampler(cfg.ckpt or cfg.out_dir, dev, cfg.steps, cfg.seed), cfg.input, cfg.output)
     elif cfg.make_pairs:
         make_pairs(cfg)
     else:

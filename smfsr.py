@@ -678,14 +678,11 @@ def train(cfg):
 if __name__ == "__main__":
     cfg = common.parse_config(Config)
     if cfg.sample:
-        if not cfg.input:
-            raise SystemExit("--sample needs --input (an LR image or a folder of them)")
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         given = lambda k: getattr(cfg, k) if getattr(cfg, k) != getattr(Config, k) else None  # else the checkpoint's
         fn = build_sampler(cfg.ckpt or "out/smfsr-gan", dev, cfg.steps, cfg.seed, cfg.start, cfg.start_t,
                            given("tile"), given("overlap"))
-        n = common.sample_files(fn, cfg.input, cfg.output)
-        print(f"{n} images -> {cfg.output}")
+        common.sample_files(fn, cfg.input, cfg.output)
     else:
         train(cfg)
     if dist.is_initialized():

@@ -601,10 +601,8 @@ def train(cfg):
 if __name__ == "__main__":
     cfg = common.parse_config(Config)
     if cfg.sample:
-        if not cfg.ckpt or not cfg.input:
-            raise SystemExit("--sample needs --ckpt DIR and --input PATH (an image or a folder)")
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        sr = build_sampler(cfg.ckpt, device, cfg.steps, cfg.seed, cfg.tile or None, cfg.overlap or None)
-        print(f"wrote {common.sample_files(sr, cfg.input, cfg.output)} images to {cfg.output}")
+        sr = build_sampler(cfg.ckpt or cfg.out_dir, device, cfg.steps, cfg.seed, cfg.tile or None, cfg.overlap or None)
+        common.sample_files(sr, cfg.input, cfg.output)
     else:
         train(cfg)

@@ -13,7 +13,7 @@ Inference: ms per image for one-step SR at 128->512 and 512->2048 (tiled), the r
 VAE encode + one DiT forward + VAE decode at 512 (x16 by area for 2048), peak memory.
 Peak memory on CPU is the peak resident set above the start of the measured phase.
 """
-import argparse, dataclasses, glob, importlib, os, platform, re, statistics, sys, tempfile, threading, time
+import argparse, dataclasses, importlib, os, platform, re, statistics, sys, tempfile, threading, time
 
 import torch
 
@@ -155,11 +155,14 @@ def base_pass_ms(preset, latent_shape, device):
 # --------------------------------------------------------------------------- per method
 def run_train(mod, method, preset, crop, steps, out_dir, counter, device):
     """Train `steps` steps in-process; returns (median ms/step after the first, passes per step, peak GB)."""
-    cfg = mod.Config(model=preset, out_dir=out_dir, max_steps=steps, log_every=1, save_every=10**6,
-                     grid_every=10**6, num_workers=0, crop=crop)
+    # "tiny" gets each method's tiny settings (LoRA rank, ...); the small presets the paper's
+    cfg = mod.Config(model="tiny" if preset.startswith("tiny") else preset, out_dir=out_dir, max_steps=steps,
+                     log_every=1, save_every=10**6, grid_every=10**6, num_workers=0, crop=crop, batch_size=1,
+                     micro_batch=1)  # one image per step, no accumulation: comparable across methods
     extra = []
     if method == "fluxsr":  # teacher pairs first (not timed: an offline stage)
-        mod.make_pairs(dataclasses.replace(cfg, make_pairs=2))
+        cfg = dataclasses.replace(cfg, pair_size=crop, data=out_dir + "-pairs")
+        mod.make_pairs(dataclasses.replace(cfg, make_pairs=2, teacher_steps=4))
     if method == "smfsr":  # time the heaviest stage; the earlier ones only initialise it
         for stage in ("teacher", "isc"):
             mod.train(dataclasses.replace(cfg, stage=stage, max_steps=1, out_dir=out_dir + "-" + stage,
@@ -218,7 +221,7 @@ def main():
             t0 = time.time()
             ms, (fwd, fwdbwd), gb, extra = run_train(mod, method, preset, crop, args.steps, out, counter, device)
             latent = (1, 128, crop // 16, crop // 16) if DEFAULT_FAMILY[method] == "flux2" else (1, 16, crop // 8, crop // 8)
-            micro = mod.Config().micro_batch
+            micro = 1
             f_ms, fb_ms, unit = base_pass_ms(preset, (micro,) + latent[1:], device)
             fwd, fwdbwd = fwd / unit, fwdbwd / unit
             floor = fwd * f_ms + fwdbwd * fb_ms

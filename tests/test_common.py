@@ -1,23 +1,17 @@
 """common.py: presets, latent conventions, velocity calls, loading, data, resume, DDP, tiling."""
-import os, subprocess, sys
+import os, sys
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import common as C
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, run
 TINY = ["tiny-flux1", "tiny-flux2", "tiny-zimage", "tiny-sd3", "tiny-qwen"]
 
 
-def run(args, **kw):
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kw)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
 
 
 # --------------------------------------------------------------------------- models

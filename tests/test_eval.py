@@ -1,5 +1,5 @@
 """eval.py: Y-channel PSNR/SSIM against numpy, pairing, unavailable metrics, end-to-end runs, resume."""
-import json, os, subprocess, sys, threading, types
+import json, os, sys, threading, types
 
 import numpy as np
 import pytest
@@ -10,16 +10,11 @@ from scipy import ndimage
 import common as C
 import eval as E
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, run
 METHODS = ["strsr", "fluxsr", "smfsr", "teasr"]
 PREP = {"fluxsr": [["--make_pairs", "2"]]}  # runs before training, with the same --data (teacher pairs)
 
 
-def run(args, timeout=300):
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """fluxsr.py: the FTD algebra (Eqs. 13-18), TV-LPIPS, ADL and its hooks, the teacher sampler and
 its resumable pair writer, exact resume, and a tiny torchrun make_pairs -> train -> sample run."""
-import glob, math, os, subprocess, sys
+import glob, math, os, sys
 
 import numpy as np
 import pytest
@@ -10,14 +10,9 @@ from safetensors.torch import load_file
 import common as C
 import fluxsr as M
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import run
 
 
-def run(args):
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
 
 
 def dyadic(*shape, g):

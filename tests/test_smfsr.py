@@ -2,7 +2,7 @@
 the splitting target, the wrapped SD3 (exactly the base at init, the LR tokens in one joint softmax),
 the sampler (Eq. 14), VSD (Eqs. 15-16), the hinge GAN (Eqs. 17-18), exact resume of stage 2, and a
 tiny teacher (torchrun) -> isc -> gan run as subprocesses, then --sample with 1 and 4 steps."""
-import glob, os, runpy, subprocess, sys
+import glob, os, runpy, sys
 
 import pytest
 import torch
@@ -12,14 +12,9 @@ from safetensors.torch import load_file
 import common as C
 import smfsr as M
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, run
 
 
-def run(args):
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
 
 
 # --------------------------------------------------------------------------- closed-form flows

@@ -1,6 +1,6 @@
 """strsr.py: the losses against independent computations and properties, gradient routing of the
 G and D steps, the VLM input layout, exact resume, both stages end to end (torchrun), sampling."""
-import dataclasses, math, os, socket, subprocess, sys
+import dataclasses, math, os, socket, sys
 
 import pytest
 import torch
@@ -10,22 +10,7 @@ from PIL import Image
 import common as C
 import strsr as S
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(args):
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # 2 shared cores: OpenMP spinning across threads costs more than it gives
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from helpers import run
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """TEASR (teasr.py): the dual-branch DiT against the base and diffusers' own forward, the math of each
 loss term against independent computations, where each stop-gradient sends gradient, Algorithm 1's
 time arguments, and end-to-end runs (train, resume, sample, torchrun) on the tiny preset."""
-import os, runpy, subprocess, sys
+import os, runpy, sys
 
 import numpy as np
 import pytest
@@ -9,31 +9,18 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import helpers
+from helpers import ROOT
 import common
 import teasr
 from teasr import (CondBranch, adv_loss, any_step_sample, consistency_loss, fake_estimate, flow_loss,
                    rectify_loss, tar_weight, v_theta)
 
-# one thread: the tiny model's ops take microseconds, and two OpenMP threads on a shared 2-core machine
-# wait on each other for milliseconds per op (measured: 1.4 s/step with one thread, 12-45 s with two)
-ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
 TINY = ["--model", "tiny", "--num_workers", "0", "--log_every", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def run(args, timeout=240):
-    r = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r.stdout
+    return helpers.run([sys.executable, *args], timeout).stdout
 
 
 def tiny_inputs(B=2, H=8, W=6, seed=0):
@@ -74,7 +61,7 @@ def test_dual_branch_matches_diffusers_forward():
         return torch.cat([img, img]), txt
     ref.pos_embed.forward = same_positions
     z_t, z_lr, t, _ = tiny_inputs()
-    cond, (B, C, H, W) = tiny_cond(ours), z_t.shape
+    cond, (B, _, H, W) = tiny_cond(ours), z_t.shape
     with torch.no_grad():
         out = ref(hidden_states=torch.cat([common.pack(z_t), common.pack(z_lr)], 1),
                   encoder_hidden_states=cond["embeds"].expand(B, -1, -1), timestep=t,

@@ -1,0 +1,13 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """One thread for the in-process tests too: the tiny models' ops take microseconds, and two OpenMP
+    threads on a shared 2-core machine wait on each other for milliseconds per op (measured on TEASR's
+    tiny step: 1.4 s with one thread, 12-45 s with two)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
