@@ -13,7 +13,7 @@ Inference: ms per image for one-step SR at 128->512 and 512->2048 (tiled), the r
 VAE encode + one DiT forward + VAE decode at 512 (x16 by area for 2048), peak memory.
 Peak memory on CPU is the peak resident set above the start of the measured phase.
 """
-import argparse, dataclasses, importlib, os, platform, re, statistics, sys, tempfile, threading, time
+import argparse, dataclasses, importlib, json, os, platform, re, resource, statistics, subprocess, sys, tempfile, time
 
 import torch
 
@@ -48,55 +48,30 @@ _raw_load = common.load_dit  # the uncounted loader, for the reference passes
 
 
 # --------------------------------------------------------------------------- measuring
-class PeakRSS:
-    """Peak resident memory above the level at entry, sampled every 2 ms (CPU); CUDA: allocator peak."""
-
-    def __enter__(self):
-        self.cuda = torch.cuda.is_available()
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            return self
-        self.base = self.peak = self._rss()
-        self.run = True
-        self.t = threading.Thread(target=self._poll, daemon=True)
-        self.t.start()
-        return self
-
-    @staticmethod
-    def _rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _poll(self):
-        while self.run:
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.002)
-
-    def __exit__(self, *a):
-        if self.cuda:
-            self.gb = (torch.cuda.max_memory_allocated() - self.base) / 2**30
-        else:
-            self.run = False
-            self.t.join()
-            self.gb = (max(self.peak, self._rss()) - self.base) / 2**30
+def peak_gb():
+    """Peak memory of this process so far: resident set on CPU (ru_maxrss: imports, models and all),
+    allocator peak on CUDA."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _tokens(args, kwargs):
-    """Batch x tokens of the image stream entering a block (its first 3-D tensor argument)."""
-    h = kwargs.get("hidden_states", kwargs.get("x", args[0] if args else None))
+    """Batch x tokens of the image stream entering the norm (its first tensor argument, (B, N, D))."""
+    h = args[0] if args else next(iter(kwargs.values()), None)
     return h.shape[0] * h.shape[1] if torch.is_tensor(h) and h.dim() == 3 else 0
 
 
 def hook_block0(dit, fn):
-    for name in FIRST_BLOCK:
-        blocks = getattr(dit, name, None)
-        if blocks is not None and len(blocks):
-            return blocks[0].register_forward_pre_hook(fn, with_kwargs=True)
+    """Hook the image-token pre-norm of the first block: it runs once per pass on each token stream,
+    also where a method writes the block's forward out (SMFSR's LR tokens go through it separately)."""
+    block = next(getattr(dit, n) for n in FIRST_BLOCK if getattr(dit, n, None) is not None)[0]
+    norm = next(getattr(block, n) for n in ("norm1", "img_norm1", "attention_norm1") if hasattr(block, n))
+    return norm.register_forward_pre_hook(fn, with_kwargs=True)
 
 
 class PassCounter:
-    """Counts DiT passes: a pre-hook on block 0 of every DiT that common.load_dit builds. A pass is
+    """Counts DiT passes: a pre-hook in block 0 of every DiT that common.load_dit builds. A pass is
     weighed by its batch x tokens, so one call on a batch of 2B (or on 2x tokens: LR + noise) counts
     as two passes of the reference shape; `fwd` without grad, `fwd_bwd` with grad."""
 
@@ -154,7 +129,7 @@ def base_pass_ms(preset, latent_shape, device):
 
 # --------------------------------------------------------------------------- per method
 def run_train(mod, method, preset, crop, steps, out_dir, counter, device):
-    """Train `steps` steps in-process; returns (median ms/step after the first, passes per step, peak GB)."""
+    """Train `steps` steps; returns (median ms/step after the first, passes per step, peak GB, notes)."""
     # "tiny" gets each method's tiny settings (LoRA rank, ...); the small presets the paper's
     cfg = mod.Config(model="tiny" if preset.startswith("tiny") else preset, out_dir=out_dir, max_steps=steps,
                      log_every=1, save_every=10**6, grid_every=10**6, num_workers=0, crop=crop, batch_size=1,
@@ -170,12 +145,12 @@ def run_train(mod, method, preset, crop, steps, out_dir, counter, device):
         cfg = dataclasses.replace(cfg, stage="gan", init_ckpt=out_dir + "-isc")
         extra = ["stage gan"]
     counter.reset()
-    with PeakRSS() as mem:
-        mod.train(cfg)
+    mod.train(cfg)
+    gb = peak_gb()
     with open(os.path.join(out_dir, "log.txt")) as f:
         ms = [float(m) for m in re.findall(r"\| ([\d.]+) ms/step", f.read())]
     per_step = (counter.fwd / steps, counter.fwd_bwd / steps)
-    return statistics.median(ms[1:] or ms), per_step, mem.gb, extra
+    return statistics.median(ms[1:] or ms), per_step, gb, extra
 
 
 def run_infer(mod, preset, ckpt, device):
@@ -184,9 +159,9 @@ def run_infer(mod, preset, ckpt, device):
     rows = {}
     for lr in (128, 512):
         x = torch.rand(1, 3, lr, lr, device=device)
-        with torch.no_grad(), PeakRSS() as mem:
+        with torch.no_grad():
             ms = timed(lambda: fn(x), n=1 if lr == 512 else 3)
-        rows[lr] = (ms, mem.gb)
+        rows[lr] = (ms, peak_gb())  # 128 first, so the 512 peak is the tiled run's (or the 128's if larger)
     # floor: encode + one DiT forward + decode at 512x512, untiled
     dit, vae = _raw_load(preset).to(device), common.load_vae(preset).to(device)
     cond = {k: v.to(device) for k, v in common.tiny_cond(dit, fam).items()}
@@ -200,41 +175,73 @@ def run_infer(mod, preset, ckpt, device):
     return rows, f
 
 
+def job(kind, method, size, out):
+    """One measurement in this (fresh) process, so that its peak memory is its own; prints a JSON line."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mod, preset = importlib.import_module(method), f"{size}-{DEFAULT_FAMILY[method]}"
+    crop = 64 if size == "tiny" else 128
+    if kind == "train":
+        counter = PassCounter()
+        ms, (fwd, fwdbwd), gb, extra = run_train(mod, method, preset, crop, STEPS, out, counter, device)
+        latent = (1, 128, crop // 16, crop // 16) if DEFAULT_FAMILY[method] == "flux2" else (1, 16, crop // 8, crop // 8)
+        f_ms, fb_ms, unit = base_pass_ms(preset, latent, device)
+        n_params = sum(p.numel() for p in _raw_load(preset).parameters()) / 1e6
+        r = dict(ms=ms, fwd=fwd / unit, fwdbwd=fwdbwd / unit, f_ms=f_ms, fb_ms=fb_ms, gb=gb, extra=extra,
+                 params=n_params, crop=crop, preset=preset)
+    else:
+        rows, fl = run_infer(mod, preset, common.latest_checkpoint(out), device)
+        r = dict(rows=rows, floor=fl, preset=preset)
+    print("BENCH " + json.dumps(r))
+
+
+def sub(*args):
+    """Run job() in a child process; its JSON line."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--job", *args], capture_output=True, text=True)
+    line = [l for l in out.stdout.splitlines() if l.startswith("BENCH ")]
+    if out.returncode or not line:
+        raise SystemExit(f"bench job {args} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    return json.loads(line[-1][6:])
+
+
+STEPS = 3
+
+
 def main():
+    global STEPS
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default="strsr,fluxsr,smfsr,teasr")
     p.add_argument("--presets", default="tiny,small")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--job", nargs=4, help=argparse.SUPPRESS)  # kind method size out_dir (internal)
     args = p.parse_args()
+    STEPS = args.steps
+    if args.job:
+        return job(*args.job)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    counter = PassCounter()
+    base = peak_gb()
     head = (f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores | torch {torch.__version__} | "
-            f"threads {torch.get_num_threads()} | dtype fp32 | device {device} | {time.strftime('%Y-%m-%d')}")
+            f"threads {torch.get_num_threads()} | dtype fp32 | device {device} | batch 1 | {time.strftime('%Y-%m-%d')} | "
+            f"peak GB = process peak RSS, {base:.2f} GB of it imports")
     train_rows, infer_rows = [], []
     tmp = tempfile.mkdtemp(prefix="bench-")
     for method in args.methods.split(","):
-        mod = importlib.import_module(method)
         for size in args.presets.split(","):
-            preset = f"{size}-{DEFAULT_FAMILY[method]}"
-            crop = 64 if size == "tiny" else 128
-            out = os.path.join(tmp, f"{method}-{preset}")
-            t0 = time.time()
-            ms, (fwd, fwdbwd), gb, extra = run_train(mod, method, preset, crop, args.steps, out, counter, device)
-            latent = (1, 128, crop // 16, crop // 16) if DEFAULT_FAMILY[method] == "flux2" else (1, 16, crop // 8, crop // 8)
-            micro = 1
-            f_ms, fb_ms, unit = base_pass_ms(preset, (micro,) + latent[1:], device)
-            fwd, fwdbwd = fwd / unit, fwdbwd / unit
-            floor = fwd * f_ms + fwdbwd * fb_ms
-            n_params = sum(p.numel() for p in _raw_load(preset).parameters()) / 1e6
-            train_rows.append(f"| {method}{' (' + extra[0] + ')' if extra else ''} | {preset} ({n_params:.2f}M) | {crop} x{micro} | "
-                              f"{ms:.0f} | {fwd:.3g} / {fwdbwd:.3g} | {f_ms:.1f} / {fb_ms:.1f} | {ms / floor:.2f} | {gb:.2f} |")
-            rows, fl = run_infer(mod, preset, common.latest_checkpoint(out), device)
-            infer_rows.append(f"| {method} | {preset} | {rows[128][0]:.0f} | {rows[128][0] / fl:.2f} | {rows[128][1]:.2f} | "
-                              f"{rows[512][0]:.0f} | {rows[512][0] / (16 * fl):.2f} | {rows[512][1]:.2f} |")
-            print(f"  {method} {preset}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+            t0, out = time.time(), os.path.join(tmp, f"{method}-{size}")
+            r = sub("train", method, size, out)
+            floor = r["fwd"] * r["f_ms"] + r["fwdbwd"] * r["fb_ms"]
+            name = method + "".join(f" ({e})" for e in r["extra"])
+            train_rows.append(f"| {name} | {r['preset']} ({r['params']:.2f}M) | {r['crop']} | {r['ms']:.0f} | "
+                              f"{r['fwd']:.3g} / {r['fwdbwd']:.3g} | {r['f_ms']:.1f} / {r['fb_ms']:.1f} | "
+                              f"{r['ms'] / floor if floor else float('nan'):.2f} | {r['gb']:.2f} |")
+            print(train_rows[-1], file=sys.stderr, flush=True)
+            i = sub("infer", method, size, out)
+            (a_ms, a_gb), (b_ms, b_gb), fl = i["rows"]["128"], i["rows"]["512"], i["floor"]
+            infer_rows.append(f"| {method} | {i['preset']} | {a_ms:.0f} | {a_ms / fl:.2f} | {a_gb:.2f} | "
+                              f"{b_ms:.0f} | {b_ms / (16 * fl):.2f} | {b_gb:.2f} |")
+            print(infer_rows[-1], f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     print(f"\n{head}\n")
     print("Training, one step (median of steps 2..N)\n")
-    print("| method | preset (DiT params) | crop x micro-batch | ms/step | DiT passes fwd / fwd+bwd | base pass ms fwd / fwd+bwd | overhead | peak GB |")
+    print("| method | preset (DiT params) | crop | ms/step | DiT passes fwd / fwd+bwd | base pass ms fwd / fwd+bwd | overhead | peak GB |")
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(train_rows))
     print("\nInference, one step\n")
