@@ -8,7 +8,7 @@ Every velocity call here speaks one convention (rectified flow, sigma form):
 on (B, C, H, W) latents, whatever the family does inside (packing, position ids, its
 own timestep scale). Images are (B, 3, H, W) floats in [0, 1] everywhere outside the VAE.
 """
-import contextlib, dataclasses, glob, hashlib, json, os, random, shutil, sys, warnings
+import contextlib, dataclasses, glob, hashlib, json, os, random, shutil, sys, time, warnings
 
 import numpy as np
 import torch
@@ -466,6 +466,16 @@ def allreduce_grads(params):
             g.copy_(f.view_as(g))
 
 
+def optimizer_step(groups, optimizers, clip):
+    """One update: gradients averaged over ranks in one collective, each group clipped to norm
+    `clip`, each optimizer stepped and cleared. groups[i] are the parameters of optimizers[i]."""
+    allreduce_grads([p for group in groups for p in group])
+    for group, opt in zip(groups, optimizers):
+        torch.nn.utils.clip_grad_norm_(group, clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
 def reduce_mean(stats):
     """Average a dict of floats over ranks (for logging)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
@@ -673,6 +683,11 @@ class Logger:
         self.master, self.file = master, os.path.join(out_dir, "log.txt")
         if master:
             os.makedirs(out_dir, exist_ok=True)
+        self.start()
+
+    def start(self):
+        """Start the step timer (call it just before the training loop)."""
+        self.t0, self.steps = time.time(), 0
 
     def __call__(self, msg):
         if self.master:
@@ -680,7 +695,14 @@ class Logger:
             with open(self.file, "a") as f:
                 f.write(msg + "\n")
 
-    def step(self, step, max_steps, losses, ms, device):
+    def step(self, step, max_steps, losses, device, every):
+        """Call on every rank after each optimizer step. Every `every` steps and at the last, one line:
+        the losses (floats or tensors) averaged over ranks, ms per step since the last line, memory."""
+        self.steps += 1
+        if step % every and step != max_steps:
+            return
+        losses = reduce_mean({k: float(v) for k, v in losses.items()})
+        ms, self.t0, self.steps = 1000 * (time.time() - self.t0) / self.steps, time.time(), 0
         main, rest = next(iter(losses.items())), list(losses.items())[1:]
         terms = " ".join(f"{k} {v:.4g}" for k, v in rest)
         mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else peak_rss_gb()

@@ -48,7 +48,7 @@ What differs from the paper, and why:
   grid) of eps, z_0 and x_0; the default, like the paper, uses the whole 1024 px pair.
 - Sec. 5.3 trains ablations for 30k iterations; the main run's length is not given.
 """
-import contextlib, dataclasses, glob, json, math, os, time
+import contextlib, dataclasses, glob, json, math, os
 
 import torch
 import torch.distributed as dist
@@ -446,7 +446,7 @@ def train(cfg):
     log(f"{len(ds)} teacher pairs, batch {cfg.batch_size} = {world} ranks x {accum} accum x {cfg.micro_batch}")
 
     # 5. loop (Alg. 1 lines 4-21)
-    t0, done = time.time(), 0
+    log.start()
     for step in range(start_step + 1, cfg.max_steps + 1):
         sums = {}
         for _ in range(accum):
@@ -455,15 +455,8 @@ def train(cfg):
             (loss / accum).backward()
             sums = {k: sums.get(k, 0) + v.detach() / accum for k, v in terms.items()}
         # 20: update v_theta (its LoRA)
-        common.allreduce_grads(params)
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        done += 1
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            stats = common.reduce_mean({k: float(v) for k, v in sums.items()})
-            log.step(step, cfg.max_steps, stats, 1000 * (time.time() - t0) / done, device)
-            t0, done = time.time(), 0
+        common.optimizer_step([params], [opt], cfg.grad_clip)
+        log.step(step, cfg.max_steps, sums, device, cfg.log_every)
         if rank == 0 and (step % cfg.grid_every == 0 or step == cfg.max_steps):
             common.save_grid(os.path.join(cfg.out_dir, "grids", f"step-{step}.png"), x_lr, x0_hat.detach().clamp(0, 1), x_0)
         if step % cfg.save_every == 0 or step == cfg.max_steps:

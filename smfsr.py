@@ -68,7 +68,7 @@ What differs from the paper, and why:
 - `--steps K` on a teacher checkpoint takes K Euler steps (a teacher ignores r: u = v).
 - No --fsdp: SD3.5-Medium (2.5B) fits one GPU, and the branch draw differs per rank.
 """
-import contextlib, copy, dataclasses, json, os, time
+import contextlib, copy, dataclasses, json, os
 
 import torch
 import torch.distributed as dist
@@ -592,7 +592,7 @@ def train(cfg):
 
     # 5. loop. DiT passes per micro-batch: teacher 1; isc 2 (boundary: teacher + student) or 3 (split:
     #    two without gradient for the target); gan: isc + one-step generator + teacher + fake score
-    t0, done = time.time(), 0
+    log.start()
     for step in range(start_step + 1, cfg.max_steps + 1):
         sums = {}
         for _ in range(accum):
@@ -650,17 +650,8 @@ def train(cfg):
                 terms = dict(loss=terms["loss"] + l_g, isc=l_isc, mse=l_mse, lpips=l_lpips, vsd=l_vsd, adv=l_adv,
                              fake=l_fake, d=l_d)
             sums = {k: sums.get(k, 0) + v.detach() / accum for k, v in terms.items()}
-        common.allreduce_grads([p for group in groups for p in group])  # Alg. 1 line 17: update theta
-        for group in groups:
-            torch.nn.utils.clip_grad_norm_(group, cfg.grad_clip)
-        for opt in opts.values():
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        done += 1
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            stats = common.reduce_mean({k: float(v) for k, v in sums.items()})
-            log.step(step, cfg.max_steps, stats, 1000 * (time.time() - t0) / done, device)
-            t0, done = time.time(), 0
+        common.optimizer_step(groups, list(opts.values()), cfg.grad_clip)  # Alg. 1 line 17: update theta
+        log.step(step, cfg.max_steps, sums, device, cfg.log_every)
         if rank == 0 and (step % cfg.grid_every == 0 or step == cfg.max_steps):
             if not gan:  # the current model's sample of the last micro-batch (cfg.steps jumps, fixed noise)
                 with torch.no_grad(), amp():

@@ -43,7 +43,7 @@ Differences from the paper and the official code (each marked `# ours` or `# pap
   - Stage 2 continues the step count, optimizer states and RNG of the stage-1 run in the same
     --out_dir (or starts fresh optimizers from --init_ckpt in a new folder).
 """
-import dataclasses, json, os, time
+import dataclasses, json, os
 
 import torch
 import torch.nn as nn
@@ -565,7 +565,7 @@ def train(cfg):
 
     # 5. loop: G step (Eq. 11) then D step (Eq. 9) on each micro-batch; both optimizers step per step
     dit.train(), cond.train(), disc.train()
-    t0, ms = time.time(), []
+    log.start()
     while step < end:
         sums = {}
         for _ in range(accum):
@@ -578,17 +578,9 @@ def train(cfg):
             (loss_d / accum).backward()
             for k, v in {"loss": loss_g, **terms, "d": loss_d, **terms_d}.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
-        for params, opt in ((params_g, opt_g), (params_d, opt_d)):
-            common.allreduce_grads(params)
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        common.optimizer_step([params_g, params_d], [opt_g, opt_d], cfg.grad_clip)
         step += 1
-        ms.append((time.time() - t0) * 1000)
-        t0 = time.time()
-        if step % cfg.log_every == 0 or step == end:
-            log.step(step, end, common.reduce_mean(sums), sum(ms) / len(ms), device)
-            ms = []
+        log.step(step, end, sums, device, cfg.log_every)
         if rank == 0 and (step % cfg.grid_every == 0 or step == end):
             common.save_grid(os.path.join(cfg.out_dir, "grids", f"step-{step:07d}.png"), x_lr, x_sr.detach(), x_hr)
         if step % cfg.save_every == 0 or step == end:

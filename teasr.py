@@ -60,7 +60,7 @@ What differs from the paper, and why:
 - diffusers' Qwen-Image VAE decoder clamps to [-1, 1], so saturated pixels give L_data no gradient.
 - No --fsdp: the paper's point is that this fits one GPU (bf16 frozen base + LoRA + checkpointing).
 """
-import copy, dataclasses, json, os, time
+import copy, dataclasses, json, os
 
 import torch
 import torch.distributed as dist
@@ -399,7 +399,7 @@ def train(cfg):
 
     # 5. loop. Per micro-batch: 4 DiT forwards with gradient (flow, shortcut, one-step, fake trajectory)
     #    and 3 without (two for the shortcut target, one batched 2B for the two scores of Eq. 10).
-    t0, done = time.time(), 0
+    log.start()
     for step in range(start_step + 1, cfg.max_steps + 1):
         sums = {}
         for _ in range(accum):
@@ -433,15 +433,8 @@ def train(cfg):
                      + cfg.lambda_rect * l_rect)
             terms = dict(loss=total, flow=l_flow, cons=l_cons, mse=l_mse, lpips=l_lpips, adv=l_adv, rect=l_rect)
             sums = {k: sums.get(k, 0) + val.detach() / accum for k, val in terms.items()}
-        common.allreduce_grads(params)
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        done += 1
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            stats = common.reduce_mean({k: float(v) for k, v in sums.items()})
-            log.step(step, cfg.max_steps, stats, 1000 * (time.time() - t0) / done, device)
-            t0, done = time.time(), 0
+        common.optimizer_step([params], [opt], cfg.grad_clip)
+        log.step(step, cfg.max_steps, sums, device, cfg.log_every)
         if rank == 0 and (step % cfg.grid_every == 0 or step == cfg.max_steps):
             common.save_grid(os.path.join(cfg.out_dir, "grids", f"step-{step}.png"), x_lr, x_fake.detach().clamp(0, 1), x_hr)
         if step % cfg.save_every == 0 or step == cfg.max_steps:

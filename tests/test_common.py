@@ -1,5 +1,5 @@
 """common.py: presets, latent conventions, velocity calls, loading, data, resume, DDP, tiling."""
-import os, sys
+import os, re, sys
 
 import numpy as np
 import pytest
@@ -248,6 +248,9 @@ def test_ddp_two_ranks_equal_one_process(tmp_path):
     a, b = _final(tmp_path / "one"), _final(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    # the logged loss is the global batch's mean on both (Logger averages it over ranks)
+    losses = [re.findall(r"step \d/2 \| loss ([\d.e-]+)", (tmp_path / d / "log.txt").read_text()) for d in ("one", "two")]
+    assert len(losses[0]) == 2 and losses[0] == losses[1], losses
 
 
 def test_crash_during_save_keeps_last_checkpoint(tmp_path, monkeypatch):

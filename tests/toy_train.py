@@ -32,16 +32,18 @@ def train(cfg):
     if ckpt:
         step = C.load_checkpoint(ckpt, {"net": net}, {"opt": opt}, generators={"g": gen})["step"]
     loader, accum = C.make_loader("sample", cfg.crop, "data", cfg.batch_size, cfg.micro_batch, rank, world, cfg.seed, step, 0)
+    log = C.Logger(cfg.out_dir, rank == 0)
     while step < cfg.max_steps:
+        sums = {"loss": 0.0}
         for _ in range(accum):
             x = next(loader)
             noise = 0.1 * torch.randn(x.shape, generator=gen) + 0.01 * torch.randn_like(x) if cfg.noise else 0
             loss = ((net(x + noise) - x) ** 2).mean()
             (loss / accum).backward()
-        C.allreduce_grads(list(net.parameters()))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            sums["loss"] += loss.item() / accum
+        C.optimizer_step([list(net.parameters())], [opt], clip=0.05)  # a clip that bites: after the reduction
         step += 1
+        log.step(step, cfg.max_steps, sums, torch.device("cpu"), every=1)
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             C.save_checkpoint(cfg.out_dir, step, cfg, {"net": net}, {"opt": opt}, generators={"g": gen})
     if rank == 0:
