@@ -592,6 +592,16 @@ def load_config(ckpt):
         return json.load(f)
 
 
+def checkpoint_config(ckpt, cls):
+    """A sampler's start: (folder, config) of the latest checkpoint under ckpt (a ckpt-* folder or an
+    out_dir holding them), the config as the dataclass `cls` (fields it no longer has are ignored)."""
+    found = latest_checkpoint(ckpt)
+    if not found:
+        raise SystemExit(f"--ckpt {ckpt!r}: no checkpoint (a ckpt-* folder or an out_dir holding them)")
+    names = {f.name for f in dataclasses.fields(cls)}
+    return found, cls(**{k: v for k, v in load_config(found).items() if k in names})
+
+
 # --------------------------------------------------------------------------- tiling
 def pad_to_multiple(x, m=PIXEL_MULTIPLE):
     """Reflect-pad right/bottom to a multiple of m; returns (padded, (H, W)) to crop back."""
@@ -645,6 +655,24 @@ def _ramp(n, overlap, rise, fall, device):
 def upsample_lr(x_lr, scale=4):
     """The papers' LR input: bicubic upsampling to the HR size."""
     return F.interpolate(x_lr, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+@torch.no_grad()
+def super_resolve(vae, family, x_lr, latent_fn):
+    """The frame every sampler shares: x_lr (1, 3, h, w) in [0, 1] -> bicubic x4, padded to the model
+    multiple, encoded; latent_fn(z_lr) -> z_0 (the method); decoded, cropped back to (4h, 4w)."""
+    device = next(vae.parameters()).device
+    x, (H, W) = pad_to_multiple(upsample_lr(x_lr.to(device).float()))
+    with autocast(device):
+        z_0 = latent_fn(encode(vae, family, x))
+        return decode(vae, family, z_0)[..., :H, :W].clamp(0, 1).float().cpu()
+
+
+def tiled_pair(fn, z, z_lr, tile, overlap):
+    """tiled() for fn(z, z_lr) of two aligned latents (the LR-conditioned DiTs): each tile sees its own
+    slice of both."""
+    C = z.shape[1]
+    return tiled(lambda zz: fn(zz[:, :C], zz[:, C:]), torch.cat([z, z_lr], 1), tile, overlap)
 
 
 def sample_files(sr_fn, inp, output):

@@ -327,11 +327,7 @@ def build_sampler(ckpt, device="cpu", steps=1, seed=0):
     over latent tiles, decode. Deterministic (no noise), so `seed` is unused."""
     if steps != 1:
         raise SystemExit(f"--steps {steps}: FluxSR is a one-step model (Eq. 18)")
-    found = common.latest_checkpoint(ckpt)
-    if not found:
-        raise SystemExit(f"--ckpt {ckpt!r}: no checkpoint (a ckpt-* folder or an out_dir holding them)")
-    names = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config(**{k: v for k, v in common.load_config(found).items() if k in names})
+    found, cfg = common.checkpoint_config(ckpt, Config)
     preset, device = resolve(cfg), torch.device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     dit = common.add_lora(common.load_dit(preset, cfg.model_path or None, dtype), cfg.lora_rank, cfg.lora_alpha, LORA_TARGETS)
@@ -342,14 +338,9 @@ def build_sampler(ckpt, device="cpu", steps=1, seed=0):
         vae.enable_tiling()  # full-resolution encode/decode of large images
     cond = {k: v.to(device) for k, v in state["cond"].items()}
 
-    @torch.no_grad()
-    def sr(x_lr):
-        x, (H, W) = common.pad_to_multiple(common.upsample_lr(x_lr.to(device)))
-        with common.autocast(device):
-            z_L = common.encode(vae, "flux1", x)
-            z0_hat = common.tiled(lambda z: one_step(dit, z, cfg.T_L, cond, cfg.guidance), z_L, cfg.tile, cfg.overlap)
-            return common.decode(vae, "flux1", z0_hat)[..., :H, :W].clamp(0, 1).float().cpu()
-    return sr
+    def latent(z_L):  # Eq. 18 over latent tiles
+        return common.tiled(lambda z: one_step(dit, z, cfg.T_L, cond, cfg.guidance), z_L, cfg.tile, cfg.overlap)
+    return lambda x_lr: common.super_resolve(vae, "flux1", x_lr, latent)
 
 
 # --------------------------------------------------------------------------- training

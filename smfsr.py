@@ -466,11 +466,7 @@ def build_sampler(ckpt, device="cpu", steps=1, seed=0, start=None, start_t=None,
     noise seeded by `seed` (each jump's velocity over overlapping latent tiles), decode."""
     if steps < 1:
         raise SystemExit(f"--steps {steps}: expected >= 1 (the paper samples 1, 2 or 4)")
-    found = common.latest_checkpoint(ckpt)
-    if not found:
-        raise SystemExit(f"--ckpt {ckpt!r}: no checkpoint (a ckpt-* folder or an out_dir holding them)")
-    names = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config(**{k: v for k, v in common.load_config(found).items() if k in names})
+    found, cfg = common.checkpoint_config(ckpt, Config)
     cfg.start, cfg.start_t = start or cfg.start, cfg.start_t if start_t is None else start_t
     cfg.tile, cfg.overlap = tile or cfg.tile, overlap or cfg.overlap
     preset, device = resolve(cfg), torch.device(device)
@@ -487,20 +483,11 @@ def build_sampler(ckpt, device="cpu", steps=1, seed=0, start=None, start_t=None,
         vae.enable_tiling()  # full-resolution encode/decode of large images
     cond = {k: v.to(device) for k, v in state["cond"].items()}  # the empty prompt: no text encoder needed
 
-    @torch.no_grad()
-    def sr(x_lr):
-        x, (H, W) = common.pad_to_multiple(common.upsample_lr(x_lr.to(device)))
-        with common.autocast(device):
-            z_lr = common.encode(vae, FAMILY, x)
-            eps = torch.randn(z_lr.shape, generator=torch.Generator().manual_seed(seed)).to(device)
-            C = z_lr.shape[1]
-
-            def u(z, r, t):  # tiles over [z | z_lr] channels: each tile sees its own slice of both
-                tile_u = lambda zz: net(dit, zz[:, :C], r, t, zz[:, C:], cond)
-                return common.tiled(tile_u, torch.cat([z, z_lr], 1), cfg.tile, cfg.overlap)
-            z_hat = generate(u, eps, steps, z_lr if cfg.start == "lr" else None, cfg.start_t)
-            return common.decode(vae, FAMILY, z_hat)[..., :H, :W].clamp(0, 1).float().cpu()
-    return sr
+    def latent(z_lr):
+        eps = torch.randn(z_lr.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+        u = lambda z, r, t: common.tiled_pair(lambda zz, ll: net(dit, zz, r, t, ll, cond), z, z_lr, cfg.tile, cfg.overlap)
+        return generate(u, eps, steps, z_lr if cfg.start == "lr" else None, cfg.start_t)
+    return lambda x_lr: common.super_resolve(vae, FAMILY, x_lr, latent)
 
 
 # --------------------------------------------------------------------------- training

@@ -474,11 +474,7 @@ def build_sampler(ckpt, device="cpu", steps=1, seed=0, tile=None, overlap=None):
     """fn(x_lr (1, 3, h, w) in [0, 1]) -> (1, 3, 4h, 4w): bicubic x4, pad to 16, one step (tiled in
     latent space for large inputs, the VLM condition computed once on the whole LR), crop back.
     Deterministic: `seed` is unused (no noise enters StrSR's one step)."""
-    path = common.latest_checkpoint(ckpt)
-    if path is None:
-        raise SystemExit(f"--ckpt {ckpt!r}: no checkpoint (a ckpt-* folder or an out_dir holding one)")
-    names = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config(**{k: v for k, v in common.load_config(path).items() if k in names})
+    path, cfg = common.checkpoint_config(ckpt, Config)
     device = torch.device(device)
     dit, vae, cond = build_generator(cfg, device, ckpt=path)
     common.load_checkpoint(path, {"dit": dit, "cond": cond}, restore_rng=False)
@@ -490,16 +486,11 @@ def build_sampler(ckpt, device="cpu", steps=1, seed=0, tile=None, overlap=None):
     if common.PRESETS[cfg.model].hub is not None:
         vae.enable_tiling()  # ours: the VAE tiles too (above 1024 px), so memory stays bounded
 
-    @torch.no_grad()
     def sr(x_lr):
-        x_lr = x_lr.to(device).float()
-        x, (H, W) = common.pad_to_multiple(common.upsample_lr(x_lr))
-        with common.autocast(device):
-            c = cond(x_lr)  # once, on the whole LR image
-            z_lr = common.encode(vae, family, x)
-            z = common.tiled(lambda zt: generate(dit, family, zt, c, cfg.t_star, steps), z_lr, tile, overlap)
-            x_sr = common.decode(vae, family, z)
-        return x_sr[..., :H, :W].float().clamp(0, 1).cpu()
+        def latent(z_lr):
+            c = cond(x_lr.to(device).float())  # once, on the whole LR image
+            return common.tiled(lambda zt: generate(dit, family, zt, c, cfg.t_star, steps), z_lr, tile, overlap)
+        return common.super_resolve(vae, family, x_lr, latent)
     sr.cond = cond  # for inspection (tests: the VLM runs once per image)
     return sr
 

@@ -321,11 +321,7 @@ def build_sampler(ckpt, device="cpu", steps=1, seed=0, tile=None, overlap=None):
     from seeded noise (each step's velocity over overlapping latent tiles), decode."""
     if steps < 1:
         raise SystemExit(f"--steps {steps}: expected N >= 1 (the paper samples 1 to 30 steps)")
-    found = common.latest_checkpoint(ckpt)
-    if not found:
-        raise SystemExit(f"--ckpt {ckpt!r}: no checkpoint (a ckpt-* folder or an out_dir holding them)")
-    names = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config(**{k: v for k, v in common.load_config(found).items() if k in names})
+    found, cfg = common.checkpoint_config(ckpt, Config)
     preset, device = resolve(cfg), torch.device(device)
     tile, overlap = tile or cfg.tile, overlap or cfg.overlap
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -339,20 +335,12 @@ def build_sampler(ckpt, device="cpu", steps=1, seed=0, tile=None, overlap=None):
         vae.enable_tiling()  # full-resolution encode/decode of large images
     cond = {k: v.to(device) for k, v in state["cond"].items()}
 
-    @torch.no_grad()
-    def sr(x_lr):
-        x, (H, W) = common.pad_to_multiple(common.upsample_lr(x_lr.to(device)))
-        with common.autocast(device):
-            z_lr = common.encode(vae, FAMILY, x)
-            eps = torch.randn(z_lr.shape, generator=torch.Generator().manual_seed(seed)).to(device)
-            C = z_lr.shape[1]
-
-            def v(z, t, t_tar):  # tiles over [z | z_lr] channels: each tile sees its own slice of both
-                tile_v = lambda zz: v_theta(dit, branch, zz[:, :C], t, zz[:, C:], t_tar, cond)
-                return common.tiled(tile_v, torch.cat([z, z_lr], 1), tile, overlap)
-            z_0 = any_step_sample(v, eps, steps)
-            return common.decode(vae, FAMILY, z_0)[..., :H, :W].clamp(0, 1).float().cpu()
-    return sr
+    def latent(z_lr):
+        eps = torch.randn(z_lr.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+        v = lambda z, t, t_tar: common.tiled_pair(lambda zz, ll: v_theta(dit, branch, zz, t, ll, t_tar, cond),
+                                                  z, z_lr, tile, overlap)
+        return any_step_sample(v, eps, steps)
+    return lambda x_lr: common.super_resolve(vae, FAMILY, x_lr, latent)
 
 
 # --------------------------------------------------------------------------- training
