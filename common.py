@@ -39,6 +39,7 @@ class Preset:
     size: str        # transformer parameters, for the README table
     dit: dict | None = None
     vae: dict | None = None
+    pretrain: bool = False  # mini: weights made by `python common.py pretrain` (cached under MINI_DIR)
 
 
 PRESETS = {
@@ -68,16 +69,51 @@ PRESETS = {
         in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=32, axes_dims_rope=(4, 6, 6)),
         dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)),
+    # mini: the same classes at ~2M parameters, pretrained by this project on the sample photos
+    # (`python common.py pretrain --model mini-<family>`, run on first use): small enough to learn
+    # on a CPU in minutes, real enough that each method visibly beats bicubic (README, "mini").
+    "mini-flux1": Preset("flux1", None, "2.3M", dict(
+        in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=4,
+        joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(8, 12, 12)),
+        dict(latent_channels=16), pretrain=True),
+    "mini-flux2": Preset("flux2", None, "2.0M", dict(
+        in_channels=128, num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=4,
+        joint_attention_dim=32, timestep_guidance_channels=64, axes_dims_rope=(8, 8, 8, 8), guidance_embeds=False),
+        dict(latent_channels=32, batch_norm_eps=1e-4), pretrain=True),
+    "mini-zimage": Preset("zimage", None, "1.9M", dict(
+        in_channels=16, dim=128, n_layers=4, n_refiner_layers=1, n_heads=4, n_kv_heads=4, cap_feat_dim=32,
+        axes_dims=[8, 12, 12], axes_lens=[256, 256, 256]), dict(latent_channels=16), pretrain=True),
+    "mini-sd3": Preset("sd3", None, "2.3M", dict(
+        sample_size=32, in_channels=16, num_layers=4, attention_head_dim=32, num_attention_heads=4,
+        joint_attention_dim=32, caption_projection_dim=128, pooled_projection_dim=16, out_channels=16,
+        pos_embed_max_size=128), dict(latent_channels=16), pretrain=True),
+    "mini-qwen": Preset("qwen", None, "2.5M", dict(
+        in_channels=64, out_channels=16, num_layers=4, attention_head_dim=32, num_attention_heads=4,
+        joint_attention_dim=32, axes_dims_rope=(8, 12, 12)), dict(latent_channels=16, per_channel=True), pretrain=True),
 }
 
 
 def resolve_preset(model, default):
-    """`--model tiny` picks the tiny preset of the method's default family."""
-    if model == "tiny":
-        return "tiny-" + PRESETS[default].family
+    """`--model tiny` / `--model mini` pick the tiny / mini preset of the method's default family."""
+    if model in ("tiny", "mini"):
+        return model + "-" + PRESETS[default].family
     if model not in PRESETS:
-        raise SystemExit(f"unknown --model {model!r}; choose from tiny, {', '.join(PRESETS)}")
+        raise SystemExit(f"unknown --model {model!r}; choose from tiny, mini, {', '.join(PRESETS)}")
     return model
+
+
+def is_tiny(preset):
+    """A random miniature (no hub weights, no pretraining): its LPIPS/VGG/D backbones are random too."""
+    return PRESETS[preset].hub is None and not PRESETS[preset].pretrain
+
+
+def small_defaults(cfg, preset, tiny, mini):
+    """--model tiny / mini: a method's small sizes (`tiny`, `mini` dicts) unless the flag was given (a
+    value equal to the dataclass default counts as not given)."""
+    p = PRESETS[preset]
+    for k, v in (mini if p.pretrain else tiny if p.hub is None else {}).items():
+        if getattr(cfg, k) == getattr(type(cfg), k):
+            setattr(cfg, k, v)
 
 
 def _source(preset, path, sub):
@@ -88,7 +124,9 @@ def _source(preset, path, sub):
 
 def _build(cls_name, preset, path, sub, config, dtype):
     import diffusers
-    cls = getattr(diffusers, cls_name)
+    cls = PatchVAE if PRESETS[preset].pretrain and sub == "vae" else getattr(diffusers, cls_name)
+    if path is None and PRESETS[preset].pretrain:
+        path = mini_base(preset)
     if path is None and PRESETS[preset].hub is None:
         with torch.random.fork_rng(devices=[]):  # tiny weights: random but the same every run
             torch.manual_seed(0)
@@ -754,8 +792,9 @@ def save_grid(path, x_lr, out, x_hr):
 
 # --------------------------------------------------------------------------- LPIPS
 def load_lpips(device, pretrained=True):
-    """VGG LPIPS on images in [0, 1]. Without the VGG weights (offline, tiny presets) the
-    backbone is random (pnet_rand): fine for testing the code path, not for real training."""
+    """VGG LPIPS on images in [0, 1]. Without the VGG weights (offline, tiny presets) the backbone is
+    random (pnet_rand, always drawn from seed 0, so it is one fixed network): fine for testing the code
+    path and as eval.py's offline LPIPS-rand, not for real training. `.pretrained` tells which."""
     import lpips
     net = None
     if pretrained:
@@ -766,10 +805,211 @@ def load_lpips(device, pretrained=True):
         except Exception as e:
             print(f"notice: LPIPS VGG weights unavailable ({type(e).__name__}); using a random backbone")
     if net is None:
-        if not pretrained:
-            print("notice: LPIPS with a random VGG backbone (tiny preset)")
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             warnings.simplefilter("ignore")
+            torch.manual_seed(0)
             net = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
     net = net.to(device).eval().requires_grad_(False)
-    return lambda x, y: net(x * 2 - 1, y * 2 - 1, normalize=False).mean()
+    fn = lambda x, y: net(x * 2 - 1, y * 2 - 1, normalize=False).mean()
+    fn.pretrained = not net.pnet_rand
+    return fn
+
+
+@torch.no_grad()
+def heldout_eval(method, out_dir):
+    """End of a mini run: eval.py on the held-out sample photos, bicubic and this run in one table."""
+    import eval as evaluate
+    return evaluate.main(["--method", f"bicubic,{method}", "--ckpt", out_dir, "--bench", "sample",
+                          "--out_dir", os.path.join(out_dir, "eval"), "--metrics", "PSNR,SSIM,LPIPS,LPIPS-rand"])
+
+
+# --------------------------------------------------------------------------- mini bases
+# A base the project pretrains itself, so that `--model mini` really learns on a CPU. REFERENCE
+# measurements: a diffusers AutoencoderKL trained from scratch reaches only 16-21 dB held-out PSNR in
+# 8-20 CPU minutes, so the mini VAE is a patch-PCA autoencoder (30 dB from the SVD alone, in a second)
+# behind the same encode/decode interface and latent conventions; the DiT is the family's own class.
+MINI_DIR = os.environ.get("MINI_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights"))
+MINI_CROP = 128  # ours: pretraining crop (16x16 latents)
+
+try:
+    from diffusers import ConfigMixin, ModelMixin
+    from diffusers.configuration_utils import register_to_config
+except ImportError:  # common.py imports without diffusers (degrade.py, eval.py)
+    ConfigMixin, ModelMixin, register_to_config = object, torch.nn.Module, lambda f: f
+
+
+class PatchVAE(ModelMixin, ConfigMixin):
+    """Encoder: one linear map of each 8x8 patch to C latents (initialised from the SVD of training
+    patches). Decoder: its transpose, plus a zero-initialised 3x3-conv residual that smooths patch
+    seams. Deterministic (latent_dist.mode() is the code). Its normalisation is the family's:
+    shift/scale (FLUX.1, Z-Image, SD3), per-channel mean/std (Qwen, which also carries a frame dim),
+    or BatchNorm running stats of the 2x2-patchified latents (FLUX.2)."""
+
+    @register_to_config
+    def __init__(self, latent_channels=16, patch=8, width=32, scaling_factor=1.0, shift_factor=0.0,
+                 per_channel=False, latents_mean=None, latents_std=None, batch_norm_eps=None):
+        super().__init__()
+        C = latent_channels
+        self.enc = torch.nn.Conv2d(3, C, patch, stride=patch)
+        self.dec = torch.nn.ConvTranspose2d(C, 3, patch, stride=patch)
+        self.refine = torch.nn.Sequential(torch.nn.Conv2d(3, width, 3, padding=1), torch.nn.SiLU(),
+                                          torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.SiLU(),
+                                          torch.nn.Conv2d(width, 3, 3, padding=1))
+        torch.nn.init.zeros_(self.refine[-1].weight), torch.nn.init.zeros_(self.refine[-1].bias)
+        if batch_norm_eps is not None:
+            self.bn = torch.nn.BatchNorm2d(4 * C, eps=batch_norm_eps, affine=False)
+
+    def enable_gradient_checkpointing(self):  # nothing worth recomputing: three convs
+        pass
+
+    def encode(self, x):  # (B, 3, H, W) or (B, 3, 1, H, W) in [-1, 1]
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        from diffusers.models.modeling_outputs import AutoencoderKLOutput
+        z = self.enc(x[:, :, 0]) if x.dim() == 5 else self.enc(x)
+        z = z.unsqueeze(2) if x.dim() == 5 else z
+        return AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution(torch.cat([z, torch.zeros_like(z)], 1), True))
+
+    def decode(self, z):
+        from diffusers.models.autoencoders.vae import DecoderOutput
+        x = self.dec(z[:, :, 0] if z.dim() == 5 else z)
+        x = x + self.refine(x)
+        return DecoderOutput(sample=x.unsqueeze(2) if z.dim() == 5 else x)
+
+
+def _psnr(x, y):
+    return float(-10 * torch.log10(F.mse_loss(x.clamp(0, 1), y).clamp_min(1e-10)))
+
+
+def pca_init(vae, x):
+    """Encoder = the top-C right singular vectors of the (uncentred) patches of x (B, 3, H, W) in
+    [-1, 1], decoder = their transpose: the best rank-C linear autoencoder of those patches (Eckart-Young)."""
+    p, C = vae.config.patch, vae.config.latent_channels
+    patches = F.unfold(x, p, stride=p).transpose(1, 2).reshape(-1, 3 * p * p)  # (N, 3 p p), order (c, i, j)
+    basis = torch.linalg.svd(patches, full_matrices=False)[2][:C]  # (C, 3 p p)
+    with torch.no_grad():
+        vae.enc.weight.copy_(basis.view(C, 3, p, p)), vae.enc.bias.zero_()
+        vae.dec.weight.copy_(basis.view(C, 3, p, p)), vae.dec.bias.zero_()
+
+
+def set_latent_stats(vae, family, z):
+    """Store the normalisation of raw latents z (N, C, h, w) in the family's own convention, so that
+    common.encode gives unit-variance latents as the real VAEs' constants do."""
+    if family == "flux2":
+        zp = patchify(z)
+        vae.bn.running_mean.copy_(zp.mean((0, 2, 3)))
+        vae.bn.running_var.copy_(zp.var((0, 2, 3)))
+    elif vae.config.per_channel:
+        vae.register_to_config(latents_mean=z.mean((0, 2, 3)).tolist(), latents_std=z.std((0, 2, 3)).tolist())
+    else:
+        vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1 / z.std()))
+
+
+def mini_base(preset):
+    """Folder of a mini preset's pretrained vae/ and transformer/; pretrains it on first use. A lock
+    file lets concurrent processes (torchrun ranks, parallel runs) wait for one pretraining."""
+    import fcntl
+    folder = os.path.join(MINI_DIR, preset)
+    if not os.path.exists(os.path.join(folder, "pretrain.json")):
+        os.makedirs(MINI_DIR, exist_ok=True)
+        with open(os.path.join(MINI_DIR, f".{preset}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not os.path.exists(os.path.join(folder, "pretrain.json")):
+                print(f"{preset}: no pretrained base in {folder}; pretraining it now (once; see README, mini)")
+                pretrain(preset)
+    return folder
+
+
+def _batch(ds, n, g):
+    return torch.stack([ds[(int(torch.randint(len(ds), (1,), generator=g)), int(torch.randint(2**31, (1,), generator=g)))]
+                        for _ in range(n)])
+
+
+def pretrain(preset, vae_steps=200, dit_steps=1000, batch=16, lr=5e-4, seed=0, out=None):
+    """Pretrain a mini base on the sample photos (held-out ones excluded): (1) the PatchVAE, from the SVD
+    of training patches then fine-tuned on MSE; (2) the family's DiT by plain flow matching on its
+    normalised latents, z_t = (1 - t) z_0 + t eps, target v = eps - z_0, with the fixed tiny_cond as the
+    empty prompt. Writes vae/, transformer/ (safetensors + JSON), pretrain.json and samples.png."""
+    import diffusers
+    from tqdm import tqdm
+    p = PRESETS[preset]
+    if not p.pretrain:
+        raise SystemExit(f"--model {preset}: pretraining is for the mini presets ({', '.join(k for k in PRESETS if PRESETS[k].pretrain)})")
+    out, t_start = out or os.path.join(MINI_DIR, preset), time.time()
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    ds, held = ImageDataset("sample", MINI_CROP), sample_photos(SAMPLE_HELDOUT)
+
+    # 1. autoencoder: SVD init, then MSE fine-tuning of encoder, decoder and the seam residual
+    vae = PatchVAE(**{k: v for k, v in p.vae.items()})
+    pca_init(vae, _batch(ds, 256, g) * 2 - 1)
+    recon = lambda x: (vae.decode(vae.encode(x * 2 - 1).latent_dist.mode()).sample + 1) / 2
+    with torch.no_grad():
+        psnr_svd = sum(_psnr(recon(x[None]), x[None]) for x in held) / len(held)
+    opt = torch.optim.Adam(vae.parameters(), lr=1e-3)  # ours
+    bar = tqdm(range(vae_steps), desc=f"{preset} vae")
+    for _ in bar:
+        x = _batch(ds, 8, g)
+        loss = F.mse_loss(recon(x), x)
+        opt.zero_grad(set_to_none=True), loss.backward(), opt.step()
+        bar.set_postfix(mse=f"{loss.item():.2e}")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        psnr = sum(_psnr(recon(x[None]), x[None]) for x in held) / len(held)
+        raw = torch.cat([vae.encode(_batch(ds, 32, g) * 2 - 1).latent_dist.mode() for _ in range(4)])
+        set_latent_stats(vae, p.family, raw)
+    print(f"{preset} vae: held-out PSNR {psnr_svd:.2f} dB (SVD) -> {psnr:.2f} dB ({vae_steps} steps)")
+
+    # 2. DiT: plain flow matching on the normalised latents (the "text-to-image" pretraining)
+    dit = getattr(diffusers, FAMILIES[p.family][0])(**p.dit)
+    cond = tiny_cond(dit, p.family)
+    opt = torch.optim.AdamW(dit.parameters(), lr=lr, weight_decay=0.0)  # ours
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 100))  # ours: 100-step warm-up
+    bar, ema = tqdm(range(dit_steps), desc=f"{preset} dit"), None
+    for i in bar:
+        with torch.no_grad():
+            z_0 = encode(vae, p.family, _batch(ds, batch, g))
+        eps = torch.randn(z_0.shape, generator=g)
+        t = torch.sigmoid(torch.randn(batch, generator=g))  # ours: logit-normal(0, 1) times, as SD3
+        z_t = (1 - t.view(-1, 1, 1, 1)) * z_0 + t.view(-1, 1, 1, 1) * eps
+        loss = F.mse_loss(velocity(p.family, dit, z_t, t, expand_cond(cond, batch)), eps - z_0)
+        opt.zero_grad(set_to_none=True), loss.backward()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        opt.step(), sched.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        bar.set_postfix(fm_loss=f"{ema:.4f}")
+    print(f"{preset} dit: flow-matching loss {ema:.4f} ({dit_steps} steps)")
+
+    # 3. save atomically, with 8 generations of the base (28 Euler steps from noise)
+    dit.eval()
+    with torch.no_grad():
+        z = torch.randn((8,) + z_0.shape[1:], generator=g)
+        ts = torch.linspace(1, 0, 29)
+        for t, s in zip(ts[:-1], ts[1:]):
+            z = z - (t - s) * velocity(p.family, dit, z, t.view(1), expand_cond(cond, 8))
+        samples = decode(vae, p.family, z).clamp(0, 1)
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(os.path.join(tmp, "vae"))
+    dit.save_pretrained(os.path.join(tmp, "transformer"))
+    import torchvision
+    torchvision.utils.save_image(samples, os.path.join(tmp, "samples.png"), nrow=4, padding=2)
+    info = dict(preset=preset, command=" ".join(["python common.py pretrain --model", preset]), vae_steps=vae_steps,
+                dit_steps=dit_steps, batch=batch, lr=lr, seed=seed, heldout=SAMPLE_HELDOUT, vae_psnr_svd=psnr_svd,
+                vae_psnr=psnr, fm_loss=ema, minutes=(time.time() - t_start) / 60)
+    json.dump(info, open(os.path.join(tmp, "pretrain.json"), "w"), indent=1)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    print(f"{preset}: pretrained in {info['minutes']:.1f} min -> {out} (samples.png: the base's generations)")
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="python common.py pretrain --model mini-<family>: pretrain a mini base")
+    ap.add_argument("command", choices=["pretrain"])
+    ap.add_argument("--model", required=True, help=", ".join(k for k in PRESETS if PRESETS[k].pretrain))
+    ap.add_argument("--vae_steps", type=int, default=200)
+    ap.add_argument("--dit_steps", type=int, default=1000)
+    ap.add_argument("--out", default=None, help=f"default: {MINI_DIR}/<model>")
+    a = ap.parse_args()
+    pretrain(a.model if a.model in PRESETS else "mini-" + a.model, a.vae_steps, a.dit_steps, out=a.out)

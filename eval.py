@@ -3,7 +3,7 @@ Paper-style evaluation: run a method over a benchmark, score its outputs with th
 StrSR, FluxSR, SMFSR and TEASR, and write one table row per (method, dataset).
 
   python eval.py --method bicubic --bench sample                      # offline, out of the box
-  python eval.py --method strsr --ckpt out/strsr --bench RealSR,DRealSR [--steps K] [--seed S]
+  python eval.py --method bicubic,strsr --ckpt out/strsr --bench RealSR,DRealSR [--steps K] [--seed S]
   python eval.py --sr out/eval/strsr/RealSR --hr data/RealSR/HR        # score existing outputs
 
 Benchmarks, under --data_root (default data/); LR and HR files pair by file stem, a trailing
@@ -21,7 +21,10 @@ MATLAB's rgb2ycbcr (Y = 16 + 65.481 R + 128.553 G + 24.966 B, RGB in [0, 1]): py
 with test_y_channel=True, color_space="ycbcr", as in OSEDiff's evaluation that TEASR follows (pyiqa's
 default color space is YIQ, a different Y). SSIM: 11x11 Gaussian window, sigma 1.5, on 8-bit Y.
 LPIPS (AlexNet), DISTS, FID (folder SR vs folder HR); NIQE, MUSIQ, MANIQA (PIPAL), CLIPIQA, TOPIQ
-(topiq_nr), Q-Align. A metric whose weights or packages cannot load is reported n/a with its reason,
+(topiq_nr), Q-Align; LPIPS-rand (ours): VGG LPIPS with the lpips package's linear heads on a random
+VGG backbone drawn from seed 0, which needs no download. It is a fixed perceptual distance of sorts for
+offline runs, not comparable with the papers' LPIPS, and the loss of offline mini/tiny training uses the
+same network, so it measures what was optimised (PSNR is the independent check). A metric whose weights or packages cannot load is reported n/a with its reason,
 never as a number; a mean is reported only when every image of the set was scored.
 
 Outputs go to --out_dir/<name>/<bench>/<stem>.png (not regenerated when present); per-image scores
@@ -49,6 +52,7 @@ METRICS = [
     ("CLIPIQA", "clipiqa", {}, "nr", True),
     ("TOPIQ", "topiq_nr", {}, "nr", True),
     ("Q-Align", "qalign", {}, "nr", True),
+    ("LPIPS-rand", None, {}, "fr", False),  # ours: VGG LPIPS with a fixed random backbone (offline stand-in)
 ]
 COLS = [m[0] for m in METRICS]
 KIND = {m[0]: m[3] for m in METRICS}
@@ -92,6 +96,10 @@ class Scorer:
             if "huggingface_hub" in sys.modules:  # already imported (by a method): it read the variable then
                 sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = True
         name, opts = next((m[1], m[2]) for m in METRICS if m[0] == col)
+        if name is None:  # LPIPS-rand: the lpips package's heads on a seed-0 random VGG, no download
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.models[col] = common.load_lpips(self.device, pretrained=False)
+            return self.models[col]
         old = socket.getdefaulttimeout()
         socket.setdefaulttimeout(30)  # torch.hub downloads have no timeout of their own
         try:
@@ -360,7 +368,7 @@ def write_tables(rows, out_dir):
     old = json.load(open(path)) if os.path.exists(path) else []
     new = {(r["method"], r["dataset"]) for r in rows}
     rows = [r for r in old if (r["method"], r["dataset"]) not in new] + rows
-    cols = COLS + ["s/img", "mem_GB"]
+    cols = [c for c in COLS if any(c in r for r in rows)] + ["s/img", "mem_GB"]  # metrics never requested: no column
     arrow = {m[0]: " ↑" if m[4] else " ↓" for m in METRICS}
     lines = ["| Method | Dataset | N | " + " | ".join(c + arrow.get(c, "") for c in cols) + " |",
              "|" + "---|" * (len(cols) + 3)]
@@ -383,10 +391,32 @@ def write_tables(rows, out_dir):
     return md
 
 
+def run_method(a, method, scorer, device):
+    """One row per benchmark for `method` (outputs cached, see the module docstring)."""
+    name, rows, built = a.name or (method + (f"-{a.steps}step" if a.steps > 1 else "")), [], {}
+    ckpt_arg = "" if method == "bicubic" else a.ckpt
+
+    def make_fn():  # on first need: a resumed run with all outputs on disk loads no model
+        if "fn" not in built:
+            built["fn"] = build_fn(method, ckpt_arg, device, a.steps, a.seed)
+        return built["fn"]
+
+    for bench in [b.strip() for b in a.bench.split(",") if b.strip()]:
+        items, hr_dir = load_bench(bench, a.data_root, a.degrade_seed, a.limit)
+        run_dir = os.path.join(a.out_dir, name, bench)
+        ckpt = os.path.abspath(common.latest_checkpoint(ckpt_arg) or ckpt_arg) if ckpt_arg else ""  # a newer ckpt-* is another run
+        info = {"method": method, "ckpt": ckpt, "steps": a.steps, "seed": a.seed,
+                "lr": os.path.abspath(os.path.dirname(items[0][1]))}
+        generate(items, run_dir, make_fn, device, info)
+        pairs = [(k, os.path.join(run_dir, k + ".png"), hr) for k, _, hr in items]
+        rows.append({"method": name, "dataset": bench, "n": len(items), **score(pairs, run_dir, scorer, run_dir, hr_dir)})
+    return rows
+
+
 # --------------------------------------------------------------------------- main
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
-    p.add_argument("--method", default="", help="bicubic, strsr, fluxsr, smfsr, teasr (a module with build_sampler)")
+    p.add_argument("--method", default="", help="comma-separated: bicubic, strsr, fluxsr, smfsr, teasr (modules with build_sampler)")
     p.add_argument("--ckpt", default="", help="checkpoint folder, or a training out_dir (latest ckpt-*)")
     p.add_argument("--bench", default="sample", help=f"comma-separated: {', '.join(BENCHES)}")
     p.add_argument("--data_root", default="data")
@@ -420,26 +450,13 @@ def main(argv=None):
         row = score(pairs, os.path.join(a.out_dir, "scored", name, dataset), scorer, a.sr, a.hr or None)
         rows.append({"method": name, "dataset": dataset, "n": len(pairs), **row})
     else:
-        if not a.method:
+        methods = [m.strip() for m in a.method.split(",") if m.strip()]
+        if not methods:
             raise SystemExit("give --method (bicubic, strsr, fluxsr, smfsr, teasr) or --sr DIR [--hr DIR]")
-        name = a.name or (a.method + (f"-{a.steps}step" if a.steps > 1 else ""))
-        built = {}
-
-        def make_fn():  # on first need: a resumed run with all outputs on disk loads no model
-            if "fn" not in built:
-                built["fn"] = build_fn(a.method, a.ckpt, device, a.steps, a.seed)
-            return built["fn"]
-
-        for bench in [b.strip() for b in a.bench.split(",") if b.strip()]:
-            items, hr_dir = load_bench(bench, a.data_root, a.degrade_seed, a.limit)
-            run_dir = os.path.join(a.out_dir, name, bench)
-            ckpt = os.path.abspath(common.latest_checkpoint(a.ckpt) or a.ckpt) if a.ckpt else ""  # a newer ckpt-* is another run
-            info = {"method": a.method, "ckpt": ckpt, "steps": a.steps, "seed": a.seed,
-                    "lr": os.path.abspath(os.path.dirname(items[0][1]))}
-            generate(items, run_dir, make_fn, device, info)
-            pairs = [(k, os.path.join(run_dir, k + ".png"), hr) for k, _, hr in items]
-            row = score(pairs, run_dir, scorer, run_dir, hr_dir)
-            rows.append({"method": name, "dataset": bench, "n": len(items), **row})
+        if a.name and len(methods) > 1:
+            raise SystemExit("--name labels one method's row; give one --method with it")
+        for method in methods:  # --ckpt is for the learned methods (bicubic has none)
+            rows += run_method(a, method, scorer, device)
     print(write_tables(rows, a.out_dir), end="")
     print(f"written: {os.path.join(a.out_dir, 'results.md')} (.csv, .json)")
     return rows

@@ -33,6 +33,7 @@ Launch:
     torchrun --nproc_per_node=8 fluxsr.py                        # train (resumes from out_dir)
     python fluxsr.py --sample --ckpt out/fluxsr --input lr/ --output sr/
     python fluxsr.py --model tiny --make_pairs 16 && python fluxsr.py --model tiny   # CPU smoke run
+    python fluxsr.py --model mini --make_pairs 64 && python fluxsr.py --model mini   # CPU, the mini base, table vs bicubic
 
 What differs from the paper, and why:
 - Unknown in the paper, chosen here (`# ours` in Config): T_L, gamma, lambda, mu, LoRA rank and
@@ -102,10 +103,14 @@ class Config:
     steps: int = 1                # one step (Eq. 18); the model has no other step count
     tile: int = 128               # ours: latent tile, 1024 px = the training size
     overlap: int = 32             # ours: 256 px
+    eval_heldout: bool = False    # ours: at the end, eval.py on the held-out sample photos vs bicubic (mini: on)
 
 
 # --model tiny: small sizes unless the flag was given (values equal to the default are replaced)
 TINY = dict(max_steps=20, pair_size=64, crop=64, teacher_steps=4, lora_rank=8, lora_alpha=8.0, batch_size=2, tile=8, overlap=2)
+# --model mini (ours): a ~10-minute CPU run on the pretrained mini base (README, "mini")
+MINI = dict(max_steps=300, pair_size=128, crop=128, lora_rank=32, lora_alpha=32.0, lr=3e-4, batch_size=4,
+            tile=32, overlap=8, grid_every=100, save_every=100, eval_heldout=True)
 
 
 def resolve(cfg):
@@ -113,10 +118,7 @@ def resolve(cfg):
     preset = common.resolve_preset(cfg.model, DEFAULT_MODEL)
     if common.PRESETS[preset].family != "flux1":
         raise SystemExit(f"--model {cfg.model}: FluxSR is defined on FLUX.1 (guidance-distilled, packed tokens)")
-    if cfg.model == "tiny":
-        for k, v in TINY.items():
-            if getattr(cfg, k) == getattr(Config, k):
-                setattr(cfg, k, v)
+    common.small_defaults(cfg, preset, TINY, MINI)
     if cfg.pair_size % 16 or cfg.crop % 16 or cfg.crop > cfg.pair_size:
         raise SystemExit(f"--crop {cfg.crop} and --pair_size {cfg.pair_size}: expected multiples of 16, crop <= pair_size")
     if not 0 < cfg.T_L < 1:
@@ -411,7 +413,7 @@ def train(cfg):
     feats = BlockFeatures(dit)
     with torch.random.fork_rng(devices=[]):  # offline its backbone is random: the same on every rank
         torch.manual_seed(cfg.seed)
-        lpips = common.load_lpips(device, pretrained=common.PRESETS[preset].hub is not None)
+        lpips = common.load_lpips(device, pretrained=not common.is_tiny(preset))
     cond = empty_prompt(preset, cfg, dit, device, cfg.out_dir, rank)
     cond2 = common.expand_cond(cond, 2 * cfg.micro_batch)
 
@@ -453,6 +455,8 @@ def train(cfg):
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             common.save_checkpoint(cfg.out_dir, step, cfg, {"dit": dit}, {"opt": opt},
                                    extra={"cond": {k: v.detach().cpu() for k, v in cond.items()}}, generators={"degrade": g})
+    if rank == 0 and cfg.eval_heldout:
+        common.heldout_eval("fluxsr", cfg.out_dir)
     return dit
 
 

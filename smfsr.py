@@ -38,6 +38,7 @@ Launch:
     python smfsr.py --sample --ckpt out/smfsr-gan --input lr/ --output sr/ [--steps 4] [--seed 1] [--start lr]
     python smfsr.py --model tiny --stage teacher && python smfsr.py --model tiny --stage isc \
         && python smfsr.py --model tiny --stage gan      # CPU smoke run (random tiny SD3, 4 steps each)
+    python smfsr.py --model mini --stage teacher && ... --stage isc && ... --stage gan   # CPU, the mini base
 
 What differs from the paper, and why:
 - LR injection. DiT4SR adds a third (LR) stream to every MM-DiT block with its own projections and
@@ -138,10 +139,14 @@ class Config:
     start_t: float = 0.8          # ours: t0 of --start lr
     tile: int = 64                # ours: latent tile, 512 px = the training crop
     overlap: int = 16             # ours: 128 px
+    eval_heldout: bool = False    # ours: at the end, eval.py on the held-out sample photos vs bicubic (mini: on)
 
 
 # --model tiny: small sizes unless the flag was given (values equal to the default are replaced)
 TINY = dict(crop=64, max_steps=4, batch_size=2, micro_batch=1, fake_rank=4, disc_width=16, tile=8, overlap=2)
+# --model mini (ours): each stage a few CPU minutes on the pretrained mini base (README, "mini")
+MINI = dict(crop=128, max_steps=200, batch_size=4, micro_batch=2, lr=3e-4, lr_fake=3e-4, lr_d=1e-4, fake_rank=16,
+            disc_width=32, tile=32, overlap=8, grid_every=100, save_every=100, eval_heldout=True)
 
 
 def resolve(cfg):
@@ -151,10 +156,7 @@ def resolve(cfg):
         raise SystemExit(f"--model {cfg.model}: SMFSR is built on SD3.5 (MM-DiT joint attention, pooled text)")
     if cfg.stage not in STAGES:
         raise SystemExit(f"--stage {cfg.stage!r}: expected one of {', '.join(STAGES)}")
-    if cfg.model == "tiny":
-        for k, v in TINY.items():
-            if getattr(cfg, k) == getattr(Config, k):
-                setattr(cfg, k, v)
+    common.small_defaults(cfg, preset, TINY, MINI)
     cfg.max_steps = cfg.max_steps or STAGES[cfg.stage][0]
     cfg.batch_size = cfg.batch_size or STAGES[cfg.stage][1]
     cfg.out_dir = cfg.out_dir or f"out/smfsr-{cfg.stage}"
@@ -531,7 +533,7 @@ def train(cfg):
         if gan:
             common.add_lora(dit, cfg.fake_rank, cfg.fake_rank, FAKE_LORA_TARGETS)  # B = 0: v_phi' = v_phi at init
             disc = Discriminator(tiny, cfg.disc_model, cfg.disc_width)
-            lpips = common.load_lpips(device, pretrained=not tiny)
+            lpips = common.load_lpips(device, pretrained=not common.is_tiny(preset))
     if init:
         load_net(cfg.teacher_ckpt, "teacher", teacher)
         load_net(init, "teacher" if stage == "isc" else "student", net)  # Alg. 1: the student starts as the teacher
@@ -650,6 +652,8 @@ def train(cfg):
             if gan:
                 extra["fake_lora"] = common.lora_state(dit)
             common.save_checkpoint(cfg.out_dir, step, cfg, models, opts, extra=extra, generators={"degrade": g})
+    if rank == 0 and cfg.eval_heldout:
+        common.heldout_eval("smfsr", cfg.out_dir)
     return net
 
 

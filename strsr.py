@@ -22,6 +22,7 @@ grid artifacts (Sec. 3.4). Plain-text equations (sigma convention: t = 1 is nois
   (11) L_Gen = 1.0 L1 + 3.0 LPIPS + 0.1 L_G + lambda_fdl FDL,  lambda_fdl = 0 (stage 1), 0.002 (stage 2)
 
   python strsr.py --model tiny                                     # CPU, under a minute, random tiny models
+  python strsr.py --model mini                                     # CPU, ~10 min on the pretrained mini base, ends with a table vs bicubic
   python strsr.py --model tiny --stage 2                           # resumes the stage-1 run, adds FDL
   torchrun --nproc_per_node=4 strsr.py --data LSDIR                # stage 1: 40k steps
   torchrun --nproc_per_node=4 strsr.py --data LSDIR --stage 2      # stage 2: 20k more steps with FDL
@@ -107,6 +108,13 @@ class Config:
     steps: int = 1                # paper: 1; K > 1 splits the same straight path t* -> 0 into K Euler steps (ours)
     tile: int = 0                 # latent tile; 0: the paper's 1024 px in this family's latent units
     overlap: int = 0              # latent overlap; 0: the paper's 64 px
+    eval_heldout: bool = False    # ours: at the end, eval.py on the held-out sample photos vs bicubic (mini: on)
+
+
+# --model mini (ours): a ~10-minute CPU run on the pretrained mini base; the paper's lr (5e-6) is
+# for a 4B base over 40k steps, a 2M base learns in hundreds of steps at a larger one
+MINI = dict(max_steps=300, crop=128, lora_rank=64, lora_alpha=64, lr_g=3e-4, lr_d=1e-4, disc_width=32,
+            fdl_projections=32, tile=16, overlap=4, grid_every=100, save_every=100, eval_heldout=True)
 
 
 def resolve(cfg):
@@ -118,6 +126,7 @@ def resolve(cfg):
     preset = common.resolve_preset(cfg.model, "flux2-klein")
     if common.PRESETS[preset].family not in ("flux2", "zimage"):
         raise SystemExit(f"--model {preset}: StrSR supports the flux2 and zimage families")
+    common.small_defaults(cfg, preset, {}, MINI)
     tiny = common.PRESETS[preset].hub is None
     steps = {(1, False): 40000, (2, False): 20000, (1, True): 20, (2, True): 10}[(cfg.stage, tiny)]
     return dataclasses.replace(cfg, model=preset, crop=cfg.crop or (64 if tiny else 1024),
@@ -148,7 +157,8 @@ def generate(dit, family, z_lr, cond, t_star, steps=1):
 
 def latent_factor(vae, family):
     """Pixels per latent cell: VAE downsampling (x2 for FLUX.2's patchified latents)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1) * (2 if family == "flux2" else 1)
+    down = vae.config.patch if hasattr(vae.config, "patch") else 2 ** (len(vae.config.block_out_channels) - 1)  # mini: PatchVAE
+    return down * (2 if family == "flux2" else 1)
 
 
 # -----------------------------------------------------------------------------
@@ -512,7 +522,7 @@ def train(cfg):
         torch.manual_seed(cfg.seed)
         dit, vae, cond = build_generator(cfg, device)
         disc = Discriminator(tiny, cfg.disc_width).to(device)
-        lpips = common.load_lpips(device, pretrained=not tiny)
+        lpips = common.load_lpips(device, pretrained=not common.is_tiny(cfg.model))
         phi = FDLFeatures(not tiny, cfg.fdl_projections).to(device) if cfg.stage == 2 else None
     if cfg.grad_ckpt and device.type == "cuda":
         dit.enable_gradient_checkpointing()
@@ -577,6 +587,8 @@ def train(cfg):
         if step % cfg.save_every == 0 or step == end:
             common.save_checkpoint(cfg.out_dir, step, cfg, models, optims, extra={"stage_start": stage_start},
                                    generators={"degrade": g})
+    if rank == 0 and cfg.eval_heldout:
+        common.heldout_eval("strsr", cfg.out_dir)
     if ddp:
         torch.distributed.destroy_process_group()
 
