@@ -8,7 +8,7 @@ Every velocity call here speaks one convention (rectified flow, sigma form):
 on (B, C, H, W) latents, whatever the family does inside (packing, position ids, its
 own timestep scale). Images are (B, 3, H, W) floats in [0, 1] everywhere outside the VAE.
 """
-import contextlib, dataclasses, glob, hashlib, json, os, random, shutil, sys, time, warnings
+import contextlib, dataclasses, functools, glob, hashlib, json, os, random, shutil, sys, time, warnings
 
 import numpy as np
 import torch
@@ -124,7 +124,7 @@ def _source(preset, path, sub):
 
 def _build(cls_name, preset, path, sub, config, dtype):
     import diffusers
-    cls = PatchVAE if PRESETS[preset].pretrain and sub == "vae" else getattr(diffusers, cls_name)
+    cls = _patch_vae_class() if PRESETS[preset].pretrain and sub == "vae" else getattr(diffusers, cls_name)
     if path is None and PRESETS[preset].pretrain:
         path = mini_base(preset)
     if path is None and PRESETS[preset].hub is None:
@@ -805,6 +805,8 @@ def load_lpips(device, pretrained=True):
         except Exception as e:
             print(f"notice: LPIPS VGG weights unavailable ({type(e).__name__}); using a random backbone")
     if net is None:
+        if not pretrained:
+            print("notice: LPIPS with a random VGG backbone (seed 0)")
         with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             warnings.simplefilter("ignore")
             torch.manual_seed(0)
@@ -831,49 +833,55 @@ def heldout_eval(method, out_dir):
 MINI_DIR = os.environ.get("MINI_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights"))
 MINI_CROP = 128  # ours: pretraining crop (16x16 latents)
 
-try:
+@functools.cache
+def _patch_vae_class():  # built on first use: `import common` stays free of diffusers
     from diffusers import ConfigMixin, ModelMixin
     from diffusers.configuration_utils import register_to_config
-except ImportError:  # common.py imports without diffusers (degrade.py, eval.py)
-    ConfigMixin, ModelMixin, register_to_config = object, torch.nn.Module, lambda f: f
+
+    class PatchVAE(ModelMixin, ConfigMixin):
+        """Encoder: one linear map of each 8x8 patch to C latents (initialised from the SVD of training
+        patches). Decoder: its transpose, plus a zero-initialised 3x3-conv residual that smooths patch
+        seams. Deterministic (latent_dist.mode() is the code). Its normalisation is the family's:
+        shift/scale (FLUX.1, Z-Image, SD3), per-channel mean/std (Qwen, which also carries a frame dim),
+        or BatchNorm running stats of the 2x2-patchified latents (FLUX.2)."""
+
+        @register_to_config
+        def __init__(self, latent_channels=16, patch=8, width=32, scaling_factor=1.0, shift_factor=0.0,
+                     per_channel=False, latents_mean=None, latents_std=None, batch_norm_eps=None):
+            super().__init__()
+            C = latent_channels
+            self.enc = torch.nn.Conv2d(3, C, patch, stride=patch)
+            self.dec = torch.nn.ConvTranspose2d(C, 3, patch, stride=patch)
+            self.refine = torch.nn.Sequential(torch.nn.Conv2d(3, width, 3, padding=1), torch.nn.SiLU(),
+                                              torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.SiLU(),
+                                              torch.nn.Conv2d(width, 3, 3, padding=1))
+            torch.nn.init.zeros_(self.refine[-1].weight), torch.nn.init.zeros_(self.refine[-1].bias)
+            if batch_norm_eps is not None:
+                self.bn = torch.nn.BatchNorm2d(4 * C, eps=batch_norm_eps, affine=False)
+
+        def enable_gradient_checkpointing(self):  # nothing worth recomputing: three convs
+            pass
+
+        def encode(self, x):  # (B, 3, H, W) or (B, 3, 1, H, W) in [-1, 1]
+            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+            from diffusers.models.modeling_outputs import AutoencoderKLOutput
+            z = self.enc(x[:, :, 0]) if x.dim() == 5 else self.enc(x)
+            z = z.unsqueeze(2) if x.dim() == 5 else z
+            return AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution(torch.cat([z, torch.zeros_like(z)], 1), True))
+
+        def decode(self, z):
+            from diffusers.models.autoencoders.vae import DecoderOutput
+            x = self.dec(z[:, :, 0] if z.dim() == 5 else z)
+            x = x + self.refine(x)
+            return DecoderOutput(sample=x.unsqueeze(2) if z.dim() == 5 else x)
+
+    return PatchVAE
 
 
-class PatchVAE(ModelMixin, ConfigMixin):
-    """Encoder: one linear map of each 8x8 patch to C latents (initialised from the SVD of training
-    patches). Decoder: its transpose, plus a zero-initialised 3x3-conv residual that smooths patch
-    seams. Deterministic (latent_dist.mode() is the code). Its normalisation is the family's:
-    shift/scale (FLUX.1, Z-Image, SD3), per-channel mean/std (Qwen, which also carries a frame dim),
-    or BatchNorm running stats of the 2x2-patchified latents (FLUX.2)."""
-
-    @register_to_config
-    def __init__(self, latent_channels=16, patch=8, width=32, scaling_factor=1.0, shift_factor=0.0,
-                 per_channel=False, latents_mean=None, latents_std=None, batch_norm_eps=None):
-        super().__init__()
-        C = latent_channels
-        self.enc = torch.nn.Conv2d(3, C, patch, stride=patch)
-        self.dec = torch.nn.ConvTranspose2d(C, 3, patch, stride=patch)
-        self.refine = torch.nn.Sequential(torch.nn.Conv2d(3, width, 3, padding=1), torch.nn.SiLU(),
-                                          torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.SiLU(),
-                                          torch.nn.Conv2d(width, 3, 3, padding=1))
-        torch.nn.init.zeros_(self.refine[-1].weight), torch.nn.init.zeros_(self.refine[-1].bias)
-        if batch_norm_eps is not None:
-            self.bn = torch.nn.BatchNorm2d(4 * C, eps=batch_norm_eps, affine=False)
-
-    def enable_gradient_checkpointing(self):  # nothing worth recomputing: three convs
-        pass
-
-    def encode(self, x):  # (B, 3, H, W) or (B, 3, 1, H, W) in [-1, 1]
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-        from diffusers.models.modeling_outputs import AutoencoderKLOutput
-        z = self.enc(x[:, :, 0]) if x.dim() == 5 else self.enc(x)
-        z = z.unsqueeze(2) if x.dim() == 5 else z
-        return AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution(torch.cat([z, torch.zeros_like(z)], 1), True))
-
-    def decode(self, z):
-        from diffusers.models.autoencoders.vae import DecoderOutput
-        x = self.dec(z[:, :, 0] if z.dim() == 5 else z)
-        x = x + self.refine(x)
-        return DecoderOutput(sample=x.unsqueeze(2) if z.dim() == 5 else x)
+def __getattr__(name):  # common.PatchVAE, resolved lazily (PEP 562)
+    if name == "PatchVAE":
+        return _patch_vae_class()
+    raise AttributeError(f"module 'common' has no attribute {name!r}")
 
 
 def _psnr(x, y):
@@ -940,7 +948,7 @@ def pretrain(preset, vae_steps=200, dit_steps=1000, batch=16, lr=5e-4, seed=0, o
     ds, held = ImageDataset("sample", MINI_CROP), sample_photos(SAMPLE_HELDOUT)
 
     # 1. autoencoder: SVD init, then MSE fine-tuning of encoder, decoder and the seam residual
-    vae = PatchVAE(**{k: v for k, v in p.vae.items()})
+    vae = _patch_vae_class()(**p.vae)
     pca_init(vae, _batch(ds, 256, g) * 2 - 1)
     recon = lambda x: (vae.decode(vae.encode(x * 2 - 1).latent_dist.mode()).sample + 1) / 2
     with torch.no_grad():

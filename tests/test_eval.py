@@ -140,7 +140,8 @@ def test_unavailable_metrics_reported_rest_computed(tmp_path, photo, monkeypatch
     md = open(os.path.join(out, "results.md")).read()
     line = next(l for l in md.splitlines() if l.startswith("| bicubic | RealSR"))
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells[5] == "n/a" and cells[9] == "n/a" and cells[6] == "-" and "lpips_alex.pth not found" in md
+    assert cells[5] == "n/a" and cells[6] == "n/a" and "lpips_alex.pth not found" in md
+    assert "DISTS" not in md.splitlines()[0]  # a metric nobody asked for gets no column
     assert json.load(open(os.path.join(out, "results.json")))[0]["LPIPS"] is None
     assert "n/a" not in open(os.path.join(out, "results.csv")).read()  # empty cells, never a number
 
