@@ -1001,9 +1001,9 @@ def pretrain(preset, vae_steps=200, dit_steps=1000, batch=16, lr=5e-4, seed=0, o
     dit.save_pretrained(os.path.join(tmp, "transformer"))
     import torchvision
     torchvision.utils.save_image(samples, os.path.join(tmp, "samples.png"), nrow=4, padding=2)
-    info = dict(preset=preset, command=" ".join(["python common.py pretrain --model", preset]), vae_steps=vae_steps,
-                dit_steps=dit_steps, batch=batch, lr=lr, seed=seed, heldout=SAMPLE_HELDOUT, vae_psnr_svd=psnr_svd,
-                vae_psnr=psnr, fm_loss=ema, minutes=(time.time() - t_start) / 60)
+    command = f"python common.py pretrain --model {preset} --vae_steps {vae_steps} --dit_steps {dit_steps}"
+    info = dict(preset=preset, command=command, vae_steps=vae_steps, dit_steps=dit_steps, batch=batch, lr=lr, seed=seed,
+                heldout=SAMPLE_HELDOUT, vae_psnr_svd=psnr_svd, vae_psnr=psnr, fm_loss=ema, minutes=(time.time() - t_start) / 60)
     json.dump(info, open(os.path.join(tmp, "pretrain.json"), "w"), indent=1)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)

@@ -349,7 +349,6 @@ def build_sampler(ckpt, device="cpu", steps=1, seed=0, tile=None, overlap=None):
 def train(cfg):
     ddp, rank, local_rank, world, device = common.compute_init(cfg.seed)
     preset = resolve(cfg)
-    tiny = common.PRESETS[preset].hub is None
     log = common.Logger(cfg.out_dir, rank == 0)
     log(json.dumps(dataclasses.asdict(cfg)))
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import common as C
 
-from helpers import ROOT, run
+from helpers import run
 
 
 def test_pca_init_is_the_truncated_svd():
