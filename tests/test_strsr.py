@@ -140,6 +140,19 @@ def test_g_step_and_d_step_send_gradients_only_where_the_paper_does(tiny):
         p.grad = None
 
 
+def test_g_step_without_lpips_needs_no_vgg(tiny):
+    """--w_lpips 0 (the mini default): no LPIPS network at all, and Eq. (11) loses exactly that term."""
+    cfg, dit, vae, cond, disc, _ = tiny
+    cfg = dataclasses.replace(cfg, w_lpips=0.0)
+    torch.manual_seed(0)
+    x_hr = torch.rand(2, 3, 64, 64)
+    x_lr = F.interpolate(x_hr, scale_factor=0.25, mode="area")
+    with torch.no_grad():
+        loss, terms, *_ = S.g_step(dit, vae, cond, disc, None, None, "flux2", x_lr, x_hr, cfg)
+    assert set(terms) == {"l1", "gan"}
+    torch.testing.assert_close(loss, cfg.w_l1 * terms["l1"] + cfg.w_gan * terms["gan"])
+
+
 # --------------------------------------------------------------------------- training and sampling
 def _train(out, steps, **kw):
     cfg = S.Config(model="tiny", out_dir=str(out), max_steps=steps, batch_size=2, num_workers=0, log_every=1, **kw)
