@@ -71,7 +71,8 @@ PRESETS = {
         dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)),
     # mini: the same classes at ~2M parameters, pretrained by this project on the sample photos
     # (`python common.py pretrain --model mini-<family>`, run on first use): small enough to learn
-    # on a CPU in minutes, real enough that each method visibly beats bicubic (README, "mini").
+    # on a CPU in minutes, real enough for the teachers to have something to distill (README, "mini":
+    # what the methods reach on them, still short of bicubic).
     "mini-flux1": Preset("flux1", None, "2.3M", dict(
         in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=4,
         joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(8, 12, 12)),
@@ -1004,7 +1005,8 @@ def pretrain(preset, vae_steps=200, dit_steps=1000, batch=16, lr=5e-4, seed=0, o
     command = f"python common.py pretrain --model {preset} --vae_steps {vae_steps} --dit_steps {dit_steps}"
     info = dict(preset=preset, command=command, vae_steps=vae_steps, dit_steps=dit_steps, batch=batch, lr=lr, seed=seed,
                 heldout=SAMPLE_HELDOUT, vae_psnr_svd=psnr_svd, vae_psnr=psnr, fm_loss=ema, minutes=(time.time() - t_start) / 60)
-    json.dump(info, open(os.path.join(tmp, "pretrain.json"), "w"), indent=1)
+    with open(os.path.join(tmp, "pretrain.json"), "w") as f:
+        json.dump(info, f, indent=1)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     print(f"{preset}: pretrained in {info['minutes']:.1f} min -> {out} (samples.png: the base's generations)")
