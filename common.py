@@ -297,7 +297,11 @@ def prompt_cond(preset, prompt, cache_dir, device, path=None):
 
 # --------------------------------------------------------------------------- LoRA
 def add_lora(dit, rank, alpha, targets, init="gaussian"):
-    """Inject a peft LoRA into the (frozen) transformer; only the LoRA weights train, in fp32."""
+    """Inject a peft LoRA into the (frozen) transformer; only the LoRA weights train, in fp32.
+    rank 0: no LoRA, the whole transformer trains in fp32 (ours: the mini bases, where a LoRA learns
+    far slower than the few hundred CPU steps allow; checkpoints then hold the full DiT)."""
+    if rank == 0:
+        return dit.float().requires_grad_(True)
     from peft import LoraConfig
     dit.requires_grad_(False)
     dit.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=targets))
@@ -819,11 +823,19 @@ def load_lpips(device, pretrained=True):
 
 
 @torch.no_grad()
-def heldout_eval(method, out_dir):
-    """End of a mini run: eval.py on the held-out sample photos, bicubic and this run in one table."""
+def heldout_eval(method, out_dir, degrade="realesrgan"):
+    """End of a mini run: eval.py on the held-out sample photos, their LR made by the degradation the
+    run trained on; bicubic and this run in one table."""
     import eval as evaluate
-    return evaluate.main(["--method", f"bicubic,{method}", "--ckpt", out_dir, "--bench", "sample",
+    return evaluate.main(["--method", f"bicubic,{method}", "--ckpt", out_dir, "--bench", "sample", "--degrade", degrade,
                           "--out_dir", os.path.join(out_dir, "eval"), "--metrics", "PSNR,SSIM,LPIPS,LPIPS-rand"])
+
+
+def check_degrade(name):
+    """A --degrade value: one of degrade.PRESETS."""
+    from degrade import PRESETS
+    if name not in PRESETS:
+        raise SystemExit(f"--degrade {name!r}: choose from {', '.join(PRESETS)}")
 
 
 # --------------------------------------------------------------------------- mini bases

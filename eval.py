@@ -11,6 +11,7 @@ _LR/_LR4/_HR/_SR/_x4 tag ignored (RealSR ships Canon_001_LR4.png with Canon_001_
   DIV2K-val/HR/           LR made once with degrade.py (Real-ESRGAN) from each HR cropped to a multiple of
                           4, seeded from (--degrade_seed, file stem) exactly as `degrade.py --seed`, cached
                           in DIV2K-val/LR_seed{S}/; the reference is that HR, not its USM-sharpened copy.
+                          --degrade bicubic: the classical bicubic x4 LR instead, in LR_bicubic_seed{S}/.
                           A released LR set in DIV2K-val/LR/ is used instead when present.
   RealSR/LR/, RealSR/HR/  DRealSR/LR/, DRealSR/HR/
   RealLQ250/LR/, RealSet65/LR/   no HR: no-reference metrics only
@@ -176,11 +177,11 @@ def report_unpaired(what_a, only_a, what_b, only_b):
             print(f"unpaired: {len(keys)} {what}: {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}")
 
 
-def make_lr(hr_files, lr_dir, seed):
-    """Real-ESRGAN LR of each HR (cropped to a multiple of 4), seeded as `degrade.py --seed` does:
-    from (seed, file stem), so an image's LR depends neither on the other files nor on the device."""
+def make_lr(hr_files, lr_dir, seed, preset="realesrgan"):
+    """LR of each HR (cropped to a multiple of 4) by the degrade.PRESETS `preset`, seeded as `degrade.py
+    --seed` does: from (seed, file stem), so an image's LR depends neither on the other files nor on the device."""
     try:
-        from degrade import degrade, DegradeOpts
+        from degrade import degrade, PRESETS
     except ImportError as e:
         raise SystemExit(f"DIV2K-val needs degrade.py to make its LR images ({e})")
     for f in hr_files:
@@ -191,13 +192,13 @@ def make_lr(hr_files, lr_dir, seed):
         x_hr = common.load_image(f)
         x_hr = x_hr[:, : x_hr.shape[1] // 4 * 4, : x_hr.shape[2] // 4 * 4]  # (3, H, W), H and W multiples of 4
         g = torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(stem.encode()))
-        x_lr, _ = degrade(x_hr[None], scale=4, opts=DegradeOpts(), generator=g)  # (1, 3, H/4, W/4)
+        x_lr, _ = degrade(x_hr[None], scale=4, opts=PRESETS[preset], generator=g)  # (1, 3, H/4, W/4)
         tmp = os.path.join(lr_dir, f".{stem}.png")  # hidden until complete: list_images skips it
         common.save_image(x_lr, tmp)
         os.replace(tmp, out)
 
 
-def load_bench(bench, data_root, degrade_seed=0, limit=0):
+def load_bench(bench, data_root, degrade_seed=0, limit=0, degrade="realesrgan"):
     """[(key, lr_path, hr_path or None)] of a benchmark (the first `limit`), and its HR folder (or None)."""
     if bench not in BENCHES:
         raise SystemExit(f"unknown --bench {bench!r}; choose from {', '.join(BENCHES)}")
@@ -215,9 +216,9 @@ def load_bench(bench, data_root, degrade_seed=0, limit=0):
     if kind == "synthetic" and not lr:
         if not hr:
             raise _layout_error(bench, root, f"no images in {hr_dir}")
-        lr_dir = os.path.join(root, f"LR_seed{degrade_seed}")
+        lr_dir = os.path.join(root, f"LR_seed{degrade_seed}" if degrade == "realesrgan" else f"LR_{degrade}_seed{degrade_seed}")
         os.makedirs(lr_dir, exist_ok=True)
-        make_lr(hr[: limit or None], lr_dir, degrade_seed)
+        make_lr(hr[: limit or None], lr_dir, degrade_seed, degrade)
         lr = _images(lr_dir)
     if not lr:
         raise _layout_error(bench, root, f"no images in {lr_dir}")
@@ -402,7 +403,7 @@ def run_method(a, method, scorer, device):
         return built["fn"]
 
     for bench in [b.strip() for b in a.bench.split(",") if b.strip()]:
-        items, hr_dir = load_bench(bench, a.data_root, a.degrade_seed, a.limit)
+        items, hr_dir = load_bench(bench, a.data_root, a.degrade_seed, a.limit, a.degrade)
         run_dir = os.path.join(a.out_dir, name, bench)
         ckpt = os.path.abspath(common.latest_checkpoint(ckpt_arg) or ckpt_arg) if ckpt_arg else ""  # a newer ckpt-* is another run
         info = {"method": method, "ckpt": ckpt, "steps": a.steps, "seed": a.seed,
@@ -424,6 +425,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
     p.add_argument("--degrade_seed", type=int, default=0, help="seed of the DIV2K-val / sample LR images")
+    p.add_argument("--degrade", default="realesrgan", help="degrade.PRESETS name that makes those LR images (mini runs: bicubic)")
     p.add_argument("--sr", default="", help="score this folder of outputs instead of running a method")
     p.add_argument("--hr", default="", help="HR folder for --sr (omit: no-reference metrics only)")
     p.add_argument("--name", default="", help="row label (default: method, -Kstep appended when K > 1)")
@@ -431,6 +433,7 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=0, help="first N images only (quick checks)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
+    common.check_degrade(a.degrade)
     cols = [c.strip() for c in a.metrics.split(",") if c.strip()]
     if bad := [c for c in cols if c not in COLS]:
         raise SystemExit(f"--metrics: unknown {bad}; choose from {', '.join(COLS)}")

@@ -56,7 +56,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import common
-from degrade import DegradeOpts, degrade
+from degrade import PRESETS as DEGRADE, degrade
 
 DEFAULT_MODEL = "flux1-dev"
 # LoRA on every linear of the attention and MLPs of both block types (regex: peft full-matches
@@ -72,6 +72,7 @@ class Config:
     model_path: str = ""          # local folder of the base (default: the hub id)
     data: str = "out/fluxsr/pairs"  # teacher pairs (Sec. 5.1: no real images); --make_pairs writes here
     data_root: str = "data"       # unused: FluxSR trains on teacher pairs only (shared field)
+    degrade: str = "realesrgan"   # LR of training and eval: a degrade.PRESETS name (paper: Real-ESRGAN); mini: bicubic (ours)
     out_dir: str = "out/fluxsr"
     make_pairs: int = 0           # > 0: write pairs 0..N-1 to --data and exit (Sec. 5.1: 2400)
     pair_size: int = 1024         # Sec. 5.1: 1024x1024 pairs
@@ -81,7 +82,7 @@ class Config:
     gamma: float = 1.0            # ours: TV term of TV-LPIPS (Eq. 19)
     lam: float = 1.0              # ours: lambda, TV-LPIPS weight in L_Rec (Eq. 21)
     mu: float = 0.01              # ours: ADL weight (Alg. 1 line 19); small, it acts on every block
-    lora_rank: int = 64           # ours
+    lora_rank: int = 64           # ours; 0: full fine-tuning (the mini base)
     lora_alpha: float = 64.0      # ours: alpha = rank, LoRA scale 1
     lr: float = 5e-5              # ours: AdamW (0.9, 0.999), no weight decay, constant
     grad_clip: float = 1.0        # ours
@@ -108,9 +109,11 @@ class Config:
 
 # --model tiny: small sizes unless the flag was given (values equal to the default are replaced)
 TINY = dict(max_steps=20, pair_size=64, crop=64, teacher_steps=4, lora_rank=8, lora_alpha=8.0, batch_size=2, tile=8, overlap=2)
-# --model mini (ours): a ~10-minute CPU run on the pretrained mini base (README, "mini")
-MINI = dict(max_steps=300, pair_size=128, crop=128, lora_rank=32, lora_alpha=32.0, lr=3e-4, batch_size=4,
-            tile=32, overlap=8, grid_every=100, save_every=100, eval_heldout=True)
+# --model mini (ours): a ~10-minute CPU run on the pretrained mini base (README, "mini"): full
+# fine-tuning (a LoRA on a 2M base stays below bicubic for hundreds of steps), and lam 0: offline
+# the VGG of TV-LPIPS is random, not a perceptual loss, and would be most of a CPU step
+MINI = dict(max_steps=600, pair_size=128, crop=128, lora_rank=0, lam=0.0, lr=1e-3, batch_size=4,
+            tile=32, overlap=8, grid_every=100, save_every=100, eval_heldout=True, degrade="bicubic")
 
 
 def resolve(cfg):
@@ -119,6 +122,7 @@ def resolve(cfg):
     if common.PRESETS[preset].family != "flux1":
         raise SystemExit(f"--model {cfg.model}: FluxSR is defined on FLUX.1 (guidance-distilled, packed tokens)")
     common.small_defaults(cfg, preset, TINY, MINI)
+    common.check_degrade(cfg.degrade)
     if cfg.pair_size % 16 or cfg.crop % 16 or cfg.crop > cfg.pair_size:
         raise SystemExit(f"--crop {cfg.crop} and --pair_size {cfg.pair_size}: expected multiples of 16, crop <= pair_size")
     if not 0 < cfg.T_L < 1:
@@ -202,7 +206,8 @@ def tv_lpips(lpips, img, img0, gamma):
 
 def rec_loss(lpips, x0_hat, x_0, lam, gamma):
     """Eq. 21 on images in [0, 1]; returns (L_Rec, MSE, TV-LPIPS)."""
-    mse, tvl = F.mse_loss(x0_hat, x_0), tv_lpips(lpips, x0_hat, x_0, gamma)
+    mse = F.mse_loss(x0_hat, x_0)
+    tvl = tv_lpips(lpips, x0_hat, x_0, gamma) if lam else mse.new_zeros(())  # lam 0: no VGG pass at all
     return mse + lam * tvl, mse, tvl  # Eq. (21)
 
 
@@ -351,7 +356,7 @@ def fluxsr_losses(cfg, dit, vae, lpips, feats, cond2, eps, z_0, x_0, g):
     B, T_L = eps.shape[0], cfg.T_L
     # 5: (eps, x_0, z_0) ~ D; the LR side is made here: degrade x_0, bicubic x4, encode -> z_L
     with torch.no_grad():
-        x_lr, _ = degrade(x_0, scale=4, opts=DegradeOpts(use_usm=False), generator=g)
+        x_lr, _ = degrade(x_0, scale=4, opts=dataclasses.replace(DEGRADE[cfg.degrade], use_usm=False), generator=g)
         with common.autocast(x_0.device):
             z_L = common.encode(vae, "flux1", common.upsample_lr(x_lr))
     # 6: the teacher's exact velocity from the stored pair
@@ -413,7 +418,7 @@ def train(cfg):
     feats = BlockFeatures(dit)
     with torch.random.fork_rng(devices=[]):  # offline its backbone is random: the same on every rank
         torch.manual_seed(cfg.seed)
-        lpips = common.load_lpips(device, pretrained=not common.is_tiny(preset))
+        lpips = common.load_lpips(device, pretrained=not common.is_tiny(preset)) if cfg.lam else None
     cond = empty_prompt(preset, cfg, dit, device, cfg.out_dir, rank)
     cond2 = common.expand_cond(cond, 2 * cfg.micro_batch)
 
@@ -456,7 +461,7 @@ def train(cfg):
             common.save_checkpoint(cfg.out_dir, step, cfg, {"dit": dit}, {"opt": opt},
                                    extra={"cond": {k: v.detach().cpu() for k, v in cond.items()}}, generators={"degrade": g})
     if rank == 0 and cfg.eval_heldout:
-        common.heldout_eval("fluxsr", cfg.out_dir)
+        common.heldout_eval("fluxsr", cfg.out_dir, cfg.degrade)
     return dit
 
 

@@ -77,7 +77,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from degrade import DegradeOpts, degrade
+from degrade import PRESETS as DEGRADE, degrade
 
 DEFAULT_MODEL = "sd35-medium"
 FAMILY = "sd3"
@@ -98,6 +98,7 @@ class Config:
     teacher_ckpt: str = ""        # the frozen stage-0 teacher (isc, gan); default: isc's init, gan: what isc used
     data: str = "sample"          # Sec. 4: LSDIR + first 10k FFHQ (folder or file list); sample = offline photos
     data_root: str = "data"
+    degrade: str = "realesrgan"   # LR of training and eval: a degrade.PRESETS name (paper: Real-ESRGAN); mini: bicubic (ours)
     captions: str = ""            # optional "<image file stem>\t<caption>" lines (Sec. 4: LLaVA); none: empty prompt
     cache_dir: str = "out/cache"  # encoded captions
     out_dir: str = ""             # default out/smfsr-<stage>
@@ -146,7 +147,7 @@ class Config:
 TINY = dict(crop=64, max_steps=4, batch_size=2, micro_batch=1, fake_rank=4, disc_width=16, tile=8, overlap=2)
 # --model mini (ours): each stage a few CPU minutes on the pretrained mini base (README, "mini")
 MINI = dict(crop=128, max_steps=200, batch_size=4, micro_batch=2, lr=3e-4, lr_fake=3e-4, lr_d=1e-4, fake_rank=16,
-            disc_width=32, tile=32, overlap=8, grid_every=100, save_every=100, eval_heldout=True)
+            disc_width=32, tile=32, overlap=8, grid_every=100, save_every=100, eval_heldout=True, degrade="bicubic")
 
 
 def resolve(cfg):
@@ -157,6 +158,7 @@ def resolve(cfg):
     if cfg.stage not in STAGES:
         raise SystemExit(f"--stage {cfg.stage!r}: expected one of {', '.join(STAGES)}")
     common.small_defaults(cfg, preset, TINY, MINI)
+    common.check_degrade(cfg.degrade)
     cfg.max_steps = cfg.max_steps or STAGES[cfg.stage][0]
     cfg.batch_size = cfg.batch_size or STAGES[cfg.stage][1]
     cfg.out_dir = cfg.out_dir or f"out/smfsr-{cfg.stage}"
@@ -587,7 +589,7 @@ def train(cfg):
         for _ in range(accum):
             x = next(loader).to(device, non_blocking=True)  # Alg. 1 line 2 (x_l from the degradation)
             with torch.no_grad(), amp():  # line 6: z_l, z_h = E(x_l), E(x_h)
-                x_lr, x_hr = degrade(x, 4, DegradeOpts(), generator=g)
+                x_lr, x_hr = degrade(x, 4, DEGRADE[cfg.degrade], generator=g)
                 z_hr, z_lr = common.encode(vae, FAMILY, torch.cat([x_hr, common.upsample_lr(x_lr)])).chunk(2)  # one encode
             B = z_hr.shape[0]
             cond = captions.batch(B)
@@ -653,7 +655,7 @@ def train(cfg):
                 extra["fake_lora"] = common.lora_state(dit)
             common.save_checkpoint(cfg.out_dir, step, cfg, models, opts, extra=extra, generators={"degrade": g})
     if rank == 0 and cfg.eval_heldout:
-        common.heldout_eval("smfsr", cfg.out_dir)
+        common.heldout_eval("smfsr", cfg.out_dir, cfg.degrade)
     return net
 
 

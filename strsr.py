@@ -62,6 +62,7 @@ class Config:
     model_path: str = ""          # local folder of the base pipeline (else the hub id of the preset)
     data: str = "sample"          # paper: LSDIR + the first 10k Aesthetic-4K images
     data_root: str = "data"
+    degrade: str = "realesrgan"   # training LR: a degrade.PRESETS name (paper: Real-ESRGAN); mini: bicubic (ours)
     out_dir: str = "out/strsr"
     stage: int = 1                # Sec. 4.1: stage 1 without FDL, stage 2 with FDL
     init_ckpt: str = ""           # stage 2 in a new out_dir: start from this stage-1 checkpoint
@@ -77,7 +78,7 @@ class Config:
     grad_ckpt: bool = True        # gradient checkpointing of DiT, VAE and D backbone on GPU
     fsdp: bool = False            # FSDP2 via common.shard_fsdp2 (not needed for 4B/6B bases)
     # generator
-    lora_rank: int = 256          # paper
+    lora_rank: int = 256          # paper; 0: full fine-tuning (ours, the mini base)
     lora_alpha: int = 256         # official
     t_star: float = 0.8           # official: fixed one-step time
     cond: str = "vlm"             # vlm (Eq. 5) | none (Table 4 "w/o emb") | text (Table 4 "w/o VLM")
@@ -112,10 +113,11 @@ class Config:
 
 
 # --model mini (ours): a ~10-minute CPU run on the pretrained mini base; the paper's lr (5e-6) is
-# for a 4B base over 40k steps, a 2M base learns in hundreds of steps at a larger one
-MINI = dict(max_steps=600, crop=128, lora_rank=64, lora_alpha=64, lr_g=5e-4, lr_d=1e-4, disc_width=32,
-            fdl_projections=32, tile=16, overlap=4, grid_every=100, save_every=100, eval_heldout=True,
-            w_lpips=0.0)  # offline the VGG is random, not the paper's perceptual loss, and costs 2/3 of a step
+# for a 4B base over 40k steps, a 2M base learns in hundreds of steps at a larger one; a LoRA on it
+# stays below bicubic where full fine-tuning passes it (README, "mini"); w_lpips 0: offline the VGG
+# is random, not the paper's perceptual loss, and costs 2/3 of a step
+MINI = dict(max_steps=600, crop=128, lora_rank=0, lr_g=1e-3, lr_d=1e-4, disc_width=32, fdl_projections=32,
+            tile=16, overlap=4, grid_every=100, save_every=100, eval_heldout=True, w_lpips=0.0, degrade="bicubic")
 
 
 def resolve(cfg):
@@ -124,6 +126,7 @@ def resolve(cfg):
         raise SystemExit(f"--stage {cfg.stage}: expected 1 or 2")
     if cfg.cond not in ("vlm", "none", "text"):
         raise SystemExit(f"--cond {cfg.cond!r}: expected vlm, none or text")
+    common.check_degrade(cfg.degrade)
     preset = common.resolve_preset(cfg.model, "flux2-klein")
     if common.PRESETS[preset].family not in ("flux2", "zimage"):
         raise SystemExit(f"--model {preset}: StrSR supports the flux2 and zimage families")
@@ -512,7 +515,7 @@ def build_sampler(ckpt, device="cpu", steps=1, seed=0, tile=None, overlap=None):
 
 
 def train(cfg):
-    from degrade import degrade, DegradeOpts
+    from degrade import degrade, PRESETS as DEGRADE
     ddp, rank, local_rank, world, device = common.compute_init(cfg.seed)
     cfg = resolve(cfg)
     log = common.Logger(cfg.out_dir, rank == 0)
@@ -562,7 +565,7 @@ def train(cfg):
         raise SystemExit("--stage 2 starts from a stage-1 run: use its --out_dir, or --init_ckpt DIR")
     end = stage_start + cfg.max_steps
 
-    # 4. data: HR crops; LR made on the device by the Real-ESRGAN degradation
+    # 4. data: HR crops; LR made on the device by the degradation (Real-ESRGAN unless --degrade)
     loader, accum = common.make_loader(cfg.data, cfg.crop, cfg.data_root, cfg.batch_size, cfg.micro_batch,
                                        rank, world, cfg.seed, step, cfg.num_workers)
 
@@ -572,7 +575,7 @@ def train(cfg):
     while step < end:
         sums = {}
         for _ in range(accum):
-            x_lr, x_hr = degrade(next(loader).to(device), 4, DegradeOpts(), generator=g)
+            x_lr, x_hr = degrade(next(loader).to(device), 4, DEGRADE[cfg.degrade], generator=g)
             with common.autocast(device):
                 loss_g, terms, x_sr, feats_real, feats_fake = g_step(dit, vae, cond, disc, lpips, phi, family, x_lr, x_hr, cfg)
             (loss_g / accum).backward()
@@ -590,7 +593,7 @@ def train(cfg):
             common.save_checkpoint(cfg.out_dir, step, cfg, models, optims, extra={"stage_start": stage_start},
                                    generators={"degrade": g})
     if rank == 0 and cfg.eval_heldout:
-        common.heldout_eval("strsr", cfg.out_dir)
+        common.heldout_eval("strsr", cfg.out_dir, cfg.degrade)
     if ddp:
         torch.distributed.destroy_process_group()
 

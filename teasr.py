@@ -69,7 +69,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from degrade import DegradeOpts, degrade
+from degrade import PRESETS as DEGRADE, degrade
 
 DEFAULT_MODEL = "qwen-image"
 FAMILY = "qwen"
@@ -85,6 +85,7 @@ class Config:
     model_path: str = ""          # local folder of the base (default: the hub id)
     data: str = "sample"          # Sec. 4.1: LSDIR + first 10k FFHQ (folder or file list); sample = offline photos
     data_root: str = "data"
+    degrade: str = "realesrgan"   # LR of training and eval: a degrade.PRESETS name (paper: Real-ESRGAN); mini: bicubic (ours)
     out_dir: str = "out/teasr"
     lora_rank: int = 128          # Sec. 4.1: LoRA on the condition branch, rank 128
     lora_alpha: float = 128.0     # Sec. 4.1: alpha 128
@@ -125,7 +126,7 @@ class Config:
 TINY = dict(max_steps=20, crop=64, lora_rank=8, lora_alpha=8.0, batch_size=2, tile=8, overlap=2)
 # --model mini (ours): a ~10-minute CPU run on the pretrained mini base (README, "mini")
 MINI = dict(max_steps=300, crop=128, lora_rank=32, lora_alpha=32.0, lr=3e-4, batch_size=4, tile=32, overlap=8,
-            grid_every=100, save_every=100, eval_heldout=True)
+            grid_every=100, save_every=100, eval_heldout=True, degrade="bicubic")
 
 
 def resolve(cfg):
@@ -134,6 +135,7 @@ def resolve(cfg):
     if common.PRESETS[preset].family != FAMILY:
         raise SystemExit(f"--model {cfg.model}: TEASR is built on Qwen-Image (dual-stream blocks with per-token modulation)")
     common.small_defaults(cfg, preset, TINY, MINI)
+    common.check_degrade(cfg.degrade)
     if cfg.crop % 16:
         raise SystemExit(f"--crop {cfg.crop}: expected a multiple of 16")
     if cfg.tile % 2 or cfg.overlap % 2 or not 2 <= cfg.overlap <= cfg.tile // 2:
@@ -394,7 +396,7 @@ def train(cfg):
         for _ in range(accum):
             x = next(loader).to(device, non_blocking=True)
             with torch.no_grad():  # degradation in fp32 (outside autocast), then one encode for HR and LR
-                x_lr, x_hr = degrade(x, 4, DegradeOpts(), generator=g)
+                x_lr, x_hr = degrade(x, 4, DEGRADE[cfg.degrade], generator=g)
                 with amp():
                     z_hr, z_lr = common.encode(vae, FAMILY, torch.cat([x_hr, common.upsample_lr(x_lr)])).chunk(2)
             v, B = bind(dit, branch, z_lr, cond), z_hr.shape[0]
@@ -430,7 +432,7 @@ def train(cfg):
             common.save_checkpoint(cfg.out_dir, step, cfg, {"cond_branch": branch}, {"opt": opt},
                                    extra={"cond": {k: v.detach().cpu() for k, v in cond.items()}}, generators={"degrade": g})
     if rank == 0 and cfg.eval_heldout:
-        common.heldout_eval("teasr", cfg.out_dir)
+        common.heldout_eval("teasr", cfg.out_dir, cfg.degrade)
     return branch
 
 

@@ -161,6 +161,19 @@ def test_lora_roundtrip_in_diffusers_format(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(C.lora_state(fresh).values(), sd.values()))
 
 
+def test_lora_rank_0_is_full_fine_tuning_and_checkpoints_the_whole_dit(tmp_path):
+    dit = C.add_lora(C.load_dit("tiny-flux1"), 0, 0, ["to_q"])
+    assert not getattr(dit, "peft_config", None)
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in dit.parameters())
+    for p in dit.parameters():
+        p.data.add_(0.01)  # a "trained" DiT differs from the base everywhere
+    ck = C.save_checkpoint(str(tmp_path), 1, {}, {"dit": dit}, {})
+    assert not os.path.exists(os.path.join(ck, "pytorch_lora_weights.safetensors"))
+    fresh = C.add_lora(C.load_dit("tiny-flux1"), 0, 0, ["to_q"])
+    C.load_checkpoint(ck, {"dit": fresh})
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), dit.state_dict().values()))
+
+
 # --------------------------------------------------------------------------- data
 def _write(path, arr, mode=None):
     Image.fromarray(arr, mode) if mode else Image.fromarray(arr)

@@ -184,6 +184,21 @@ def test_bicubic_end_to_end(tmp_path, photo, monkeypatch):
     assert "PSNR" not in row and "NIQE" in row
 
 
+def test_degrade_preset_makes_its_own_lr_set(tmp_path, photo):
+    """--degrade bicubic: the sample bench's LR is the bicubic preset's, cached apart from the
+    Real-ESRGAN set; an unknown preset is refused before any work."""
+    from degrade import PRESETS, degrade
+    data, out = tmp_path / "data", str(tmp_path / "out")
+    E.main(["--method", "bicubic", "--bench", "sample", "--degrade", "bicubic", "--data_root", str(data),
+            "--out_dir", out, "--metrics", "PSNR"])
+    hr = C.load_image(str(data / "sample" / "HR" / "astronaut.png"))
+    lr = C.load_image(str(data / "sample" / "LR_bicubic_seed0" / "astronaut.png"))
+    assert torch.equal(lr, degrade(hr[None], 4, PRESETS["bicubic"])[0][0])
+    assert not os.path.exists(data / "sample" / "LR_seed0")
+    with pytest.raises(SystemExit, match="--degrade 'blurry'"):
+        E.main(["--method", "bicubic", "--degrade", "blurry", "--data_root", str(data), "--out_dir", out])
+
+
 def test_resume_after_interruption(tmp_path, photo, monkeypatch):
     """Interrupted in generation, then in scoring: nothing done is redone, and the result equals a
     run that was never interrupted. A different seed invalidates the outputs."""
