@@ -13,7 +13,7 @@ final sinc filter (numbers: the official train_realesrgan_x4plus.yml):
   lr = round(clamp(x, 0, 1) * 255) / 255          LR size (H // scale, W // scale), as the reference
 
 PRESETS["bicubic"] is the classical non-blind setting instead: lr = round(bicubic_down(hr) * 255) / 255
-(antialiased, as MATLAB imresize), gt = hr. The `--model mini` runs train and score on it (ours: a
+(antialiased, as PIL's resize), gt = hr. The `--model mini` runs train and score on it (ours: a
 few hundred CPU steps learn little beyond bicubic on the blind mix, see the README).
 
 Where the reference (basicsr RealESRGANDataset + RealESRGANModel.feed_data) draws per image, so do

@@ -90,6 +90,8 @@ def test_tv_lpips_and_rec_loss_follow_eq19_and_eq21():
     rec, mse, tvl = M.rec_loss(lpips, a, b, 0.5, 2.0)
     torch.testing.assert_close(mse, (a - b).pow(2).mean())
     torch.testing.assert_close(rec, mse + 0.5 * (base + 2.0 * tv_term))
+    rec0, mse0, tvl0 = M.rec_loss(None, a, b, 0.0, 2.0)  # lam 0 (mini): no LPIPS network is needed
+    assert torch.equal(rec0, mse0) and torch.equal(mse0, mse) and tvl0.item() == 0.0
 
 
 # --------------------------------------------------------------------------- ADL (Eqs. 22-23)

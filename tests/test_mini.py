@@ -76,11 +76,15 @@ def test_pretrain_writes_a_base_that_loads_and_is_reused(tmp_path, monkeypatch):
 def test_mini_model_flag_and_defaults():
     import strsr, teasr
     assert C.resolve_preset("mini", "sd35-medium") == "mini-sd3"
-    cfg = teasr.Config(model="mini", lr=1e-3)
+    cfg = teasr.Config(model="mini", lr=2e-3)
     assert teasr.resolve(cfg) == "mini-qwen"
-    assert cfg.lr == 1e-3 and cfg.max_steps == teasr.MINI["max_steps"] and cfg.eval_heldout  # given flag kept
+    assert cfg.lr == 2e-3 and cfg.max_steps == teasr.MINI["max_steps"] and cfg.eval_heldout  # given flag kept
     cfg = strsr.resolve(strsr.Config(model="mini"))
     assert cfg.model == "mini-flux2" and cfg.crop == strsr.MINI["crop"] and cfg.lr_g == strsr.MINI["lr_g"]
+    assert cfg.degrade == "bicubic" and cfg.lora_rank == 0  # the classical LR, full fine-tuning
+    assert strsr.Config().degrade == "realesrgan"  # the papers' runs are untouched
+    with pytest.raises(SystemExit, match="--degrade 'jpeg'"):
+        strsr.resolve(strsr.Config(model="mini", degrade="jpeg"))
     assert not C.is_tiny("mini-flux2") and C.is_tiny("tiny-flux2") and not C.is_tiny("flux2-klein")
     with pytest.raises(SystemExit, match="mini presets"):
         C.pretrain("tiny-flux2")

@@ -222,6 +222,19 @@ def test_fake_estimate_is_one_step_from_noise():
     torch.testing.assert_close(z_fake, eps - v(eps, torch.ones(2), torch.zeros(2)))
 
 
+def test_data_loss_eq13_and_no_vgg_at_weight_zero():
+    vae = common.load_vae("tiny-qwen")
+    z, x_hr = torch.randn(1, 16, 4, 4), torch.rand(1, 3, 32, 32)
+    x = common.decode(vae, "qwen", z)
+    lp = lambda a, b: (a - b).abs().mean()  # any distance: Eq. 13 is the weighted sum
+    l, mse, l_lp, x_fake = teasr.data_loss(vae, lp, z, x_hr, 0.5)
+    torch.testing.assert_close(x_fake, x)
+    torch.testing.assert_close(mse, (x - x_hr).pow(2).mean())
+    torch.testing.assert_close(l, mse + 0.5 * (x - x_hr).abs().mean())
+    l0, mse0, lp0, _ = teasr.data_loss(vae, None, z, x_hr, 0.0)  # the mini preset: no LPIPS network at all
+    assert torch.equal(l0, mse0) and lp0.item() == 0.0
+
+
 # --------------------------------------------------------------------------- sampler
 def test_any_step_time_arguments_and_straight_line():
     """Algorithm 1: noise branch at tau_i, condition branch at tau_{i+1}; with the exact velocity of a
