@@ -72,7 +72,7 @@ PRESETS = {
     # mini: the same classes at ~2M parameters, pretrained by this project on the sample photos
     # (`python common.py pretrain --model mini-<family>`, run on first use): small enough to learn
     # on a CPU in minutes, real enough for the teachers to have something to distill (README, "mini":
-    # what the methods reach on them, still short of bicubic).
+    # what the methods reach on them; StrSR's first command passes bicubic, the other three do not yet).
     "mini-flux1": Preset("flux1", None, "2.3M", dict(
         in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=4,
         joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(8, 12, 12)),

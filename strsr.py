@@ -22,7 +22,7 @@ grid artifacts (Sec. 3.4). Plain-text equations (sigma convention: t = 1 is nois
   (11) L_Gen = 1.0 L1 + 3.0 LPIPS + 0.1 L_G + lambda_fdl FDL,  lambda_fdl = 0 (stage 1), 0.002 (stage 2)
 
   python strsr.py --model tiny                                     # CPU, under a minute, random tiny models
-  python strsr.py --model mini                                     # CPU, ~10 min on the pretrained mini base, ends with a table vs bicubic
+  python strsr.py --model mini                                     # CPU, ~12 min with the mini base's pretraining, ends with a table vs bicubic
   python strsr.py --model tiny --stage 2                           # resumes the stage-1 run, adds FDL
   torchrun --nproc_per_node=4 strsr.py --data LSDIR                # stage 1: 40k steps
   torchrun --nproc_per_node=4 strsr.py --data LSDIR --stage 2      # stage 2: 20k more steps with FDL
@@ -112,7 +112,7 @@ class Config:
     eval_heldout: bool = False    # ours: at the end, eval.py on the held-out sample photos vs bicubic (mini: on)
 
 
-# --model mini (ours): a ~10-minute CPU run on the pretrained mini base; the paper's lr (5e-6) is
+# --model mini (ours): a ~7-minute CPU run on the pretrained mini base; the paper's lr (5e-6) is
 # for a 4B base over 40k steps, a 2M base learns in hundreds of steps at a larger one; a LoRA on it
 # stays below bicubic where full fine-tuning passes it (README, "mini"); w_lpips 0: offline the VGG
 # is random, not the paper's perceptual loss, and costs 2/3 of a step
