@@ -126,7 +126,34 @@ def test_wrapped_model_is_the_base_at_init_and_reads_the_lr(extra):
             b.gate.fill_(1.0)
         a, b = teacher(dit, z, r, t, z_lr, cond), teacher(dit, z, r, t, z_lr2, cond)
     assert (a - v).abs().mean() > 1e-3 and (a - b).abs().mean() > 1e-3  # open gates: the output follows the LR
-    assert sum(p.numel() for p in teacher.parameters()) == 2 * (2 * 32 * 32 + 2 * 32 + 2)  # 2 blocks: k, v, gate
+    # per block: k, v, gate, then the cross-stream convolution (3x3 depthwise, 1x1)
+    assert sum(p.numel() for p in teacher.parameters()) == 2 * (2 * 32 * 32 + 2 * 32 + 2 + 32 * 10 + 32 * 33)
+
+
+def test_cross_stream_convolution_is_a_local_lr_path_that_learns_from_init():
+    """The convolution reads the LR patch embeddings in the image tokens' order, is local on their grid,
+    and, though zero at init, gets a gradient there, while the attention gates are still closed."""
+    dit, g = random_dit(), torch.Generator().manual_seed(5)
+    cond = C.expand_cond(C.tiny_cond(dit, "sd3"), 1)
+    z, z_lr = torch.randn(1, 16, 8, 12, generator=g), torch.randn(1, 16, 8, 12, generator=g)
+    # token order: pos_embed = patch embedding (flattened row-major) + positions
+    m = dit.pos_embed.proj(z_lr) - dit.pos_embed.proj(torch.zeros_like(z_lr))
+    torch.testing.assert_close(dit.pos_embed(z_lr) - dit.pos_embed(torch.zeros_like(z_lr)), m.flatten(2).transpose(1, 2))
+    lr = M.LRBranch(dit.transformer_blocks[0].attn)
+    with torch.no_grad():
+        lr.conv[1].weight.normal_(0, 0.2)
+        m_lr = dit.pos_embed.proj(z_lr)  # (1, D, 4, 6)
+        y = lr.cross_stream(m_lr)
+        bumped = m_lr.clone()
+        bumped[:, :, 1, 2] += 1.0  # one LR token
+        changed = (lr.cross_stream(bumped) - y).abs().sum(-1).view(4, 6) > 0
+    near = torch.zeros(4, 6, dtype=torch.bool)
+    near[0:3, 1:4] = True  # its 3x3 neighbourhood
+    assert torch.equal(changed, near)
+    net = M.SRNet(dit, False)
+    net(dit, z, torch.zeros(1), torch.full((1,), 0.7), z_lr, cond).square().sum().backward()
+    for b in net.lr:
+        assert b.conv[1].weight.grad.abs().sum() > 0 and b.gate.grad.abs().sum() > 0
 
 
 def test_gated_joint_attention_is_one_softmax_over_image_text_and_lr():
