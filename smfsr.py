@@ -153,6 +153,7 @@ TINY = dict(crop=64, max_steps=4, batch_size=2, micro_batch=1, fake_rank=4, disc
 # --model mini (ours): each stage a few CPU minutes on the pretrained mini base (README, "mini")
 MINI = dict(crop=128, max_steps=200, batch_size=4, micro_batch=2, lr=3e-4, lr_fake=3e-4, lr_d=1e-4, fake_rank=16,
             disc_width=32, tile=32, overlap=8, grid_every=100, save_every=100, eval_heldout=True, degrade="bicubic")
+MINI_STAGE = {"teacher": dict(max_steps=1000, lr=3e-3)}  # ours: 90 ms a CPU step; 13.7 -> 16.7 dB (README, mini)
 
 
 def resolve(cfg):
@@ -162,7 +163,7 @@ def resolve(cfg):
         raise SystemExit(f"--model {cfg.model}: SMFSR is built on SD3.5 (MM-DiT joint attention, pooled text)")
     if cfg.stage not in STAGES:
         raise SystemExit(f"--stage {cfg.stage!r}: expected one of {', '.join(STAGES)}")
-    common.small_defaults(cfg, preset, TINY, MINI)
+    common.small_defaults(cfg, preset, TINY, {**MINI, **MINI_STAGE.get(cfg.stage, {})})
     common.check_degrade(cfg.degrade)
     cfg.max_steps = cfg.max_steps or STAGES[cfg.stage][0]
     cfg.batch_size = cfg.batch_size or STAGES[cfg.stage][1]

@@ -74,8 +74,11 @@ def test_pretrain_writes_a_base_that_loads_and_is_reused(tmp_path, monkeypatch):
 
 
 def test_mini_model_flag_and_defaults():
-    import strsr, teasr
+    import smfsr, strsr, teasr
     assert C.resolve_preset("mini", "sd35-medium") == "mini-sd3"
+    teacher, isc = smfsr.Config(model="mini", stage="teacher"), smfsr.Config(model="mini", stage="isc", max_steps=50)
+    smfsr.resolve(teacher), smfsr.resolve(isc)
+    assert (teacher.max_steps, teacher.lr) == (1000, 3e-3) and (isc.max_steps, isc.lr) == (50, smfsr.MINI["lr"])
     cfg = teasr.Config(model="mini", lr=2e-3)
     assert teasr.resolve(cfg) == "mini-qwen"
     assert cfg.lr == 2e-3 and cfg.max_steps == teasr.MINI["max_steps"] and cfg.eval_heldout  # given flag kept
