@@ -225,8 +225,8 @@ class LRBranch(nn.Module):
     """What one block adds for the LR tokens: (1) their part of the joint attention, LR-specific key/value
     projections, copies of the block's image ones at init (DiT4SR initialises its LR stream from the
     noise stream), mixed in by a zero-initialised per-head gate; (2) DiT4SR's cross-stream convolution,
-    a 3x3 depthwise then 1x1 convolution (zero-initialised) of the LR tokens on their 2-D grid, added to
-    the image tokens. Both are zero at init, so the block is exactly the base."""
+    a 3x3 depthwise then 1x1 convolution (zero-initialised) of the LR patch embeddings (no positions) on
+    their 2-D grid, added to the image tokens. Both are zero at init, so the block is exactly the base."""
 
     def __init__(self, attn):
         super().__init__()
@@ -265,8 +265,8 @@ def joint_attention(attn, lr, x, c, x_lr):
 
 
 def block_forward(block, lr, x, c, x_lr, temb, m_lr):
-    """diffusers' JointTransformerBlock.forward, written out, with the LR tokens in its attention and
-    their cross-stream convolution of m_lr (the LR patch embeddings on their 2-D grid) added to the image tokens."""
+    """diffusers' JointTransformerBlock.forward, written out, with the LR tokens in its attention and the
+    cross-stream convolution of m_lr (the LR patch embeddings on their 2-D grid) added to the image tokens."""
     mod = block.norm1(x, emb=temb)  # adaLN-zero; SD3.5's dual-attention blocks return two more
     nx, g_msa, sh_mlp, sc_mlp, g_mlp = mod[:5]
     nx_lr = block.norm1(x_lr, emb=temb)[0]  # the LR tokens take the image tokens' modulation
