@@ -301,7 +301,7 @@ def add_lora(dit, rank, alpha, targets, init="gaussian"):
     rank 0: no LoRA, the whole transformer trains in fp32 (ours: the mini bases, where a LoRA learns
     far slower than the few hundred CPU steps allow; checkpoints then hold the full DiT)."""
     if rank == 0:
-        return dit.float().requires_grad_(True)
+        return (dit if dit.dtype == torch.float32 else dit.float()).requires_grad_(True)
     from peft import LoraConfig
     dit.requires_grad_(False)
     dit.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=targets))

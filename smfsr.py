@@ -55,8 +55,13 @@ What differs from the paper, and why:
   dB; README, mini). Both are zero at init, so the wrapped model is the base bit for bit. The LR
   tokens are not updated block to block (no LR MLP stream) and text tokens do not see them: fewer
   parameters (~180M on SD3.5-M vs the paper's 366M trainable) and one extra attention call per
-  block. Only these LR parameters and the (r, t) embedding train; the base stays frozen (one bf16
-  copy shared by teacher, student, fake score).
+  block. By default only these LR parameters and the (r, t) embedding train and the base stays
+  frozen (one bf16 copy shared by teacher, student, fake score). `--base_rank r` also trains a
+  rank-r LoRA on the base's joint-block linears (the paper trains "the LR parameters and LoRA";
+  r = 128 is ~170M more on SD3.5-M, near its 366M), `--base_rank 0` the whole base (the mini: a
+  frozen 2M base cannot cancel the starting noise, 16.7 -> 25.6 dB for the one-step teacher, README).
+  The trained model and the frozen teacher then each hold a copy of the base (the teacher's LoRA
+  merged into it, the fake score's LoRA on top); the student starts from the teacher's LoRA.
 - (r, t) embedding: e_{r,t} = e_t + MLP([e_r, e_t]) with the MLP's last layer zero-initialised, so the
   student starts as the teacher: u(z, r, t) = v(z, t) (the paper gives only Linear-SiLU-Linear).
 - Algorithm 1 writes the splitting branch under q < p, Sec. 4 calls p = 0.6 "the probability of using
@@ -91,6 +96,8 @@ PREVIOUS = {"isc": "teacher", "gan": "isc"}
 # the fake score's LoRA: every linear of the joint attention (ours)
 FAKE_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                      "attn.add_v_proj", "attn.to_add_out")
+# --base_rank r > 0: the LoRA on the base of the trained model, every linear of the joint blocks' attention and MLPs (ours)
+BASE_LORA_TARGETS = FAKE_LORA_TARGETS + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
 
 
 # --------------------------------------------------------------------------- config
@@ -118,11 +125,14 @@ class Config:
     t_std: float = 1.0            # ours
     w_isc: float = 1.0            # Sec. 4: lambda_1 (Eq. 20)
     w_rec: float = 1.0            # Sec. 4: lambda_2
+    w_lpips: float = 1.0          # Eq. 19: L_Rec = MSE + LPIPS; 0: no VGG (ours: the mini, offline a random VGG)
     w_vsd: float = 1.0            # Sec. 4: lambda_3
     w_gan: float = 0.5            # Sec. 4: lambda_4
     vsd_t_min: float = 0.02       # ours: t ~ U(vsd_t_min, vsd_t_max) in Eqs. 15-16 (DMD's range)
     vsd_t_max: float = 0.98       # ours
     fake_rank: int = 64           # ours: LoRA rank (= alpha) of the fake score v_phi'
+    base_rank: int = -1           # -1: the base stays frozen, only the LR layers train; r > 0: a rank-r LoRA (= alpha)
+                                  # on the base trains with them ("and LoRA"); 0: the whole base trains (ours: mini)
     disc_model: str = "facebook/dinov3-vitb16-pretrain-lvd1689m"  # ours: DINOv3 ViT-B/16 (the paper names no size)
     disc_width: int = 256         # ours: channels of each discriminator head
     max_steps: int = 0            # 0: Sec. 4 for the stage (80k, 40k, 10k)
@@ -152,8 +162,12 @@ class Config:
 TINY = dict(crop=64, max_steps=4, batch_size=2, micro_batch=1, fake_rank=4, disc_width=16, tile=8, overlap=2)
 # --model mini (ours): each stage a few CPU minutes on the pretrained mini base (README, "mini")
 MINI = dict(crop=128, max_steps=200, batch_size=4, micro_batch=2, lr=3e-4, lr_fake=3e-4, lr_d=1e-4, fake_rank=16,
-            disc_width=32, tile=32, overlap=8, grid_every=100, save_every=100, eval_heldout=True, degrade="bicubic")
-MINI_STAGE = {"teacher": dict(max_steps=1000, lr=3e-3)}  # ours: 90 ms a CPU step; 13.7 -> 16.7 dB (README, mini)
+            disc_width=32, tile=32, overlap=8, grid_every=100, save_every=100, eval_heldout=True, degrade="bicubic",
+            base_rank=0)
+# ours, per stage (README, mini): the teacher at a higher lr; stage 2 keeps L_Rec (MSE) and a tenth of L_ISC: on the
+# 2M base, VSD (towards its grainy teacher), the GAN (a random DINOv3 offline) and LPIPS (a random VGG) cost PSNR
+MINI_STAGE = {"teacher": dict(max_steps=1000, lr=3e-3),
+              "gan": dict(max_steps=600, w_isc=0.1, w_vsd=0.0, w_gan=0.0, w_lpips=0.0)}
 
 
 def resolve(cfg):
@@ -174,6 +188,8 @@ def resolve(cfg):
         raise SystemExit(f"--tile {cfg.tile} --overlap {cfg.overlap}: expected even, 2 <= overlap <= tile / 2")
     if cfg.start not in ("noise", "lr") or not 0 < cfg.start_t <= 1:
         raise SystemExit(f"--start {cfg.start} --start_t {cfg.start_t}: expected noise or lr, 0 < start_t <= 1")
+    if cfg.base_rank < -1:
+        raise SystemExit(f"--base_rank {cfg.base_rank}: expected -1 (frozen base), 0 (all of it trains) or a LoRA rank")
     if cfg.fsdp:
         raise SystemExit("--fsdp: not supported by smfsr.py; SD3.5-Medium (2.5B) fits one GPU, shared by teacher, "
                          "student and fake score")
@@ -230,7 +246,8 @@ class LRBranch(nn.Module):
 
     def __init__(self, attn):
         super().__init__()
-        self.to_k, self.to_v = copy.deepcopy(attn.to_k).float(), copy.deepcopy(attn.to_v).float()
+        base = lambda m: getattr(m, "base_layer", m)  # the linear itself where the base carries a LoRA
+        self.to_k, self.to_v = copy.deepcopy(base(attn.to_k)).float(), copy.deepcopy(base(attn.to_v)).float()
         self.gate = nn.Parameter(torch.zeros(attn.heads))
         dim = attn.to_k.in_features
         self.conv = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1, groups=dim), nn.Conv2d(dim, dim, 1))
@@ -398,10 +415,11 @@ def boundary_loss(u, v_teacher, z_t, t):
     return F.mse_loss(u(z_t, t, t), v)  # Eq. (12)
 
 
-def rec_loss(lpips, x_hat, x_hr):
-    """Eq. 19 on images in [0, 1]; returns (L_Rec, MSE, LPIPS)."""
-    mse, lp = F.mse_loss(x_hat, x_hr), lpips(x_hat, x_hr)
-    return mse + lp, mse, lp  # Eq. (19)
+def rec_loss(lpips, x_hat, x_hr, w_lpips=1.0):
+    """Eq. 19 on images in [0, 1]; returns (L_Rec, MSE, LPIPS). w_lpips 0: no VGG pass at all."""
+    mse = F.mse_loss(x_hat, x_hr)
+    lp = lpips(x_hat, x_hr) if w_lpips else mse.new_zeros(())
+    return mse + w_lpips * lp, mse, lp  # Eq. (19)
 
 
 def vsd_loss(z_hat, z_hat_t, t, v_real, v_fake):
@@ -483,6 +501,34 @@ def load_net(ckpt, name, net):
     common.load_checkpoint(ckpt, {name: net}, restore_rng=False)
 
 
+def load_base(cfg, preset, dtype, rank, ckpt=None, name=None, train=False):
+    """The SD3 a model runs on. rank -1: the frozen base, one copy that teacher, student and fake score
+    share. Otherwise the base with the model's own weights on it (a rank-r LoRA; all of them at rank 0),
+    read from `<name>_base` in ckpt when given. A frozen one (the teacher of stages 1-2) has its LoRA
+    merged into the weights, so that the fake score's LoRA goes on top of the teacher."""
+    dit = common.load_dit(preset, cfg.model_path or None, dtype).requires_grad_(False).eval()
+    if rank < 0:
+        return dit
+    common.add_lora(dit, rank, rank, BASE_LORA_TARGETS)  # B = 0: the base at init; rank 0: every weight, fp32
+    if ckpt:
+        file = f"{name}_base{'_lora' if rank else ''}.safetensors"
+        if not os.path.exists(os.path.join(ckpt, file)):
+            raise SystemExit(f"{ckpt}: no {file} (expected a checkpoint trained with --base_rank {rank})")
+        common.load_checkpoint(ckpt, {f"{name}_base": dit}, restore_rng=False)
+    if not train:
+        if rank:
+            dit.fuse_lora()
+            dit.unload_lora()
+        dit.requires_grad_(False)
+        if not rank and dtype != torch.float32:
+            dit.to(dtype)  # all weights were trained in fp32
+    return dit
+
+
+def base_rank(ckpt):
+    return common.load_config(ckpt).get("base_rank", -1)
+
+
 def build_sampler(ckpt, device="cpu", steps=1, seed=0, start=None, start_t=None, tile=None, overlap=None):
     """fn(x_lr (1, 3, h, w) in [0, 1]) -> (1, 3, 4h, 4w): bicubic x4, encode, `steps` jumps of Eq. 14 from
     noise seeded by `seed` (each jump's velocity over overlapping latent tiles), decode."""
@@ -493,9 +539,9 @@ def build_sampler(ckpt, device="cpu", steps=1, seed=0, start=None, start_t=None,
     cfg.tile, cfg.overlap = tile or cfg.tile, overlap or cfg.overlap
     preset, device = resolve(cfg), torch.device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    dit = common.load_dit(preset, cfg.model_path or None, dtype).requires_grad_(False).eval()
     name = "teacher" if cfg.stage == "teacher" else "student"
     with torch.random.fork_rng(devices=[]):  # the init is overwritten; keep the caller's RNG as it was
+        dit = load_base(cfg, preset, dtype, cfg.base_rank, found, name)
         net = SRNet(dit, two_times=name == "student")
     load_net(found, name, net)
     state = torch.load(os.path.join(found, "state.pt"), weights_only=True)
@@ -541,42 +587,58 @@ def train(cfg):
     log = common.Logger(cfg.out_dir, rank == 0)
     log(json.dumps(dataclasses.asdict(cfg)))
 
-    # 1. models: one frozen SD3 (bf16 on GPU) shared by teacher, student and fake score. Trainable: the
-    #    LR branches (+ the (r, t) embedding of the student), in stage 2 also the fake-score LoRA and D heads
+    # 1. models: one frozen SD3 (bf16 on GPU) shared by teacher, student and fake score (--base_rank -1;
+    #    otherwise the trained model's base is a copy with its LoRA or all weights training, the teacher's
+    #    another). Trainable: the LR branches (+ the student's (r, t) embedding, + its base), in stage 2
+    #    also the fake-score LoRA and the D heads
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    dit = common.load_dit(preset, cfg.model_path or None, dtype).requires_grad_(False).eval()
     name = "teacher" if stage == "teacher" else "student"
+    src = "teacher" if stage == "isc" else "student"  # what the init checkpoint holds (Alg. 1: the student starts as the teacher)
+    if init and base_rank(init) != cfg.base_rank:
+        raise SystemExit(f"--base_rank {cfg.base_rank}: the stage continues {init}, trained with --base_rank {base_rank(init)}")
     with torch.random.fork_rng(devices=[]):  # the same init on every rank
         torch.manual_seed(cfg.seed)
+        dit = load_base(cfg, preset, dtype, cfg.base_rank, init, src, train=True)
         net = SRNet(dit, two_times=name == "student")
-        teacher = SRNet(dit, two_times=False).requires_grad_(False) if init else None
-        if gan:
-            common.add_lora(dit, cfg.fake_rank, cfg.fake_rank, FAKE_LORA_TARGETS)  # B = 0: v_phi' = v_phi at init
+        t_dit = dit  # the teacher's and fake score's SD3
+        if init and (cfg.base_rank >= 0 or base_rank(teacher_ckpt) >= 0):
+            t_dit = load_base(cfg, preset, dtype, base_rank(teacher_ckpt), teacher_ckpt, "teacher")
+        teacher = SRNet(t_dit, two_times=False).requires_grad_(False) if init else None
+        if gan and cfg.w_vsd:
+            common.add_lora(t_dit, cfg.fake_rank, cfg.fake_rank, FAKE_LORA_TARGETS)  # B = 0: v_phi' = v_phi at init
+        if gan and cfg.w_gan:
             disc = Discriminator(tiny, cfg.disc_model, cfg.disc_width)
-            lpips = common.load_lpips(device, pretrained=not common.is_tiny(preset))
+        if gan:
+            lpips = common.load_lpips(device, pretrained=not common.is_tiny(preset)) if cfg.w_lpips else None
     if init:
         load_net(cfg.teacher_ckpt, "teacher", teacher)
-        load_net(init, "teacher" if stage == "isc" else "student", net)  # Alg. 1: the student starts as the teacher
+        load_net(init, src, net)
 
     # 2. optimizers: AdamW with a fixed lr per trained part (Sec. 4), grad clip per part
     models = {name: net}
     params = [p for p in net.parameters() if p.requires_grad]
+    if cfg.base_rank >= 0:
+        models[f"{name}_base"] = dit
+        params += [p for p in dit.parameters() if p.requires_grad]
     opts = {"opt": torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)}
     groups = [params]
-    if gan:
-        fake_params = [p for n, p in dit.named_parameters() if "lora_" in n]
-        dit.disable_adapters()
+    if gan and cfg.w_vsd:
+        fake_params = [p for n, p in t_dit.named_parameters() if "lora_" in n]
+        t_dit.disable_adapters()
+        opts["opt_fake"] = torch.optim.AdamW(fake_params, lr=cfg.lr_fake, betas=(0.9, 0.999), weight_decay=0.0)
+        groups.append(fake_params)
+    if gan and cfg.w_gan:
         d_params = list(disc.heads.parameters())
         models["disc"] = disc.heads
-        opts["opt_fake"] = torch.optim.AdamW(fake_params, lr=cfg.lr_fake, betas=(0.9, 0.999), weight_decay=0.0)
         opts["opt_d"] = torch.optim.AdamW(d_params, lr=cfg.lr_d, betas=(0.9, 0.999), weight_decay=0.0)
-        groups += [fake_params, d_params]
+        groups.append(d_params)
         disc = disc.to(device)
-    dit, net = dit.to(device), net.to(device)
+    dit, t_dit, net = dit.to(device), t_dit.to(device), net.to(device)
     teacher = teacher.to(device) if teacher else None
     vae = common.load_vae(preset, cfg.model_path or None, dtype).to(device)
     if cfg.grad_ckpt and device.type == "cuda":
-        dit.enable_gradient_checkpointing()  # SRNet.forward checkpoints each block when this is on
+        for d in {id(dit): dit, id(t_dit): t_dit}.values():
+            d.enable_gradient_checkpointing()  # SRNet.forward checkpoints each block when this is on
     amp = lambda: common.autocast(device)
     log(f"{preset}: stage {stage}, {sum(p.numel() for p in params) / 1e6:.3g}M trainable ({name}); "
         f"init {init or preset}, teacher {cfg.teacher_ckpt or '-'}")
@@ -587,8 +649,8 @@ def train(cfg):
     if ckpt:
         state = common.load_checkpoint(ckpt, models, opts, generators={"degrade": g})
         start_step = state["step"]
-        if gan:
-            common.load_lora_state(dit, state["fake_lora"])
+        if gan and cfg.w_vsd:
+            common.load_lora_state(t_dit, state["fake_lora"])
         log(f"resumed from {ckpt} at step {start_step}")
 
     # 4. loader and captions: data position = step
@@ -619,41 +681,48 @@ def train(cfg):
                 (l_fm / accum).backward()
                 terms = dict(loss=l_fm, fm=l_fm)
             else:  # Algorithm 1
-                v_teacher = teacher_velocity(teacher, dit, z_lr, cond, captions.empty, cfg.teacher_cfg)
+                v_teacher = teacher_velocity(teacher, t_dit, z_lr, cond, captions.empty, cfg.teacher_cfg)
                 r, t = logit_normal(2 * B, cfg, device).view(2, B).sort(0).values  # line 3: r <= t (ours: logit-normal)
                 lam = torch.rand(B, device=device)  # line 4 (s inside isc_loss)
                 q = torch.rand(())  # line 5
                 z_t = (1 - _bc(t)) * z_hr + _bc(t) * eps  # line 7, Eq. (1)
-                with amp():
-                    l_isc = boundary_loss(u, v_teacher, z_t, t) if q < cfg.p_boundary else isc_loss(u, z_t, r, t, lam)
                 w_isc = cfg.w_isc if gan else 1.0
-                (w_isc * l_isc / accum).backward()  # its graph is freed before the next one is built
+                l_isc = torch.zeros((), device=device)
+                if w_isc:
+                    with amp():
+                        l_isc = boundary_loss(u, v_teacher, z_t, t) if q < cfg.p_boundary else isc_loss(u, z_t, r, t, lam)
+                    (w_isc * l_isc / accum).backward()  # its graph is freed before the next one is built
                 terms = dict(loss=w_isc * l_isc, isc=l_isc)
-            if gan:  # Eq. 20: + L_Rec + L_VSD + L_adv^G; Eqs. 16 and 18 train phi' and D alongside
-                eps_1, eps_v = torch.randn_like(z_hr), torch.randn_like(z_hr)
-                t_v = cfg.vsd_t_min + (cfg.vsd_t_max - cfg.vsd_t_min) * torch.rand(B, device=device)
-                ones = torch.ones(B, device=device)
+            if gan:  # Eq. 20: + L_Rec + L_VSD + L_adv^G; Eqs. 16 and 18 train phi' and D alongside. A term of
+                #      weight 0 is not computed, and its fake score / D is not built
+                eps_1, ones = torch.randn_like(z_hr), torch.ones(B, device=device)
                 with amp():
                     z_hat = eps_1 - u(eps_1, 0 * ones, ones)  # Eq. (14)
                     x_hat = common.decode(vae, FAMILY, z_hat).float()
-                    l_rec, l_mse, l_lpips = rec_loss(lpips, x_hat, x_hr)
+                    l_rec, l_mse, l_lpips = rec_loss(lpips, x_hat, x_hr, cfg.w_lpips)
+                l_vsd = l_fake = l_adv = l_d = torch.zeros((), device=device)
+                if cfg.w_vsd:
+                    eps_v = torch.randn_like(z_hr)
+                    t_v = cfg.vsd_t_min + (cfg.vsd_t_max - cfg.vsd_t_min) * torch.rand(B, device=device)
                     z_hat_t = (1 - _bc(t_v)) * z_hat.detach() + _bc(t_v) * eps_v
-                    with torch.no_grad():
+                    with torch.no_grad(), amp():
                         v_real = v_teacher(z_hat_t, t_v)
-                with fake_score(dit):  # one fake-score pass: detached for Eq. 15, through its LoRA for Eq. 16
+                    with fake_score(t_dit):  # one fake-score pass: detached for Eq. 15, through its LoRA for Eq. 16
+                        with amp():
+                            v_fake = teacher(t_dit, z_hat_t, t_v, t_v, z_lr, cond)
+                        l_fake = fake_score_loss(v_fake, eps_v, z_hat)
+                        (l_fake / accum).backward()
                     with amp():
-                        v_fake = teacher(dit, z_hat_t, t_v, t_v, z_lr, cond)
-                    l_fake = fake_score_loss(v_fake, eps_v, z_hat)
-                    (l_fake / accum).backward()
-                with amp():
-                    l_vsd = vsd_loss(z_hat, z_hat_t, t_v, v_real, v_fake.detach())  # Eq. (15)
-                    f_fake = disc.features(x_hat)
-                    with torch.no_grad():
-                        f_real = disc.features(x_hr)
-                    disc.heads.requires_grad_(False)  # L_adv^G reaches the generator only
-                    l_adv = adv_g_loss(disc(f_fake))
-                    disc.heads.requires_grad_(True)
-                    l_d = adv_d_loss(disc(f_real), disc([f.detach() for f in f_fake]))
+                        l_vsd = vsd_loss(z_hat, z_hat_t, t_v, v_real, v_fake.detach())  # Eq. (15)
+                if cfg.w_gan:
+                    with amp():
+                        f_fake = disc.features(x_hat)
+                        with torch.no_grad():
+                            f_real = disc.features(x_hr)
+                        disc.heads.requires_grad_(False)  # L_adv^G reaches the generator only
+                        l_adv = adv_g_loss(disc(f_fake))
+                        disc.heads.requires_grad_(True)
+                        l_d = adv_d_loss(disc(f_real), disc([f.detach() for f in f_fake]))
                 l_g = cfg.w_rec * l_rec + cfg.w_vsd * l_vsd + cfg.w_gan * l_adv
                 ((l_g + l_d) / accum).backward()
                 terms = dict(loss=terms["loss"] + l_g, isc=l_isc, mse=l_mse, lpips=l_lpips, vsd=l_vsd, adv=l_adv,
@@ -669,8 +738,8 @@ def train(cfg):
             common.save_grid(os.path.join(cfg.out_dir, "grids", f"step-{step}.png"), x_lr, x_hat.detach().clamp(0, 1), x_hr)
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             extra = {"cond": {k: v[:1].detach().cpu() for k, v in captions.empty.items()}}
-            if gan:
-                extra["fake_lora"] = common.lora_state(dit)
+            if gan and cfg.w_vsd:
+                extra["fake_lora"] = common.lora_state(t_dit)
             common.save_checkpoint(cfg.out_dir, step, cfg, models, opts, extra=extra, generators={"degrade": g})
     if rank == 0 and cfg.eval_heldout:
         common.heldout_eval("smfsr", cfg.out_dir, cfg.degrade)

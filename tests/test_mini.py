@@ -79,6 +79,11 @@ def test_mini_model_flag_and_defaults():
     teacher, isc = smfsr.Config(model="mini", stage="teacher"), smfsr.Config(model="mini", stage="isc", max_steps=50)
     smfsr.resolve(teacher), smfsr.resolve(isc)
     assert (teacher.max_steps, teacher.lr) == (1000, 3e-3) and (isc.max_steps, isc.lr) == (50, smfsr.MINI["lr"])
+    assert teacher.base_rank == isc.base_rank == 0 and smfsr.Config().base_rank == -1  # the mini's base trains
+    gan = smfsr.Config(model="mini", stage="gan")
+    smfsr.resolve(gan)  # stage 2 of the mini: MSE and a tenth of L_ISC; the paper's weights untouched
+    assert (gan.max_steps, gan.w_isc, gan.w_vsd, gan.w_gan, gan.w_lpips, gan.w_rec) == (600, 0.1, 0, 0, 0, 1.0)
+    assert (smfsr.Config().w_vsd, smfsr.Config().w_gan, smfsr.Config().w_lpips) == (1.0, 0.5, 1.0)
     cfg = teasr.Config(model="mini", lr=2e-3)
     assert teasr.resolve(cfg) == "mini-qwen"
     assert cfg.lr == 2e-3 and cfg.max_steps == teasr.MINI["max_steps"] and cfg.eval_heldout  # given flag kept

@@ -256,6 +256,16 @@ def test_hinge_losses_on_separable_logits():
     assert x.grad.abs().sum() > 0 and all(p.grad is not None for p in disc.heads.parameters())
 
 
+def test_reconstruction_loss_is_mse_plus_weighted_lpips():
+    a, b = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    lp = C.load_lpips("cpu", pretrained=False)
+    rec, mse, l = M.rec_loss(lp, a, b)
+    assert mse == F.mse_loss(a, b) and l == lp(a, b) and rec == mse + l  # Eq. 19, the paper's weights
+    rec0, mse0, l0 = M.rec_loss(None, a, b, 0.0)  # w_lpips 0 (mini): no LPIPS network is needed
+    assert rec0 == mse0 == mse and l0 == 0
+    assert M.rec_loss(None, b, b, 0.0)[0] == 0  # zero at the target
+
+
 # --------------------------------------------------------------------------- training and sampling
 def _state(out, name):
     return load_file(sorted(glob.glob(os.path.join(out, "ckpt-*")))[-1] + f"/{name}.safetensors")
@@ -299,6 +309,55 @@ def test_exact_resume_of_the_gan_stage(tmp_path, isc_ckpt):
     a, b = (torch.load(sorted(glob.glob(str(tmp_path / d / "ckpt-*")))[-1] + "/state.pt")["fake_lora"] for d in "ab")
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)  # the fake score trained
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gan_stage_skips_the_terms_of_weight_zero(tmp_path, isc_ckpt):
+    """w_vsd = w_gan = w_isc = w_lpips = 0 (the mini's stage 2 keeps L_Rec's MSE and, there, a tenth of
+    L_ISC): no fake score, no discriminator, no VGG is built, and the student still learns from L_Rec."""
+    kw = dict(model="tiny", stage="gan", init_ckpt=str(isc_ckpt), num_workers=0, max_steps=2, lr=1e-2)
+    M.train(M.Config(out_dir=str(tmp_path / "g"), w_vsd=0.0, w_gan=0.0, w_isc=0.0, w_lpips=0.0, **kw))
+    ckpt = C.latest_checkpoint(str(tmp_path / "g"))
+    state = torch.load(ckpt + "/state.pt")
+    assert "fake_lora" not in state and set(state["optimizers"]) == {"opt"} and not os.path.exists(ckpt + "/disc.safetensors")
+    before, after = load_file(str(isc_ckpt / "ckpt-0000002/student.safetensors")), _state(tmp_path / "g", "student")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    log = (tmp_path / "g" / "log.txt").read_text()
+    assert "vsd 0 " in log and "adv 0 " in log and "d 0)" in log
+
+
+def test_base_rank_trains_a_base_lora_that_the_next_stage_and_the_sampler_inherit(tmp_path):
+    """--base_rank r: each stage's model trains a LoRA on its own copy of the base; the student starts as
+    the teacher (the same LoRA), the frozen teacher runs with it merged into its weights and keeps it
+    through stage 2, and the sampler rebuilds the trained model from the checkpoint alone."""
+    kw = dict(model="tiny", max_steps=2, num_workers=0, base_rank=4, lr=1e-2)
+    M.train(M.Config(stage="teacher", out_dir=str(tmp_path / "teacher"), **kw))
+    t_ckpt = C.latest_checkpoint(str(tmp_path / "teacher"))
+    lora = load_file(t_ckpt + "/teacher_base_lora.safetensors")
+    assert any("ff.net.2.lora_B" in k for k in lora)  # attention and MLPs
+    assert all(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k and ".attn.to_" in k)  # B = 0 no more
+    cfg = M.Config(**kw)
+    M.resolve(cfg)
+    trained = M.load_base(cfg, "tiny-sd3", torch.float32, 4, t_ckpt, "teacher", train=True)  # what isc starts from
+    merged = M.load_base(cfg, "tiny-sd3", torch.float32, 4, t_ckpt, "teacher")  # the frozen teacher of isc / gan
+    plain = C.load_dit("tiny-sd3")
+    assert not any(p.requires_grad for p in merged.parameters()) and not hasattr(merged, "peft_config")
+    net = M.SRNet(plain, two_times=False)
+    M.load_net(t_ckpt, "teacher", net)
+    z, z_lr = torch.randn(2, 2, 16, 8, 8)
+    cond, t = C.expand_cond(C.tiny_cond(plain, "sd3"), 2), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        v_trained, v_merged, v_plain = (net(d, z, t, t, z_lr, cond) for d in (trained, merged, plain))
+    torch.testing.assert_close(v_merged, v_trained, atol=1e-5, rtol=1e-5)  # merging is exact
+    assert (v_merged - v_plain).abs().mean() > 1e-4  # and the LoRA changed the base
+    M.train(M.Config(stage="isc", out_dir=str(tmp_path / "isc"), init_ckpt=str(tmp_path / "teacher"), **kw))
+    M.train(M.Config(stage="gan", out_dir=str(tmp_path / "gan"), init_ckpt=str(tmp_path / "isc"), **kw))
+    student = load_file(C.latest_checkpoint(str(tmp_path / "gan")) + "/student_base_lora.safetensors")
+    assert student.keys() == lora.keys() and any(not torch.equal(student[k], lora[k]) for k in lora)  # it trained on
+    x = torch.rand(1, 3, 16, 16)
+    y = M.build_sampler(str(tmp_path / "gan"))(x)
+    assert y.shape == (1, 3, 64, 64) and torch.isfinite(y).all()
+    with pytest.raises(SystemExit, match="base_rank"):  # a stage cannot change what its init trained
+        M.train(M.Config(stage="isc", out_dir=str(tmp_path / "isc0"), init_ckpt=str(tmp_path / "teacher"), **{**kw, "base_rank": -1}))
 
 
 def test_tiny_teacher_torchrun_isc_gan_then_sample(tmp_path, monkeypatch):
