@@ -55,13 +55,9 @@ What differs from the paper, and why:
   dB; README, mini). Both are zero at init, so the wrapped model is the base bit for bit. The LR
   tokens are not updated block to block (no LR MLP stream) and text tokens do not see them: fewer
   parameters (~180M on SD3.5-M vs the paper's 366M trainable) and one extra attention call per
-  block. By default only these LR parameters and the (r, t) embedding train and the base stays
-  frozen (one bf16 copy shared by teacher, student, fake score). `--base_rank r` also trains a
-  rank-r LoRA on the base's joint-block linears (the paper trains "the LR parameters and LoRA";
-  r = 128 is ~170M more on SD3.5-M, near its 366M), `--base_rank 0` the whole base (the mini: a
-  frozen 2M base cannot cancel the starting noise, 16.7 -> 25.6 dB for the one-step teacher, README).
-  The trained model and the frozen teacher then each hold a copy of the base (the teacher's LoRA
-  merged into it, the fake score's LoRA on top); the student starts from the teacher's LoRA.
+  block. By default the base stays frozen (one bf16 copy for teacher, student, fake score);
+  `--base_rank r` also trains a LoRA on it (the paper: "LR parameters and LoRA"; r = 128 adds
+  ~170M on SD3.5-M), `0` all of it (the mini, README). Teacher and student then own a copy each.
 - (r, t) embedding: e_{r,t} = e_t + MLP([e_r, e_t]) with the MLP's last layer zero-initialised, so the
   student starts as the teacher: u(z, r, t) = v(z, t) (the paper gives only Linear-SiLU-Linear).
 - Algorithm 1 writes the splitting branch under q < p, Sec. 4 calls p = 0.6 "the probability of using
@@ -525,10 +521,6 @@ def load_base(cfg, preset, dtype, rank, ckpt=None, name=None, train=False):
     return dit
 
 
-def base_rank(ckpt):
-    return common.load_config(ckpt).get("base_rank", -1)
-
-
 def build_sampler(ckpt, device="cpu", steps=1, seed=0, start=None, start_t=None, tile=None, overlap=None):
     """fn(x_lr (1, 3, h, w) in [0, 1]) -> (1, 3, 4h, 4w): bicubic x4, encode, `steps` jumps of Eq. 14 from
     noise seeded by `seed` (each jump's velocity over overlapping latent tiles), decode."""
@@ -594,6 +586,7 @@ def train(cfg):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     name = "teacher" if stage == "teacher" else "student"
     src = "teacher" if stage == "isc" else "student"  # what the init checkpoint holds (Alg. 1: the student starts as the teacher)
+    base_rank = lambda ckpt: common.load_config(ckpt).get("base_rank", -1)
     if init and base_rank(init) != cfg.base_rank:
         raise SystemExit(f"--base_rank {cfg.base_rank}: the stage continues {init}, trained with --base_rank {base_rank(init)}")
     with torch.random.fork_rng(devices=[]):  # the same init on every rank
