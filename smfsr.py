@@ -630,7 +630,7 @@ def train(cfg):
     teacher = teacher.to(device) if teacher else None
     vae = common.load_vae(preset, cfg.model_path or None, dtype).to(device)
     if cfg.grad_ckpt and device.type == "cuda":
-        for d in {id(dit): dit, id(t_dit): t_dit}.values():
+        for d in (dit, t_dit):  # one module twice where the base is shared: harmless
             d.enable_gradient_checkpointing()  # SRNet.forward checkpoints each block when this is on
     amp = lambda: common.autocast(device)
     log(f"{preset}: stage {stage}, {sum(p.numel() for p in params) / 1e6:.3g}M trainable ({name}); "
