@@ -60,6 +60,10 @@ What differs from the paper, and why:
   the sum): at most one DiT graph alive at a time (plus the decoder's and LPIPS' for L_data).
 - diffusers' Qwen-Image VAE decoder clamps to [-1, 1], so saturated pixels give L_data no gradient.
 - No --fsdp: the paper's point is that this fits one GPU (bf16 frozen base + LoRA + checkpointing).
+- --train_noise (ours, off by default; the mini's setting): the base's own weights train too, in fp32,
+  so the noise branch is no longer frozen. On the 2M mini base the frozen noise branch cannot read
+  the condition tokens (README, mini): trained alone, the condition LoRA cannot even copy the LR latent
+  into the one-step output (19 dB). The checkpoint then also holds the base (`dit.safetensors`).
 """
 import copy, dataclasses, json, os
 
@@ -120,14 +124,18 @@ class Config:
     tile: int = 128               # ours: latent tile, 1024 px
     overlap: int = 32             # ours: 256 px
     eval_heldout: bool = False    # ours: at the end, eval.py on the held-out sample photos vs bicubic (mini: on)
+    train_noise: bool = False     # Sec. 4.1: the noise branch is frozen; True (ours, the mini): the base trains too
 
 
 # --model tiny: small sizes unless the flag was given (values equal to the default are replaced)
 TINY = dict(max_steps=20, crop=64, lora_rank=8, lora_alpha=8.0, batch_size=2, tile=8, overlap=2)
-# --model mini (ours): a ~10-minute CPU run on the pretrained mini base (README, "mini"); lambda_lpips
-# 0: offline the VGG is random, not a perceptual loss, and was over half of a CPU step (3.9 -> 1.7 s)
-MINI = dict(max_steps=300, crop=128, lora_rank=32, lora_alpha=32.0, lr=1e-3, lambda_lpips=0.0, batch_size=4,
-            tile=32, overlap=8, grid_every=100, save_every=100, eval_heldout=True, degrade="bicubic")
+# --model mini (ours): a ~25-minute CPU run on the pretrained mini base (README, "mini"), each choice
+# measured there. train_noise: the frozen 2M noise branch cannot read the condition tokens. lambda_data
+# 30: the pixel MSE (~0.005) against latent flow terms (~1). lambda_lpips 0: offline the VGG is random,
+# not a perceptual loss, and was over half of a CPU step. tile 16 = the training crop's latent size.
+MINI = dict(max_steps=1200, crop=128, lora_rank=32, lora_alpha=32.0, lr=2e-3, lambda_data=30.0, lambda_lpips=0.0,
+            batch_size=4, tile=16, overlap=4, grid_every=100, save_every=100, eval_heldout=True, degrade="bicubic",
+            train_noise=True)
 
 
 def resolve(cfg):
@@ -334,7 +342,7 @@ def build_sampler(ckpt, device="cpu", steps=1, seed=0, tile=None, overlap=None):
     dit = common.load_dit(preset, cfg.model_path or None, dtype).requires_grad_(False).eval()
     with torch.random.fork_rng(devices=[]):  # the LoRA init is overwritten; keep the caller's RNG as it was
         branch = CondBranch(dit, cfg.lora_rank, cfg.lora_alpha, cfg.fused_t)
-    state = common.load_checkpoint(found, {"cond_branch": branch}, restore_rng=False)
+    state = common.load_checkpoint(found, {"cond_branch": branch, "dit": dit}, restore_rng=False)  # dit: --train_noise
     dit, branch = dit.to(device), branch.to(device).eval()
     vae = common.load_vae(preset, cfg.model_path or None, dtype).to(device)
     if common.PRESETS[preset].hub is not None:
@@ -357,7 +365,8 @@ def train(cfg):
     log(json.dumps(dataclasses.asdict(cfg)))
 
     # 1. models: one DiT in memory, frozen base in bf16 on GPU; trainable: condition LoRA + t_tar embedder
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    #    (--train_noise: and the base itself, in fp32)
+    dtype = torch.bfloat16 if device.type == "cuda" and not cfg.train_noise else torch.float32
     dit = common.load_dit(preset, cfg.model_path or None, dtype).requires_grad_(False).eval()
     with torch.random.fork_rng(devices=[]):  # the same init on every rank
         torch.manual_seed(cfg.seed)
@@ -370,17 +379,18 @@ def train(cfg):
         dit.enable_gradient_checkpointing()
     amp = lambda: common.autocast(device)
 
-    # 2. optimizer on the condition branch only, grad clip
-    params = list(branch.parameters())
+    # 2. optimizer on the condition branch only (--train_noise: and the base), grad clip
+    params = list(branch.parameters()) + (list(dit.requires_grad_(True).parameters()) if cfg.train_noise else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=0.0)
-    log(f"{preset}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters (condition LoRA + t_tar "
-        f"embedder), {sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M frozen")
+    log(f"{preset}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters (condition LoRA + t_tar embedder"
+        + (" + the base)" if cfg.train_noise else f"), {sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M frozen"))
+    models = {"cond_branch": branch, "dit": dit}  # a frozen dit saves nothing (common._trainable_state)
 
     # 3. resume
     g = torch.Generator(device).manual_seed(1_000_003 + cfg.seed * world + rank)  # degradations
     start_step, ckpt = 0, common.latest_checkpoint(cfg.out_dir)
     if ckpt:
-        start_step = common.load_checkpoint(ckpt, {"cond_branch": branch}, {"opt": opt}, generators={"degrade": g})["step"]
+        start_step = common.load_checkpoint(ckpt, models, {"opt": opt}, generators={"degrade": g})["step"]
         log(f"resumed from {ckpt} at step {start_step}")
 
     # 4. loader: data position = step
@@ -431,7 +441,7 @@ def train(cfg):
         if rank == 0 and (step % cfg.grid_every == 0 or step == cfg.max_steps):
             common.save_grid(os.path.join(cfg.out_dir, "grids", f"step-{step}.png"), x_lr, x_fake.detach().clamp(0, 1), x_hr)
         if step % cfg.save_every == 0 or step == cfg.max_steps:
-            common.save_checkpoint(cfg.out_dir, step, cfg, {"cond_branch": branch}, {"opt": opt},
+            common.save_checkpoint(cfg.out_dir, step, cfg, models, {"opt": opt},
                                    extra={"cond": {k: v.detach().cpu() for k, v in cond.items()}}, generators={"degrade": g})
     if rank == 0 and cfg.eval_heldout:
         common.heldout_eval("teasr", cfg.out_dir, cfg.degrade)

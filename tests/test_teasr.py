@@ -286,6 +286,31 @@ def test_train_then_sample_any_steps(trained, tmp_path):
         teasr.build_sampler(trained, steps=0)
 
 
+def test_train_noise_trains_the_base_and_the_sampler_uses_it(trained, tmp_path):
+    """Default: the base stays frozen and the checkpoint holds no copy of it. --train_noise: every base
+    weight trains, the checkpoint holds the trained base (dit.safetensors), a resume restores it
+    exactly, and the sampler runs on it (without that file it gives another image)."""
+    import shutil
+    from safetensors.torch import load_file
+    assert not os.path.exists(os.path.join(trained, "ckpt-0000002", "dit.safetensors"))
+    out = tmp_path / "tn"
+    cfg = dict(model="tiny", num_workers=0, log_every=1, max_steps=2, save_every=1, train_noise=True)
+    teasr.train(teasr.Config(**cfg, out_dir=str(out)))
+    ck = out / "ckpt-0000002"
+    sd, base = load_file(str(ck / "dit.safetensors")), common.load_dit("tiny-qwen").state_dict()
+    assert sd.keys() == base.keys()
+    assert any(not torch.equal(sd[k], base[k]) for k in sd)
+    shutil.copytree(out / "ckpt-0000001", tmp_path / "resume" / "ckpt-0000001")
+    teasr.train(teasr.Config(**cfg, out_dir=str(tmp_path / "resume")))
+    again = load_file(str(tmp_path / "resume" / "ckpt-0000002" / "dit.safetensors"))
+    for k in sd:
+        torch.testing.assert_close(again[k], sd[k], atol=1e-6, rtol=0)
+    x_lr = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    y = teasr.build_sampler(str(ck))(x_lr)
+    os.remove(ck / "dit.safetensors")
+    assert not torch.equal(teasr.build_sampler(str(ck))(x_lr), y)
+
+
 def test_exact_resume(trained, tmp_path):
     """Resuming the run's step-1 checkpoint for one more step reproduces its step-2 checkpoint."""
     import shutil
