@@ -8,7 +8,7 @@ Every velocity call here speaks one convention (rectified flow, sigma form):
 on (B, C, H, W) latents, whatever the family does inside (packing, position ids, its
 own timestep scale). Images are (B, 3, H, W) floats in [0, 1] everywhere outside the VAE.
 """
-import contextlib, dataclasses, functools, glob, hashlib, json, os, random, shutil, sys, time, warnings
+import contextlib, dataclasses, functools, glob, hashlib, json, math, os, random, shutil, sys, time, warnings
 
 import numpy as np
 import torch
@@ -72,7 +72,7 @@ PRESETS = {
     # mini: the same classes at ~2M parameters, pretrained by this project on the sample photos
     # (`python common.py pretrain --model mini-<family>`, run on first use): small enough to learn
     # on a CPU in minutes, real enough for the teachers to have something to distill (README, "mini":
-    # what the methods reach on them; StrSR's first command passes bicubic, the other three do not yet).
+    # what the methods reach on them; StrSR, SMFSR and TEASR pass bicubic there, FluxSR not yet).
     "mini-flux1": Preset("flux1", None, "2.3M", dict(
         in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=4,
         joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(8, 12, 12)),
@@ -507,6 +507,23 @@ def allreduce_grads(params):
         flat /= dist.get_world_size()
         for g, f in zip(grads, torch.split(flat, [g.numel() for g in grads])):
             g.copy_(f.view_as(g))
+
+
+def lr_factor(step, max_steps, decay):
+    """The learning rate's multiplier at `step` (1..max_steps): 1, then over the last `decay` fraction
+    of the run a half cosine down to 0 at max_steps. decay 0: constant (the papers' schedule)."""
+    start = (1 - decay) * max_steps
+    if decay <= 0 or step <= start:
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * (step - start) / (max_steps - start)))
+
+
+def set_lr(optimizers, step, max_steps, decay):
+    """Every group of every optimizer at its base lr (kept in `initial_lr`, saved with the optimizer's
+    state, so a resume continues the same schedule) times lr_factor. A pure function of the step."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group.setdefault("initial_lr", group["lr"]) * lr_factor(step, max_steps, decay)
 
 
 def optimizer_step(groups, optimizers, clip):

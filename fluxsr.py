@@ -86,6 +86,7 @@ class Config:
     lora_alpha: float = 64.0      # ours: alpha = rank, LoRA scale 1
     lr: float = 5e-5              # ours: AdamW (0.9, 0.999), no weight decay, constant
     grad_clip: float = 1.0        # ours
+    lr_decay: float = 0.0         # ours: lr x half cosine to 0 over this last fraction of the steps; 0: constant
     max_steps: int = 30000        # Sec. 5.3 (ablation length)
     batch_size: int = 8           # ours: global batch
     micro_batch: int = 1          # per rank per forward
@@ -112,7 +113,7 @@ TINY = dict(max_steps=20, pair_size=64, crop=64, teacher_steps=4, lora_rank=8, l
 # --model mini (ours): a ~10-minute CPU run on the pretrained mini base (README, "mini"): full
 # fine-tuning (a LoRA on a 2M base stays below bicubic for hundreds of steps), and lam 0: offline
 # the VGG of TV-LPIPS is random, not a perceptual loss, and would be most of a CPU step
-MINI = dict(max_steps=600, pair_size=128, crop=128, lora_rank=0, lam=0.0, lr=1e-3, batch_size=4,
+MINI = dict(max_steps=600, pair_size=128, crop=128, lora_rank=0, lam=0.0, lr=1e-3, lr_decay=0.5, batch_size=4,
             tile=32, overlap=8, grid_every=100, save_every=100, eval_heldout=True, degrade="bicubic")
 
 
@@ -453,6 +454,7 @@ def train(cfg):
             (loss / accum).backward()
             sums = {k: sums.get(k, 0) + v.detach() / accum for k, v in terms.items()}
         # 20: update v_theta (its LoRA)
+        common.set_lr([opt], step, cfg.max_steps, cfg.lr_decay)
         common.optimizer_step([params], [opt], cfg.grad_clip)
         log.step(step, cfg.max_steps, sums, device, cfg.log_every)
         if rank == 0 and (step % cfg.grid_every == 0 or step == cfg.max_steps):

@@ -114,6 +114,7 @@ class Config:
     lr_fake: float = 5e-5         # ours: fake-score LoRA (Eq. 16)
     lr_d: float = 5e-5            # ours: discriminator heads (Eq. 18)
     grad_clip: float = 1.0        # ours
+    lr_decay: float = 0.0         # ours: lr x half cosine to 0 over this last fraction of the steps; 0: constant
     p_boundary: float = 0.6       # Sec. 4: probability of the boundary branch
     teacher_cfg: float = 1.0      # Eq. 13 w for every teacher call; 1 = no CFG, the paper's choice (Table 6)
     p_drop: float = 0.2           # Sec. 4.4: caption dropout
@@ -721,6 +722,7 @@ def train(cfg):
                 terms = dict(loss=terms["loss"] + l_g, isc=l_isc, mse=l_mse, lpips=l_lpips, vsd=l_vsd, adv=l_adv,
                              fake=l_fake, d=l_d)
             sums = {k: sums.get(k, 0) + v.detach() / accum for k, v in terms.items()}
+        common.set_lr(opts.values(), step, cfg.max_steps, cfg.lr_decay)
         common.optimizer_step(groups, list(opts.values()), cfg.grad_clip)  # Alg. 1 line 17: update theta
         log.step(step, cfg.max_steps, sums, device, cfg.log_every)
         if rank == 0 and (step % cfg.grid_every == 0 or step == cfg.max_steps):

@@ -101,6 +101,7 @@ class Config:
     lr_d: float = 1e-6            # paper
     weight_decay: float = 0.01    # ours: torch AdamW default (the paper says "default betas")
     grad_clip: float = 1.0        # official
+    lr_decay: float = 0.0         # ours: lr x half cosine to 0 over this last fraction of the steps; 0: constant
     # sampling
     sample: bool = False
     ckpt: str = ""
@@ -584,6 +585,7 @@ def train(cfg):
             (loss_d / accum).backward()
             for k, v in {"loss": loss_g, **terms, "d": loss_d, **terms_d}.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
+        common.set_lr([opt_g, opt_d], step + 1 - stage_start, cfg.max_steps, cfg.lr_decay)
         common.optimizer_step([params_g, params_d], [opt_g, opt_d], cfg.grad_clip)
         step += 1
         log.step(step, end, sums, device, cfg.log_every)

@@ -94,6 +94,7 @@ class Config:
     lora_rank: int = 128          # Sec. 4.1: LoRA on the condition branch, rank 128
     lora_alpha: float = 128.0     # Sec. 4.1: alpha 128
     lr: float = 5e-5              # Sec. 4.1: AdamW, constant
+    lr_decay: float = 0.0         # ours: lr x half cosine to 0 over this last fraction of the steps; 0: constant
     beta2: float = 0.99           # Sec. 4.1: betas (0.9, 0.99), weight decay 0
     grad_clip: float = 1.0        # Sec. 4.1
     lambda_cons: float = 0.25     # ours (Eq. 5): 0.25 per auxiliary term, as the authors' precursor
@@ -133,7 +134,7 @@ TINY = dict(max_steps=20, crop=64, lora_rank=8, lora_alpha=8.0, batch_size=2, ti
 # measured there. train_noise: the frozen 2M noise branch cannot read the condition tokens. lambda_data
 # 30: the pixel MSE (~0.005) against latent flow terms (~1). lambda_lpips 0: offline the VGG is random,
 # not a perceptual loss, and was over half of a CPU step. tile 16 = the training crop's latent size.
-MINI = dict(max_steps=1200, crop=128, lora_rank=32, lora_alpha=32.0, lr=3e-3, lambda_data=30.0, lambda_lpips=0.0,
+MINI = dict(max_steps=1200, crop=128, lora_rank=32, lora_alpha=32.0, lr=3e-3, lr_decay=0.5, lambda_data=30.0, lambda_lpips=0.0,
             batch_size=4, tile=16, overlap=4, grid_every=100, save_every=100, eval_heldout=True, degrade="bicubic",
             train_noise=True)
 
@@ -436,6 +437,7 @@ def train(cfg):
                      + cfg.lambda_rect * l_rect)
             terms = dict(loss=total, flow=l_flow, cons=l_cons, mse=l_mse, lpips=l_lpips, adv=l_adv, rect=l_rect)
             sums = {k: sums.get(k, 0) + val.detach() / accum for k, val in terms.items()}
+        common.set_lr([opt], step, cfg.max_steps, cfg.lr_decay)
         common.optimizer_step([params], [opt], cfg.grad_clip)
         log.step(step, cfg.max_steps, sums, device, cfg.log_every)
         if rank == 0 and (step % cfg.grid_every == 0 or step == cfg.max_steps):

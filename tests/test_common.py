@@ -239,6 +239,22 @@ def test_step_sampler_shards_and_resumes():
     assert take(C.StepSampler(10, 4, 0, 1, seed=3, start_step=2), 4) == a[8:12]
 
 
+def test_lr_factor_is_constant_then_a_half_cosine_to_zero():
+    assert [C.lr_factor(s, 100, 0.0) for s in (1, 50, 100)] == [1.0, 1.0, 1.0]  # decay 0: constant
+    f = [C.lr_factor(s, 100, 0.5) for s in range(1, 101)]
+    assert f[:50] == [1.0] * 50 and all(a >= b for a, b in zip(f, f[1:]))
+    assert f[74] == pytest.approx(0.5) and f[99] == pytest.approx(0.0, abs=1e-12)  # midway, end
+    assert f[59] == pytest.approx((1 + np.cos(np.pi * 10 / 50)) / 2)
+    w = torch.nn.Parameter(torch.zeros(1))
+    opts = [torch.optim.AdamW([w], lr=1e-3), torch.optim.AdamW([w], lr=1e-4)]
+    C.set_lr(opts, 75, 100, 0.5)
+    assert [o.param_groups[0]["lr"] for o in opts] == pytest.approx([5e-4, 5e-5])
+    fresh = torch.optim.AdamW([w], lr=7.0)  # a resume: the saved base lr wins over the new default
+    fresh.load_state_dict(opts[0].state_dict())
+    C.set_lr([fresh], 100, 100, 0.5)
+    assert fresh.param_groups[0]["initial_lr"] == 1e-3 and fresh.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
 # --------------------------------------------------------------------------- training harness
 def _final(d):
     return torch.load(os.path.join(d, "final.pt"), weights_only=True)

@@ -243,6 +243,23 @@ def test_exact_resume(tmp_path, clean_pairs):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_lr_decay_follows_the_cosine_and_resumes_exactly(tmp_path, clean_pairs):
+    """--lr_decay 1: the lr of step s is lr (1 + cos(pi s / N)) / 2, so half of it at step 2 of 4 and
+    0 at the end; a run resumed after step 2 lands on the same weights (the schedule is a function of
+    the step, its base lr saved with the optimizer)."""
+    import shutil
+    kw = dict(model="tiny", data=str(clean_pairs), batch_size=1, num_workers=0, save_every=2, log_every=1,
+              lr=1e-3, lr_decay=1.0, max_steps=4)
+    M.train(M.Config(out_dir=str(tmp_path / "a"), **kw))
+    group = lambda s: torch.load(tmp_path / "a" / f"ckpt-{s:07d}" / "state.pt", weights_only=True)["optimizers"]["opt"]["param_groups"][0]
+    assert group(2)["lr"] == pytest.approx(5e-4) and group(4)["lr"] == pytest.approx(0, abs=1e-12)
+    assert group(4)["initial_lr"] == 1e-3
+    shutil.copytree(tmp_path / "a" / "ckpt-0000002", tmp_path / "b" / "ckpt-0000002")
+    M.train(M.Config(out_dir=str(tmp_path / "b"), **kw))  # steps 3 (lr 0.15e-3) and 4
+    a, b = _lora(tmp_path / "a"), _lora(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_tiny_torchrun_make_pairs_train_then_sample(tmp_path, clean_pairs):
     tr = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "fluxsr.py", "--model", "tiny"]
     run(tr + ["--make_pairs", "4", "--data", str(tmp_path / "pairs")])

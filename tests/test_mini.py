@@ -88,6 +88,7 @@ def test_mini_model_flag_and_defaults():
     assert teasr.resolve(cfg) == "mini-qwen"
     assert cfg.lr == 2e-3 and cfg.max_steps == teasr.MINI["max_steps"] and cfg.eval_heldout  # given flag kept
     assert cfg.train_noise and (cfg.tile, cfg.crop) == (16, 128) and not teasr.Config().train_noise  # paper: frozen
+    assert cfg.lr_decay == 0.5 and teasr.Config().lr_decay == 0  # the mini's lr decays; the paper's is constant
     cfg = strsr.resolve(strsr.Config(model="mini"))
     assert cfg.model == "mini-flux2" and cfg.crop == strsr.MINI["crop"] and cfg.lr_g == strsr.MINI["lr_g"]
     assert cfg.degrade == "bicubic" and cfg.lora_rank == 0  # the classical LR, full fine-tuning
