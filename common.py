@@ -512,8 +512,10 @@ def allreduce_grads(params):
 def lr_factor(step, max_steps, decay):
     """The learning rate's multiplier at `step` (1..max_steps): 1, then over the last `decay` fraction
     of the run a half cosine down to 0 at max_steps. decay 0: constant (the papers' schedule)."""
+    if not 0 <= decay <= 1:
+        raise SystemExit(f"--lr_decay {decay}: expected a fraction of the steps, 0 to 1")
     start = (1 - decay) * max_steps
-    if decay <= 0 or step <= start:
+    if decay == 0 or step <= start:
         return 1.0
     return 0.5 * (1 + math.cos(math.pi * (step - start) / (max_steps - start)))
 

@@ -245,6 +245,8 @@ def test_lr_factor_is_constant_then_a_half_cosine_to_zero():
     assert f[:50] == [1.0] * 50 and all(a >= b for a, b in zip(f, f[1:]))
     assert f[74] == pytest.approx(0.5) and f[99] == pytest.approx(0.0, abs=1e-12)  # midway, end
     assert f[59] == pytest.approx((1 + np.cos(np.pi * 10 / 50)) / 2)
+    with pytest.raises(SystemExit, match="--lr_decay 1.5"):
+        C.lr_factor(1, 100, 1.5)
     w = torch.nn.Parameter(torch.zeros(1))
     opts = [torch.optim.AdamW([w], lr=1e-3), torch.optim.AdamW([w], lr=1e-4)]
     C.set_lr(opts, 75, 100, 0.5)
