@@ -75,6 +75,7 @@ class Config:
     degrade: str = "realesrgan"   # LR of training and eval: a degrade.PRESETS name (paper: Real-ESRGAN); mini: bicubic (ours)
     out_dir: str = "out/fluxsr"
     make_pairs: int = 0           # > 0: write pairs 0..N-1 to --data and exit (Sec. 5.1: 2400)
+    pair_batch: int = 1           # ours: pairs per teacher call in --make_pairs (the pairs do not depend on it)
     pair_size: int = 1024         # Sec. 5.1: 1024x1024 pairs
     teacher_steps: int = 28       # ours: FLUX.1-dev's usual Euler steps (paper: "multi-step")
     guidance: float = 3.5         # FLUX.1-dev's distilled guidance default; teacher and student
@@ -114,7 +115,7 @@ TINY = dict(max_steps=20, pair_size=64, crop=64, teacher_steps=4, lora_rank=8, l
 # fine-tuning (a LoRA on a 2M base stays below bicubic for hundreds of steps), and lam 0: offline
 # the VGG of TV-LPIPS is random, not a perceptual loss, and would be most of a CPU step
 MINI = dict(max_steps=600, pair_size=128, crop=128, lora_rank=0, lam=0.0, lr=1e-3, lr_decay=0.5, batch_size=4,
-            tile=32, overlap=8, grid_every=100, save_every=100, eval_heldout=True, degrade="bicubic")
+            tile=32, overlap=8, grid_every=100, save_every=100, eval_heldout=True, degrade="bicubic", pair_batch=16)
 
 
 def resolve(cfg):
@@ -126,6 +127,8 @@ def resolve(cfg):
     common.check_degrade(cfg.degrade)
     if cfg.pair_size % 16 or cfg.crop % 16 or cfg.crop > cfg.pair_size:
         raise SystemExit(f"--crop {cfg.crop} and --pair_size {cfg.pair_size}: expected multiples of 16, crop <= pair_size")
+    if cfg.pair_batch < 1:
+        raise SystemExit(f"--pair_batch {cfg.pair_batch}: expected at least 1")
     if not 0 < cfg.T_L < 1:
         raise SystemExit(f"--T_L {cfg.T_L}: expected 0 < T_L < 1")
     return preset
@@ -236,8 +239,9 @@ def flux_sigmas(steps, n_tokens):
 
 @torch.no_grad()
 def teacher_sample(dit, eps, cond, steps, guidance):
-    """The frozen base's multi-step Euler sampler from noise eps (the T2I flow to distil)."""
+    """The frozen base's multi-step Euler sampler from noise eps (B, C, H, W): the T2I flow to distil."""
     z, sigmas = eps, flux_sigmas(steps, eps.shape[-2] * eps.shape[-1] // 4).to(eps.device)
+    cond = common.expand_cond(cond, eps.shape[0])
     for t, s in zip(sigmas[:-1], sigmas[1:]):
         z = z - (t - s) * common.velocity("flux1", dit, z, t.view(1), cond, guidance)  # Euler, t -> s
     return z
@@ -291,12 +295,17 @@ def make_pairs(cfg):
             if not os.path.exists(os.path.join(cfg.data, f"pair-{i:06d}.safetensors"))]
     print(f"rank {rank}: {len(todo)} of {len(range(rank, cfg.make_pairs, world))} pairs to write", flush=True)
     from tqdm import tqdm
-    for i in tqdm(todo, desc="pairs", disable=rank != 0):
-        eps = pair_noise(cfg.seed, i, (1, vae.config.latent_channels, h, h)).to(device)
+    bar = tqdm(total=len(todo), desc="pairs", disable=rank != 0)
+    for k in range(0, len(todo), cfg.pair_batch):  # --pair_batch pairs per teacher call
+        idx = todo[k:k + cfg.pair_batch]
+        eps = torch.cat([pair_noise(cfg.seed, i, (1, vae.config.latent_channels, h, h)) for i in idx]).to(device)
         with common.autocast(device):
             z_0 = teacher_sample(dit, eps, cond, cfg.teacher_steps, cfg.guidance)
             x_0 = common.decode(vae, "flux1", z_0).clamp(0, 1)
-        write_pair(cfg.data, i, eps, z_0, x_0)
+        for j, i in enumerate(idx):
+            write_pair(cfg.data, i, eps[j:j + 1], z_0[j:j + 1], x_0[j:j + 1])
+        bar.update(len(idx))
+    bar.close()
     if ddp:
         dist.barrier()
     if rank == 0:

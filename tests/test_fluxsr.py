@@ -1,6 +1,6 @@
 """fluxsr.py: the FTD algebra (Eqs. 13-18), TV-LPIPS, ADL and its hooks, the teacher sampler and
 its resumable pair writer, exact resume, and a tiny torchrun make_pairs -> train -> sample run."""
-import glob, math, os, sys
+import dataclasses, glob, math, os, shutil, sys
 
 import numpy as np
 import pytest
@@ -215,6 +215,22 @@ def test_make_pairs_resumes_after_kill_without_duplicates(tmp_path, monkeypatch,
         assert all(torch.equal(a[k][n], b[k][n]) for n in ("eps", "z_0", "x_0"))
     with pytest.raises(SystemExit, match="other settings"):  # no mixing of teachers in one folder
         M.make_pairs(M.Config(model="tiny", data=str(tmp_path), make_pairs=4, guidance=2.0))
+
+
+def test_batched_teacher_calls_write_the_same_pairs(tmp_path, clean_pairs):
+    """--pair_batch 3 over 4 pairs with pair 1 already on disk: pairs 0, 2, 3 in one teacher call,
+    each equal to the one-at-a-time pair (a pair depends on its index, not on its batch)."""
+    shutil.copy(clean_pairs / "pair-000001.safetensors", tmp_path / "pair-000001.safetensors")
+    shutil.copy(clean_pairs / "pairs.json", tmp_path / "pairs.json")
+    M.make_pairs(dataclasses.replace(_pairs_cfg(tmp_path), pair_batch=3))
+    a, b = _read_pairs(tmp_path), _read_pairs(clean_pairs)
+    assert a.keys() == b.keys() and len(a) == 4
+    for k in a:
+        assert torch.equal(a[k]["eps"], b[k]["eps"])
+        torch.testing.assert_close(a[k]["z_0"], b[k]["z_0"], atol=1e-5, rtol=1e-5)
+        assert (a[k]["x_0"].float() - b[k]["x_0"].float()).abs().max() <= 1
+    with pytest.raises(SystemExit, match="pair_batch"):
+        M.make_pairs(dataclasses.replace(_pairs_cfg(tmp_path), pair_batch=0))
 
 
 def test_aligned_crops_of_pairs(clean_pairs):
