@@ -40,6 +40,7 @@ class Preset:
     dit: dict | None = None
     vae: dict | None = None
     pretrain: bool = False  # mini: weights made by `python common.py pretrain` (cached under MINI_DIR)
+    dit_steps: int = 1000   # mini: the DiT's pretraining steps (ours)
 
 
 PRESETS = {
@@ -72,11 +73,14 @@ PRESETS = {
     # mini: the same classes at ~2M parameters, pretrained by this project on the sample photos
     # (`python common.py pretrain --model mini-<family>`, run on first use): small enough to learn
     # on a CPU in minutes, real enough for the teachers to have something to distill (README, "mini":
-    # what the methods reach on them; StrSR, SMFSR and TEASR pass bicubic there, FluxSR not yet).
+    # what the methods reach on them: all four pass bicubic there).
     "mini-flux1": Preset("flux1", None, "2.3M", dict(
         in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=4,
         joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(8, 12, 12)),
-        dict(latent_channels=16), pretrain=True),
+        dict(latent_channels=16), pretrain=True,
+        # ours: FluxSR learns from nothing but this base's generations; after 1000 steps they are 16-px
+        # token mosaics and its student stays below bicubic, after 8000 (27 min) coherent textures
+        dit_steps=8000),
     "mini-flux2": Preset("flux2", None, "2.0M", dict(
         in_channels=128, num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=4,
         joint_attention_dim=32, timestep_guidance_channels=64, axes_dims_rope=(8, 8, 8, 8), guidance_embeds=False),
@@ -956,6 +960,11 @@ def mini_base(preset):
             if not os.path.exists(os.path.join(folder, "pretrain.json")):
                 print(f"{preset}: no pretrained base in {folder}; pretraining it now (once; see README, mini)")
                 pretrain(preset)
+    with open(os.path.join(folder, "pretrain.json")) as f:
+        steps = json.load(f)["dit_steps"]
+    if steps != PRESETS[preset].dit_steps:
+        warnings.warn(f"{folder}: a base pretrained {steps} DiT steps; {preset} is now {PRESETS[preset].dit_steps} "
+                      f"(delete the folder to pretrain it again)")
     return folder
 
 
@@ -964,7 +973,7 @@ def _batch(ds, n, g):
                         for _ in range(n)])
 
 
-def pretrain(preset, vae_steps=200, dit_steps=1000, batch=16, lr=5e-4, seed=0, out=None):
+def pretrain(preset, vae_steps=200, dit_steps=None, batch=16, lr=5e-4, seed=0, out=None):
     """Pretrain a mini base on the sample photos (held-out ones excluded): (1) the PatchVAE, from the SVD
     of training patches then fine-tuned on MSE; (2) the family's DiT by plain flow matching on its
     normalised latents, z_t = (1 - t) z_0 + t eps, target v = eps - z_0, with the fixed tiny_cond as the
@@ -974,7 +983,7 @@ def pretrain(preset, vae_steps=200, dit_steps=1000, batch=16, lr=5e-4, seed=0, o
     p = PRESETS[preset]
     if not p.pretrain:
         raise SystemExit(f"--model {preset}: pretraining is for the mini presets ({', '.join(k for k in PRESETS if PRESETS[k].pretrain)})")
-    out, t_start = out or os.path.join(MINI_DIR, preset), time.time()
+    out, t_start, dit_steps = out or os.path.join(MINI_DIR, preset), time.time(), dit_steps or p.dit_steps
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     ds, held = ImageDataset("sample", MINI_CROP), sample_photos(SAMPLE_HELDOUT)
@@ -1050,7 +1059,7 @@ if __name__ == "__main__":
     ap.add_argument("command", choices=["pretrain"])
     ap.add_argument("--model", required=True, help=", ".join(k for k in PRESETS if PRESETS[k].pretrain))
     ap.add_argument("--vae_steps", type=int, default=200)
-    ap.add_argument("--dit_steps", type=int, default=1000)
+    ap.add_argument("--dit_steps", type=int, default=None, help="default: the preset's (1000; mini-flux1 8000)")
     ap.add_argument("--out", default=None, help=f"default: {MINI_DIR}/<model>")
     a = ap.parse_args()
     pretrain(a.model if a.model in PRESETS else "mini-" + a.model, a.vae_steps, a.dit_steps, out=a.out)
