@@ -111,9 +111,10 @@ class Config:
 
 # --model tiny: small sizes unless the flag was given (values equal to the default are replaced)
 TINY = dict(max_steps=20, pair_size=64, crop=64, teacher_steps=4, lora_rank=8, lora_alpha=8.0, batch_size=2, tile=8, overlap=2)
-# --model mini (ours): 2400 steps on 512 teacher pairs, ~13 min on 1 CPU thread after the base's pretraining
-# (README, "mini"): full fine-tuning (a LoRA on a 2M base stays below bicubic for hundreds of steps), and lam 0: offline
-# the VGG of TV-LPIPS is random, not a perceptual loss, and would be most of a CPU step
+# --model mini (ours): 2400 steps on 512 teacher pairs, ~12 min on 1 CPU thread after the base's
+# pretraining (README, "mini"): full fine-tuning (a LoRA on a 2M base stays below bicubic for hundreds
+# of steps), and lam 0: offline the VGG of TV-LPIPS is random, not a perceptual loss, and would be most
+# of a CPU step
 MINI = dict(max_steps=2400, pair_size=128, crop=128, lora_rank=0, lam=0.0, lr=1e-3, lr_decay=0.5, batch_size=4,
             tile=32, overlap=8, grid_every=100, save_every=100, eval_heldout=True, degrade="bicubic", pair_batch=16)
 
