@@ -1,14 +1,14 @@
 """
-What the four method scripts share and none of the papers describes: the base-model
-table and loaders, each family's latent convention and velocity call, prompt
-embeddings, data, distributed setup, checkpoints, tiled inference, config and logging.
+What the four method scripts share and none of the papers describes: the base models (each family's loading,
+latents, velocity call and prompts, LoRA), data, distributed training, checkpoints, tiled sampling, configuration
+and logging, and the mini bases this project pretrains itself (`python common.py pretrain --model mini-<family>`).
 
-Every velocity call here speaks one convention (rectified flow, sigma form):
-    z_t = (1 - t) * z_0 + t * eps,   t in [0, 1],   v = eps - z_0,   Euler: z_s = z_t - (t - s) * v
-on (B, C, H, W) latents, whatever the family does inside (packing, position ids, its
-own timestep scale). Images are (B, 3, H, W) floats in [0, 1] everywhere outside the VAE.
+Every velocity call speaks one convention (rectified flow, sigma form):
+    z_t = (1 - t) z_0 + t eps,   t in [0, 1],   v = eps - z_0,   Euler step: z_s = z_t - (t - s) v
+on (B, C, H, W) latents, whatever the family does inside (packing, position ids, its own timestep scale).
+Images are (B, 3, H, W) floats in [0, 1] everywhere outside the VAE.
 """
-import contextlib, dataclasses, functools, glob, hashlib, json, math, os, random, shutil, sys, time, warnings
+import contextlib, dataclasses, functools, glob, hashlib, json, logging, math, os, random, re, shutil, sys, time, warnings
 
 import numpy as np
 import torch
@@ -16,18 +16,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-# --------------------------------------------------------------------------- presets
-# One row per base. `dit`/`vae` hold a tiny random config of the same classes for the
-# tiny presets (hub None); real presets load from the hub id. Every family takes pixels
-# in multiples of 16: VAE factor 8 x patch 2 (FLUX.2 patchifies 2x2 in latent space).
-FAMILIES = {  # family: (transformer class, VAE class, pipeline class)
+# bitsandbytes (pulled in by pyiqa, imported by peft) warns at import that an optional CPU kernel package is
+# missing; nothing here uses it
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+# ----------------------------------------------------------------------------- presets
+FAMILIES = {  # family: (transformer class, VAE class, pipeline class), all in diffusers
     "flux1": ("FluxTransformer2DModel", "AutoencoderKL", "FluxPipeline"),
     "flux2": ("Flux2Transformer2DModel", "AutoencoderKLFlux2", "Flux2KleinPipeline"),
     "zimage": ("ZImageTransformer2DModel", "AutoencoderKL", "ZImagePipeline"),
     "sd3": ("SD3Transformer2DModel", "AutoencoderKL", "StableDiffusion3Pipeline"),
     "qwen": ("QwenImageTransformer2DModel", "AutoencoderKLQwenImage", "QwenImagePipeline"),
 }
-PIXEL_MULTIPLE = 16
+PIXEL_MULTIPLE = 16  # every family: VAE factor 8 x patch 2 (FLUX.2 patchifies 2x2 in latent space)
 _KL4 = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
             block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=8)
 
@@ -35,11 +36,11 @@ _KL4 = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDec
 @dataclasses.dataclass(frozen=True)
 class Preset:
     family: str
-    hub: str | None  # hub id (real) or None (tiny random)
-    size: str        # transformer parameters, for the README table
-    dit: dict | None = None
-    vae: dict | None = None
-    pretrain: bool = False  # mini: weights made by `python common.py pretrain` (cached under MINI_DIR)
+    hub: str | None         # hub id of the real weights; None: built here (tiny: random, mini: pretrained here)
+    size: str               # transformer parameters, for the README
+    dit: dict | None = None  # tiny / mini: the transformer's config
+    vae: dict | None = None  # tiny: the VAE's config; mini: the MiniVAE's
+    pretrain: bool = False  # mini: pretrained by `python common.py pretrain`, cached under MINI_DIR
     dit_steps: int = 1000   # mini: the DiT's pretraining steps (ours)
 
 
@@ -70,17 +71,12 @@ PRESETS = {
         in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=32, axes_dims_rope=(4, 6, 6)),
         dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)),
-    # mini: the same classes at ~2M parameters, pretrained by this project on the sample photos
-    # (`python common.py pretrain --model mini-<family>`, run on first use): small enough to learn
-    # on a CPU in minutes, real enough for the teachers to have something to distill (README, "mini":
-    # what the methods reach on them: all four pass bicubic there).
+    # mini: the same transformer classes at ~2M parameters, pretrained here on the sample photos (README, mini)
     "mini-flux1": Preset("flux1", None, "2.3M", dict(
         in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=4,
         joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(8, 12, 12)),
         dict(latent_channels=16), pretrain=True,
-        # ours: FluxSR learns from nothing but this base's generations; after 1000 steps they are 16-px
-        # token mosaics and its student stays below bicubic, after 8000 (27 min) coherent textures
-        dit_steps=8000),
+        dit_steps=8000),  # ours: FluxSR learns from this base's generations only; at 1000 steps they are mosaics
     "mini-flux2": Preset("flux2", None, "2.0M", dict(
         in_channels=128, num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=4,
         joint_attention_dim=32, timestep_guidance_channels=64, axes_dims_rope=(8, 8, 8, 8), guidance_embeds=False),
@@ -94,12 +90,13 @@ PRESETS = {
         pos_embed_max_size=128), dict(latent_channels=16), pretrain=True),
     "mini-qwen": Preset("qwen", None, "2.5M", dict(
         in_channels=64, out_channels=16, num_layers=4, attention_head_dim=32, num_attention_heads=4,
-        joint_attention_dim=32, axes_dims_rope=(8, 12, 12)), dict(latent_channels=16, per_channel=True), pretrain=True),
+        joint_attention_dim=32, axes_dims_rope=(8, 12, 12)), dict(latent_channels=16, per_channel=True),
+        pretrain=True),
 }
 
 
 def resolve_preset(model, default):
-    """`--model tiny` / `--model mini` pick the tiny / mini preset of the method's default family."""
+    """`--model tiny` / `--model mini`: the tiny / mini preset of the method's default family."""
     if model in ("tiny", "mini"):
         return model + "-" + PRESETS[default].family
     if model not in PRESETS:
@@ -112,46 +109,50 @@ def is_tiny(preset):
     return PRESETS[preset].hub is None and not PRESETS[preset].pretrain
 
 
-def small_defaults(cfg, preset, tiny, mini):
-    """--model tiny / mini: a method's small sizes (`tiny`, `mini` dicts) unless the flag was given (a
-    value equal to the dataclass default counts as not given)."""
-    p = PRESETS[preset]
-    for k, v in (mini if p.pretrain else tiny if p.hub is None else {}).items():
-        if getattr(cfg, k) == getattr(type(cfg), k):
-            setattr(cfg, k, v)
+def random_prompt(cfg):
+    """True where the base has no text encoders (tiny and mini presets): prompts are fixed random stand-ins."""
+    return PRESETS[cfg.model].hub is None and not cfg.model_path
 
 
-def _source(preset, path, sub):
-    """Hub id or local folder; a pipeline folder (or the hub repo) keeps each model in a subfolder."""
-    src = path or PRESETS[preset].hub
-    return src, (sub if path is None or os.path.isdir(os.path.join(src, sub)) else None)
-
-
-def _build(cls_name, preset, path, sub, config, dtype):
+# ----------------------------------------------------------------------------- loading
+def _load(cls_name, preset, path, sub, config, dtype):
     import diffusers
-    cls = _patch_vae_class() if PRESETS[preset].pretrain and sub == "vae" else getattr(diffusers, cls_name)
-    if path is None and PRESETS[preset].pretrain:
-        path = mini_base(preset)
-    if path is None and PRESETS[preset].hub is None:
+    p = PRESETS[preset]
+    cls = mini_vae_class() if p.pretrain and sub == "vae" else getattr(diffusers, cls_name)
+    if path is None and p.pretrain:
+        path = os.path.join(MINI_DIR, preset)
+        if not os.path.exists(os.path.join(path, "pretrain.json")):
+            raise SystemExit(f"--model {preset}: no pretrained base in {path}; the method scripts make it on first "
+                             f"use, or run: python common.py pretrain --model {preset}")
+    if path is None and p.hub is None:
         with torch.random.fork_rng(devices=[]):  # tiny weights: random but the same every run
             torch.manual_seed(0)
             m = cls(**config)
             return m if dtype == torch.float32 else m.to(dtype)
-    src, sub = _source(preset, path, sub)
+    src = path or p.hub  # a pipeline folder (or the hub repo) keeps each model in a subfolder
+    sub = sub if path is None or os.path.isdir(os.path.join(src, sub)) else None
     return cls.from_pretrained(src, subfolder=sub, torch_dtype=dtype)
 
 
 def load_dit(preset, path=None, dtype=torch.float32):
-    return _build(FAMILIES[PRESETS[preset].family][0], preset, path, "transformer", PRESETS[preset].dit, dtype)
+    """The family's transformer: hub weights, a local folder (`path`), tiny random or the mini pretrained here."""
+    return _load(FAMILIES[PRESETS[preset].family][0], preset, path, "transformer", PRESETS[preset].dit, dtype)
 
 
-def load_vae(preset, path=None, dtype=torch.float32):
-    vae = _build(FAMILIES[PRESETS[preset].family][1], preset, path, "vae", PRESETS[preset].vae, dtype)
-    vae.requires_grad_(False).eval()
-    return vae
+def load_vae(preset, path=None, dtype=torch.float32, device=None, tiling=False):
+    """The family's frozen VAE (on `device`); `tiling` on real presets bounds the memory of large images."""
+    vae = _load(FAMILIES[PRESETS[preset].family][1], preset, path, "vae", PRESETS[preset].vae, dtype)
+    if tiling and PRESETS[preset].hub is not None:
+        vae.enable_tiling()
+    return vae.requires_grad_(False).eval().to(device or "cpu")
 
 
-# --------------------------------------------------------------------------- latents
+def weight_dtype(device):
+    """Frozen weights in bf16 on GPU, fp32 on CPU (bf16 matmuls are slow there)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+# ----------------------------------------------------------------------------- latents
 def patchify(z):  # (B, C, H, W) -> (B, 4C, H/2, W/2), channel order (C, 2, 2) as FLUX.2
     B, C, H, W = z.shape
     return z.view(B, C, H // 2, 2, W // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(B, C * 4, H // 2, W // 2)
@@ -169,8 +170,10 @@ def _stats(vae, family, z):
         return (torch.tensor(c.latents_mean).view(1, -1, 1, 1).to(z),
                 torch.tensor(c.latents_std).view(1, -1, 1, 1).to(z))
     if family == "flux2":  # BatchNorm running stats of the patchified latents
-        return vae.bn.running_mean.view(1, -1, 1, 1).to(z), (vae.bn.running_var.view(1, -1, 1, 1) + c.batch_norm_eps).sqrt().to(z)
-    return torch.full_like(z[:1, :1, :1, :1], c.shift_factor or 0.0), torch.full_like(z[:1, :1, :1, :1], 1 / c.scaling_factor)
+        return vae.bn.running_mean.view(1, -1, 1, 1).to(z), (vae.bn.running_var + c.batch_norm_eps).sqrt().view(
+            1, -1, 1, 1).to(z)
+    one = z[:1, :1, :1, :1]
+    return torch.full_like(one, c.shift_factor or 0.0), torch.full_like(one, 1 / c.scaling_factor)
 
 
 def encode(vae, family, x):
@@ -196,7 +199,7 @@ def decode(vae, family, z):
     return (x.float() + 1) / 2
 
 
-# --------------------------------------------------------------------------- velocity
+# ----------------------------------------------------------------------------- velocity
 def pack(z):  # (B, C, H, W) -> (B, H/2 * W/2, 4C): FLUX.1 / Qwen-Image 2x2 tokens
     B, C, H, W = z.shape
     return z.view(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, H * W // 4, C * 4)
@@ -219,21 +222,18 @@ def velocity(family, dit, z, t, cond, guidance=3.5):
     """v(z_t, t) with v = eps - z_0, for z_t (B, C, H, W) and t (B,) in [0, 1]."""
     B, C, H, W = z.shape
     t = t.expand(B) if t.numel() == 1 else t
-    dt, emb = dit.dtype, cond["embeds"].to(dit.dtype)
+    dt, emb, dev = dit.dtype, cond["embeds"].to(dit.dtype), z.device
+    g = torch.full((B,), guidance, device=dev) if getattr(dit.config, "guidance_embeds", False) else None
     if family == "flux1":
         out = dit(hidden_states=pack(z).to(dt), encoder_hidden_states=emb, pooled_projections=cond["pooled"].to(dt),
-                  timestep=t.to(dt), img_ids=grid_ids(H // 2, W // 2, 3, z.device),
-                  txt_ids=torch.zeros(emb.shape[1], 3, device=z.device),
-                  guidance=torch.full((B,), guidance, device=z.device) if dit.config.guidance_embeds else None,
-                  return_dict=False)[0]
+                  timestep=t.to(dt), img_ids=grid_ids(H // 2, W // 2, 3, dev), txt_ids=torch.zeros(emb.shape[1], 3,
+                  device=dev), guidance=g, return_dict=False)[0]
         return unpack(out.float(), H, W)
     if family == "flux2":
-        txt_ids = torch.zeros(B, emb.shape[1], 4, device=z.device)
-        txt_ids[..., 3] = torch.arange(emb.shape[1], device=z.device)
+        txt_ids = torch.zeros(B, emb.shape[1], 4, device=dev)
+        txt_ids[..., 3] = torch.arange(emb.shape[1], device=dev)
         out = dit(hidden_states=z.flatten(2).transpose(1, 2).to(dt), encoder_hidden_states=emb, timestep=t.to(dt),
-                  img_ids=grid_ids(H, W, 4, z.device).expand(B, -1, -1), txt_ids=txt_ids,
-                  guidance=torch.full((B,), guidance, device=z.device) if dit.config.guidance_embeds else None,
-                  return_dict=False)[0]
+                  img_ids=grid_ids(H, W, 4, dev).expand(B, -1, -1), txt_ids=txt_ids, guidance=g, return_dict=False)[0]
         return out.float().transpose(1, 2).reshape(B, C, H, W)
     if family == "zimage":  # takes 1 - sigma, a list of (C, 1, H, W), and returns -v
         out = dit(list(z.to(dt).unsqueeze(2).unbind(0)), (1 - t).to(dt), list(emb.unbind(0)), return_dict=False)[0]
@@ -242,19 +242,24 @@ def velocity(family, dit, z, t, cond, guidance=3.5):
         return dit(hidden_states=z.to(dt), encoder_hidden_states=emb, pooled_projections=cond["pooled"].to(dt),
                    timestep=(t * 1000).to(dt), return_dict=False)[0].float()
     if family == "qwen":
-        out = dit(hidden_states=pack(z).to(dt), encoder_hidden_states=emb, encoder_hidden_states_mask=cond["mask"],
+        out = dit(hidden_states=pack(z).to(dt), encoder_hidden_states=emb, encoder_hidden_states_mask=cond.get("mask"),
                   timestep=t.to(dt), img_shapes=[[(1, H // 2, W // 2)]] * B, return_dict=False)[0]
         return unpack(out.float(), H, W)
     raise ValueError(family)
 
 
-# --------------------------------------------------------------------------- prompts
+# ----------------------------------------------------------------------------- prompts
+def bc(t):
+    """(B,) times -> (B, 1, 1, 1), to broadcast over (B, C, H, W) latents."""
+    return t.view(-1, 1, 1, 1)
+
+
 def expand_cond(cond, B):
     return {k: v.expand(B, *v.shape[1:]) for k, v in cond.items()}
 
 
 def tiny_cond(dit, family, length=8):
-    """Fixed random 'prompt embeddings' of the right shape for the tiny presets."""
+    """Fixed random 'prompt embeddings' of the right shape, for bases without text encoders (tiny, mini)."""
     c, g = dit.config, torch.Generator().manual_seed(1234)
     width = c.cap_feat_dim if family == "zimage" else c.joint_attention_dim
     cond = {"embeds": torch.randn(1, length, width, generator=g)}
@@ -274,9 +279,8 @@ def prompt_cond(preset, prompt, cache_dir, device, path=None):
     if os.path.exists(file):
         return {k: v.to(device) for k, v in load_file(file).items()}
     import diffusers
-    src = path or PRESETS[preset].hub
     pipe = getattr(diffusers, FAMILIES[family][2]).from_pretrained(
-        src, transformer=None, vae=None, torch_dtype=torch.bfloat16).to(device)
+        path or PRESETS[preset].hub, transformer=None, vae=None, torch_dtype=torch.bfloat16).to(device)
     with torch.no_grad():
         if family == "flux1":
             e, p, _ = pipe.encode_prompt(prompt, prompt_2=None, device=device)
@@ -299,19 +303,38 @@ def prompt_cond(preset, prompt, cache_dir, device, path=None):
     return {k: v.to(device) for k, v in cond.items()}
 
 
-# --------------------------------------------------------------------------- LoRA
-def add_lora(dit, rank, alpha, targets, init="gaussian"):
-    """Inject a peft LoRA into the (frozen) transformer; only the LoRA weights train, in fp32.
-    rank 0: no LoRA, the whole transformer trains in fp32 (ours: the mini bases, where a LoRA learns
-    far slower than the few hundred CPU steps allow; checkpoints then hold the full DiT)."""
-    if rank == 0:
+def fixed_prompt(cfg, dit, device, cache_dir, prompt=""):
+    """The condition of one fixed prompt (the papers': empty), encoded once by rank 0; the other ranks then read its
+    cache. An all-ones mask is dropped, so attention runs unmasked (the fast kernels)."""
+    if random_prompt(cfg):
+        cond = tiny_cond(dit, PRESETS[cfg.model].family)
+    else:
+        if rank() == 0:
+            cond = prompt_cond(cfg.model, prompt, cache_dir, device, cfg.model_path or None)
+        if dist.is_initialized():
+            dist.barrier()
+        if rank() != 0:
+            cond = prompt_cond(cfg.model, prompt, cache_dir, device, cfg.model_path or None)
+    cond = {k: v.to(device) for k, v in cond.items()}
+    if "mask" in cond and bool(cond["mask"].bool().all()):
+        del cond["mask"]
+    return cond
+
+
+# ----------------------------------------------------------------------------- LoRA
+def add_lora(dit, train_base, rank, alpha, targets, init="gaussian"):
+    """How much of the (frozen) transformer trains: `lora` injects a peft LoRA (its weights train, in fp32), `full`
+    trains every weight in fp32 (ours: the mini bases, where a LoRA learns far slower than a CPU run allows; the
+    checkpoint then holds the whole DiT), `none` trains nothing of it."""
+    if train_base == "full":
         return (dit if dit.dtype == torch.float32 else dit.float()).requires_grad_(True)
-    from peft import LoraConfig
     dit.requires_grad_(False)
-    dit.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=targets))
-    for p in dit.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+    if train_base == "lora":
+        from peft import LoraConfig
+        dit.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=targets))
+        for p in dit.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
     return dit
 
 
@@ -328,9 +351,20 @@ def load_lora_state(dit, sd):
         raise KeyError(f"LoRA keys that match no module: {res.unexpected_keys[:5]}")
 
 
-# --------------------------------------------------------------------------- data
+def trainable(*modules):
+    return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+
+def check_choices(cfg, **allowed):
+    """A clear error for a flag outside its choices: check_choices(cfg, stage=("1", "2"))."""
+    for flag, choices in allowed.items():
+        if getattr(cfg, flag) not in choices:
+            raise SystemExit(f"--{flag} {getattr(cfg, flag)}: expected one of {', '.join(map(str, choices))}")
+
+
+# ----------------------------------------------------------------------------- data
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-NAMED_DATASETS = {"LSDIR": "LSDIR", "FFHQ": "FFHQ", "Aesthetic-4K": "Aesthetic-4K", "DIV2K": "DIV2K"}
+NAMED_DATASETS = ("LSDIR", "FFHQ", "Aesthetic-4K", "DIV2K")  # folders under --data_root
 # Real photos shipped inside the scikit-image wheel (offline). astronaut is held out for eval.
 SAMPLE_PHOTOS = ["coffee", "chelsea", "rocket", "hubble_deep_field", "retina", "immunohistochemistry", "camera",
                  "coins", "brick", "grass", "gravel", "moon", "text", "stereo_motorcycle"]
@@ -340,12 +374,11 @@ SAMPLE_HELDOUT = ["astronaut"]
 def to_rgb(img):
     """PIL image of any mode (gray, RGBA, palette, 16-bit) -> float (3, H, W) in [0, 1]."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        a = np.asarray(img, dtype=np.float32) / (65535.0 if img.mode != "I" or np.asarray(img).max() > 255 else 255.0)
+        a = np.asarray(img, dtype=np.float32)
+        a = a / (65535.0 if img.mode != "I" or a.max() > 255 else 255.0)
         return torch.from_numpy(np.clip(a, 0, 1)).expand(3, -1, -1).clone()
     if img.mode in ("RGBA", "LA", "P", "PA"):  # composite transparency over white
-        img = img.convert("RGBA")
-        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(bg, img)
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
     a = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(a).permute(2, 0, 1).contiguous()
 
@@ -367,22 +400,22 @@ def sample_photos(names=SAMPLE_PHOTOS):
     out = []
     for n in names:
         a = getattr(skimage.data, n)()
-        a = a[0] if isinstance(a, tuple) else a  # stereo pair: left view
-        out.append(to_rgb(Image.fromarray(a)))
+        out.append(to_rgb(Image.fromarray(a[0] if isinstance(a, tuple) else a)))  # stereo pair: left view
     return out
 
 
 def list_images(src, data_root="data"):
     """`src` is a folder (recursive), a text file of paths, or a dataset name under data_root."""
     if src in NAMED_DATASETS:
-        src = os.path.join(data_root, NAMED_DATASETS[src])
+        src = os.path.join(data_root, src)
         if not os.path.isdir(src):
             raise SystemExit(f"dataset folder {src} not found: download it there (see README, Datasets)")
     if os.path.isfile(src) and not src.lower().endswith(IMG_EXTS):
         with open(src) as f:
-            files = [l.strip() for l in f if l.strip()]
+            files = [line.strip() for line in f if line.strip()]
     elif os.path.isdir(src):
-        files = sorted(p for p in glob.glob(os.path.join(src, "**", "*"), recursive=True) if p.lower().endswith(IMG_EXTS))
+        files = sorted(p for p in glob.glob(os.path.join(src, "**", "*"), recursive=True)
+                       if p.lower().endswith(IMG_EXTS))
     elif os.path.isfile(src):
         files = [src]
     else:
@@ -393,8 +426,8 @@ def list_images(src, data_root="data"):
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Random crop + flip of an image source. Items are keyed by (index, seed), so a crop is a
-    pure function of the data position: resume and any number of ranks see the same samples."""
+    """Random crop + flip of an image source. Items are keyed by (index, seed), so a crop is a pure function of the
+    data position: resume and any number of ranks see the same samples."""
 
     def __init__(self, src="sample", crop=512, data_root="data"):
         self.crop = crop
@@ -414,7 +447,6 @@ class ImageDataset(torch.utils.data.Dataset):
             if item not in self.bad:
                 self.bad.add(item)
                 print(f"warning: skipping unreadable image {item}: {e}", file=sys.stderr)
-            return None
 
     def __getitem__(self, key):
         i, seed = key
@@ -438,15 +470,13 @@ class ImageDataset(torch.utils.data.Dataset):
         top = int(torch.randint(0, H - self.crop + 1, (1,), generator=g))
         left = int(torch.randint(0, W - self.crop + 1, (1,), generator=g))
         x = x[:, top:top + self.crop, left:left + self.crop]
-        if torch.rand(1, generator=g) < 0.5:
-            x = x.flip(-1)
-        return x
+        return x.flip(-1) if torch.rand(1, generator=g) < 0.5 else x
 
 
 class StepSampler(torch.utils.data.Sampler):
-    """Infinite, resumable, rank-aware sampler (what DistributedSampler does, plus an exact
-    data position): the global batch of step s is positions [s*GB, (s+1)*GB), shuffled per
-    epoch with seed + epoch; rank r takes its contiguous share of each global batch."""
+    """Infinite, resumable, rank-aware sampler (DistributedSampler plus an exact data position): the global batch of
+    step s is positions [s*GB, (s+1)*GB), shuffled per epoch with seed + epoch; rank r takes its contiguous share of
+    each global batch. Yields (index, seed) keys."""
 
     def __init__(self, n, global_batch, rank, world, seed, start_step=0):
         assert global_batch % world == 0, "global batch must divide by the number of ranks"
@@ -460,8 +490,7 @@ class StepSampler(torch.utils.data.Sampler):
         return int(self._perm[1][pos % self.n])
 
     def __iter__(self):
-        per = self.gb // self.world
-        step = self.start
+        per, step = self.gb // self.world, self.start
         while True:
             for j in range(per):
                 pos = step * self.gb + self.rank * per + j
@@ -469,39 +498,59 @@ class StepSampler(torch.utils.data.Sampler):
             step += 1
 
 
-def make_loader(data, crop, data_root, batch, micro, rank, world, seed, start_step, workers=2):
-    """Per-rank loader of micro-batches; `batch` is the global batch (split over ranks and
-    gradient-accumulation steps)."""
-    ds = ImageDataset(data, crop, data_root)
-    assert batch % (world * micro) == 0, f"batch {batch} must divide by world {world} x micro_batch {micro}"
-    sampler = StepSampler(len(ds), batch, rank, world, seed, start_step)
-    # its own generator: a DataLoader otherwise draws a seed from the global RNG, which
-    # would make a resumed run diverge from an uninterrupted one
-    return iter(torch.utils.data.DataLoader(ds, batch_size=micro, sampler=sampler, num_workers=workers,
-                                            persistent_workers=workers > 0, generator=torch.Generator())), batch // (world * micro)
+def make_loader(ds, cfg, rank, world, start_step):
+    """Per-rank iterator of micro-batches of ds (items keyed by StepSampler's (index, seed)) and the number of
+    gradient-accumulation steps: cfg.batch_size is the global batch, split over ranks and accumulation steps."""
+    if cfg.batch_size % (world * cfg.micro_batch):
+        raise SystemExit(f"--batch_size {cfg.batch_size} must divide by ranks {world} x --micro_batch "
+                         f"{cfg.micro_batch}")
+    sampler = StepSampler(len(ds), cfg.batch_size, rank, world, cfg.seed, start_step)
+    # its own generator: a DataLoader otherwise draws a seed from the global RNG, which would make a resumed run
+    # diverge from an uninterrupted one
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.micro_batch, sampler=sampler, num_workers=cfg.num_workers,
+                                         persistent_workers=cfg.num_workers > 0, generator=torch.Generator())
+    return iter(loader), cfg.batch_size // (world * cfg.micro_batch)
 
 
-# --------------------------------------------------------------------------- distributed
+# ----------------------------------------------------------------------------- distributed training
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def compute_init(seed=0):
-    """(ddp, rank, local_rank, world, device). RANK in the environment means torchrun."""
+    """(rank, world, device). RANK in the environment means torchrun; per-rank seeds as DiT: seed * world + rank."""
     ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, local, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 0, 1)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local)
+    r, local, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])) \
+        if ddp else (0, 0, 1)
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if ddp and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    torch.manual_seed(seed * world + rank)  # DiT-style per-rank seed
-    random.seed(seed * world + rank)
-    return ddp, rank, local, world, device
+    torch.manual_seed(seed * world + r)
+    random.seed(seed * world + r)
+    return r, world, device
+
+
+def setup(cfg):
+    """A training run's start: distributed init and seeds, the mini base (pretrained now if it is not cached yet),
+    the rank-0 logger with the config as its first line. Returns (rank, world, device, log)."""
+    r, world, device = compute_init(cfg.seed)
+    prepare_base(cfg.model)
+    log = Logger(cfg.out_dir, r == 0, device)
+    log(json.dumps(dataclasses.asdict(cfg)))
+    return r, world, device, log
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def allreduce_grads(params):
-    """Average the gradients of the trainable parameters over ranks. This is DDP's reduction,
-    done by hand because every method calls the model several times per step in different
-    roles, which DDP's reducer does not allow. FSDP-sharded (DTensor) grads are left to FSDP."""
+    """Average the gradients of the trainable parameters over ranks: DDP's reduction, done by hand because every
+    method calls its model several times per step in different roles, which DDP's reducer does not allow. Sharded
+    (FSDP, DTensor) gradients are FSDP's to reduce."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return
     grads = [p.grad for p in params if p.grad is not None and type(p.grad) is torch.Tensor]
@@ -514,8 +563,8 @@ def allreduce_grads(params):
 
 
 def lr_factor(step, max_steps, decay):
-    """The learning rate's multiplier at `step` (1..max_steps): 1, then over the last `decay` fraction
-    of the run a half cosine down to 0 at max_steps. decay 0: constant (the papers' schedule)."""
+    """The lr's multiplier at `step` (1..max_steps): 1, then over the last `decay` fraction of the run a half cosine
+    to 0 at max_steps. decay 0: constant (the papers' schedule)."""
     if not 0 <= decay <= 1:
         raise SystemExit(f"--lr_decay {decay}: expected a fraction of the steps, 0 to 1")
     start = (1 - decay) * max_steps
@@ -525,16 +574,17 @@ def lr_factor(step, max_steps, decay):
 
 
 def set_lr(optimizers, step, max_steps, decay):
-    """Every group of every optimizer at its base lr (kept in `initial_lr`, saved with the optimizer's
-    state, so a resume continues the same schedule) times lr_factor. A pure function of the step."""
+    """Every group of every optimizer at its base lr (kept in `initial_lr`, saved with the optimizer's state, so a
+    resume continues the same schedule) times lr_factor: a pure function of the step."""
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group.setdefault("initial_lr", group["lr"]) * lr_factor(step, max_steps, decay)
 
 
-def optimizer_step(groups, optimizers, clip):
-    """One update: gradients averaged over ranks in one collective, each group clipped to norm
-    `clip`, each optimizer stepped and cleared. groups[i] are the parameters of optimizers[i]."""
+def optimizer_step(optimizers, clip):
+    """One update: gradients averaged over ranks in one collective, each optimizer's parameters clipped to norm
+    `clip`, each optimizer stepped and cleared."""
+    groups = [[p for g in opt.param_groups for p in g["params"]] for opt in optimizers]
     allreduce_grads([p for group in groups for p in group])
     for group, opt in zip(groups, optimizers):
         torch.nn.utils.clip_grad_norm_(group, clip)
@@ -565,21 +615,55 @@ def autocast(device, enabled=True):
     return torch.autocast("cuda", torch.bfloat16) if enabled and device.type == "cuda" else contextlib.nullcontext()
 
 
-# --------------------------------------------------------------------------- checkpoints
+def checkpointing(cfg, device, *modules):
+    """--grad_ckpt: gradient checkpointing of these modules on GPU (on CPU memory is not the limit)."""
+    for m in modules if cfg.grad_ckpt and device.type == "cuda" else ():
+        m.enable_gradient_checkpointing()
+
+
+def train_loop(cfg, log, loader, accum, micro_step, models, optimizers, step, end, first=0, extra=None,
+               generators=None):
+    """Steps step+1 .. end. Each: `accum` micro-batches of micro_step(batch, scale) -> (terms, images), which
+    back-propagates its loss times `scale` and returns its loss terms (the first is the headline) and a function
+    giving (x_lr, x_sr, x_hr); then every optimizer's update and one log line; at their intervals an image grid and a
+    checkpoint (with extra() in its state). `first`: the step the lr schedule counts from (StrSR's stage 2)."""
+    opts = list(optimizers.values())
+    log.start()
+    while step < end:
+        sums = {}
+        for _ in range(accum):
+            terms, images = micro_step(next(loader), 1 / accum)
+            sums = {k: sums.get(k, 0) + v.detach() / accum for k, v in terms.items()}
+        set_lr(opts, step + 1 - first, end - first, cfg.lr_decay)
+        optimizer_step(opts, cfg.grad_clip)
+        step += 1
+        log.step(step, end, sums, cfg.log_every)
+        if log.master and (step % cfg.grid_every == 0 or step == end):
+            save_grid(os.path.join(cfg.out_dir, "grids", f"step-{step:07d}.png"), *images())
+        if step % cfg.save_every == 0 or step == end:
+            save_checkpoint(cfg.out_dir, step, cfg, models, optimizers, extra and extra(), generators)
+    return step
+
+
+# ----------------------------------------------------------------------------- checkpoints
 def _trainable_state(m):
-    """Everything a module learns: trainable params and buffers (e.g. spectral-norm vectors),
-    never its frozen weights; LoRA weights are stored separately in the diffusers format."""
+    """Everything a module learns: trainable params and buffers (e.g. spectral-norm vectors), never its frozen
+    weights; LoRA weights are stored separately in the diffusers format."""
     frozen = {n for n, p in m.named_parameters() if not p.requires_grad}
     return {k: v.detach().contiguous() for k, v in m.state_dict().items() if k not in frozen and "lora_" not in k}
 
 
+def _lora_file(name):
+    return "pytorch_lora_weights.safetensors" if name == "dit" else f"{name}_lora.safetensors"
+
+
 def save_checkpoint(out_dir, step, config, models, optimizers, extra=None, generators=None, keep=2):
-    """Atomic: all files go into a temp folder that is renamed into place when complete; every
-    rank adds its RNG state (global and the named `generators`). Call on every rank."""
+    """Atomic: all files go into a temp folder renamed into place when complete; every rank adds its RNG state
+    (global and the named `generators`). Call on every rank."""
     from safetensors.torch import save_file
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    r, world = rank(), dist.get_world_size() if dist.is_initialized() else 1
     final, tmp = os.path.join(out_dir, f"ckpt-{step:07d}"), os.path.join(out_dir, f".tmp-ckpt-{step:07d}")
-    if rank == 0:
+    if r == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     if world > 1:
@@ -588,22 +672,22 @@ def save_checkpoint(out_dir, step, config, models, optimizers, extra=None, gener
            **{f"gen_{k}": g.get_state() for k, g in (generators or {}).items()}}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, os.path.join(tmp, f"rng-{rank}.pt"))
-    if rank == 0:
+    torch.save(rng, os.path.join(tmp, f"rng-{r}.pt"))
+    if r == 0:
         for name, m in models.items():
             if getattr(m, "peft_config", None):
-                save_file(lora_state(m), os.path.join(tmp, "pytorch_lora_weights.safetensors" if name == "dit" else f"{name}_lora.safetensors"),
+                save_file(lora_state(m), os.path.join(tmp, _lora_file(name)),
                           metadata={"lora_config": json.dumps(m.peft_config["default"].to_dict(), default=list)})
             sd = _trainable_state(m)
             if sd:
                 save_file(sd, os.path.join(tmp, f"{name}.safetensors"))
-        torch.save({"step": step, "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                    **(extra or {})}, os.path.join(tmp, "state.pt"))
+        torch.save({"step": step, "optimizers": {k: o.state_dict() for k, o in optimizers.items()}, **(extra or {})},
+                   os.path.join(tmp, "state.pt"))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config, f, indent=1)
     if world > 1:
         dist.barrier()
-    if rank == 0:
+    if r == 0:
         os.replace(tmp, final)
         for old in sorted(glob.glob(os.path.join(out_dir, "ckpt-*")))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -621,13 +705,12 @@ def latest_checkpoint(path):
 
 
 def load_checkpoint(ckpt, models, optimizers=None, generators=None, restore_rng=True):
-    """Load what save_checkpoint wrote; returns the state dict (step, extras). Loading never
-    executes code: safetensors for weights, torch.load(weights_only=True) for the rest."""
+    """Load what save_checkpoint wrote; returns the state dict (step, extras). Loading never executes code:
+    safetensors for weights, torch.load(weights_only=True) for the rest."""
     from safetensors.torch import load_file
     for name, m in models.items():
-        lora = os.path.join(ckpt, "pytorch_lora_weights.safetensors" if name == "dit" else f"{name}_lora.safetensors")
-        if os.path.exists(lora):
-            load_lora_state(m, load_file(lora))
+        if os.path.exists(os.path.join(ckpt, _lora_file(name))):
+            load_lora_state(m, load_file(os.path.join(ckpt, _lora_file(name))))
         file = os.path.join(ckpt, f"{name}.safetensors")
         if os.path.exists(file):
             missing, unexpected = m.load_state_dict(load_file(file), strict=False)
@@ -636,8 +719,7 @@ def load_checkpoint(ckpt, models, optimizers=None, generators=None, restore_rng=
     state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)
     for k, o in (optimizers or {}).items():
         o.load_state_dict(state["optimizers"][k])
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    rng_file = os.path.join(ckpt, f"rng-{rank}.pt")
+    rng_file = os.path.join(ckpt, f"rng-{rank()}.pt")
     if restore_rng and os.path.exists(rng_file):
         rng = torch.load(rng_file, weights_only=True)
         torch.set_rng_state(rng["torch"])
@@ -649,18 +731,45 @@ def load_checkpoint(ckpt, models, optimizers=None, generators=None, restore_rng=
     return state
 
 
+def resume(out_dir, models, optimizers, log, generators=None):
+    """(step, state) of the latest checkpoint in out_dir, loaded into models and optimizers; (0, {}) for a new run."""
+    ckpt = latest_checkpoint(out_dir)
+    if not ckpt:
+        return 0, {}
+    state = load_checkpoint(ckpt, models, optimizers, generators)
+    log(f"resumed from {ckpt} at step {state['step']}")
+    return state["step"], state
+
+
 def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+RENAMED = {"lr_g": "lr", "lam": "w_tv_lpips", "gamma": "tv_gamma", "mu": "w_adl", "lambda_cons": "w_cons",
+           "lambda_data": "w_data", "lambda_lpips": "w_lpips", "lambda_adv": "w_adv", "lambda_rect": "w_rect"}
+
+
 def load_config(ckpt):
+    """A checkpoint's config.json as a dict, the flags of older checkpoints translated to today's names."""
     with open(os.path.join(ckpt, "config.json")) as f:
-        return json.load(f)
+        c = {RENAMED.get(k, k): v for k, v in json.load(f).items()}
+    if "train_base" not in c:  # older flags: SMFSR --base_rank, TEASR --train_noise, the others --lora_rank 0
+        r, noise = c.pop("base_rank", None), c.pop("train_noise", None)
+        if r is not None:
+            c["train_base"] = {-1: "none", 0: "full"}.get(r, "lora")
+            c["lora_rank"] = r if r > 0 else c.get("lora_rank", 128)
+        elif noise is not None:
+            c["train_base"] = "full" if noise else "none"
+        else:
+            c["train_base"] = "full" if c.get("lora_rank") == 0 else "lora"
+    if isinstance(c.get("stage"), int):
+        c["stage"] = str(c["stage"])
+    return c
 
 
 def checkpoint_config(ckpt, cls):
-    """A sampler's start: (folder, config) of the latest checkpoint under ckpt (a ckpt-* folder or an
-    out_dir holding them), the config as the dataclass `cls` (fields it no longer has are ignored)."""
+    """(folder, config) of the latest checkpoint under ckpt, the config as the dataclass `cls` (fields it no longer
+    has are ignored)."""
     found = latest_checkpoint(ckpt)
     if not found:
         raise SystemExit(f"--ckpt {ckpt!r}: no checkpoint (a ckpt-* folder or an out_dir holding them)")
@@ -668,54 +777,66 @@ def checkpoint_config(ckpt, cls):
     return found, cls(**{k: v for k, v in load_config(found).items() if k in names})
 
 
-# --------------------------------------------------------------------------- tiling
+# ----------------------------------------------------------------------------- sampling
+def sampler_setup(flags, resolve, device=None):
+    """A sampler's start: the latest checkpoint under flags.ckpt (or flags.out_dir) and its training config, with the
+    sampling flags of `flags` (steps, seed and the like; tile and overlap where given), resolved; the device and the
+    dtype of the frozen weights there."""
+    path, cfg = checkpoint_config(flags.ckpt or flags.out_dir, type(flags))
+    given = {k: getattr(flags, k) for k in ("steps", "seed", "start", "start_t") if hasattr(flags, k)}
+    given.update({k: getattr(flags, k) for k in ("tile", "overlap") if getattr(flags, k)})
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return path, resolve(dataclasses.replace(cfg, **given)), device, weight_dtype(device)
+
+
 def pad_to_multiple(x, m=PIXEL_MULTIPLE):
     """Reflect-pad right/bottom to a multiple of m; returns (padded, (H, W)) to crop back."""
     H, W = x.shape[-2:]
     ph, pw = (-H) % m, (-W) % m
     if ph or pw:
-        mode = "reflect" if ph < H and pw < W else "replicate"
-        x = F.pad(x, (0, pw, 0, ph), mode=mode)
+        x = F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < H and pw < W else "replicate")
     return x, (H, W)
 
 
 def _starts(size, tile, stride):
-    if size <= tile:
-        return [0]
-    s = list(range(0, size - tile, stride)) + [size - tile]
-    return sorted(set(s))
-
-
-def tiled(fn, z, tile, overlap):
-    """Apply a latent->latent function over overlapping tiles of (B, C, H, W), blending with
-    linear ramps that reach 0 at a tile's inner edges, so memory is bounded by the tile. For
-    a function of receptive radius 1 (a 3x3 conv) this equals fn(z) exactly; for a DiT it is
-    the usual approximation, better with more overlap."""
-    B, C, H, W = z.shape
-    if H <= tile and W <= tile:
-        return fn(z)
-    assert 2 <= overlap <= tile // 2, "tiling needs 2 <= overlap <= tile / 2"
-    out, wsum = None, torch.zeros(1, 1, H, W, device=z.device)
-    for top in _starts(H, tile, tile - overlap):
-        for left in _starts(W, tile, tile - overlap):
-            th, tw = min(tile, H), min(tile, W)
-            y = fn(z[:, :, top:top + th, left:left + tw])
-            if out is None:
-                out = torch.zeros(B, y.shape[1], H, W, device=z.device, dtype=y.dtype)
-            w = _ramp(th, overlap, top > 0, top + th < H, z.device)[:, None] * _ramp(tw, overlap, left > 0, left + tw < W, z.device)[None]
-            out[:, :, top:top + th, left:left + tw] += y * w
-            wsum[:, :, top:top + th, left:left + tw] += w
-    return out / wsum
+    return [0] if size <= tile else sorted(set(list(range(0, size - tile, stride)) + [size - tile]))
 
 
 def _ramp(n, overlap, rise, fall, device):
-    w = torch.ones(n, device=device)
-    r = torch.linspace(0, 1, overlap, device=device)
+    w, r = torch.ones(n, device=device), torch.linspace(0, 1, overlap, device=device)
     if rise:
         w[:overlap] = r
     if fall:
         w[n - overlap:] = torch.minimum(w[n - overlap:], r.flip(0))
     return w
+
+
+def tiled(fn, z, tile, overlap):
+    """Apply a latent->latent function over overlapping tiles of (B, C, H, W), blending with linear ramps that reach
+    0 at a tile's inner edges, so memory is bounded by the tile. For a function of receptive radius 1 (a 3x3 conv)
+    this equals fn(z) exactly; for a DiT it is the usual approximation, better with more overlap."""
+    B, C, H, W = z.shape
+    if H <= tile and W <= tile:
+        return fn(z)
+    assert 2 <= overlap <= tile // 2, "tiling needs 2 <= overlap <= tile / 2"
+    out, wsum = None, torch.zeros(1, 1, H, W, device=z.device)
+    th, tw = min(tile, H), min(tile, W)
+    for top in _starts(H, tile, tile - overlap):
+        for left in _starts(W, tile, tile - overlap):
+            y = fn(z[:, :, top:top + th, left:left + tw])
+            if out is None:
+                out = torch.zeros(B, y.shape[1], H, W, device=z.device, dtype=y.dtype)
+            w = (_ramp(th, overlap, top > 0, top + th < H, z.device)[:, None]
+                 * _ramp(tw, overlap, left > 0, left + tw < W, z.device)[None])
+            out[:, :, top:top + th, left:left + tw] += y * w
+            wsum[:, :, top:top + th, left:left + tw] += w
+    return out / wsum
+
+
+def tiled_pair(fn, z, z_lr, tile, overlap):
+    """tiled() for fn(z, z_lr) of two aligned latents (the LR-conditioned DiTs): each tile sees its slice of both."""
+    C = z.shape[1]
+    return tiled(lambda zz: fn(zz[:, :C], zz[:, C:]), torch.cat([z, z_lr], 1), tile, overlap)
 
 
 def upsample_lr(x_lr, scale=4):
@@ -725,20 +846,13 @@ def upsample_lr(x_lr, scale=4):
 
 @torch.no_grad()
 def super_resolve(vae, family, x_lr, latent_fn):
-    """The frame every sampler shares: x_lr (1, 3, h, w) in [0, 1] -> bicubic x4, padded to the model
-    multiple, encoded; latent_fn(z_lr) -> z_0 (the method); decoded, cropped back to (4h, 4w)."""
+    """The frame every sampler shares: x_lr (1, 3, h, w) in [0, 1] -> bicubic x4, padded to the model multiple,
+    encoded; latent_fn(z_lr) -> z0_hat (the method); decoded, cropped back to (4h, 4w)."""
     device = next(vae.parameters()).device
     x, (H, W) = pad_to_multiple(upsample_lr(x_lr.to(device).float()))
     with autocast(device):
-        z_0 = latent_fn(encode(vae, family, x))
-        return decode(vae, family, z_0)[..., :H, :W].clamp(0, 1).float().cpu()
-
-
-def tiled_pair(fn, z, z_lr, tile, overlap):
-    """tiled() for fn(z, z_lr) of two aligned latents (the LR-conditioned DiTs): each tile sees its own
-    slice of both."""
-    C = z.shape[1]
-    return tiled(lambda zz: fn(zz[:, :C], zz[:, C:]), torch.cat([z, z_lr], 1), tile, overlap)
+        z0_hat = latent_fn(encode(vae, family, x))
+        return decode(vae, family, z0_hat)[..., :H, :W].clamp(0, 1).float().cpu()
 
 
 def sample_files(sr_fn, inp, output):
@@ -748,39 +862,65 @@ def sample_files(sr_fn, inp, output):
     files = list_images(inp) if os.path.isdir(inp) else [inp]
     from tqdm import tqdm
     for f in tqdm(files, desc="sr", disable=len(files) < 2):
-        x = load_image(f)[None]
         with torch.no_grad():
-            y = sr_fn(x)
+            y = sr_fn(load_image(f)[None])
         save_image(y, os.path.join(output, os.path.splitext(os.path.basename(f))[0] + ".png"))
     print(f"{len(files)} images -> {output}")
     return len(files)
 
 
-# --------------------------------------------------------------------------- config and logging
+# ----------------------------------------------------------------------------- configuration and logging
+def _comments(cls):
+    """{field: the source comment on its line} of a Config dataclass."""
+    import inspect
+    return dict(re.findall(r"^\s+(\w+):[^=\n]+=[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
+
+
+def configure(cls, **given):
+    """A method's Config: the dataclass defaults (the paper's), then for --model tiny / mini its module's TINY / MINI
+    values (a dict value holds them per --stage), then `given`. A flag the user sets always wins over a preset."""
+    cfg = cls(**given)
+    p = PRESETS[resolve_preset(cfg.model, cls.model)]
+    small = "MINI" if p.pretrain else "TINY" if p.hub is None else None
+    for k, v in getattr(sys.modules[cls.__module__], small, {}).items() if small else ():
+        if k not in given and (not isinstance(v, dict) or cfg.stage in v):
+            setattr(cfg, k, v[cfg.stage] if isinstance(v, dict) else v)
+    return cfg
+
+
 def parse_config(cls, argv=None):
-    """Flags are the dataclass field names: `--lr_g 1e-5`. Booleans take true/false."""
+    """The command line: flags are the Config's field names (`--lr 1e-5`; booleans take true/false), applied over
+    the defaults and presets by configure(). --help lists each flag with its default and its source comment."""
     import argparse
-    p = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n\n")[0])
+    mod, notes = sys.modules[cls.__module__], _comments(cls)
+    argv = sys.argv[1:] if argv is None else argv
+    for flag, why in getattr(mod, "UNSUPPORTED", {}).items():  # flags this method deliberately lacks
+        if f"--{flag}" in argv:
+            raise SystemExit(f"--{flag}: {os.path.basename(mod.__file__)} does not support it: {why}")
+    p = argparse.ArgumentParser(description=(mod.__doc__ or "").strip().split("\n")[0],
+                                usage=f"python {os.path.basename(mod.__file__)} [--flag value ...]",
+                                argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
-        typ = f.type if isinstance(f.type, type) else eval(f.type)
-        if typ is bool:
-            p.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?", const=True, default=f.default)
+        help = f"{notes.get(f.name, '')} (default: {f.default})".replace("%", "%%")
+        if f.type is bool:
+            p.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?", const=True,
+                           metavar="bool", help=help)
         else:
-            p.add_argument(f"--{f.name}", type=typ, default=f.default)
-    return cls(**vars(p.parse_args(argv)))
+            p.add_argument(f"--{f.name}", type=f.type, metavar=f.type.__name__, help=help)
+    return configure(cls, **vars(p.parse_args(argv)))
 
 
 class Logger:
     """Rank-0 lines to the console and out_dir/log.txt."""
 
-    def __init__(self, out_dir, master):
-        self.master, self.file = master, os.path.join(out_dir, "log.txt")
+    def __init__(self, out_dir, master, device=torch.device("cpu")):
+        self.master, self.file, self.device = master, os.path.join(out_dir, "log.txt"), device
         if master:
             os.makedirs(out_dir, exist_ok=True)
         self.start()
 
     def start(self):
-        """Start the step timer (call it just before the training loop)."""
+        """Start the step timer (just before the training loop)."""
         self.t0, self.steps = time.time(), 0
 
     def __call__(self, msg):
@@ -789,18 +929,18 @@ class Logger:
             with open(self.file, "a") as f:
                 f.write(msg + "\n")
 
-    def step(self, step, max_steps, losses, device, every):
-        """Call on every rank after each optimizer step. Every `every` steps and at the last, one line:
-        the losses (floats or tensors) averaged over ranks, ms per step since the last line, memory."""
+    def step(self, step, max_steps, losses, every):
+        """Call on every rank after each optimizer step. Every `every` steps and at the last, one line: the losses
+        averaged over ranks, ms per step since the last line, peak memory."""
         self.steps += 1
         if step % every and step != max_steps:
             return
         losses = reduce_mean({k: float(v) for k, v in losses.items()})
         ms, self.t0, self.steps = 1000 * (time.time() - self.t0) / self.steps, time.time(), 0
-        main, rest = next(iter(losses.items())), list(losses.items())[1:]
+        (head, value), rest = next(iter(losses.items())), list(losses.items())[1:]
         terms = " ".join(f"{k} {v:.4g}" for k, v in rest)
-        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else peak_rss_gb()
-        self(f"step {step}/{max_steps} | {main[0]} {main[1]:.4g} ({terms}) | {ms:.0f} ms/step | mem {mem:.2f} GB")
+        mem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else peak_rss_gb()
+        self(f"step {step}/{max_steps} | {head} {value:.4g} ({terms}) | {ms:.0f} ms/step | mem {mem:.2f} GB")
 
 
 def peak_rss_gb():
@@ -813,16 +953,15 @@ def save_grid(path, x_lr, out, x_hr):
     import torchvision
     n = min(4, out.shape[0])
     up = F.interpolate(x_lr[:n].float(), size=out.shape[-2:], mode="bicubic", align_corners=False)
-    rows = torch.cat([up, out[:n].float(), x_hr[:n].float()], dim=-1).clamp(0, 1)
+    rows = torch.cat([up, out[:n].detach().float(), x_hr[:n].float()], dim=-1).clamp(0, 1)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torchvision.utils.save_image(rows, path, nrow=1, padding=2)
 
 
-# --------------------------------------------------------------------------- LPIPS
 def load_lpips(device, pretrained=True):
-    """VGG LPIPS on images in [0, 1]. Without the VGG weights (offline, tiny presets) the backbone is
-    random (pnet_rand, always drawn from seed 0, so it is one fixed network): fine for testing the code
-    path and as eval.py's offline LPIPS-rand, not for real training. `.pretrained` tells which."""
+    """VGG LPIPS on images in [0, 1]. Without the VGG weights (offline, tiny presets) the backbone is random
+    (pnet_rand, always drawn from seed 0, so it is one fixed network): fine for testing the code path and as
+    eval.py's offline LPIPS-rand, not for real training. `.pretrained` tells which."""
     import lpips
     net = None
     if pretrained:
@@ -845,68 +984,51 @@ def load_lpips(device, pretrained=True):
     return fn
 
 
-@torch.no_grad()
-def heldout_eval(method, out_dir, degrade="realesrgan"):
-    """End of a mini run: eval.py on the held-out sample photos, their LR made by the degradation the
-    run trained on; bicubic and this run in one table."""
-    import eval as evaluate
-    return evaluate.main(["--method", f"bicubic,{method}", "--ckpt", out_dir, "--bench", "sample", "--degrade", degrade,
-                          "--out_dir", os.path.join(out_dir, "eval"), "--metrics", "PSNR,SSIM,LPIPS,LPIPS-rand"])
-
-
-def check_degrade(name):
-    """A --degrade value: one of degrade.PRESETS."""
-    from degrade import PRESETS
-    if name not in PRESETS:
-        raise SystemExit(f"--degrade {name!r}: choose from {', '.join(PRESETS)}")
-
-
-# --------------------------------------------------------------------------- mini bases
-# A base the project pretrains itself, so that `--model mini` really learns on a CPU. REFERENCE
-# measurements: a diffusers AutoencoderKL trained from scratch reaches only 16-21 dB held-out PSNR in
-# 8-20 CPU minutes, so the mini VAE is a patch-PCA autoencoder (30 dB from the SVD alone, in a second)
-# behind the same encode/decode interface and latent conventions; the DiT is the family's own class.
+# ----------------------------------------------------------------------------- mini bases
+# A base this project pretrains, so that `--model mini` really learns on a CPU: the family's own DiT class at ~2M
+# parameters, and (a diffusers AutoencoderKL trained from scratch learns too slowly on two cores) a patch-PCA
+# autoencoder behind the same encode/decode interface and latent conventions.
 MINI_DIR = os.environ.get("MINI_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights"))
 MINI_CROP = 128  # ours: pretraining crop (16x16 latents)
 
+
 @functools.cache
-def _patch_vae_class():  # built on first use: `import common` stays free of diffusers
+def mini_vae_class():  # built on first use: `import common` stays free of diffusers
     from diffusers import ConfigMixin, ModelMixin
     from diffusers.configuration_utils import register_to_config
+    from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+    from diffusers.models.modeling_outputs import AutoencoderKLOutput
 
     class PatchVAE(ModelMixin, ConfigMixin):
-        """Encoder: one linear map of each 8x8 patch to C latents (initialised from the SVD of training
-        patches). Decoder: its transpose, plus a zero-initialised 3x3-conv residual that smooths patch
-        seams. Deterministic (latent_dist.mode() is the code). Its normalisation is the family's:
-        shift/scale (FLUX.1, Z-Image, SD3), per-channel mean/std (Qwen, which also carries a frame dim),
-        or BatchNorm running stats of the 2x2-patchified latents (FLUX.2)."""
+        """Encoder: one linear map of each 8x8 patch to C latents (initialised from the SVD of training patches).
+        Decoder: its transpose, plus a zero-initialised 3x3-conv residual that smooths patch seams. Deterministic
+        (latent_dist.mode() is the code). Normalised in the family's convention: shift/scale (FLUX.1, Z-Image, SD3),
+        per-channel mean/std (Qwen, which also has a frame axis), or BatchNorm stats of the 2x2-patchified latents
+        (FLUX.2)."""
 
         @register_to_config
         def __init__(self, latent_channels=16, patch=8, width=32, scaling_factor=1.0, shift_factor=0.0,
                      per_channel=False, latents_mean=None, latents_std=None, batch_norm_eps=None):
             super().__init__()
-            C = latent_channels
-            self.enc = torch.nn.Conv2d(3, C, patch, stride=patch)
-            self.dec = torch.nn.ConvTranspose2d(C, 3, patch, stride=patch)
-            self.refine = torch.nn.Sequential(torch.nn.Conv2d(3, width, 3, padding=1), torch.nn.SiLU(),
-                                              torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.SiLU(),
-                                              torch.nn.Conv2d(width, 3, 3, padding=1))
-            torch.nn.init.zeros_(self.refine[-1].weight), torch.nn.init.zeros_(self.refine[-1].bias)
+            C, nn = latent_channels, torch.nn
+            self.enc = nn.Conv2d(3, C, patch, stride=patch)
+            self.dec = nn.ConvTranspose2d(C, 3, patch, stride=patch)
+            self.refine = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.SiLU(),
+                                        nn.Conv2d(width, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, 3, 3, padding=1))
+            nn.init.zeros_(self.refine[-1].weight), nn.init.zeros_(self.refine[-1].bias)
             if batch_norm_eps is not None:
-                self.bn = torch.nn.BatchNorm2d(4 * C, eps=batch_norm_eps, affine=False)
+                self.bn = nn.BatchNorm2d(4 * C, eps=batch_norm_eps, affine=False)
 
         def enable_gradient_checkpointing(self):  # nothing worth recomputing: three convs
             pass
 
         def encode(self, x):  # (B, 3, H, W) or (B, 3, 1, H, W) in [-1, 1]
-            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-            from diffusers.models.modeling_outputs import AutoencoderKLOutput
             z = self.enc(x[:, :, 0]) if x.dim() == 5 else self.enc(x)
             z = z.unsqueeze(2) if x.dim() == 5 else z
-            return AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution(torch.cat([z, torch.zeros_like(z)], 1), True))
+            return AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution(torch.cat([z, torch.zeros_like(z)], 1),
+                                                                                True))
 
         def decode(self, z):
-            from diffusers.models.autoencoders.vae import DecoderOutput
             x = self.dec(z[:, :, 0] if z.dim() == 5 else z)
             x = x + self.refine(x)
             return DecoderOutput(sample=x.unsqueeze(2) if z.dim() == 5 else x)
@@ -914,19 +1036,13 @@ def _patch_vae_class():  # built on first use: `import common` stays free of dif
     return PatchVAE
 
 
-def __getattr__(name):  # common.PatchVAE, resolved lazily (PEP 562)
-    if name == "PatchVAE":
-        return _patch_vae_class()
-    raise AttributeError(f"module 'common' has no attribute {name!r}")
-
-
 def _psnr(x, y):
     return float(-10 * torch.log10(F.mse_loss(x.clamp(0, 1), y).clamp_min(1e-10)))
 
 
 def pca_init(vae, x):
-    """Encoder = the top-C right singular vectors of the (uncentred) patches of x (B, 3, H, W) in
-    [-1, 1], decoder = their transpose: the best rank-C linear autoencoder of those patches (Eckart-Young)."""
+    """Encoder = the top-C right singular vectors of the (uncentred) patches of x (B, 3, H, W) in [-1, 1], decoder =
+    their transpose: the best rank-C linear autoencoder of those patches (Eckart-Young)."""
     p, C = vae.config.patch, vae.config.latent_channels
     patches = F.unfold(x, p, stride=p).transpose(1, 2).reshape(-1, 3 * p * p)  # (N, 3 p p), order (c, i, j)
     basis = torch.linalg.svd(patches, full_matrices=False)[2][:C]  # (C, 3 p p)
@@ -936,8 +1052,8 @@ def pca_init(vae, x):
 
 
 def set_latent_stats(vae, family, z):
-    """Store the normalisation of raw latents z (N, C, h, w) in the family's own convention, so that
-    common.encode gives unit-variance latents as the real VAEs' constants do."""
+    """Store the normalisation of raw latents z (N, C, h, w) in the family's own convention, so that encode() gives
+    unit-variance latents as the real VAEs' constants do."""
     if family == "flux2":
         zp = patchify(z)
         vae.bn.running_mean.copy_(zp.mean((0, 2, 3)))
@@ -948,55 +1064,57 @@ def set_latent_stats(vae, family, z):
         vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1 / z.std()))
 
 
-def mini_base(preset):
-    """Folder of a mini preset's pretrained vae/ and transformer/; pretrains it on first use. A lock
-    file lets concurrent processes (torchrun ranks, parallel runs) wait for one pretraining."""
+def prepare_base(preset):
+    """A mini preset's base, pretrained now (announced) if MINI_DIR does not hold it yet; nothing for the other
+    presets. A lock file lets concurrent processes (torchrun ranks, parallel runs) wait for one pretraining."""
     import fcntl
+    if not PRESETS[preset].pretrain:
+        return
     folder = os.path.join(MINI_DIR, preset)
     if not os.path.exists(os.path.join(folder, "pretrain.json")):
         os.makedirs(MINI_DIR, exist_ok=True)
         with open(os.path.join(MINI_DIR, f".{preset}.lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not os.path.exists(os.path.join(folder, "pretrain.json")):
-                print(f"{preset}: no pretrained base in {folder}; pretraining it now (once; see README, mini)")
+                print(f"{preset}: no pretrained base in {folder}; pretraining it now (once; README, mini bases)")
                 pretrain(preset)
     with open(os.path.join(folder, "pretrain.json")) as f:
         steps = json.load(f)["dit_steps"]
     if steps != PRESETS[preset].dit_steps:
         warnings.warn(f"{folder}: a base pretrained {steps} DiT steps; {preset} is now {PRESETS[preset].dit_steps} "
                       f"(delete the folder to pretrain it again)")
-    return folder
 
 
 def _batch(ds, n, g):
-    return torch.stack([ds[(int(torch.randint(len(ds), (1,), generator=g)), int(torch.randint(2**31, (1,), generator=g)))]
-                        for _ in range(n)])
+    keys = [(int(torch.randint(len(ds), (1,), generator=g)), int(torch.randint(2**31, (1,), generator=g)))
+            for _ in range(n)]
+    return torch.stack([ds[k] for k in keys])
 
 
 def pretrain(preset, vae_steps=200, dit_steps=None, batch=16, lr=5e-4, seed=0, out=None):
-    """Pretrain a mini base on the sample photos (held-out ones excluded): (1) the PatchVAE, from the SVD
-    of training patches then fine-tuned on MSE; (2) the family's DiT by plain flow matching on its
-    normalised latents, z_t = (1 - t) z_0 + t eps, target v = eps - z_0, with the fixed tiny_cond as the
-    empty prompt. Writes vae/, transformer/ (safetensors + JSON), pretrain.json and samples.png."""
+    """Pretrain a mini base on the sample photos (held-out ones excluded): (1) the autoencoder, from the SVD of
+    training patches, then fine-tuned on MSE; (2) the family's DiT by plain flow matching on its normalised latents,
+    z_t = (1 - t) z_0 + t eps, target v = eps - z_0, with the fixed tiny_cond as the empty prompt. Writes vae/,
+    transformer/ (safetensors + JSON), pretrain.json and samples.png (the base's generations)."""
     import diffusers
     from tqdm import tqdm
     p = PRESETS[preset]
     if not p.pretrain:
-        raise SystemExit(f"--model {preset}: pretraining is for the mini presets ({', '.join(k for k in PRESETS if PRESETS[k].pretrain)})")
+        raise SystemExit(f"--model {preset}: pretraining is for the mini presets "
+                         f"({', '.join(k for k in PRESETS if PRESETS[k].pretrain)})")
     out, t_start, dit_steps = out or os.path.join(MINI_DIR, preset), time.time(), dit_steps or p.dit_steps
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     ds, held = ImageDataset("sample", MINI_CROP), sample_photos(SAMPLE_HELDOUT)
 
     # 1. autoencoder: SVD init, then MSE fine-tuning of encoder, decoder and the seam residual
-    vae = _patch_vae_class()(**p.vae)
+    vae = mini_vae_class()(**p.vae)
     pca_init(vae, _batch(ds, 256, g) * 2 - 1)
     recon = lambda x: (vae.decode(vae.encode(x * 2 - 1).latent_dist.mode()).sample + 1) / 2
     with torch.no_grad():
         psnr_svd = sum(_psnr(recon(x[None]), x[None]) for x in held) / len(held)
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)  # ours
-    bar = tqdm(range(vae_steps), desc=f"{preset} vae")
-    for _ in bar:
+    for _ in (bar := tqdm(range(vae_steps), desc=f"{preset} vae")):
         x = _batch(ds, 8, g)
         loss = F.mse_loss(recon(x), x)
         opt.zero_grad(set_to_none=True), loss.backward(), opt.step()
@@ -1013,14 +1131,14 @@ def pretrain(preset, vae_steps=200, dit_steps=None, batch=16, lr=5e-4, seed=0, o
     cond = tiny_cond(dit, p.family)
     opt = torch.optim.AdamW(dit.parameters(), lr=lr, weight_decay=0.0)  # ours
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 100))  # ours: 100-step warm-up
-    bar, ema = tqdm(range(dit_steps), desc=f"{preset} dit"), None
-    for i in bar:
+    ema = None
+    for _ in (bar := tqdm(range(dit_steps), desc=f"{preset} dit")):
         with torch.no_grad():
             z_0 = encode(vae, p.family, _batch(ds, batch, g))
         eps = torch.randn(z_0.shape, generator=g)
-        t = torch.sigmoid(torch.randn(batch, generator=g))  # ours: logit-normal(0, 1) times, as SD3
-        z_t = (1 - t.view(-1, 1, 1, 1)) * z_0 + t.view(-1, 1, 1, 1) * eps
-        loss = F.mse_loss(velocity(p.family, dit, z_t, t, expand_cond(cond, batch)), eps - z_0)
+        t = torch.sigmoid(torch.randn(batch, generator=g)).view(-1, 1, 1, 1)  # ours: logit-normal(0, 1), as SD3
+        z_t = (1 - t) * z_0 + t * eps
+        loss = F.mse_loss(velocity(p.family, dit, z_t, t.flatten(), expand_cond(cond, batch)), eps - z_0)
         opt.zero_grad(set_to_none=True), loss.backward()
         torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
         opt.step(), sched.step()
@@ -1031,8 +1149,7 @@ def pretrain(preset, vae_steps=200, dit_steps=None, batch=16, lr=5e-4, seed=0, o
     # 3. save atomically, with 8 generations of the base (28 Euler steps from noise)
     dit.eval()
     with torch.no_grad():
-        z = torch.randn((8,) + z_0.shape[1:], generator=g)
-        ts = torch.linspace(1, 0, 29)
+        z, ts = torch.randn((8,) + z_0.shape[1:], generator=g), torch.linspace(1, 0, 29)
         for t, s in zip(ts[:-1], ts[1:]):
             z = z - (t - s) * velocity(p.family, dit, z, t.view(1), expand_cond(cond, 8))
         samples = decode(vae, p.family, z).clamp(0, 1)
@@ -1042,9 +1159,10 @@ def pretrain(preset, vae_steps=200, dit_steps=None, batch=16, lr=5e-4, seed=0, o
     dit.save_pretrained(os.path.join(tmp, "transformer"))
     import torchvision
     torchvision.utils.save_image(samples, os.path.join(tmp, "samples.png"), nrow=4, padding=2)
-    command = f"python common.py pretrain --model {preset} --vae_steps {vae_steps} --dit_steps {dit_steps}"
-    info = dict(preset=preset, command=command, vae_steps=vae_steps, dit_steps=dit_steps, batch=batch, lr=lr, seed=seed,
-                heldout=SAMPLE_HELDOUT, vae_psnr_svd=psnr_svd, vae_psnr=psnr, fm_loss=ema, minutes=(time.time() - t_start) / 60)
+    info = dict(preset=preset, command=f"python common.py pretrain --model {preset} --vae_steps {vae_steps} "
+                f"--dit_steps {dit_steps}", vae_steps=vae_steps, dit_steps=dit_steps, batch=batch, lr=lr, seed=seed,
+                heldout=SAMPLE_HELDOUT, vae_psnr_svd=psnr_svd, vae_psnr=psnr, fm_loss=ema,
+                minutes=(time.time() - t_start) / 60)
     with open(os.path.join(tmp, "pretrain.json"), "w") as f:
         json.dump(info, f, indent=1)
     shutil.rmtree(out, ignore_errors=True)

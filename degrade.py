@@ -103,6 +103,13 @@ PRESETS = {
     "bicubic": DegradeOpts(use_usm=False, bicubic_only=True),  # classical x4 (the mini runs, ours)
 }
 
+
+
+def check_preset(name):
+    """A --degrade value: one of PRESETS, or a clear error."""
+    if name not in PRESETS:
+        raise SystemExit(f"--degrade {name!r}: choose from {', '.join(PRESETS)}")
+
 # -----------------------------------------------------------------------------
 # random draws: all from the generator, on the generator's device
 

@@ -38,6 +38,7 @@ import argparse, contextlib, csv, glob, hashlib, importlib, io, json, math, os, 
 import torch
 
 import common
+from degrade import check_preset
 
 # --------------------------------------------------------------------------- metrics
 # column, pyiqa name, options, kind (fr: per image with HR, nr: per image, fid: per folder), higher is better
@@ -234,18 +235,23 @@ def load_bench(bench, data_root, degrade_seed=0, limit=0, degrade="realesrgan"):
 
 
 # --------------------------------------------------------------------------- running a method
-def build_fn(method, ckpt, device, steps, seed):
+def build_fn(method, ckpt, device, steps, seed, samplers=None):
+    """The SR function of a method: bicubic, or a method script's build_sampler on the checkpoint `ckpt`."""
     if method == "bicubic":
         return common.upsample_lr
     if not ckpt:
         raise SystemExit(f"--method {method} needs --ckpt (a checkpoint or training output folder)")
-    try:
-        mod = importlib.import_module(method)
-    except ImportError as e:
-        raise SystemExit(f"--method {method}: cannot import {method}.py ({e}); choose bicubic, strsr, fluxsr, smfsr or teasr")
-    if not hasattr(mod, "build_sampler"):
-        raise SystemExit(f"--method {method}: {method}.py has no build_sampler(ckpt, device, steps, seed)")
-    return mod.build_sampler(ckpt, device=str(device), steps=steps, seed=seed)
+    if method in (samplers or {}):  # the running script's own (a second import would load it twice)
+        build = samplers[method]
+        mod = sys.modules[build.__module__]
+    else:
+        try:
+            mod = importlib.import_module(method)
+            build = mod.build_sampler
+        except (ImportError, AttributeError) as e:
+            raise SystemExit(f"--method {method}: no build_sampler in {method}.py ({e}); choose bicubic, strsr, "
+                             f"fluxsr, smfsr or teasr")
+    return build(mod.Config(ckpt=ckpt, steps=steps, seed=seed), str(device))
 
 
 def _append(path, rec):
@@ -258,7 +264,7 @@ def _read_cache(path):  # records are flat: a line cut by an interruption does n
         return [json.loads(l) for l in f if l.rstrip().endswith("}")]
 
 
-def generate(items, run_dir, make_fn, device, run_info):
+def write_outputs(items, run_dir, make_fn, device, run_info):
     """Write <key>.png for each LR not already done by the same run (method, ckpt, steps, seed)."""
     info_file, cache = os.path.join(run_dir, "run.json"), os.path.join(run_dir, "scores.jsonl")
     os.makedirs(run_dir, exist_ok=True)
@@ -392,14 +398,14 @@ def write_tables(rows, out_dir):
     return md
 
 
-def run_method(a, method, scorer, device):
+def run_method(a, method, scorer, device, samplers=None):
     """One row per benchmark for `method` (outputs cached, see the module docstring)."""
     name, rows, built = a.name or (method + (f"-{a.steps}step" if a.steps > 1 else "")), [], {}
     ckpt_arg = "" if method == "bicubic" else a.ckpt
 
     def make_fn():  # on first need: a resumed run with all outputs on disk loads no model
         if "fn" not in built:
-            built["fn"] = build_fn(method, ckpt_arg, device, a.steps, a.seed)
+            built["fn"] = build_fn(method, ckpt_arg, device, a.steps, a.seed, samplers)
         return built["fn"]
 
     for bench in [b.strip() for b in a.bench.split(",") if b.strip()]:
@@ -408,14 +414,22 @@ def run_method(a, method, scorer, device):
         ckpt = os.path.abspath(common.latest_checkpoint(ckpt_arg) or ckpt_arg) if ckpt_arg else ""  # a newer ckpt-* is another run
         info = {"method": method, "ckpt": ckpt, "steps": a.steps, "seed": a.seed,
                 "lr": os.path.abspath(os.path.dirname(items[0][1]))}
-        generate(items, run_dir, make_fn, device, info)
+        write_outputs(items, run_dir, make_fn, device, info)
         pairs = [(k, os.path.join(run_dir, k + ".png"), hr) for k, _, hr in items]
         rows.append({"method": name, "dataset": bench, "n": len(items), **score(pairs, run_dir, scorer, run_dir, hr_dir)})
     return rows
 
 
 # --------------------------------------------------------------------------- main
-def main(argv=None):
+def heldout(method, build_sampler, out_dir, degrade="realesrgan"):
+    """The end of a mini run: this table on the held-out sample photo, its LR made by the degradation the run trained
+    on; bicubic and the method (`build_sampler`: the caller's own, so a running script is not imported again)."""
+    return main(["--method", f"bicubic,{method}", "--ckpt", out_dir, "--bench", "sample", "--degrade", degrade,
+                 "--out_dir", os.path.join(out_dir, "eval"), "--metrics", "PSNR,SSIM,LPIPS,LPIPS-rand"],
+                {method: build_sampler})
+
+
+def main(argv=None, samplers=None):
     p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--method", default="", help="comma-separated: bicubic, strsr, fluxsr, smfsr, teasr (modules with build_sampler)")
     p.add_argument("--ckpt", default="", help="checkpoint folder, or a training out_dir (latest ckpt-*)")
@@ -433,7 +447,7 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=0, help="first N images only (quick checks)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
-    common.check_degrade(a.degrade)
+    check_preset(a.degrade)
     cols = [c.strip() for c in a.metrics.split(",") if c.strip()]
     if bad := [c for c in cols if c not in COLS]:
         raise SystemExit(f"--metrics: unknown {bad}; choose from {', '.join(COLS)}")
@@ -459,7 +473,7 @@ def main(argv=None):
         if a.name and len(methods) > 1:
             raise SystemExit("--name labels one method's row; give one --method with it")
         for method in methods:  # --ckpt is for the learned methods (bicubic has none)
-            rows += run_method(a, method, scorer, device)
+            rows += run_method(a, method, scorer, device, samplers)
     print(write_tables(rows, a.out_dir), end="")
     print(f"written: {os.path.join(a.out_dir, 'results.md')} (.csv, .json)")
     return rows

@@ -1,28 +1,26 @@
 """
 StrSR: Spectral and Trajectory Regularization for Diffusion Transformer Super-Resolution
-(Wang et al.; paper text in shared/papers/strsr.txt, no arXiv id in our copy).
+(Wang, Tang, Gong, Li, Li, Liu, Lan, Liu, Zhang; ECCV 2026, arXiv:2603.06275; code: github.com/jkwang28/StrSR).
 
-One-step real-world x4 SR by adversarial distillation of a text-to-image DiT (FLUX.2-klein-4B
-"StrSR-F", the default, or Z-Image-Turbo "StrSR-Z") with a LoRA. The LR image enters twice (the
-"dual encoder", Sec. 3.2): its VAE latent is the starting point of one Euler step, and a frozen
-Qwen3-VL reads it to replace the text condition. A frozen CLIP ConvNeXt-XXLarge with small trainable
-heads is the discriminator (Sec. 3.3); a frequency distribution loss fights the DiT's periodic
-grid artifacts (Sec. 3.4). Plain-text equations (sigma convention: t = 1 is noise, v = eps - z_0):
+One-step real-world x4 SR by adversarial distillation of a text-to-image DiT (FLUX.2-klein-4B "StrSR-F", the
+default, or Z-Image-Turbo "StrSR-Z") with a LoRA. The LR image enters twice (the "dual encoder", Sec. 3.2): its VAE
+latent is the starting point of one Euler step, and a frozen Qwen3-VL reads it to replace the text condition. A
+frozen CLIP ConvNeXt-XXLarge with small trainable heads is the discriminator (Sec. 3.3); a frequency distribution
+loss fights the DiT's periodic grid artifacts (Sec. 3.4). Sigma convention: t = 1 is noise, v = eps - z_0.
 
   (5)  c = MLP(E_vlm(x_lr))                     MLP: Linear(H_vlm, d/2) -> SiLU -> Linear(d/2, d)
   (6)  z_lr = E_vae(bicubic_x4(x_lr))
-       x0_hat = z_lr - t* v_theta(z_lr, t*, c), t* = 0.8;  x_sr = D_vae(x0_hat)   (Sec. 3.1, NFE 1)
+       z0_hat = z_lr - t* v_theta(z_lr, t*, c), t* = 0.8;  x_sr = D_vae(z0_hat)     (Sec. 3.1, one step)
   (7)  D_Ra(a, b) = C(a) - mean_batch C(b), per discriminator level, summed over levels
        L_D = 0.5 [BCE(D_Ra(x_hr, x_sr), 1) + BCE(D_Ra(x_sr, x_hr), 0)]
        L_G = 0.5 [BCE(D_Ra(x_sr, x_hr), 1) + BCE(D_Ra(x_hr, x_sr), 0)]
   (8)  L_R1 = mean || C(x_hr) - C(x_hr + n) ||^2,  n small noise (approximate R1)
-  (9)  L_Dis = L_D + lambda_r1 L_R1                                     lambda_r1 = 10
+  (9)  L_Dis = L_D + lambda_r1 L_R1                                      lambda_r1 = 10
   (10) FDL(x, y) = sum_l SW(|F phi_l(x)|, |F phi_l(y)|) + lambda_p SW(ang F phi_l(x), ang F phi_l(y))
        phi_l: VGG19 relu{1_2,2_2,3_4,4_4,5_4}, F: 2-D DFT, SW: sliced Wasserstein distance
   (11) L_Gen = 1.0 L1 + 3.0 LPIPS + 0.1 L_G + lambda_fdl FDL,  lambda_fdl = 0 (stage 1), 0.002 (stage 2)
 
-  python strsr.py --model tiny                                     # CPU, under a minute, random tiny models
-  python strsr.py --model mini                                     # CPU, ~12 min with the mini base's pretraining, ends with a table vs bicubic
+  python strsr.py --model mini                                     # CPU: the mini base, a table against bicubic
   python strsr.py --model tiny --stage 2                           # resumes the stage-1 run, adds FDL
   torchrun --nproc_per_node=4 strsr.py --data LSDIR                # stage 1: 40k steps
   torchrun --nproc_per_node=4 strsr.py --data LSDIR --stage 2      # stage 2: 20k more steps with FDL
@@ -30,162 +28,138 @@ grid artifacts (Sec. 3.4). Plain-text equations (sigma convention: t = 1 is nois
   python strsr.py --model zimage --cond text                       # Table 4 ablation (w/o VLM)
   python strsr.py --sample --ckpt out/strsr --input photo.png --output out/strsr/sr
 
-Differences from the paper and the official code (each marked `# ours` or `# paper != code`):
-  - Tiny presets replace Qwen3-VL, ConvNeXt-XXLarge and VGG19 with random networks of the same
-    classes (offline tests); they prove the code path, not the method.
+Differences from the paper and the official code (each marked `# ours` or `# paper != code` where it is):
+  - Tiny presets replace Qwen3-VL, ConvNeXt-XXLarge and VGG19 with random networks of the same classes.
   - The discriminator sees the full-resolution crop (the paper does not say it resizes).
   - Training crops are random 1024 crops (common loader); the paper center-crops.
   - L1 is taken on [-1, 1] images (the range the official R1 noise scale refers to).
   - R1 noise: uniform in [-0.005, 0.005] on [-1, 1] images (official: uniform; paper: Gaussian).
-  - FDL projection kernels are drawn once (fixed seed), so a resumed run is bit-identical; on feature
-    maps smaller than 5x5 (tiny crops only) the kernels are cropped to the map and re-normalised.
-  - G and D steps alternate on the same batch: G first, then D on the detached output. Since the
-    backbone is frozen, D reuses the backbone features of that G step (no second backbone pass).
-  - Stage 2 continues the step count, optimizer states and RNG of the stage-1 run in the same
-    --out_dir (or starts fresh optimizers from --init_ckpt in a new folder).
+  - FDL projection kernels are drawn once (fixed seed), so a resumed run is bit-identical; on feature maps smaller
+    than 5x5 (tiny crops only) the kernels are cropped to the map and re-normalised.
+  - G and D steps alternate on the same batch: G first, then D on the detached output. Since the backbone is
+    frozen, D reuses the backbone features of that G step (no second backbone pass).
+  - Stage 2 continues the step count, optimizer states and RNG of the stage-1 run in the same --out_dir (or
+    starts fresh optimizers from --init_ckpt in a new folder).
 """
-import dataclasses, json, os
+import dataclasses, os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-
-# -----------------------------------------------------------------------------
-# config
+from degrade import PRESETS as DEGRADE, check_preset, degrade
 
 
+# ----------------------------------------------------------------------------- config
 @dataclasses.dataclass
 class Config:
-    model: str = "flux2-klein"    # paper: FLUX.2-klein-4B (StrSR-F); also zimage (StrSR-Z); tiny -> tiny-flux2
-    model_path: str = ""          # local folder of the base pipeline (else the hub id of the preset)
+    model: str = "flux2-klein"    # paper: FLUX.2-klein-4B (StrSR-F); also zimage (StrSR-Z)
+    model_path: str = ""          # local folder of the base pipeline (else the preset's hub id)
     data: str = "sample"          # paper: LSDIR + the first 10k Aesthetic-4K images
-    data_root: str = "data"
-    degrade: str = "realesrgan"   # training LR: a degrade.PRESETS name (paper: Real-ESRGAN); mini: bicubic (ours)
-    out_dir: str = "out/strsr"
-    stage: int = 1                # Sec. 4.1: stage 1 without FDL, stage 2 with FDL
+    data_root: str = "data"       # folder of the named datasets
+    degrade: str = "realesrgan"   # training LR: a degrade.PRESETS name (paper: Real-ESRGAN)
+    out_dir: str = "out/strsr"    # checkpoints, log.txt, grids/
+    stage: str = "1"              # Sec. 4.1: stage 1 without FDL, stage 2 with FDL
     init_ckpt: str = ""           # stage 2 in a new out_dir: start from this stage-1 checkpoint
-    max_steps: int = 0            # steps of this stage; 0: paper 40k (stage 1) / 20k (stage 2), tiny 20 / 10 (ours)
+    max_steps: int = 0            # steps of this stage; 0: the paper's 40k (stage 1) / 20k (stage 2)
     batch_size: int = 4           # paper: batch 4 (1 per GPU x 4 A800)
     micro_batch: int = 1          # paper: 1 per GPU
-    crop: int = 0                 # 0: paper 1024 (paper: center crops; here random crops), tiny 64 (ours)
-    seed: int = 0
-    log_every: int = 10
-    save_every: int = 1000
-    grid_every: int = 500
-    num_workers: int = 2
-    grad_ckpt: bool = True        # gradient checkpointing of DiT, VAE and D backbone on GPU
-    fsdp: bool = False            # FSDP2 via common.shard_fsdp2 (not needed for 4B/6B bases)
-    # generator
-    lora_rank: int = 256          # paper; 0: full fine-tuning (ours, the mini base)
+    crop: int = 0                 # 0: the paper's 1024 (it center-crops; here random crops)
+    seed: int = 0                 # ours
+    log_every: int = 10           # ours
+    save_every: int = 1000        # ours
+    grid_every: int = 500         # ours
+    num_workers: int = 2          # ours: data loader processes
+    grad_ckpt: bool = True        # official: gradient checkpointing of DiT, VAE and D backbone (GPU only)
+    fsdp: bool = False            # ours: FSDP2 sharding of the DiT (the 4B/6B bases fit one GPU without it)
+    train_base: str = "lora"      # paper: a LoRA on the DiT; full: every DiT weight trains (ours, the mini)
+    lora_rank: int = 256          # paper
     lora_alpha: int = 256         # official
-    t_star: float = 0.8           # official: fixed one-step time
+    t_star: float = 0.8           # official: the fixed time of the one step
     cond: str = "vlm"             # vlm (Eq. 5) | none (Table 4 "w/o emb") | text (Table 4 "w/o VLM")
     vlm: str = "Qwen/Qwen3-VL-4B-Instruct"  # paper
-    vlm_prompt: str = "Describe this image in detail."  # ours: the official wording is not in the paper
+    vlm_prompt: str = "Describe this image in detail."  # ours: the paper does not give the wording
     vlm_max_pixels: int = 1024 * 1024  # ours: caps the VLM's input on huge images at sampling time
-    # discriminator
-    disc_width: int = 512         # official head width; tiny: 32 (ours)
+    disc_width: int = 512         # official: channels of the discriminator heads
     r1_noise: float = 0.005       # official: uniform noise scale on [-1, 1] images
-    # losses, Eq. (9) and (11)
-    w_l1: float = 1.0             # paper
-    w_lpips: float = 3.0          # paper
-    w_gan: float = 0.1            # paper
-    w_fdl: float = 0.002          # paper, stage 2 only (0 in stage 1)
-    w_r1: float = 10.0            # paper
-    fdl_phase: float = 1.0        # official FDL phase weight
-    fdl_projections: int = 256    # official (FDL default); tiny: 32 (ours)
-    # optimisation (Sec. 4.1)
-    lr_g: float = 5e-6            # paper
-    lr_d: float = 1e-6            # paper
+    w_l1: float = 1.0             # paper: L1 weight (Eq. 11)
+    w_lpips: float = 3.0          # paper: LPIPS weight (Eq. 11)
+    w_gan: float = 0.1            # paper: L_G weight (Eq. 11)
+    w_fdl: float = 0.002          # paper: lambda_fdl, stage 2 only (0 in stage 1)
+    w_r1: float = 10.0            # paper: lambda_r1 (Eq. 9)
+    fdl_phase: float = 1.0        # official: lambda_p, FDL's phase weight (Eq. 10)
+    fdl_projections: int = 256    # official: random projections per VGG layer
+    lr: float = 5e-6              # paper: generator (LoRA and condition MLP)
+    lr_d: float = 1e-6            # paper: discriminator heads
     weight_decay: float = 0.01    # ours: torch AdamW default (the paper says "default betas")
     grad_clip: float = 1.0        # official
-    lr_decay: float = 0.0         # ours: lr x half cosine to 0 over this last fraction of the steps; 0: constant
-    # sampling
-    sample: bool = False
-    ckpt: str = ""
-    input: str = ""
-    output: str = "out/strsr/sr"
+    lr_decay: float = 0.0         # ours: the lr falls on a half cosine to 0 over this last fraction; 0: constant
+    sample: bool = False          # sample instead of training: --ckpt, --input, --output
+    ckpt: str = ""                # checkpoint folder, or an out_dir (its latest ckpt-*)
+    input: str = ""               # LR image or folder
+    output: str = "out/strsr/sr"  # folder of the SR images
     steps: int = 1                # paper: 1; K > 1 splits the same straight path t* -> 0 into K Euler steps (ours)
     tile: int = 0                 # latent tile; 0: the paper's 1024 px in this family's latent units
     overlap: int = 0              # latent overlap; 0: the paper's 64 px
-    eval_heldout: bool = False    # ours: at the end, eval.py on the held-out sample photos vs bicubic (mini: on)
+    eval_heldout: bool = False    # ours: at the end, eval.py on the held-out sample photo against bicubic
 
 
-# --model mini (ours): a ~7-minute CPU run on the pretrained mini base; the paper's lr (5e-6) is
-# for a 4B base over 40k steps, a 2M base learns in hundreds of steps at a larger one; a LoRA on it
-# stays below bicubic where full fine-tuning passes it (README, "mini"); w_lpips 0: offline the VGG
-# is random, not the paper's perceptual loss, and costs 2/3 of a step
-MINI = dict(max_steps=600, crop=128, lora_rank=0, lr_g=1e-3, lr_d=1e-4, disc_width=32, fdl_projections=32,
+# --model tiny / mini (ours): these values for every flag not given; a dict holds one per --stage
+TINY = dict(crop=64, max_steps={"1": 20, "2": 10}, disc_width=32, fdl_projections=32)
+# mini: the paper's lr is for a 4B base over 40k steps; a 2M base learns in hundreds of steps at a larger one, and
+# a LoRA on it stays below bicubic where full fine-tuning passes it. w_lpips 0: offline the VGG is random, not a
+# perceptual loss, and costs 2/3 of a step
+MINI = dict(max_steps=600, crop=128, train_base="full", lr=1e-3, lr_d=1e-4, disc_width=32, fdl_projections=32,
             tile=16, overlap=4, grid_every=100, save_every=100, eval_heldout=True, w_lpips=0.0, degrade="bicubic")
 
 
 def resolve(cfg):
-    """Concrete preset, crop and step count (the 0 defaults depend on preset and stage)."""
-    if cfg.stage not in (1, 2):
-        raise SystemExit(f"--stage {cfg.stage}: expected 1 or 2")
-    if cfg.cond not in ("vlm", "none", "text"):
-        raise SystemExit(f"--cond {cfg.cond!r}: expected vlm, none or text")
-    common.check_degrade(cfg.degrade)
-    preset = common.resolve_preset(cfg.model, "flux2-klein")
+    """The concrete preset, crop and step count (0 defaults: the paper's, per stage); the flags checked."""
+    common.check_choices(cfg, stage=("1", "2"), cond=("vlm", "none", "text"), train_base=("lora", "full"))
+    check_preset(cfg.degrade)
+    preset = common.resolve_preset(cfg.model, Config.model)
     if common.PRESETS[preset].family not in ("flux2", "zimage"):
-        raise SystemExit(f"--model {preset}: StrSR supports the flux2 and zimage families")
-    common.small_defaults(cfg, preset, {}, MINI)
-    tiny = common.PRESETS[preset].hub is None
-    steps = {(1, False): 40000, (2, False): 20000, (1, True): 20, (2, True): 10}[(cfg.stage, tiny)]
-    return dataclasses.replace(cfg, model=preset, crop=cfg.crop or (64 if tiny else 1024),
-                               max_steps=cfg.max_steps or steps,  # tiny: narrow D heads, fewer FDL projections (ours)
-                               disc_width=32 if tiny and cfg.disc_width == 512 else cfg.disc_width,
-                               fdl_projections=32 if tiny and cfg.fdl_projections == 256 else cfg.fdl_projections)
+        raise SystemExit(f"--model {preset}: StrSR is defined on the flux2 and zimage families")
+    return dataclasses.replace(cfg, model=preset, crop=cfg.crop or 1024,
+                               max_steps=cfg.max_steps or {"1": 40000, "2": 20000}[cfg.stage])
 
 
-# -----------------------------------------------------------------------------
-# generator: base DiT + LoRA, one step from the LR latent
-
+# ----------------------------------------------------------------------------- generator and dual encoder
 LORA_TARGETS = {  # official target modules; FLUX.2 needs a regex (attn.to_out is a ModuleList in double blocks)
-    "flux2": r".*(transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-             r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out))",
+    "flux2": r".*(transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
+             r"to_add_out)|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out))",
     "zimage": ["to_q", "to_k", "to_v", "to_out.0", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"],
 }
 
 
-def generate(dit, family, z_lr, cond, t_star, steps=1):
-    """x0_hat = z_lr - t* v_theta(z_lr, t*, c): one Euler step from t* to 0 starting at the clean LR
-    latent (no noise added). steps > 1 walks the same straight path in K equal Euler steps."""
+def generator(dit, family, z_lr, c, t_star, steps=1):
+    """z0_hat = z_lr - t* v_theta(z_lr, t*, c): one Euler step from t* to 0, starting at the clean LR latent (no noise
+    added). steps > 1 walks the same straight path in K equal Euler steps."""
     z, ts = z_lr, torch.linspace(t_star, 0, steps + 1).tolist()
     for t, s in zip(ts[:-1], ts[1:]):
-        v_theta = common.velocity(family, dit, z, torch.full((z.shape[0],), t, device=z.device), cond)
-        z = z - (t - s) * v_theta
+        v_theta = common.velocity(family, dit, z, torch.full((z.shape[0],), t, device=z.device), c)
+        z = z - (t - s) * v_theta  # Sec. 3.1, Eq. (6)
     return z
-
-
-def latent_factor(vae, family):
-    """Pixels per latent cell: VAE downsampling (x2 for FLUX.2's patchified latents)."""
-    down = vae.config.patch if hasattr(vae.config, "patch") else 2 ** (len(vae.config.block_out_channels) - 1)  # mini: PatchVAE
-    return down * (2 if family == "flux2" else 1)
-
-
-# -----------------------------------------------------------------------------
-# dual encoder: frozen Qwen3-VL + adaptive MLP (Eq. 5)
 
 
 def tiny_vlm_config():
     """A Qwen3-VL with the real classes and layout (vision tower with deepstack, M-RoPE text model)."""
     from transformers import Qwen3VLConfig
+    rope = dict(rope_type="default", rope_theta=5e5, mrope_section=[4, 2, 2], mrope_interleaved=True)
     return Qwen3VLConfig(
-        text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=16,
-                         rope_parameters=dict(rope_type="default", rope_theta=5e5, mrope_section=[4, 2, 2], mrope_interleaved=True)),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
-                           temporal_patch_size=2, out_hidden_size=32, num_position_embeddings=64, deepstack_visual_indexes=[0]),
+        text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, rope_parameters=rope),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32,
+                           num_position_embeddings=64, deepstack_visual_indexes=[0]),
         image_token_id=100, video_token_id=101, vision_start_token_id=102, vision_end_token_id=103)
 
 
 class VLMEncoder(nn.Module):
-    """E_vlm: the LR image + a fixed describe-the-image prompt through a frozen Qwen3-VL; returns the
-    last hidden states of the whole sequence (B, L, H_vlm). Pixels are resized and patchified here on
-    the device, in the layout of the Qwen2-VL/Qwen3-VL image processor (tested against it)."""
+    """E_vlm: the LR image + a fixed describe-the-image prompt through a frozen Qwen3-VL; returns the last hidden
+    states of the whole sequence (B, L, H_vlm). Pixels are resized and patchified here on the device, in the layout
+    of the Qwen2-VL/Qwen3-VL image processor (tested against it)."""
 
     def __init__(self, path=None, prompt="", max_pixels=1024 * 1024, dtype=torch.float32):
         super().__init__()
@@ -210,8 +184,9 @@ class VLMEncoder(nn.Module):
             self.min_pixels, self.max_pixels = ip.size["shortest_edge"], min(max_pixels, ip.size["longest_edge"])
         self.model.requires_grad_(False).eval()
         v = cfg.vision_config
-        self.patch, self.merge, self.temporal, self.image_token = v.patch_size, v.spatial_merge_size, v.temporal_patch_size, cfg.image_token_id
-        self.pre, self.post, self.hidden_size = list(pre), list(post), cfg.text_config.hidden_size
+        self.patch, self.merge, self.temporal = v.patch_size, v.spatial_merge_size, v.temporal_patch_size
+        self.image_token, self.hidden_size = cfg.image_token_id, cfg.text_config.hidden_size
+        self.pre, self.post = list(pre), list(post)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -224,12 +199,12 @@ class VLMEncoder(nn.Module):
         B, C, h, w = x.shape
         p, m, T = self.patch, self.merge, self.temporal
         H, W = smart_resize(h, w, factor=p * m, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
-        if (H, W) != (h, w):
-            x = F.interpolate(x, size=(H, W), mode="bicubic", align_corners=False, antialias=True)  # as the processor: no clamp
+        if (H, W) != (h, w):  # as the processor: bicubic with antialiasing, no clamp
+            x = F.interpolate(x, size=(H, W), mode="bicubic", align_corners=False, antialias=True)
         x = (x - self.mean) / self.std
         gh, gw = H // p, W // p
-        x = x.reshape(B, C, gh // m, m, p, gw // m, m, p).permute(0, 2, 5, 3, 6, 1, 4, 7)  # (B, gh/m, gw/m, m, m, C, p, p)
-        x = x.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, T, -1, -1)  # a still image fills the temporal patch
+        x = x.reshape(B, C, gh // m, m, p, gw // m, m, p).permute(0, 2, 5, 3, 6, 1, 4, 7)  # (B, gh/m, gw/m, m, m,
+        x = x.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, T, -1, -1)  # C, p, p); a still image fills the T patch
         grid = torch.tensor([[1, gh, gw]] * B, device=x.device)
         return x.reshape(B * gh * gw, C * T * p * p), grid
 
@@ -240,14 +215,15 @@ class VLMEncoder(nn.Module):
         n = int(grid[0, 1] * grid[0, 2]) // self.merge ** 2
         ids = torch.tensor(self.pre + [self.image_token] * n + self.post, device=x_lr.device).expand(B, -1)
         out = self.model(input_ids=ids, pixel_values=patches.to(self.model.dtype), image_grid_thw=grid,
-                         mm_token_type_ids=(ids == self.image_token).int(), attention_mask=torch.ones_like(ids), use_cache=False)
+                         mm_token_type_ids=(ids == self.image_token).int(), attention_mask=torch.ones_like(ids),
+                         use_cache=False)
         return out.last_hidden_state  # (B, L, H_vlm)
 
 
 class Condition(nn.Module):
-    """The DiT's caption tokens. `vlm`: c = MLP(E_vlm(x_lr)) (Eq. 5), the MLP trains with the generator;
-    the Table 4 ablations hold a fixed embedding: `none` one zero token, `text` the base's own text
-    encoding of an empty prompt (kept as a buffer, so checkpoints carry it)."""
+    """The DiT's caption tokens. `vlm`: c = MLP(E_vlm(x_lr)) (Eq. 5), the MLP trains with the generator; the Table 4
+    ablations hold a fixed embedding: `none` one zero token, `text` the base's own text encoding of an empty prompt
+    (kept as a buffer, so checkpoints carry it)."""
 
     def __init__(self, mode, width, vlm=None, fixed=None):
         super().__init__()
@@ -266,32 +242,33 @@ class Condition(nn.Module):
 
 def build_generator(cfg, device, ckpt=None):
     """Base DiT + LoRA, VAE and the condition, on `device`. Frozen weights in bf16 on GPU."""
-    family, tiny = common.PRESETS[cfg.model].family, common.PRESETS[cfg.model].hub is None
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    path = cfg.model_path or None
-    dit = common.add_lora(common.load_dit(cfg.model, path, dtype), cfg.lora_rank, cfg.lora_alpha, LORA_TARGETS[family])
-    vae = common.load_vae(cfg.model, path, dtype)
+    family, random_nets = common.PRESETS[cfg.model].family, common.PRESETS[cfg.model].hub is None
+    dtype, path = common.weight_dtype(device), cfg.model_path or None
+    dit = common.add_lora(common.load_dit(cfg.model, path, dtype), cfg.train_base, cfg.lora_rank, cfg.lora_alpha,
+                          LORA_TARGETS[family])
+    vae = common.load_vae(cfg.model, path, dtype, device, tiling=ckpt is not None)
     width = dit.config.cap_feat_dim if family == "zimage" else dit.config.joint_attention_dim
     vlm = fixed = None
     if cfg.cond == "vlm":
-        vlm = VLMEncoder(None if tiny else cfg.vlm, cfg.vlm_prompt, cfg.vlm_max_pixels, dtype)
+        vlm = VLMEncoder(None if random_nets else cfg.vlm, cfg.vlm_prompt, cfg.vlm_max_pixels, dtype)
     elif ckpt:  # the fixed embedding is in the checkpoint
         from safetensors.torch import load_file
         fixed = load_file(os.path.join(ckpt, "cond.safetensors"))["embeds"]
     elif cfg.cond == "text":
-        fixed = (common.tiny_cond(dit, family) if tiny else
-                 common.prompt_cond(cfg.model, "", os.path.join(cfg.out_dir, "cache"), device, path))["embeds"].cpu()
-    cond = Condition(cfg.cond, width, vlm, fixed)
-    return dit.to(device), vae.to(device), cond.to(device)
+        fixed = common.fixed_prompt(cfg, dit, device, os.path.join(cfg.out_dir, "cache"))["embeds"].cpu()
+    return dit.to(device), vae, Condition(cfg.cond, width, vlm, fixed).to(device)
 
 
-# -----------------------------------------------------------------------------
-# discriminator: frozen CLIP ConvNeXt + trainable spectral-norm heads (Sec. 3.3)
+def latent_factor(vae, family):
+    """Pixels per latent cell: VAE downsampling (x2 for FLUX.2's patchified latents)."""
+    down = vae.config.patch if hasattr(vae.config, "patch") else 2 ** (len(vae.config.block_out_channels) - 1)
+    return down * (2 if family == "flux2" else 1)
 
 
+# ----------------------------------------------------------------------------- discriminator (Sec. 3.3)
 class Blur(nn.Module):
-    """BlurPool's low-pass: a [1, 2, 1] binomial filter per channel, stride 1 (the stride is in the
-    conv that follows: anti-aliased downsampling). # ours: kernel 3, zero padding"""
+    """BlurPool's low-pass: a [1, 2, 1] binomial filter per channel, stride 1 (the stride is in the conv that
+    follows: anti-aliased downsampling). # ours: kernel 3, zero padding"""
 
     def __init__(self, channels):
         super().__init__()
@@ -310,25 +287,26 @@ def head(channels, width):
 
 
 class Discriminator(nn.Module):
-    """C(x) in Eq. (7): features of the first three ConvNeXt stages and the pooled CLIP embedding of a
-    frozen CLIP image tower, each read by a trainable head; returns a list of logits (B, N_level)."""
+    """C(x) in Eq. (7): features of the first three ConvNeXt stages and the pooled CLIP embedding of a frozen CLIP
+    image tower, each read by a trainable head; returns a list of logits (B, N_level)."""
 
-    def __init__(self, tiny, width=512):
+    def __init__(self, random_net, width=512):
         super().__init__()
         import open_clip, timm
-        if tiny:  # the same timm ConvNeXt class and block structure, random weights
+        if random_net:  # the same timm ConvNeXt class and block structure, random weights
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                trunk = timm.create_model("convnext_xxlarge", pretrained=False, depths=(1, 1, 1, 1), dims=(16, 32, 64, 128), num_classes=0)
+                trunk = timm.create_model("convnext_xxlarge", pretrained=False, depths=(1, 1, 1, 1),
+                                          dims=(16, 32, 64, 128), num_classes=0)
                 proj = nn.Linear(128, 32, bias=False)
         else:  # paper: CLIP-ConvNeXt-XXLarge, LAION-2B (dims 384/768/1536/3072, embedding 1024)
             clip = open_clip.create_model("convnext_xxlarge", pretrained="laion2b_s34b_b82k_augreg_soup")
             trunk, proj = clip.visual.trunk, clip.visual.head.proj
         self.trunk, self.proj = trunk.requires_grad_(False).eval(), proj.requires_grad_(False).eval()
-        chans = [f["num_chs"] for f in trunk.feature_info[:3]]
-        self.heads = nn.ModuleList(head(c, width) for c in chans)
+        self.heads = nn.ModuleList(head(f["num_chs"], width) for f in trunk.feature_info[:3])
         sn = nn.utils.parametrizations.spectral_norm
-        self.pooled_head = nn.Sequential(sn(nn.Linear(proj.out_features, width)), nn.LeakyReLU(0.2), sn(nn.Linear(width, 1)))
+        self.pooled_head = nn.Sequential(sn(nn.Linear(proj.out_features, width)), nn.LeakyReLU(0.2),
+                                         sn(nn.Linear(width, 1)))
         self.register_buffer("mean", torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -338,8 +316,8 @@ class Discriminator(nn.Module):
         return self
 
     def features(self, x):
-        """Images in [0, 1] -> [stage 1, stage 2, stage 3 maps, pooled embedding]. The backbone is
-        frozen: it records a graph only when the gradient must reach the input (the generator)."""
+        """Images in [0, 1] -> [stage 1, stage 2, stage 3 maps, pooled embedding]. The backbone is frozen: it records
+        a graph only when the gradient must reach the input (the generator)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and x.requires_grad):
             h, feats = self.trunk.stem((x - self.mean) / self.std), []
             for i, stage in enumerate(self.trunk.stages):
@@ -358,13 +336,10 @@ class Discriminator(nn.Module):
         return [p for m in (self.heads, self.pooled_head) for p in m.parameters()]
 
 
-# -----------------------------------------------------------------------------
-# losses
-
-
+# ----------------------------------------------------------------------------- losses
 def ragan_loss(d_real, d_fake, generator=False):
-    """Eq. (7): relativistic average GAN, D_Ra(a, b) = C(a) - mean_batch C(b), per level, summed over
-    levels. D form pushes real above the average fake and fake below the average real; G form swaps."""
+    """Eq. (7): relativistic average GAN, D_Ra(a, b) = C(a) - mean_batch C(b), per level, summed over levels. The D
+    form pushes real above the average fake and fake below the average real; the G form swaps."""
     bce = F.binary_cross_entropy_with_logits
     loss = 0.0
     for r, f in zip(d_real, d_fake):
@@ -377,11 +352,11 @@ def ragan_loss(d_real, d_fake, generator=False):
     return loss
 
 
-def r1_approx(disc, x_real, d_real, noise_scale=0.005):
-    """Eq. (8): mean ||C(x) - C(x + n)||^2 summed over levels, n ~ U[-s, s] on [-1, 1] images (official
-    scale; paper: Gaussian). For small n this is (s^2 / 3) ||grad_x C||^2, the R1 penalty, without a
-    double backward. `d_real` = disc(x_real), passed in because the D step has it already."""
-    n = (torch.rand_like(x_real) * 2 - 1) * noise_scale / 2  # paper != code: paper Gaussian, official uniform; /2: [0, 1] images
+def r1_loss(disc, x_real, d_real, noise_scale=0.005):
+    """Eq. (8): mean ||C(x) - C(x + n)||^2 summed over levels, n ~ U[-s, s] on [-1, 1] images. For small n this is
+    (s^2 / 3) ||grad_x C||^2, the R1 penalty, without a double backward. `d_real` = disc(x_real), passed in because
+    the D step has it already."""
+    n = (torch.rand_like(x_real) * 2 - 1) * noise_scale / 2  # paper != code: paper Gaussian; /2: [0, 1] images
     d_noisy = disc(x_real + n)
     return sum(((r.float() - q.float()) ** 2).mean() for r, q in zip(d_real, d_noisy))
 
@@ -390,9 +365,8 @@ VGG19_RELU = (3, 8, 17, 26, 35)  # relu1_2, relu2_2, relu3_4, relu4_4, relu5_4 i
 
 
 class FDLFeatures(nn.Module):
-    """phi of Eq. (10): frozen VGG19 features (ImageNet weights; random offline) and, per layer, the
-    fixed random projections of the sliced Wasserstein distance (5x5 kernels over all channels,
-    each L2-normalised, drawn once)."""
+    """phi of Eq. (10): frozen VGG19 features (ImageNet weights; random offline) and, per layer, the fixed random
+    projections of the sliced Wasserstein distance (5x5 kernels over all channels, each L2-normalised, drawn once)."""
 
     def __init__(self, pretrained=True, projections=256, kernel=5):
         super().__init__()
@@ -436,175 +410,144 @@ def sliced_wasserstein(a, b, kernels):
 
 
 def fdl_loss(phi, x, y, phase_weight=1.0):
-    """Eq. (10): per VGG layer, the DFT of the features split into amplitude and phase; sliced
-    Wasserstein distance of each between x and y; summed over layers, mean over the batch."""
+    """Eq. (10): per VGG layer, the DFT of the features split into amplitude and phase; sliced Wasserstein distance of
+    each between x and y; summed over layers, mean over the batch."""
     loss = 0.0
     for i, (fx, fy) in enumerate(zip(phi(x), phi(y))):
-        Fx, Fy = torch.fft.fft2(fx.float()), torch.fft.fft2(fy.float())
-        k = getattr(phi, f"proj{i}")
-        loss = loss + sliced_wasserstein(Fx.abs(), Fy.abs(), k) + phase_weight * sliced_wasserstein(Fx.angle(), Fy.angle(), k)
+        Fx, Fy, k = torch.fft.fft2(fx.float()), torch.fft.fft2(fy.float()), getattr(phi, f"proj{i}")
+        loss = loss + sliced_wasserstein(Fx.abs(), Fy.abs(), k) + phase_weight * sliced_wasserstein(
+            Fx.angle(), Fy.angle(), k)  # Eq. (10)
     return loss.mean()
 
 
-def g_step(dit, vae, cond, disc, lpips, phi, family, x_lr, x_hr, cfg):
-    """Generator forward and Eq. (11). D's heads are frozen for this pass so it gives them no
-    gradient. Returns the loss, its terms, x_sr and the backbone features the D step reuses."""
+def strsr_losses(dit, vae, cond, disc, lpips, phi, family, x_lr, x_hr, cfg):
+    """One training step's terms: the generator's L_Gen (Eq. 11) and, on its detached output, the discriminator's
+    L_Dis (Eq. 9). Their gradients reach disjoint parameters: D's heads are frozen during the G pass, and the D pass
+    sees no graph of G. Since the backbone is frozen, the D pass reuses the G pass's backbone features. Returns
+    (L_Gen + L_Dis, the terms, x_sr)."""
     with torch.no_grad():
-        z_lr = common.encode(vae, family, common.upsample_lr(x_lr))   # Eq. (6)
+        z_lr = common.encode(vae, family, common.upsample_lr(x_lr))  # Eq. (6)
         feats_real = disc.features(x_hr)                              # frozen backbone, once per batch
-    c = cond(x_lr)                                                    # Eq. (5)
-    x0_hat = generate(dit, family, z_lr, c, cfg.t_star)
-    x_sr = common.decode(vae, family, x0_hat)
-    for p in disc.trainable():
+    z0_hat = generator(dit, family, z_lr, cond(x_lr), cfg.t_star)    # Eqs. (5), (6)
+    x_sr = common.decode(vae, family, z0_hat)
+    for p in disc.trainable():                                        # L_G reaches the generator only
         p.requires_grad_(False)
     feats_fake = disc.features(x_sr)
     d_real, d_fake = disc.logits(feats_real), disc.logits(feats_fake)
     for p in disc.trainable():
         p.requires_grad_(True)
-    terms = {"l1": F.l1_loss(x_sr.float() * 2 - 1, x_hr * 2 - 1),  # ours: on [-1, 1] images
-             "gan": ragan_loss(d_real, d_fake, generator=True)}     # Eq. (7), G form
+    terms = {"l1": F.l1_loss(x_sr.float() * 2 - 1, x_hr * 2 - 1),   # ours: on [-1, 1] images
+             "gan": ragan_loss(d_real, d_fake, generator=True)}      # Eq. (7), G form
     if cfg.w_lpips:  # VGG is most of a small model's step: skipped when its weight is 0
         terms["lpips"] = lpips(x_sr.float(), x_hr)
-    w_fdl = cfg.w_fdl if cfg.stage == 2 else 0.0
+    w_fdl = cfg.w_fdl if cfg.stage == "2" else 0.0
     if w_fdl:
-        terms["fdl"] = fdl_loss(phi, x_sr.float(), x_hr, cfg.fdl_phase)  # Eq. (10)
-    loss = cfg.w_l1 * terms["l1"] + cfg.w_lpips * terms.get("lpips", 0.0) + cfg.w_gan * terms["gan"] + w_fdl * terms.get("fdl", 0.0)  # Eq. (11)
-    return loss, terms, x_sr, feats_real, feats_fake
-
-
-def d_step(disc, x_hr, feats_real, feats_fake, cfg):
-    """Eq. (9) on the generator's detached output: no gradient can reach G. The frozen backbone's
-    features of this batch come from the G step; only the heads run again (and one backbone pass
-    on the noisy real images for R1)."""
+        terms["fdl"] = fdl_loss(phi, x_sr.float(), x_hr, cfg.fdl_phase)
+    loss_g = (cfg.w_l1 * terms["l1"] + cfg.w_lpips * terms.get("lpips", 0.0) + cfg.w_gan * terms["gan"]
+              + w_fdl * terms.get("fdl", 0.0))  # Eq. (11)
     d_real = disc.logits(feats_real)
-    d_fake = disc.logits([f.detach() for f in feats_fake])
-    terms = {"d_gan": ragan_loss(d_real, d_fake), "r1": r1_approx(disc, x_hr, d_real, cfg.r1_noise)}
-    return terms["d_gan"] + cfg.w_r1 * terms["r1"], terms
+    d_gan = ragan_loss(d_real, disc.logits([f.detach() for f in feats_fake]))  # Eq. (7), D form
+    r1 = r1_loss(disc, x_hr, d_real, cfg.r1_noise)                    # Eq. (8)
+    loss_d = d_gan + cfg.w_r1 * r1                                    # Eq. (9)
+    return loss_g + loss_d, {"loss": loss_g, **terms, "d": loss_d, "d_gan": d_gan, "r1": r1}, x_sr
 
 
-# -----------------------------------------------------------------------------
-# sampler
-
-
-def build_sampler(ckpt, device="cpu", steps=1, seed=0, tile=None, overlap=None):
-    """fn(x_lr (1, 3, h, w) in [0, 1]) -> (1, 3, 4h, 4w): bicubic x4, pad to 16, one step (tiled in
-    latent space for large inputs, the VLM condition computed once on the whole LR), crop back.
-    Deterministic: `seed` is unused (no noise enters StrSR's one step)."""
-    path, cfg = common.checkpoint_config(ckpt, Config)
-    device = torch.device(device)
+# ----------------------------------------------------------------------------- sampler
+def build_sampler(flags, device=None):
+    """fn(x_lr (1, 3, h, w) in [0, 1]) -> (1, 3, 4h, 4w) of the checkpoint flags.ckpt: bicubic x4, pad to 16, one step
+    (tiled in latent space for large inputs, the VLM condition computed once on the whole LR), crop back.
+    Deterministic: no noise enters StrSR's one step."""
+    path, cfg, device, _ = common.sampler_setup(flags, resolve, device)
     dit, vae, cond = build_generator(cfg, device, ckpt=path)
     common.load_checkpoint(path, {"dit": dit, "cond": cond}, restore_rng=False)
-    dit.eval()
-    cond.eval()
+    dit.eval(), cond.eval()
     family = common.PRESETS[cfg.model].family
     f = latent_factor(vae, family)
-    tile, overlap = tile or cfg.tile or 1024 // f, overlap or cfg.overlap or 64 // f
-    if common.PRESETS[cfg.model].hub is not None:
-        vae.enable_tiling()  # ours: the VAE tiles too (above 1024 px), so memory stays bounded
+    tile, overlap = cfg.tile or 1024 // f, cfg.overlap or 64 // f
 
     def sr(x_lr):
         def latent(z_lr):
             c = cond(x_lr.to(device).float())  # once, on the whole LR image
-            return common.tiled(lambda zt: generate(dit, family, zt, c, cfg.t_star, steps), z_lr, tile, overlap)
+            return common.tiled(lambda z: generator(dit, family, z, c, cfg.t_star, cfg.steps), z_lr, tile, overlap)
         return common.super_resolve(vae, family, x_lr, latent)
     sr.cond = cond  # for inspection (tests: the VLM runs once per image)
     return sr
 
 
-# -----------------------------------------------------------------------------
-# training
-
-
-def train(cfg):
-    from degrade import degrade, PRESETS as DEGRADE
-    ddp, rank, local_rank, world, device = common.compute_init(cfg.seed)
-    cfg = resolve(cfg)
-    log = common.Logger(cfg.out_dir, rank == 0)
-    log(json.dumps(dataclasses.asdict(cfg)))
-    family, tiny = common.PRESETS[cfg.model].family, common.PRESETS[cfg.model].hub is None
-
-    # 1. models: LoRA generator + condition MLP train; VLM, VAE, D backbone, VGG, LPIPS frozen
-    with torch.random.fork_rng(devices=[]):  # the same initial weights on every rank
-        torch.manual_seed(cfg.seed)
-        dit, vae, cond = build_generator(cfg, device)
-        disc = Discriminator(tiny, cfg.disc_width).to(device)
-        lpips = common.load_lpips(device, pretrained=not common.is_tiny(cfg.model)) if cfg.w_lpips else None
-        phi = FDLFeatures(not tiny, cfg.fdl_projections).to(device) if cfg.stage == 2 else None
-    if cfg.grad_ckpt and device.type == "cuda":
-        dit.enable_gradient_checkpointing()
-        vae.enable_gradient_checkpointing()
-        disc.trunk.set_grad_checkpointing(True)
-    if cfg.fsdp:
-        dit = common.shard_fsdp2(dit)
-    params_g = [p for p in dit.parameters() if p.requires_grad] + [p for p in cond.parameters() if p.requires_grad]
-    params_d = disc.trainable()
-
-    # 2. optimizers: AdamW with default betas, separate learning rates (Sec. 4.1)
-    opt_g = torch.optim.AdamW(params_g, lr=cfg.lr_g, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-    opt_d = torch.optim.AdamW(params_d, lr=cfg.lr_d, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-
-    # 3. resume this run, or continue a stage-1 run into stage 2, or start stage 2 from --init_ckpt
-    g = torch.Generator(device).manual_seed(cfg.seed * world + rank + 1)  # degradation draws
-    models, optims = {"dit": dit, "cond": cond, "disc": disc}, {"g": opt_g, "d": opt_d}
-    step = stage_start = 0
+# ----------------------------------------------------------------------------- training
+def resume(cfg, models, optimizers, g, log):
+    """(step, the step this stage started at): resume this run, continue a stage-1 run into stage 2 in the same
+    out_dir, or start stage 2 from --init_ckpt."""
     ckpt = common.latest_checkpoint(cfg.out_dir)
     if ckpt:
-        state = common.load_checkpoint(ckpt, models, optims, generators={"degrade": g})
-        prev = common.load_config(ckpt).get("stage", 1)
+        state = common.load_checkpoint(ckpt, models, optimizers, generators={"degrade": g})
+        prev = common.load_config(ckpt).get("stage", "1")
         if prev > cfg.stage:
             raise SystemExit(f"{ckpt} is a stage-{prev} checkpoint; --stage {cfg.stage} cannot resume it")
-        step = state["step"]
-        stage_start = state.get("stage_start", 0) if prev == cfg.stage else step
-        log(f"resumed {ckpt} at step {step}" + (" (stage 1 -> stage 2)" if prev != cfg.stage else ""))
-    elif cfg.init_ckpt:
+        log(f"resumed {ckpt} at step {state['step']}" + (" (stage 1 -> stage 2)" if prev != cfg.stage else ""))
+        return state["step"], state.get("stage_start", 0) if prev == cfg.stage else state["step"]
+    if cfg.init_ckpt:
         init = common.latest_checkpoint(cfg.init_ckpt)
         if init is None:
             raise SystemExit(f"--init_ckpt {cfg.init_ckpt!r}: no checkpoint there")
         common.load_checkpoint(init, models, restore_rng=False)
         log(f"initialised from {init}")
-    elif cfg.stage == 2:
+    elif cfg.stage == "2":
         raise SystemExit("--stage 2 starts from a stage-1 run: use its --out_dir, or --init_ckpt DIR")
-    end = stage_start + cfg.max_steps
+    return 0, 0
 
-    # 4. data: HR crops; LR made on the device by the degradation (Real-ESRGAN unless --degrade)
-    loader, accum = common.make_loader(cfg.data, cfg.crop, cfg.data_root, cfg.batch_size, cfg.micro_batch,
-                                       rank, world, cfg.seed, step, cfg.num_workers)
 
-    # 5. loop: G step (Eq. 11) then D step (Eq. 9) on each micro-batch; both optimizers step per step
+def train(cfg):
+    cfg = resolve(cfg)
+    rank, world, device, log = common.setup(cfg)
+    family, random_nets = common.PRESETS[cfg.model].family, common.PRESETS[cfg.model].hub is None
+
+    # 1. models: LoRA generator + condition MLP train; VLM, VAE, D backbone, VGG, LPIPS frozen
+    with torch.random.fork_rng(devices=[]):  # the same initial weights on every rank
+        torch.manual_seed(cfg.seed)
+        dit, vae, cond = build_generator(cfg, device)
+        disc = Discriminator(random_nets, cfg.disc_width).to(device)
+        lpips = common.load_lpips(device, pretrained=not common.is_tiny(cfg.model)) if cfg.w_lpips else None
+        phi = FDLFeatures(not random_nets, cfg.fdl_projections).to(device) if cfg.stage == "2" else None
+    common.checkpointing(cfg, device, dit, vae)
+    if cfg.grad_ckpt and device.type == "cuda":
+        disc.trunk.set_grad_checkpointing(True)
+    if cfg.fsdp:
+        dit = common.shard_fsdp2(dit)
+
+    # 2. optimizers: AdamW with the default betas, separate learning rates (Sec. 4.1)
+    opts = {"g": torch.optim.AdamW(common.trainable(dit, cond), lr=cfg.lr, weight_decay=cfg.weight_decay),
+            "d": torch.optim.AdamW(disc.trainable(), lr=cfg.lr_d, weight_decay=cfg.weight_decay)}
+
+    # 3. resume, or continue stage 1 into stage 2
+    g = torch.Generator(device).manual_seed(cfg.seed * world + rank + 1)  # degradation draws
+    models = {"dit": dit, "cond": cond, "disc": disc}
+    step, first = resume(cfg, models, opts, g, log)
+
+    # 4. data: HR crops; the LR made on the device by the degradation (Real-ESRGAN unless --degrade)
+    loader, accum = common.make_loader(common.ImageDataset(cfg.data, cfg.crop, cfg.data_root), cfg, rank, world,
+                                       step)
+
+    # 5. loop: per micro-batch the G step (Eq. 11) then the D step (Eq. 9); both optimizers step per step
+    def micro_step(x, scale):
+        x_lr, x_hr = degrade(x.to(device), 4, DEGRADE[cfg.degrade], generator=g)
+        with common.autocast(device):
+            loss, terms, x_sr = strsr_losses(dit, vae, cond, disc, lpips, phi, family, x_lr, x_hr, cfg)
+        (loss * scale).backward()
+        return terms, lambda: (x_lr, x_sr, x_hr)
+
     dit.train(), cond.train(), disc.train()
-    log.start()
-    while step < end:
-        sums = {}
-        for _ in range(accum):
-            x_lr, x_hr = degrade(next(loader).to(device), 4, DEGRADE[cfg.degrade], generator=g)
-            with common.autocast(device):
-                loss_g, terms, x_sr, feats_real, feats_fake = g_step(dit, vae, cond, disc, lpips, phi, family, x_lr, x_hr, cfg)
-            (loss_g / accum).backward()
-            with common.autocast(device):
-                loss_d, terms_d = d_step(disc, x_hr, feats_real, feats_fake, cfg)
-            (loss_d / accum).backward()
-            for k, v in {"loss": loss_g, **terms, "d": loss_d, **terms_d}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
-        common.set_lr([opt_g, opt_d], step + 1 - stage_start, cfg.max_steps, cfg.lr_decay)
-        common.optimizer_step([params_g, params_d], [opt_g, opt_d], cfg.grad_clip)
-        step += 1
-        log.step(step, end, sums, device, cfg.log_every)
-        if rank == 0 and (step % cfg.grid_every == 0 or step == end):
-            common.save_grid(os.path.join(cfg.out_dir, "grids", f"step-{step:07d}.png"), x_lr, x_sr.detach(), x_hr)
-        if step % cfg.save_every == 0 or step == end:
-            common.save_checkpoint(cfg.out_dir, step, cfg, models, optims, extra={"stage_start": stage_start},
-                                   generators={"degrade": g})
+    common.train_loop(cfg, log, loader, accum, micro_step, models, opts, step, first + cfg.max_steps, first,
+                      extra=lambda: {"stage_start": first}, generators={"degrade": g})
     if rank == 0 and cfg.eval_heldout:
-        common.heldout_eval("strsr", cfg.out_dir, cfg.degrade)
-    if ddp:
-        torch.distributed.destroy_process_group()
+        import eval
+        eval.heldout("strsr", build_sampler, cfg.out_dir, cfg.degrade)
 
 
 if __name__ == "__main__":
     cfg = common.parse_config(Config)
     if cfg.sample:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        sr = build_sampler(cfg.ckpt or cfg.out_dir, device, cfg.steps, cfg.seed, cfg.tile or None, cfg.overlap or None)
-        common.sample_files(sr, cfg.input, cfg.output)
+        common.sample_files(build_sampler(cfg), cfg.input, cfg.output)
     else:
         train(cfg)
+    common.cleanup()

@@ -1,5 +1,9 @@
+import os, sys
+
 import pytest
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: import common, ...
 
 
 @pytest.fixture(autouse=True, scope="session")

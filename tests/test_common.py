@@ -148,7 +148,7 @@ def test_tiny_weights_are_deterministic():
 
 def test_lora_roundtrip_in_diffusers_format(tmp_path):
     from safetensors.torch import load_file, save_file
-    dit = C.add_lora(C.load_dit("tiny-flux1"), 4, 4, ["to_q", "to_k"])
+    dit = C.add_lora(C.load_dit("tiny-flux1"), "lora", 4, 4, ["to_q", "to_k"])
     for n, p in dit.named_parameters():
         if "lora_B" in n:
             p.data.normal_()
@@ -156,20 +156,20 @@ def test_lora_roundtrip_in_diffusers_format(tmp_path):
     assert sd and all(k.startswith("transformer.") and "lora_" in k for k in sd)
     assert all(v.dtype == torch.float32 for v in sd.values())
     save_file(sd, tmp_path / "l.safetensors")
-    fresh = C.add_lora(C.load_dit("tiny-flux1"), 4, 4, ["to_q", "to_k"])
+    fresh = C.add_lora(C.load_dit("tiny-flux1"), "lora", 4, 4, ["to_q", "to_k"])
     C.load_lora_state(fresh, load_file(tmp_path / "l.safetensors"))
     assert all(torch.equal(a, b) for a, b in zip(C.lora_state(fresh).values(), sd.values()))
 
 
-def test_lora_rank_0_is_full_fine_tuning_and_checkpoints_the_whole_dit(tmp_path):
-    dit = C.add_lora(C.load_dit("tiny-flux1"), 0, 0, ["to_q"])
+def test_train_base_full_is_full_fine_tuning_and_checkpoints_the_whole_dit(tmp_path):
+    dit = C.add_lora(C.load_dit("tiny-flux1"), "full", 0, 0, ["to_q"])
     assert not getattr(dit, "peft_config", None)
     assert all(p.requires_grad and p.dtype == torch.float32 for p in dit.parameters())
     for p in dit.parameters():
         p.data.add_(0.01)  # a "trained" DiT differs from the base everywhere
     ck = C.save_checkpoint(str(tmp_path), 1, {}, {"dit": dit}, {})
     assert not os.path.exists(os.path.join(ck, "pytorch_lora_weights.safetensors"))
-    fresh = C.add_lora(C.load_dit("tiny-flux1"), 0, 0, ["to_q"])
+    fresh = C.add_lora(C.load_dit("tiny-flux1"), "full", 0, 0, ["to_q"])
     C.load_checkpoint(ck, {"dit": fresh})
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), dit.state_dict().values()))
 
@@ -264,9 +264,9 @@ def _final(d):
 
 def test_exact_resume(tmp_path):
     toy = os.path.join(ROOT, "tests", "toy_train.py")
-    run([sys.executable, toy, "--out_dir", str(tmp_path / "a"), "--max_steps", "4", "--noise"])
-    run([sys.executable, toy, "--out_dir", str(tmp_path / "b"), "--max_steps", "2", "--noise"])
-    run([sys.executable, toy, "--out_dir", str(tmp_path / "b"), "--max_steps", "4", "--noise"])
+    run([sys.executable, toy, "--out_dir", str(tmp_path / "a"), "--max_steps", "4", "--noise", "true"])
+    run([sys.executable, toy, "--out_dir", str(tmp_path / "b"), "--max_steps", "2", "--noise", "true"])
+    run([sys.executable, toy, "--out_dir", str(tmp_path / "b"), "--max_steps", "4", "--noise", "true"])
     a, b = _final(tmp_path / "a"), _final(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -339,17 +339,14 @@ def test_pad_to_multiple_and_crop_back():
 
 
 def test_parse_config_flags_are_field_names():
-    import dataclasses
-
-    @dataclasses.dataclass
-    class Cfg:
-        lr_g: float = 5e-6
-        model: str = "zimage"
-        sample: bool = False
-        steps: int = 1
-    c = C.parse_config(Cfg, ["--lr_g", "1e-5", "--sample", "--steps", "4"])
-    assert c == Cfg(lr_g=1e-5, model="zimage", sample=True, steps=4)
-    assert C.parse_config(Cfg, ["--sample", "false"]).sample is False
+    import teasr
+    c = C.parse_config(teasr.Config, ["--lr", "1e-5", "--sample", "--steps", "4", "--model", "zimage"])
+    assert c == teasr.Config(lr=1e-5, model="zimage", sample=True, steps=4)
+    assert C.parse_config(teasr.Config, ["--sample", "false"]).sample is False
+    with pytest.raises(SystemExit):
+        C.parse_config(teasr.Config, ["--no_such_flag", "1"])
+    with pytest.raises(SystemExit, match="does not support it: the paper trains the 20B base on one GPU"):
+        C.parse_config(teasr.Config, ["--fsdp", "true"])
 
 
 def test_resolve_preset():

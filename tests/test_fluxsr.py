@@ -1,5 +1,5 @@
-"""fluxsr.py: the FTD algebra (Eqs. 13-18), TV-LPIPS, ADL and its hooks, the teacher sampler and
-its resumable pair writer, exact resume, and a tiny torchrun make_pairs -> train -> sample run."""
+"""fluxsr.py: the FTD algebra (Eqs. 13-18), TV-LPIPS, ADL and its hooks, the teacher sampler and its resumable pair
+writer, and pairs that do not depend on the number of ranks (torchrun)."""
 import dataclasses, glob, math, os, shutil, sys
 
 import numpy as np
@@ -111,7 +111,7 @@ def test_adl_identical_tokens_one_orthogonal_near_zero_and_brute_force():
 
 def _hooked_step(grad_ckpt):
     torch.manual_seed(0)
-    dit = C.add_lora(C.load_dit("tiny-flux1"), 4, 4, M.LORA_TARGETS)
+    dit = C.add_lora(C.load_dit("tiny-flux1"), "lora", 4, 4, M.LORA_TARGETS)
     for n, p in dit.named_parameters():
         if "lora_B" in n:
             p.data.normal_(generator=torch.Generator().manual_seed(7))
@@ -157,8 +157,8 @@ def test_flux_sigmas_match_diffusers_flux_schedule():
         torch.testing.assert_close(M.flux_sigmas(steps, n), sch.sigmas.float(), atol=1e-6, rtol=1e-6)
 
 
-def _pairs_cfg(data, n=4):
-    return M.Config(model="tiny", data=str(data), make_pairs=n)
+def _pairs_cfg(data, n=4, **kw):
+    return C.configure(M.Config, model="tiny", data=str(data), make_pairs=n, **kw)
 
 
 def _read_pairs(folder):
@@ -214,7 +214,7 @@ def test_make_pairs_resumes_after_kill_without_duplicates(tmp_path, monkeypatch,
     for k in a:
         assert all(torch.equal(a[k][n], b[k][n]) for n in ("eps", "z_0", "x_0"))
     with pytest.raises(SystemExit, match="other settings"):  # no mixing of teachers in one folder
-        M.make_pairs(M.Config(model="tiny", data=str(tmp_path), make_pairs=4, guidance=2.0))
+        M.make_pairs(_pairs_cfg(tmp_path, guidance=2.0))
 
 
 def test_batched_teacher_calls_write_the_same_pairs(tmp_path, clean_pairs):
@@ -244,49 +244,9 @@ def test_aligned_crops_of_pairs(clean_pairs):
         assert torch.equal(full[1][:, i // 8:i // 8 + 4, j // 8:j // 8 + 4], z_0)
 
 
-# --------------------------------------------------------------------------- training
-def _lora(out):
-    return load_file(sorted(glob.glob(os.path.join(out, "ckpt-*")))[-1] + "/pytorch_lora_weights.safetensors")
-
-
-def test_exact_resume(tmp_path, clean_pairs):
-    kw = dict(model="tiny", data=str(clean_pairs), batch_size=1, num_workers=0, save_every=1, log_every=1)
-    M.train(M.Config(out_dir=str(tmp_path / "a"), max_steps=2, **kw))
-    M.train(M.Config(out_dir=str(tmp_path / "b"), max_steps=1, **kw))
-    M.train(M.Config(out_dir=str(tmp_path / "b"), max_steps=2, **kw))
-    a, b = _lora(tmp_path / "a"), _lora(tmp_path / "b")
-    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)  # it trained
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_lr_decay_follows_the_cosine_and_resumes_exactly(tmp_path, clean_pairs):
-    """--lr_decay 1: the lr of step s is lr (1 + cos(pi s / N)) / 2, so half of it at step 2 of 4 and
-    0 at the end; a run resumed after step 2 lands on the same weights (the schedule is a function of
-    the step, its base lr saved with the optimizer)."""
-    import shutil
-    kw = dict(model="tiny", data=str(clean_pairs), batch_size=1, num_workers=0, save_every=2, log_every=1,
-              lr=1e-3, lr_decay=1.0, max_steps=4)
-    M.train(M.Config(out_dir=str(tmp_path / "a"), **kw))
-    group = lambda s: torch.load(tmp_path / "a" / f"ckpt-{s:07d}" / "state.pt", weights_only=True)["optimizers"]["opt"]["param_groups"][0]
-    assert group(2)["lr"] == pytest.approx(5e-4) and group(4)["lr"] == pytest.approx(0, abs=1e-12)
-    assert group(4)["initial_lr"] == 1e-3
-    shutil.copytree(tmp_path / "a" / "ckpt-0000002", tmp_path / "b" / "ckpt-0000002")
-    M.train(M.Config(out_dir=str(tmp_path / "b"), **kw))  # steps 3 (lr 0.15e-3) and 4
-    a, b = _lora(tmp_path / "a"), _lora(tmp_path / "b")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_tiny_torchrun_make_pairs_train_then_sample(tmp_path, clean_pairs):
-    tr = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "fluxsr.py", "--model", "tiny"]
-    run(tr + ["--make_pairs", "4", "--data", str(tmp_path / "pairs")])
-    a, b = _read_pairs(tmp_path / "pairs"), _read_pairs(clean_pairs)  # pair i does not depend on world size
-    assert a.keys() == b.keys() and all(torch.equal(a[k]["z_0"], b[k]["z_0"]) for k in a)
-    out = tmp_path / "out"
-    r = run(tr + ["--data", str(tmp_path / "pairs"), "--out_dir", str(out), "--max_steps", "2", "--batch_size", "2",
-                  "--num_workers", "0", "--log_every", "1"])
-    assert "step 2/2" in r.stdout and os.path.exists(out / "grids" / "step-2.png")
-    C.save_image(torch.rand(3, 20, 28), str(tmp_path / "lr" / "x.png"))  # 80x112 px: 10x14 latents, tiles of 8
-    run([sys.executable, "fluxsr.py", "--sample", "--ckpt", str(out), "--input", str(tmp_path / "lr"),
-         "--output", str(tmp_path / "sr")])
-    y = C.load_image(str(tmp_path / "sr" / "x.png"))
-    assert y.shape == (3, 80, 112)
+def test_torchrun_writes_the_same_pairs(tmp_path, clean_pairs):
+    """Pair i on rank i % 2 is the pair one process writes: it depends on its index only."""
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "fluxsr.py", "--model",
+         "tiny", "--make_pairs", "4", "--data", str(tmp_path / "pairs")])
+    a, b = _read_pairs(tmp_path / "pairs"), _read_pairs(clean_pairs)
+    assert a.keys() == b.keys() and len(a) == 4 and all(torch.equal(a[k]["z_0"], b[k]["z_0"]) for k in a)

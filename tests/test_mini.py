@@ -15,7 +15,7 @@ def test_pca_init_is_the_truncated_svd():
     """Eckart-Young: with the residual branch at zero, the PCA-initialised autoencoder's squared error on
     its own patches equals the energy of the discarded singular values."""
     torch.manual_seed(0)
-    vae = C.PatchVAE(latent_channels=5, patch=4)
+    vae = C.mini_vae_class()(latent_channels=5, patch=4)
     x = torch.randn(3, 3, 16, 16) * torch.linspace(0.1, 2, 16)  # patches of unequal energy
     C.pca_init(vae, x)
     with torch.no_grad():
@@ -26,7 +26,7 @@ def test_pca_init_is_the_truncated_svd():
 
 
 def test_patch_vae_frame_dim_and_residual_starts_at_zero():
-    vae = C.PatchVAE(latent_channels=4)
+    vae = C.mini_vae_class()(latent_channels=4)
     x = torch.rand(2, 3, 1, 16, 24) * 2 - 1  # Qwen's video VAE call: (B, C, T=1, H, W)
     z = vae.encode(x).latent_dist.mode()
     assert z.shape == (2, 4, 1, 2, 3)
@@ -39,7 +39,7 @@ def test_latent_stats_normalise_in_the_family_convention(preset):
     """After set_latent_stats, common.encode gives zero-mean unit-variance latents: globally (FLUX.1 shift/
     scale), per channel (Qwen latents_mean/std), per patchified channel (FLUX.2 BatchNorm stats)."""
     fam = C.PRESETS[preset].family
-    vae = C.PatchVAE(**C.PRESETS[preset].vae).eval()
+    vae = C.mini_vae_class()(**C.PRESETS[preset].vae).eval()
     x = torch.rand(8, 3, 64, 64) * torch.rand(8, 3, 1, 1)
     C.pca_init(vae, x * 2 - 1)
     with torch.no_grad():
@@ -64,9 +64,10 @@ def test_pretrain_writes_a_base_that_loads_and_is_reused(tmp_path, monkeypatch):
     monkeypatch.setattr(C, "MINI_DIR", str(tmp_path))
     monkeypatch.setattr(C, "pretrain", lambda *a, **k: pytest.fail("the cached base was not reused"))
     with pytest.warns(UserWarning, match="pretrained 3 DiT steps; mini-flux2 is now 1000"):  # a stale base is said
-        dit, vae = C.load_dit("mini-flux2"), C.load_vae("mini-flux2")
+        C.prepare_base("mini-flux2")
+    dit, vae = C.load_dit("mini-flux2"), C.load_vae("mini-flux2")
     assert C.PRESETS["mini-flux1"].dit_steps == 8000  # FluxSR's base (README, mini)
-    assert isinstance(vae, C.PatchVAE) and vae.bn.running_var.mean() != 1  # the stored latent statistics
+    assert isinstance(vae, C.mini_vae_class()) and vae.bn.running_var.mean() != 1  # the stored latent statistics
     from safetensors.torch import load_file
     saved = load_file(str(tmp_path / "mini-flux2" / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(saved[k], v) for k, v in dit.state_dict().items())
@@ -75,28 +76,33 @@ def test_pretrain_writes_a_base_that_loads_and_is_reused(tmp_path, monkeypatch):
     assert v.shape == z.shape and torch.isfinite(v).all()
 
 
-def test_mini_model_flag_and_defaults():
+def test_loading_never_trains(tmp_path, monkeypatch):
+    """A mini preset without its base is a clear error from the loader; pretraining is prepare_base's, announced."""
+    monkeypatch.setattr(C, "MINI_DIR", str(tmp_path))
+    monkeypatch.setattr(C, "pretrain", lambda *a, **k: pytest.fail("a loader pretrained"))
+    with pytest.raises(SystemExit, match="python common.py pretrain --model mini-sd3"):
+        C.load_dit("mini-sd3")
+
+
+def test_mini_presets_per_method_and_stage():
     import smfsr, strsr, teasr
     assert C.resolve_preset("mini", "sd35-medium") == "mini-sd3"
-    teacher, isc = smfsr.Config(model="mini", stage="teacher"), smfsr.Config(model="mini", stage="isc", max_steps=50)
-    smfsr.resolve(teacher), smfsr.resolve(isc)
-    assert (teacher.max_steps, teacher.lr) == (1000, 3e-3) and (isc.max_steps, isc.lr) == (50, smfsr.MINI["lr"])
-    assert teacher.base_rank == isc.base_rank == 0 and smfsr.Config().base_rank == -1  # the mini's base trains
-    gan = smfsr.Config(model="mini", stage="gan")
-    smfsr.resolve(gan)  # stage 2 of the mini: MSE and a tenth of L_ISC; the paper's weights untouched
+    cfg = lambda mod, **kw: mod.resolve(C.configure(mod.Config, model="mini", **kw))
+    teacher, isc = cfg(smfsr, stage="teacher"), cfg(smfsr, stage="isc", max_steps=50)
+    assert (teacher.max_steps, teacher.lr) == (1000, 3e-3) and (isc.max_steps, isc.lr) == (50, 3e-4)
+    assert teacher.train_base == isc.train_base == "full" and smfsr.Config().train_base == "none"  # the mini trains it
+    gan = cfg(smfsr, stage="gan")  # stage 2 of the mini: MSE and a tenth of L_ISC; the paper's weights untouched
     assert (gan.max_steps, gan.w_isc, gan.w_vsd, gan.w_gan, gan.w_lpips, gan.w_rec) == (600, 0.1, 0, 0, 0, 1.0)
-    assert (smfsr.Config().w_vsd, smfsr.Config().w_gan, smfsr.Config().w_lpips) == (1.0, 0.5, 1.0)
-    cfg = teasr.Config(model="mini", lr=2e-3)
-    assert teasr.resolve(cfg) == "mini-qwen"
-    assert cfg.lr == 2e-3 and cfg.max_steps == teasr.MINI["max_steps"] and cfg.eval_heldout  # given flag kept
-    assert cfg.train_noise and (cfg.tile, cfg.crop) == (16, 128) and not teasr.Config().train_noise  # paper: frozen
-    assert cfg.lr_decay == 0.5 and teasr.Config().lr_decay == 0  # the mini's lr decays; the paper's is constant
-    cfg = strsr.resolve(strsr.Config(model="mini"))
-    assert cfg.model == "mini-flux2" and cfg.crop == strsr.MINI["crop"] and cfg.lr_g == strsr.MINI["lr_g"]
-    assert cfg.degrade == "bicubic" and cfg.lora_rank == 0  # the classical LR, full fine-tuning
-    assert strsr.Config().degrade == "realesrgan"  # the papers' runs are untouched
+    assert (isc.w_isc, smfsr.Config().w_vsd, smfsr.Config().w_gan, smfsr.Config().w_lpips) == (1.0, 1.0, 0.5, 1.0)
+    t = cfg(teasr, lr=2e-3)
+    assert t.model == "mini-qwen" and t.lr == 2e-3 and t.max_steps == teasr.MINI["max_steps"] and t.eval_heldout
+    assert t.train_base == "full" and (t.tile, t.crop) == (16, 128) and teasr.Config().train_base == "none"
+    assert t.lr_decay == 0.5 and teasr.Config().lr_decay == 0  # the mini's lr decays; the paper's is constant
+    s = cfg(strsr)
+    assert s.model == "mini-flux2" and s.crop == strsr.MINI["crop"] and s.lr == strsr.MINI["lr"]
+    assert s.degrade == "bicubic" and s.train_base == "full" and strsr.Config().degrade == "realesrgan"
     with pytest.raises(SystemExit, match="--degrade 'jpeg'"):
-        strsr.resolve(strsr.Config(model="mini", degrade="jpeg"))
+        cfg(strsr, degrade="jpeg")
     assert not C.is_tiny("mini-flux2") and C.is_tiny("tiny-flux2") and not C.is_tiny("flux2-klein")
     with pytest.raises(SystemExit, match="mini presets"):
         C.pretrain("tiny-flux2")

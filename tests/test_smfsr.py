@@ -1,8 +1,7 @@
-"""smfsr.py: Algorithm 1 on flows whose average velocity is known in closed form, the stop-gradient of
-the splitting target, the wrapped SD3 (exactly the base at init, the LR tokens in one joint softmax),
-the sampler (Eq. 14), VSD (Eqs. 15-16), the hinge GAN (Eqs. 17-18), exact resume of stage 2, and a
-tiny teacher (torchrun) -> isc -> gan run as subprocesses, then --sample with 1 and 4 steps."""
-import glob, os, runpy, sys
+"""smfsr.py: Algorithm 1 on flows whose average velocity is known in closed form, the stop-gradient of the splitting
+target, the wrapped SD3 (exactly the base at init, the LR tokens in one joint softmax), the sampler (Eq. 14), VSD
+(Eqs. 15-16), the hinge GAN (Eqs. 17-18), captions, the stages' hand-over (--train_base lora), the sampler's seeds."""
+import glob, os
 
 import pytest
 import torch
@@ -11,8 +10,7 @@ from safetensors.torch import load_file
 
 import common as C
 import smfsr as M
-
-from helpers import ROOT, run
+from common import bc
 
 
 
@@ -23,7 +21,6 @@ from helpers import ROOT, run
 # sigma = 0 is a point mass: straight lines, u = v = (z_t - a)/t for every r.
 def flow(a, sigma):
     s = lambda tau: ((1 - tau) ** 2 * sigma ** 2 + tau ** 2).sqrt()
-    bc = M._bc
 
     def v(z, t):  # dz/dt along the trajectory
         return (z - a) * bc((t - (1 - t) * sigma ** 2) / s(t) ** 2)
@@ -56,7 +53,7 @@ def test_isc_and_boundary_are_zero_on_the_true_average_velocity(sigma):
         assert M.isc_loss(lambda z, r_, t_: v(z, t_), z_t, r, t, lam).item() > 1e-4
     z_hr = a + sigma * torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64)
     eps = torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64)  # Eq. 3 with the exact conditional velocity
-    oracle = lambda z, r_, t_: (z - z_hr) / M._bc(t_)
+    oracle = lambda z, r_, t_: (z - z_hr) / bc(t_)
     assert M.fm_loss(oracle, z_hr, eps, t).item() < 1e-28
 
 
@@ -64,7 +61,7 @@ def test_splitting_target_gets_no_gradient():
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(4, 4, 3, padding=1)
     w = torch.nn.Parameter(torch.tensor([0.3, -0.7]))
-    u = lambda z, r, t: conv(z) * (1 + w[0] * M._bc(r) + w[1] * M._bc(t))
+    u = lambda z, r, t: conv(z) * (1 + w[0] * bc(r) + w[1] * bc(t))
     params = list(conv.parameters()) + [w]
     z_t = torch.randn(3, 4, 5, 5)
     r, t, lam = (x.float() for x in times(3, torch.Generator().manual_seed(1)))
@@ -75,11 +72,11 @@ def test_splitting_target_gets_no_gradient():
     s = (1 - lam) * t + lam * r  # an independent target, built outside the graph
     with torch.no_grad():
         u2 = u(z_t, s, t)
-        target = (1 - M._bc(lam)) * u(z_t - M._bc(t - s) * u2, r, s) + M._bc(lam) * u2
+        target = (1 - bc(lam)) * u(z_t - bc(t - s) * u2, r, s) + bc(lam) * u2
     want = grads(F.mse_loss(u(z_t, r, t), target))
     assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(got, want))
     u2 = u(z_t, s, t)  # the same target with its graph kept: gradients differ, so the test can tell
-    live = (1 - M._bc(lam)) * u(z_t - M._bc(t - s) * u2, r, s) + M._bc(lam) * u2
+    live = (1 - bc(lam)) * u(z_t - bc(t - s) * u2, r, s) + bc(lam) * u2
     assert not all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, grads(F.mse_loss(u(z_t, r, t), live))))
 
 
@@ -91,11 +88,11 @@ def test_sampler_lands_on_the_flow_endpoint_in_1_2_4_jumps(sigma):
     eps, z_lr = (torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64) for _ in range(2))
     one = torch.ones((), dtype=torch.float64)
     for steps in (1, 2, 4):
-        torch.testing.assert_close(M.generate(u, eps, steps), a + (eps - a) * s(0 * one) / s(one))  # Eq. 14
+        torch.testing.assert_close(M.sample(u, eps, steps), a + (eps - a) * s(0 * one) / s(one))  # Eq. 14
         z0 = (1 - 0.7) * z_lr + 0.7 * eps  # --start lr: Eq. 1 with z_lr at t0 = 0.7, then the same flow
-        torch.testing.assert_close(M.generate(u, eps, steps, z_lr, 0.7), a + (z0 - a) * s(0 * one) / s(0.7 * one))
+        torch.testing.assert_close(M.sample(u, eps, steps, z_lr, 0.7), a + (z0 - a) * s(0 * one) / s(0.7 * one))
     calls = []
-    M.generate(lambda z, r, t: calls.append((r[0].item(), t[0].item())) or z, eps, 4)  # u(z, r, t): r < t
+    M.sample(lambda z, r, t: calls.append((r[0].item(), t[0].item())) or z, eps, 4)  # u(z, r, t): r < t
     assert calls == [(0.75, 1.0), (0.5, 0.75), (0.25, 0.5), (0.0, 0.25)]
 
 
@@ -204,13 +201,13 @@ def test_vsd_gradient_is_zero_when_the_fake_score_is_the_teacher():
     with torch.no_grad():
         for b in teacher.lr:
             b.gate.fill_(0.5)
-    C.add_lora(dit, 4, 4, M.FAKE_LORA_TARGETS)  # peft's B = 0: the fake score starts as the teacher
+    C.add_lora(dit, "lora", 4, 4, M.FAKE_LORA_TARGETS)  # peft's B = 0: the fake score starts as the teacher
     dit.disable_adapters()
     cond, g = C.expand_cond(C.tiny_cond(dit, "sd3"), 2), torch.Generator().manual_seed(5)
     z_hat = torch.randn(2, 16, 8, 8, generator=g, requires_grad=True)
     z_lr, eps = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, 8, 8, generator=g)
     t = torch.tensor([0.3, 0.7])
-    z_hat_t = (1 - M._bc(t)) * z_hat.detach() + M._bc(t) * eps
+    z_hat_t = (1 - bc(t)) * z_hat.detach() + bc(t) * eps
     v_real = teacher(dit, z_hat_t, t, t, z_lr, cond).detach()
     with M.fake_score(dit):
         v_fake = teacher(dit, z_hat_t, t, t, z_lr, cond)
@@ -232,11 +229,11 @@ def test_vsd_gradient_value_and_direction():
     g = torch.Generator().manual_seed(6)
     z_hat, x_star, eps = (torch.randn(2, 4, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
     t = torch.tensor([0.2, 0.8], dtype=torch.float64)
-    z_t = (1 - M._bc(t)) * z_hat + M._bc(t) * eps
-    v_real, v_fake = (z_t - x_star) / M._bc(t), (z_t - z_hat) / M._bc(t)  # teacher's x0 = x_star, fake's x0 = z_hat
+    z_t = (1 - bc(t)) * z_hat + bc(t) * eps
+    v_real, v_fake = (z_t - x_star) / bc(t), (z_t - z_hat) / bc(t)  # teacher's x0 = x_star, fake's x0 = z_hat
     z = z_hat.clone().requires_grad_(True)
     grad, = torch.autograd.grad(M.vsd_loss(z, z_t, t, v_real, v_fake), z)
-    w = M._bc(t) / (z_hat - x_star).abs().mean(dim=(1, 2, 3), keepdim=True)  # independent: x0_phi = x_star
+    w = bc(t) / (z_hat - x_star).abs().mean(dim=(1, 2, 3), keepdim=True)  # independent: x0_phi = x_star
     torch.testing.assert_close(grad, w * (v_real - v_fake) / z_hat.numel())  # Eq. 15
     after = z_hat - 1e-2 * z_hat.numel() * grad
     assert ((after - x_star).flatten(1).norm(dim=1) < (z_hat - x_star).flatten(1).norm(dim=1)).all()
@@ -274,10 +271,10 @@ def _state(out, name):
 def test_captions_follow_the_loaders_images(tmp_path):
     names = C.SAMPLE_PHOTOS
     (tmp_path / "cap.tsv").write_text("".join(f"{n}\tcaption {n}\n" for n in names[::2]))  # every other photo
-    cfg = M.Config(model="tiny", captions=str(tmp_path / "cap.tsv"), batch_size=4, micro_batch=2, crop=32, p_drop=0.0)
-    M.resolve(cfg)
-    loader, _ = C.make_loader("sample", 32, "data", 4, 2, 0, 1, cfg.seed, 3, 0)  # resumed at step 3
-    caps = M.Captions(cfg, "tiny-sd3", C.load_dit("tiny-sd3"), torch.device("cpu"), 0, 1, 3)
+    cfg = M.resolve(C.configure(M.Config, model="tiny", captions=str(tmp_path / "cap.tsv"), batch_size=4,
+                                micro_batch=2, crop=32, p_drop=0.0, num_workers=0))
+    loader, _ = C.make_loader(C.ImageDataset("sample", 32), cfg, 0, 1, 3)  # resumed at step 3
+    caps = M.Captions(cfg, C.load_dit("tiny-sd3"), torch.device("cpu"), 0, 1, 3)
     keys, ds = iter(C.StepSampler(len(names), 4, 0, 1, cfg.seed, 3)), C.ImageDataset("sample", 32)
     for _ in range(4):
         k = [next(keys) for _ in range(2)]
@@ -291,31 +288,16 @@ def isc_ckpt(tmp_path_factory):
     """A tiny teacher -> isc chain, in-process (2 steps each)."""
     d = tmp_path_factory.mktemp("chain")
     kw = dict(model="tiny", max_steps=2, num_workers=0)
-    M.train(M.Config(stage="teacher", out_dir=str(d / "teacher"), **kw))
-    M.train(M.Config(stage="isc", out_dir=str(d / "isc"), init_ckpt=str(d / "teacher"), **kw))
+    M.train(C.configure(M.Config, stage="teacher", out_dir=str(d / "teacher"), **kw))
+    M.train(C.configure(M.Config, stage="isc", out_dir=str(d / "isc"), init_ckpt=str(d / "teacher"), **kw))
     return d / "isc"
-
-
-def test_exact_resume_of_the_gan_stage(tmp_path, isc_ckpt):
-    """Stage 2 holds the most state: student, fake-score LoRA, D heads (spectral-norm vectors), 3 optimizers."""
-    kw = dict(model="tiny", stage="gan", init_ckpt=str(isc_ckpt), num_workers=0, save_every=1, log_every=1)
-    M.train(M.Config(out_dir=str(tmp_path / "a"), max_steps=2, **kw))
-    M.train(M.Config(out_dir=str(tmp_path / "b"), max_steps=1, **kw))
-    M.train(M.Config(out_dir=str(tmp_path / "b"), max_steps=2, **kw))
-    for name in ("student", "disc"):
-        a, b = _state(tmp_path / "a", name), _state(tmp_path / "b", name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert any(v.abs().sum() > 0 for k, v in a.items() if "_u" in k)
-    a, b = (torch.load(sorted(glob.glob(str(tmp_path / d / "ckpt-*")))[-1] + "/state.pt")["fake_lora"] for d in "ab")
-    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)  # the fake score trained
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_gan_stage_skips_the_terms_of_weight_zero(tmp_path, isc_ckpt):
     """w_vsd = w_gan = w_isc = w_lpips = 0 (the mini's stage 2 keeps L_Rec's MSE and, there, a tenth of
     L_ISC): no fake score, no discriminator, no VGG is built, and the student still learns from L_Rec."""
     kw = dict(model="tiny", stage="gan", init_ckpt=str(isc_ckpt), num_workers=0, max_steps=2, lr=1e-2)
-    M.train(M.Config(out_dir=str(tmp_path / "g"), w_vsd=0.0, w_gan=0.0, w_isc=0.0, w_lpips=0.0, **kw))
+    M.train(C.configure(M.Config, out_dir=str(tmp_path / "g"), w_vsd=0.0, w_gan=0.0, w_isc=0.0, w_lpips=0.0, **kw))
     ckpt = C.latest_checkpoint(str(tmp_path / "g"))
     state = torch.load(ckpt + "/state.pt")
     assert "fake_lora" not in state and set(state["optimizers"]) == {"opt"} and not os.path.exists(ckpt + "/disc.safetensors")
@@ -325,20 +307,19 @@ def test_gan_stage_skips_the_terms_of_weight_zero(tmp_path, isc_ckpt):
     assert "vsd 0 " in log and "adv 0 " in log and "d 0)" in log
 
 
-def test_base_rank_trains_a_base_lora_that_the_next_stage_and_the_sampler_inherit(tmp_path):
-    """--base_rank r: each stage's model trains a LoRA on its own copy of the base; the student starts as
-    the teacher (the same LoRA), the frozen teacher runs with it merged into its weights and keeps it
-    through stage 2, and the sampler rebuilds the trained model from the checkpoint alone."""
-    kw = dict(model="tiny", max_steps=2, num_workers=0, base_rank=4, lr=1e-2)
-    M.train(M.Config(stage="teacher", out_dir=str(tmp_path / "teacher"), **kw))
+def test_train_base_lora_is_inherited_by_the_next_stage_and_the_sampler(tmp_path):
+    """--train_base lora: each stage's model trains a LoRA on its own copy of the base; the student starts as the
+    teacher (the same LoRA), the frozen teacher runs with it merged into its weights and keeps it through stage 2,
+    and the sampler rebuilds the trained model from the checkpoint alone."""
+    kw = dict(model="tiny", max_steps=2, num_workers=0, train_base="lora", lora_rank=4, lr=1e-2)
+    M.train(C.configure(M.Config, stage="teacher", out_dir=str(tmp_path / "teacher"), **kw))
     t_ckpt = C.latest_checkpoint(str(tmp_path / "teacher"))
     lora = load_file(t_ckpt + "/teacher_base_lora.safetensors")
     assert any("ff.net.2.lora_B" in k for k in lora)  # attention and MLPs
     assert all(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k and ".attn.to_" in k)  # B = 0 no more
-    cfg = M.Config(**kw)
-    M.resolve(cfg)
-    trained = M.load_base(cfg, "tiny-sd3", torch.float32, 4, t_ckpt, "teacher", train=True)  # what isc starts from
-    merged = M.load_base(cfg, "tiny-sd3", torch.float32, 4, t_ckpt, "teacher")  # the frozen teacher of isc / gan
+    cfg = M.resolve(C.configure(M.Config, **kw))
+    trained = M.load_base(cfg, torch.float32, "lora", 4, t_ckpt, "teacher", train=True)  # what isc starts from
+    merged = M.load_base(cfg, torch.float32, "lora", 4, t_ckpt, "teacher")  # the frozen teacher of isc / gan
     plain = C.load_dit("tiny-sd3")
     assert not any(p.requires_grad for p in merged.parameters()) and not hasattr(merged, "peft_config")
     net = M.SRNet(plain, two_times=False)
@@ -349,40 +330,30 @@ def test_base_rank_trains_a_base_lora_that_the_next_stage_and_the_sampler_inheri
         v_trained, v_merged, v_plain = (net(d, z, t, t, z_lr, cond) for d in (trained, merged, plain))
     torch.testing.assert_close(v_merged, v_trained, atol=1e-5, rtol=1e-5)  # merging is exact
     assert (v_merged - v_plain).abs().mean() > 1e-4  # and the LoRA changed the base
-    M.train(M.Config(stage="isc", out_dir=str(tmp_path / "isc"), init_ckpt=str(tmp_path / "teacher"), **kw))
-    M.train(M.Config(stage="gan", out_dir=str(tmp_path / "gan"), init_ckpt=str(tmp_path / "isc"), **kw))
+    M.train(C.configure(M.Config, stage="isc", out_dir=str(tmp_path / "isc"), init_ckpt=str(tmp_path / "teacher"),
+                        **kw))
+    M.train(C.configure(M.Config, stage="gan", out_dir=str(tmp_path / "gan"), init_ckpt=str(tmp_path / "isc"), **kw))
     student = load_file(C.latest_checkpoint(str(tmp_path / "gan")) + "/student_base_lora.safetensors")
     assert student.keys() == lora.keys() and any(not torch.equal(student[k], lora[k]) for k in lora)  # it trained on
-    x = torch.rand(1, 3, 16, 16)
-    y = M.build_sampler(str(tmp_path / "gan"))(x)
+    y = M.build_sampler(M.Config(ckpt=str(tmp_path / "gan")))(torch.rand(1, 3, 16, 16))
     assert y.shape == (1, 3, 64, 64) and torch.isfinite(y).all()
-    with pytest.raises(SystemExit, match="base_rank"):  # a stage cannot change what its init trained
-        M.train(M.Config(stage="isc", out_dir=str(tmp_path / "isc0"), init_ckpt=str(tmp_path / "teacher"), **{**kw, "base_rank": -1}))
+    with pytest.raises(SystemExit, match="train_base"):  # a stage cannot change what its init trained
+        M.train(C.configure(M.Config, stage="isc", out_dir=str(tmp_path / "isc0"), init_ckpt=str(tmp_path / "teacher"),
+                            **{**kw, "train_base": "none"}))
 
 
-def test_tiny_teacher_torchrun_isc_gan_then_sample(tmp_path, monkeypatch):
-    out = {s: tmp_path / s for s in M.STAGES}
-    tiny = ["--model", "tiny", "--max_steps", "2", "--num_workers", "0", "--log_every", "1"]
-    r = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "smfsr.py",
-             "--stage", "teacher", "--out_dir", str(out["teacher"])] + tiny)
-    assert "step 2/2" in r.stdout
+def test_captions_with_cfg_then_sampler_seeds_and_lr_start(tmp_path, isc_ckpt):
+    """An isc stage on captions with the teacher at CFG 4.5 (Eq. 13); then the sampler: the same seed gives the same
+    image, another seed another one (Eq. 14 starts from noise), and --start lr yet another."""
     (tmp_path / "cap.tsv").write_text("".join(f"{n}\ta photo of {n}\n" for n in C.SAMPLE_PHOTOS[:8]))
-    r = run([sys.executable, "smfsr.py", "--stage", "isc", "--out_dir", str(out["isc"]), "--init_ckpt", str(out["teacher"]),
-             "--captions", str(tmp_path / "cap.tsv"), "--teacher_cfg", "4.5"] + tiny)
-    assert "step 2/2" in r.stdout and "isc" in r.stdout
-    r = run([sys.executable, "smfsr.py", "--stage", "gan", "--out_dir", str(out["gan"]), "--init_ckpt", str(out["isc"])] + tiny)
-    assert "step 2/2" in r.stdout and "vsd" in r.stdout and os.path.exists(out["gan"] / "grids" / "step-2.png")
-    teacher, student = _state(out["teacher"], "teacher"), _state(out["gan"], "student")
-    assert "rt.mlp.0.weight" in student and "rt.mlp.0.weight" not in teacher
-    assert C.load_config(sorted(glob.glob(str(out["gan"] / "ckpt-*")))[-1])["teacher_ckpt"].startswith(str(out["teacher"]))
-    C.save_image(torch.rand(3, 20, 28), str(tmp_path / "lr" / "x.png"))  # 80x112 px: 10x14 latents, tiles of 8
-    monkeypatch.setattr(sys, "argv", ["smfsr.py", "--sample", "--ckpt", str(out["gan"]), "--input", str(tmp_path / "lr"),
-                                      "--output", str(tmp_path / "sr"), "--steps", "4"])
-    runpy.run_path(os.path.join(ROOT, "smfsr.py"), run_name="__main__")  # the CLI, in this process (imports paid)
-    assert C.load_image(str(tmp_path / "sr" / "x.png")).shape == (3, 80, 112)
-    x = C.load_image(str(tmp_path / "lr" / "x.png"))[None]
-    ys = [M.build_sampler(str(out["gan"]), steps=1, seed=s)(x) for s in (0, 0, 1)]
-    assert ys[0].shape == (1, 3, 80, 112) and torch.equal(ys[0], ys[1])  # same seed, same output
-    assert (ys[0] - ys[2]).abs().mean() > 1e-3  # another seed, another sample (Eq. 14 starts from noise)
-    y_lr = M.build_sampler(str(out["gan"]), steps=2, seed=0, start="lr", start_t=0.5)(x)
-    assert y_lr.shape == ys[0].shape and (y_lr - ys[0]).abs().mean() > 1e-3
+    teacher = os.path.dirname(C.load_config(C.latest_checkpoint(str(isc_ckpt)))["init_ckpt"])
+    M.train(C.configure(M.Config, model="tiny", stage="isc", max_steps=2, num_workers=0, out_dir=str(tmp_path / "isc"),
+                        init_ckpt=teacher, captions=str(tmp_path / "cap.tsv"), teacher_cfg=4.5))
+    assert "step 2/2" in (tmp_path / "isc" / "log.txt").read_text()
+    x = torch.rand(1, 3, 20, 28, generator=torch.Generator().manual_seed(0))
+    sr = lambda **kw: M.build_sampler(M.Config(ckpt=str(tmp_path / "isc"), **kw))(x)
+    ys = [sr(seed=s) for s in (0, 0, 1)]
+    assert ys[0].shape == (1, 3, 80, 112) and torch.equal(ys[0], ys[1])
+    assert (ys[0] - ys[2]).abs().mean() > 1e-3
+    assert (sr(steps=2, start="lr", start_t=0.5) - ys[0]).abs().mean() > 1e-3
+    assert "rt.mlp.0.weight" in load_file(C.latest_checkpoint(str(tmp_path / "isc")) + "/student.safetensors")

@@ -1,21 +1,18 @@
-"""strsr.py: the losses against independent computations and properties, gradient routing of the
-G and D steps, the VLM input layout, exact resume, both stages end to end (torchrun), sampling."""
-import dataclasses, math, os, socket, sys
+"""strsr.py: the losses against independent computations and properties, the gradient routing of the G and D terms,
+the VLM input layout, stage 1 -> stage 2 in one folder, tiled sampling with one VLM pass."""
+import dataclasses, math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import common as C
 import strsr as S
 
-from helpers import run
-
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = S.resolve(S.Config(model="tiny"))
+    cfg = S.resolve(C.configure(S.Config, model="tiny"))
     torch.manual_seed(0)
     dit, vae, cond = S.build_generator(cfg, torch.device("cpu"))
     disc = S.Discriminator(True, cfg.disc_width)
@@ -51,12 +48,12 @@ def test_ragan_matches_the_sigmoid_formula():
 def test_r1_approx_zero_for_constant_d_and_equals_r1_for_linear_d():
     x = torch.rand(4096, 3, 4, 4)
     const = lambda x: [torch.full((x.shape[0], 5), 0.3), torch.full((x.shape[0], 1), -1.0)]
-    assert S.r1_approx(const, x, const(x)).item() == 0.0
+    assert S.r1_loss(const, x, const(x)).item() == 0.0
     # linear C(x) = <w, x>: E (w.n)^2 = ||w||^2 a^2 / 3 for n ~ U[-a, a], a = 0.005 / 2 on [0, 1] images
     w = torch.randn(48)
     lin = lambda x: [x.flatten(1) @ w[:, None]]
     torch.manual_seed(0)
-    got = S.r1_approx(lin, x, lin(x), noise_scale=0.005).item()
+    got = S.r1_loss(lin, x, lin(x), noise_scale=0.005).item()
     want = w.pow(2).sum().item() * (0.005 / 2) ** 2 / 3
     assert got == pytest.approx(want, rel=0.1)
 
@@ -78,15 +75,15 @@ def test_lora_targets_and_one_step(preset, n_lora):
     """The official target modules get LoRA; x0_hat = z_lr - 0.8 v(z_lr, 0.8) (B = 0 at init: the base)."""
     fam = C.PRESETS[preset].family
     torch.manual_seed(0)
-    dit = C.add_lora(C.load_dit(preset), 8, 8, S.LORA_TARGETS[fam])
+    dit = C.add_lora(C.load_dit(preset), "lora", 8, 8, S.LORA_TARGETS[fam])
     assert sum(n.endswith("lora_A") for n, _ in dit.named_modules()) == n_lora
     base = C.load_dit(preset)
     z = torch.randn(1, 128 if fam == "flux2" else 16, 4, 4)
     cond = C.tiny_cond(base, fam)
     with torch.no_grad():
         v = C.velocity(fam, base, z, torch.tensor([0.8]), cond)
-        torch.testing.assert_close(S.generate(dit, fam, z, cond, 0.8), z - 0.8 * v, atol=1e-5, rtol=1e-5)
-        two = S.generate(base, fam, z, cond, 0.8, steps=2)
+        torch.testing.assert_close(S.generator(dit, fam, z, cond, 0.8), z - 0.8 * v, atol=1e-5, rtol=1e-5)
+        two = S.generator(base, fam, z, cond, 0.8, steps=2)
         z_mid = z - 0.4 * v
         torch.testing.assert_close(two, z_mid - 0.4 * C.velocity(fam, base, z_mid, torch.tensor([0.4]), cond))
 
@@ -117,30 +114,36 @@ def test_condition_modes(tiny):
     torch.testing.assert_close(text(x)["embeds"][:1], C.tiny_cond(dit, "flux2")["embeds"])
 
 
-def test_g_step_and_d_step_send_gradients_only_where_the_paper_does(tiny):
+def test_g_and_d_terms_send_gradients_only_where_the_paper_does(tiny):
+    """L_Gen reaches the generator (LoRA and condition MLP), never D; L_Dis reaches D's heads, never G or the frozen
+    backbone. Their sum, which the training step back-propagates, gives each side exactly its own term's gradient."""
     cfg, dit, vae, cond, disc, lpips = tiny
     g_params = [p for p in list(dit.parameters()) + list(cond.parameters()) if p.requires_grad]
     torch.manual_seed(0)
     x_hr = torch.rand(2, 3, 64, 64)
     x_lr = F.interpolate(x_hr, scale_factor=0.25, mode="area")
-    loss_g, terms, x_sr, fr, ff = S.g_step(dit, vae, cond, disc, lpips, None, "flux2", x_lr, x_hr, cfg)
-    loss_d, _ = S.d_step(disc, x_hr, fr, ff, cfg)
-    assert set(terms) == {"l1", "lpips", "gan"}  # stage 1: no FDL
-    loss_g.backward()
-    assert all(p.grad is None for p in disc.parameters()), "G step reached D"
-    assert sum(float(p.grad.abs().sum()) for p in g_params if p.grad is not None) > 0
+    loss, terms, x_sr = S.strsr_losses(dit, vae, cond, disc, lpips, None, "flux2", x_lr, x_hr, cfg)
+    assert set(terms) == {"loss", "l1", "lpips", "gan", "d", "d_gan", "r1"}  # stage 1: no FDL
+    torch.testing.assert_close(terms["loss"], cfg.w_l1 * terms["l1"] + cfg.w_lpips * terms["lpips"]
+                               + cfg.w_gan * terms["gan"])  # Eq. (11)
+    torch.testing.assert_close(terms["d"], terms["d_gan"] + cfg.w_r1 * terms["r1"])  # Eq. (9)
+    grads = lambda ps, t: [g for g in torch.autograd.grad(t, ps, retain_graph=True, allow_unused=True)]
+    assert all(g is None for g in grads(disc.trainable(), terms["loss"])), "L_Gen reached D"
+    assert all(g is None for g in grads(g_params, terms["d"])), "L_Dis reached G"
+    g_gen, g_sum = grads(g_params, terms["loss"]), grads(g_params, loss)
+    assert sum(float(g.abs().sum()) for g in g_gen if g is not None) > 0
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(g_gen, g_sum))
+    d_dis, d_sum = grads(disc.trainable(), terms["d"]), grads(disc.trainable(), loss)
+    assert all(a is not None and torch.equal(a, b) for a, b in zip(d_dis, d_sum))
+    frozen = list(disc.trunk.parameters()) + list(disc.proj.parameters())
+    assert not any(p.requires_grad for p in frozen)
+    loss.backward()
     assert cond.mlp[0].weight.grad is not None
-    for p in g_params:
-        p.grad = None
-    loss_d.backward()
-    assert all(p.grad is None for p in g_params), "D step reached G"
-    assert all(p.grad is not None for p in disc.trainable())
-    assert all(p.grad is None for p in list(disc.trunk.parameters()) + list(disc.proj.parameters()))
-    for p in disc.trainable():
+    for p in g_params + disc.trainable():
         p.grad = None
 
 
-def test_g_step_without_lpips_needs_no_vgg(tiny):
+def test_strsr_losses_without_lpips_need_no_vgg(tiny):
     """--w_lpips 0 (the mini default): no LPIPS network at all, and Eq. (11) loses exactly that term."""
     cfg, dit, vae, cond, disc, _ = tiny
     cfg = dataclasses.replace(cfg, w_lpips=0.0)
@@ -148,61 +151,29 @@ def test_g_step_without_lpips_needs_no_vgg(tiny):
     x_hr = torch.rand(2, 3, 64, 64)
     x_lr = F.interpolate(x_hr, scale_factor=0.25, mode="area")
     with torch.no_grad():
-        loss, terms, *_ = S.g_step(dit, vae, cond, disc, None, None, "flux2", x_lr, x_hr, cfg)
-    assert set(terms) == {"l1", "gan"}
-    torch.testing.assert_close(loss, cfg.w_l1 * terms["l1"] + cfg.w_gan * terms["gan"])
+        _, terms, _ = S.strsr_losses(dit, vae, cond, disc, None, None, "flux2", x_lr, x_hr, cfg)
+    assert "lpips" not in terms
+    torch.testing.assert_close(terms["loss"], cfg.w_l1 * terms["l1"] + cfg.w_gan * terms["gan"])
 
 
 # --------------------------------------------------------------------------- training and sampling
-def _train(out, steps, **kw):
-    cfg = S.Config(model="tiny", out_dir=str(out), max_steps=steps, batch_size=2, num_workers=0, log_every=1, **kw)
-    S.train(cfg)
-    return C.latest_checkpoint(str(out))
-
-
-def test_exact_resume(tmp_path):
-    from safetensors.torch import load_file
-    a = _train(tmp_path / "a", 2)
-    _train(tmp_path / "b", 1)
-    b = _train(tmp_path / "b", 2)
-    assert a.endswith("ckpt-0000002") and b.endswith("ckpt-0000002")
-    for f in ("pytorch_lora_weights.safetensors", "cond.safetensors", "disc.safetensors"):
-        sa, sb = load_file(os.path.join(a, f)), load_file(os.path.join(b, f))
-        for k in sa:
-            torch.testing.assert_close(sa[k], sb[k], atol=1e-6, rtol=0, msg=f"{f}:{k}")
-    oa, ob = (torch.load(os.path.join(c, "state.pt"), weights_only=True)["optimizers"] for c in (a, b))
-    for k in ("g", "d"):
-        for i, st in oa[k]["state"].items():
-            torch.testing.assert_close(st["exp_avg_sq"], ob[k]["state"][i]["exp_avg_sq"], atol=1e-9, rtol=1e-6)
-
-
-def test_two_stages_torchrun_then_sample(tmp_path):
+def test_stage_1_then_stage_2_in_one_folder_then_tiled_sampling(tmp_path):
+    """Stage 2 continues stage 1's run in its out_dir (step count, optimizers) and adds FDL; the sampler tiles in
+    latent space and runs the VLM once, on the whole LR image."""
     out = tmp_path / "run"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = ["--model", "tiny", "--out_dir", str(out), "--batch_size", "2", "--log_every", "1"]
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-         "strsr.py", *args, "--max_steps", "2"])
-    r = run([sys.executable, "strsr.py", *args, "--stage", "2", "--max_steps", "1"])
+    kw = dict(model="tiny", out_dir=str(out), batch_size=2, num_workers=0, log_every=1)
+    S.train(C.configure(S.Config, **kw, max_steps=2))
+    S.train(C.configure(S.Config, **kw, stage="2", max_steps=1))
     lines = [l for l in (out / "log.txt").read_text().splitlines() if l.startswith("step ")]
     assert [l.split(" |")[0] for l in lines] == ["step 1/2", "step 2/2", "step 3/3"]
     terms = [l.replace("(", " ").split() for l in lines]
     assert all(k in t for t in terms for k in ("l1", "lpips", "gan", "d_gan", "r1"))
     assert ["fdl" in t for t in terms] == [False, False, True]  # stage 2 adds FDL
-    assert "stage 1 -> stage 2" in r.stdout
-    assert C.load_config(str(out / "ckpt-0000003"))["stage"] == 2
-    assert (out / "grids" / "step-0000002.png").exists() and (out / "grids" / "step-0000003.png").exists()
-    # CLI sampling: odd sizes, gray and RGBA inputs
-    inp = tmp_path / "in"
-    inp.mkdir()
-    Image.new("L", (13, 11), 120).save(inp / "gray.png")
-    Image.new("RGBA", (9, 17), (10, 200, 30, 128)).save(inp / "rgba.png")
-    run([sys.executable, "strsr.py", "--sample", "--ckpt", str(out), "--input", str(inp), "--output", str(tmp_path / "sr")])
-    assert Image.open(tmp_path / "sr" / "gray.png").size == (52, 44)
-    assert Image.open(tmp_path / "sr" / "rgba.png").size == (36, 68)
-    # tiled sampling in latent space; the VLM sees the whole LR image exactly once
-    sr = S.build_sampler(str(out), tile=4, overlap=2)
+    assert "stage 1 -> stage 2" in (out / "log.txt").read_text()
+    assert C.load_config(str(out / "ckpt-0000003"))["stage"] == "2"
+    with pytest.raises(SystemExit, match="stage-2 checkpoint"):
+        S.train(C.configure(S.Config, **kw, max_steps=1))
+    sr = S.build_sampler(S.Config(ckpt=str(out), tile=4, overlap=2))
     seen = []
     h = sr.cond.vlm.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
     y = sr(torch.rand(1, 3, 37, 29))

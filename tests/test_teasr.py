@@ -1,6 +1,6 @@
-"""TEASR (teasr.py): the dual-branch DiT against the base and diffusers' own forward, the math of each
-loss term against independent computations, where each stop-gradient sends gradient, Algorithm 1's
-time arguments, and end-to-end runs (train, resume, sample, torchrun) on the tiny preset."""
+"""TEASR (teasr.py): the dual-branch DiT against the base and diffusers' own forward, the math of each loss term
+against independent computations, where each stop-gradient sends gradient, Algorithm 1's time arguments, the
+any-step sampler and --train_base full on the tiny preset."""
 import os, runpy, sys
 
 import numpy as np
@@ -9,19 +9,11 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-import helpers
 from helpers import ROOT
 import common
 import teasr
-from teasr import (CondBranch, adv_loss, any_step_sample, consistency_loss, fake_estimate, flow_loss,
-                   rectify_loss, tar_weight, v_theta)
-
-TINY = ["--model", "tiny", "--num_workers", "0", "--log_every", "1"]
-
-
-def run(args, timeout=240):
-    return helpers.run([sys.executable, *args], timeout).stdout
-
+from teasr import (CondBranch, adv_loss, consistency_loss, flow_loss, one_step, rectify_loss, sample, tar_weight,
+                   v_theta)
 
 def tiny_inputs(B=2, H=8, W=6, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -214,10 +206,10 @@ def test_rectify_loss_gradient_is_tar_weighted_score_difference():
         torch.testing.assert_close(a, b.grad)
 
 
-def test_fake_estimate_is_one_step_from_noise():
+def test_one_step_is_one_step_from_noise():
     torch.manual_seed(5)
     v, eps = Toy(), torch.randn(2, 4, 6, 6)
-    z_fake, v_gen = fake_estimate(v, eps)
+    z_fake, v_gen = one_step(v, eps)
     assert torch.equal(v.calls[-1][0], torch.ones(2)) and torch.equal(v.calls[-1][1], torch.zeros(2))
     torch.testing.assert_close(z_fake, eps - v(eps, torch.ones(2), torch.zeros(2)))
 
@@ -227,8 +219,8 @@ def test_data_loss_eq13_and_no_vgg_at_weight_zero():
     z, x_hr = torch.randn(1, 16, 4, 4), torch.rand(1, 3, 32, 32)
     x = common.decode(vae, "qwen", z)
     lp = lambda a, b: (a - b).abs().mean()  # any distance: Eq. 13 is the weighted sum
-    l, mse, l_lp, x_fake = teasr.data_loss(vae, lp, z, x_hr, 0.5)
-    torch.testing.assert_close(x_fake, x)
+    l, mse, l_lp, x_sr = teasr.data_loss(vae, lp, z, x_hr, 0.5)
+    torch.testing.assert_close(x_sr, x)
     torch.testing.assert_close(mse, (x - x_hr).pow(2).mean())
     torch.testing.assert_close(l, mse + 0.5 * (x - x_hr).abs().mean())
     l0, mse0, lp0, _ = teasr.data_loss(vae, None, z, x_hr, 0.0)  # the mini preset: no LPIPS network at all
@@ -241,12 +233,12 @@ def test_any_step_time_arguments_and_straight_line():
     straight flow every N lands on the data point."""
     v, eps = Toy(), torch.randn(1, 4, 6, 6)
     with torch.no_grad():
-        any_step_sample(v, eps, 4)
+        sample(v, eps, 4)
     torch.testing.assert_close(torch.stack([torch.cat(c) for c in v.calls]),
                                torch.tensor([[1.0, 0.75], [0.75, 0.5], [0.5, 0.25], [0.25, 0.0]]))
     g = torch.Generator().manual_seed(6)
     z_0, eps = torch.randn(2, 4, 6, 6, generator=g), torch.randn(2, 4, 6, 6, generator=g)
-    outs = [any_step_sample(straight(z_0), eps, n) for n in (1, 2, 4, 7)]
+    outs = [sample(straight(z_0), eps, n) for n in (1, 2, 4, 7)]
     for out in outs:
         torch.testing.assert_close(out, z_0, atol=1e-5, rtol=1e-5)
 
@@ -255,15 +247,15 @@ def test_any_step_time_arguments_and_straight_line():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("teasr") / "run")
-    log = run(["teasr.py", *TINY, "--max_steps", "2", "--save_every", "1", "--out_dir", out])
+    teasr.train(common.configure(teasr.Config, model="tiny", num_workers=0, log_every=1, max_steps=2, out_dir=out))
+    log = open(os.path.join(out, "log.txt")).read()
     assert "step 2/2" in log and "mem" in log and "adv" in log and "rect" in log
     return out
 
 
-def test_train_then_sample_any_steps(trained, tmp_path):
-    """Tiny training run, then `--sample --steps 8` (CLI) and 1, 2, 4, 8 steps through build_sampler;
-    an odd size (not a multiple of 16 after x4) and tiling (tiny latent tile 8) included."""
-    assert os.path.exists(os.path.join(trained, "grids", "step-2.png"))
+def test_any_step_sampling_cli_and_build_sampler(trained, tmp_path):
+    """`--sample --steps 8` (the CLI) and 1, 2, 4, 8 steps through build_sampler; an odd size (not a multiple of 16
+    after x4) and tiling (tiny latent tile 8) included."""
     lr_dir = tmp_path / "lr"
     common.save_image(torch.rand(3, 21, 30, generator=torch.Generator().manual_seed(7)), str(lr_dir / "x.png"))
     argv = sys.argv
@@ -276,58 +268,36 @@ def test_train_then_sample_any_steps(trained, tmp_path):
     cli = np.asarray(Image.open(tmp_path / "sr" / "x.png"))
     assert cli.shape == (84, 120, 3)
     x_lr = common.load_image(str(lr_dir / "x.png"))[None]
-    outs = {n: teasr.build_sampler(trained, steps=n)(x_lr) for n in (1, 2, 4, 8)}
+    outs = {n: teasr.build_sampler(teasr.Config(ckpt=trained, steps=n))(x_lr) for n in (1, 2, 4, 8)}
     for n, y in outs.items():
         assert y.shape == (1, 3, 84, 120) and torch.isfinite(y).all() and 0 <= y.min() and y.max() <= 1
     assert not torch.equal(outs[1], outs[4])
     ours = (outs[8][0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
     assert np.abs(ours.astype(int) - cli.astype(int)).max() <= 1  # the CLI is build_sampler
     with pytest.raises(SystemExit):
-        teasr.build_sampler(trained, steps=0)
+        teasr.build_sampler(teasr.Config(ckpt=trained, steps=0))
 
 
-def test_train_noise_trains_the_base_and_the_sampler_uses_it(trained, tmp_path):
-    """Default: the base stays frozen and the checkpoint holds no copy of it. --train_noise: every base
-    weight trains, the checkpoint holds the trained base (dit.safetensors), a resume restores it
-    exactly, and the sampler runs on it (without that file it gives another image)."""
+def test_train_base_full_trains_the_base_and_the_sampler_uses_it(trained, tmp_path):
+    """Default: the base stays frozen and the checkpoint holds no copy of it. --train_base full: every base weight
+    trains, the checkpoint holds the trained base (dit.safetensors), a resume restores it exactly, and the sampler
+    runs on it (without that file it gives another image)."""
     import shutil
     from safetensors.torch import load_file
     assert not os.path.exists(os.path.join(trained, "ckpt-0000002", "dit.safetensors"))
     out = tmp_path / "tn"
-    cfg = dict(model="tiny", num_workers=0, log_every=1, max_steps=2, save_every=1, train_noise=True)
-    teasr.train(teasr.Config(**cfg, out_dir=str(out)))
+    cfg = dict(model="tiny", num_workers=0, log_every=1, max_steps=2, save_every=1, train_base="full")
+    teasr.train(common.configure(teasr.Config, **cfg, out_dir=str(out)))
     ck = out / "ckpt-0000002"
     sd, base = load_file(str(ck / "dit.safetensors")), common.load_dit("tiny-qwen").state_dict()
     assert sd.keys() == base.keys()
     assert any(not torch.equal(sd[k], base[k]) for k in sd)
     shutil.copytree(out / "ckpt-0000001", tmp_path / "resume" / "ckpt-0000001")
-    teasr.train(teasr.Config(**cfg, out_dir=str(tmp_path / "resume")))
+    teasr.train(common.configure(teasr.Config, **cfg, out_dir=str(tmp_path / "resume")))
     again = load_file(str(tmp_path / "resume" / "ckpt-0000002" / "dit.safetensors"))
     for k in sd:
         torch.testing.assert_close(again[k], sd[k], atol=1e-6, rtol=0)
     x_lr = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
-    y = teasr.build_sampler(str(ck))(x_lr)
+    y = teasr.build_sampler(teasr.Config(ckpt=str(ck)))(x_lr)
     os.remove(ck / "dit.safetensors")
-    assert not torch.equal(teasr.build_sampler(str(ck))(x_lr), y)
-
-
-def test_exact_resume(trained, tmp_path):
-    """Resuming the run's step-1 checkpoint for one more step reproduces its step-2 checkpoint."""
-    import shutil
-    from safetensors.torch import load_file
-    out = tmp_path / "resume"
-    shutil.copytree(os.path.join(trained, "ckpt-0000001"), out / "ckpt-0000001")
-    cfg = teasr.Config(model="tiny", num_workers=0, log_every=1, max_steps=2, save_every=1, out_dir=str(out))
-    teasr.train(cfg)
-    a = load_file(os.path.join(trained, "ckpt-0000002", "cond_branch.safetensors"))
-    b = load_file(str(out / "ckpt-0000002" / "cond_branch.safetensors"))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
-
-
-def test_torchrun_two_ranks(tmp_path):
-    out = str(tmp_path / "ddp")
-    log = run(["-m", "torch.distributed.run", "--nproc_per_node=2", "teasr.py", *TINY, "--max_steps", "2", "--out_dir", out])
-    assert "2 ranks" in log and "step 2/2" in log
-    ck = os.path.join(out, "ckpt-0000002")
-    assert all(os.path.exists(os.path.join(ck, f)) for f in ("cond_branch.safetensors", "rng-0.pt", "rng-1.pt"))
+    assert not torch.equal(teasr.build_sampler(teasr.Config(ckpt=str(ck)))(x_lr), y)

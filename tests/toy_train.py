@@ -18,11 +18,12 @@ class Config:
     crop: int = 32
     seed: int = 0
     save_every: int = 2
+    num_workers: int = 0
     noise: bool = False  # use the global RNG in the step (exact resume must restore it)
 
 
 def train(cfg):
-    ddp, rank, local, world, device = C.compute_init(cfg.seed)
+    rank, world, device = C.compute_init(cfg.seed)
     with torch.random.fork_rng():
         torch.manual_seed(0)  # same init on every rank
         net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 3, 3, padding=1))
@@ -31,7 +32,7 @@ def train(cfg):
     step, ckpt = 0, C.latest_checkpoint(cfg.out_dir)
     if ckpt:
         step = C.load_checkpoint(ckpt, {"net": net}, {"opt": opt}, generators={"g": gen})["step"]
-    loader, accum = C.make_loader("sample", cfg.crop, "data", cfg.batch_size, cfg.micro_batch, rank, world, cfg.seed, step, 0)
+    loader, accum = C.make_loader(C.ImageDataset("sample", cfg.crop), cfg, rank, world, step)
     log = C.Logger(cfg.out_dir, rank == 0)
     while step < cfg.max_steps:
         sums = {"loss": 0.0}
@@ -41,9 +42,9 @@ def train(cfg):
             loss = ((net(x + noise) - x) ** 2).mean()
             (loss / accum).backward()
             sums["loss"] += loss.item() / accum
-        C.optimizer_step([list(net.parameters())], [opt], clip=0.05)  # a clip that bites: after the reduction
+        C.optimizer_step([opt], clip=0.05)  # a clip that bites: after the reduction
         step += 1
-        log.step(step, cfg.max_steps, sums, torch.device("cpu"), every=1)
+        log.step(step, cfg.max_steps, sums, every=1)
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             C.save_checkpoint(cfg.out_dir, step, cfg, {"net": net}, {"opt": opt}, generators={"g": gen})
     if rank == 0:
@@ -51,4 +52,5 @@ def train(cfg):
 
 
 if __name__ == "__main__":
-    train(C.parse_config(Config))
+    train(Config(**{k: type(getattr(Config, k))(v) if k != "noise" else v.lower() == "true" for k, v in
+                     zip((a.lstrip("-") for a in sys.argv[1::2]), sys.argv[2::2])}))

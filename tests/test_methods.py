@@ -1,0 +1,150 @@
+"""What is the same for the four methods, tested once and parametrized over them: the command line (a flag always wins
+over a preset, --help), exact resume, two ranks under torchrun, and train -> sample (the CLI) -> eval.py. FluxSR runs
+on four tiny teacher pairs; SMFSR's checks use its gan stage (the most state) on a tiny teacher -> isc chain."""
+import glob, importlib, json, os, shutil, sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import common as C
+import eval as E
+
+from helpers import ROOT, run
+
+METHODS = ["strsr", "fluxsr", "smfsr", "teasr"]
+_prepared = {}
+
+
+def flags(method, tmp_path_factory):
+    """The keyword flags of a tiny run of `method`, its inputs made once per session."""
+    if method not in _prepared:
+        d, mod = tmp_path_factory.mktemp(method), importlib.import_module(method)
+        kw = dict(model="tiny", num_workers=0, log_every=1, save_every=1, max_steps=2)
+        if method == "fluxsr":
+            mod.make_pairs(C.configure(mod.Config, model="tiny", data=str(d / "pairs"), make_pairs=4))
+            kw.update(data=str(d / "pairs"), batch_size=1)
+        if method == "smfsr":
+            for stage, init in (("teacher", ""), ("isc", str(d / "teacher"))):
+                mod.train(C.configure(mod.Config, **kw, stage=stage, init_ckpt=init, out_dir=str(d / stage)))
+            kw.update(stage="gan", init_ckpt=str(d / "isc"))
+        _prepared[method] = kw
+    return dict(_prepared[method])
+
+
+def train(method, out, tmp_path_factory, **kw):
+    mod = importlib.import_module(method)
+    mod.train(C.configure(mod.Config, **{**flags(method, tmp_path_factory), **kw}, out_dir=str(out)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny 2-step run of each method (checkpoints at steps 1 and 2), made on first use."""
+    runs = {}
+
+    def get(method):
+        if method not in runs:
+            runs[method] = train(method, tmp_path_factory.mktemp(f"{method}-run"), tmp_path_factory)
+        return runs[method]
+    return get
+
+
+def steps_logged(out):
+    return [line.split(" | ")[:2] for line in open(os.path.join(out, "log.txt")) if line.startswith("step ")]
+
+
+# ----------------------------------------------------------------------------- the command line
+@pytest.mark.parametrize("method", METHODS)
+def test_a_given_flag_wins_over_the_preset_even_at_its_default(method):
+    """--model mini applies MINI only to flags not given: a flag typed with the dataclass default's value survives."""
+    mod = importlib.import_module(method)
+    k = next(k for k, v in mod.MINI.items() if not isinstance(v, dict) and v != getattr(mod.Config, k))
+    default = getattr(mod.Config, k)
+    argv = ["--model", "mini", f"--{k}", str(default)]
+    cfg = C.parse_config(mod.Config, argv)
+    assert getattr(cfg, k) == default
+    assert getattr(C.parse_config(mod.Config, ["--model", "mini"]), k) == mod.MINI[k]  # not given: the preset's
+    assert getattr(C.parse_config(mod.Config, [f"--{k}", str(default)]), k) == default
+    other = next(k2 for k2, v in mod.MINI.items() if k2 != k and not isinstance(v, dict))
+    assert getattr(cfg, other) == mod.MINI[other]  # the rest of the preset still applies
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_help_lists_every_flag_with_its_default_and_source(method):
+    r = run([sys.executable, f"{method}.py", "--help"])
+    mod = importlib.import_module(method)
+    text = " ".join(r.stdout.split())
+    comments = C._comments(mod.Config)
+    for f in mod.Config.__dataclass_fields__.values():
+        assert f"--{f.name}" in text and f.name in comments, f.name
+        assert f"(default: {f.default})" in text, f.name
+    assert "paper" in text and "ours" in text
+
+
+# ----------------------------------------------------------------------------- training
+@pytest.mark.parametrize("method", METHODS)
+def test_exact_resume(method, trained, tmp_path, tmp_path_factory):
+    """Resuming the run's step-1 checkpoint for one more step gives its step-2 checkpoint: every weight file, every
+    optimizer state and the logged losses of step 2."""
+    out = trained(method)
+    shutil.copytree(out / "ckpt-0000001", tmp_path / "ckpt-0000001")
+    train(method, tmp_path, tmp_path_factory)
+    a, b = out / "ckpt-0000002", tmp_path / "ckpt-0000002"
+    files = sorted(os.path.basename(f) for f in glob.glob(str(a / "*.safetensors")))
+    assert files and files == sorted(os.path.basename(f) for f in glob.glob(str(b / "*.safetensors")))
+    for f in files:
+        sa, sb = load_file(str(a / f)), load_file(str(b / f))
+        for k in sa:
+            torch.testing.assert_close(sa[k], sb[k], atol=1e-6, rtol=0, msg=f"{f}:{k}")
+    trained_anything = any(not torch.equal(v, load_file(str(out / "ckpt-0000001" / f))[k])
+                           for f in files for k, v in load_file(str(a / f)).items())
+    assert trained_anything  # step 2 changed the weights: the comparison is not vacuous
+    sa, sb = (torch.load(c / "state.pt", weights_only=True) for c in (a, b))
+    for name, opt in sa["optimizers"].items():
+        for i, st in opt["state"].items():
+            for k, v in st.items():
+                torch.testing.assert_close(v, sb["optimizers"][name]["state"][i][k], atol=1e-9, rtol=1e-6)
+    for k in sa.get("fake_lora", {}):  # SMFSR's fake score
+        assert torch.equal(sa["fake_lora"][k], sb["fake_lora"][k])
+    assert steps_logged(out)[1] == steps_logged(tmp_path)[-1]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_ranks_under_torchrun(method, tmp_path, tmp_path_factory):
+    """torchrun --standalone (a free port, the one scheme every test uses) with two CPU ranks (gloo): both ranks step
+    in lockstep, rank 0 logs and checkpoints, every rank keeps its RNG state."""
+    kw = flags(method, tmp_path_factory)
+    args = [f"--{k}={v}" for k, v in {**kw, "batch_size": 2, "out_dir": str(tmp_path)}.items()]
+    r = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"{method}.py",
+             *args])
+    assert r.stdout.count("step 2/2") == 1
+    ck = tmp_path / "ckpt-0000002"
+    assert (ck / "rng-0.pt").exists() and (ck / "rng-1.pt").exists() and (ck / "config.json").exists()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_train_then_sample_then_eval(method, trained, tmp_path):
+    """The CLI samples any input (odd sizes, gray, RGBA) from the checkpoint at 4x its size; eval.py scores the method
+    on a paired benchmark through the same sampler."""
+    out = trained(method)
+    assert (out / "grids" / "step-0000002.png").exists()
+    inp = tmp_path / "in"
+    inp.mkdir()
+    Image.new("L", (13, 11), 120).save(inp / "gray.png")
+    Image.new("RGBA", (9, 17), (10, 200, 30, 128)).save(inp / "rgba.png")
+    C.save_image(torch.rand(3, 21, 30, generator=torch.Generator().manual_seed(0)), str(inp / "x.png"))
+    run([sys.executable, f"{method}.py", "--sample", "--ckpt", str(out), "--input", str(inp), "--output",
+         str(tmp_path / "sr")])
+    assert [Image.open(tmp_path / "sr" / f).size for f in ("gray.png", "rgba.png", "x.png")] == [(52, 44), (36, 68),
+                                                                                                  (120, 84)]
+    data = tmp_path / "data" / "RealSR"
+    x_hr = C.sample_photos(["astronaut"])[0][:, 100:164, 200:264]
+    C.save_image(torch.nn.functional.interpolate(x_hr[None], scale_factor=0.25, mode="area"),
+                 str(data / "LR" / "a_LR4.png"))
+    C.save_image(x_hr, str(data / "HR" / "a_HR.png"))
+    rows = E.main(["--method", method, "--ckpt", str(out), "--bench", "RealSR", "--data_root", str(tmp_path / "data"),
+                   "--out_dir", str(tmp_path / "eval"), "--metrics", "PSNR,SSIM"])
+    assert rows[0]["method"] == method and 5 < rows[0]["PSNR"] < 60 and rows[0]["s/img"] > 0
+    assert json.load(open(tmp_path / "eval" / "results.json"))[0]["dataset"] == "RealSR"
