@@ -8,7 +8,7 @@ Every velocity call speaks one convention (rectified flow, sigma form):
 on (B, C, H, W) latents, whatever the family does inside (packing, position ids, its own timestep scale).
 Images are (B, 3, H, W) floats in [0, 1] everywhere outside the VAE.
 """
-import contextlib, dataclasses, functools, glob, hashlib, json, logging, math, os, random, re, shutil, sys, time, warnings
+import contextlib, dataclasses, functools, glob, hashlib, json, logging, math, os, re, shutil, sys, time, warnings
 
 import numpy as np
 import torch
@@ -518,7 +518,8 @@ def rank():
 
 
 def compute_init(seed=0):
-    """(rank, world, device). RANK in the environment means torchrun; per-rank seeds as DiT: seed * world + rank."""
+    """(rank, world, device). RANK in the environment means torchrun. Training's random draws are seeded per
+    micro-batch by train_loop; this seed only makes any draw outside it reproducible."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     r, local, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])) \
         if ddp else (0, 0, 1)
@@ -527,8 +528,7 @@ def compute_init(seed=0):
         torch.cuda.set_device(device)
     if ddp and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    torch.manual_seed(seed * world + r)
-    random.seed(seed * world + r)
+    torch.manual_seed(seed)
     return r, world, device
 
 
@@ -621,8 +621,14 @@ def checkpointing(cfg, device, *modules):
         m.enable_gradient_checkpointing()
 
 
-def train_loop(cfg, log, loader, accum, micro_step, models, optimizers, step, end, first=0, extra=None,
-               generators=None):
+def micro_batch_seed(seed, step, position):
+    """The seed of every random draw of one micro-batch (the degradation, noise, times), from its place in the run:
+    step (1..N) and its position among the step's micro-batches over all ranks. So a resumed run, any number of
+    ranks and any split into gradient-accumulation steps draw the same numbers, and checkpoints need no RNG state."""
+    return ((seed * 1_000_003 + step) * 1_000_003 + position) % 2**62
+
+
+def train_loop(cfg, log, loader, accum, micro_step, models, optimizers, step, end, first=0, extra=None):
     """Steps step+1 .. end. Each: `accum` micro-batches of micro_step(batch, scale) -> (terms, images), which
     back-propagates its loss times `scale` and returns its loss terms (the first is the headline) and a function
     giving (x_lr, x_sr, x_hr); then every optimizer's update and one log line; at their intervals an image grid and a
@@ -631,7 +637,8 @@ def train_loop(cfg, log, loader, accum, micro_step, models, optimizers, step, en
     log.start()
     while step < end:
         sums = {}
-        for _ in range(accum):
+        for j in range(accum):
+            torch.manual_seed(micro_batch_seed(cfg.seed, step + 1, rank() * accum + j))
             terms, images = micro_step(next(loader), 1 / accum)
             sums = {k: sums.get(k, 0) + v.detach() / accum for k, v in terms.items()}
         set_lr(opts, step + 1 - first, end - first, cfg.lr_decay)
@@ -641,7 +648,7 @@ def train_loop(cfg, log, loader, accum, micro_step, models, optimizers, step, en
         if log.master and (step % cfg.grid_every == 0 or step == end):
             save_grid(os.path.join(cfg.out_dir, "grids", f"step-{step:07d}.png"), *images())
         if step % cfg.save_every == 0 or step == end:
-            save_checkpoint(cfg.out_dir, step, cfg, models, optimizers, extra and extra(), generators)
+            save_checkpoint(cfg.out_dir, step, cfg, models, optimizers, extra and extra())
     return step
 
 
@@ -657,23 +664,15 @@ def _lora_file(name):
     return "pytorch_lora_weights.safetensors" if name == "dit" else f"{name}_lora.safetensors"
 
 
-def save_checkpoint(out_dir, step, config, models, optimizers, extra=None, generators=None, keep=2):
-    """Atomic: all files go into a temp folder renamed into place when complete; every rank adds its RNG state
-    (global and the named `generators`). Call on every rank."""
+def save_checkpoint(out_dir, step, config, models, optimizers, extra=None, keep=2):
+    """Atomic: all files go into a temp folder renamed into place when complete; the older ones beyond `keep` go.
+    Call on every rank (rank 0 writes)."""
     from safetensors.torch import save_file
     r, world = rank(), dist.get_world_size() if dist.is_initialized() else 1
     final, tmp = os.path.join(out_dir, f"ckpt-{step:07d}"), os.path.join(out_dir, f".tmp-ckpt-{step:07d}")
     if r == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    if world > 1:
-        dist.barrier()
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           **{f"gen_{k}": g.get_state() for k, g in (generators or {}).items()}}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, os.path.join(tmp, f"rng-{r}.pt"))
-    if r == 0:
         for name, m in models.items():
             if getattr(m, "peft_config", None):
                 save_file(lora_state(m), os.path.join(tmp, _lora_file(name)),
@@ -685,9 +684,6 @@ def save_checkpoint(out_dir, step, config, models, optimizers, extra=None, gener
                    os.path.join(tmp, "state.pt"))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config, f, indent=1)
-    if world > 1:
-        dist.barrier()
-    if r == 0:
         os.replace(tmp, final)
         for old in sorted(glob.glob(os.path.join(out_dir, "ckpt-*")))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -704,7 +700,7 @@ def latest_checkpoint(path):
     return found[-1] if found else None
 
 
-def load_checkpoint(ckpt, models, optimizers=None, generators=None, restore_rng=True):
+def load_checkpoint(ckpt, models, optimizers=None):
     """Load what save_checkpoint wrote; returns the state dict (step, extras). Loading never executes code:
     safetensors for weights, torch.load(weights_only=True) for the rest."""
     from safetensors.torch import load_file
@@ -719,30 +715,17 @@ def load_checkpoint(ckpt, models, optimizers=None, generators=None, restore_rng=
     state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)
     for k, o in (optimizers or {}).items():
         o.load_state_dict(state["optimizers"][k])
-    rng_file = os.path.join(ckpt, f"rng-{rank()}.pt")
-    if restore_rng and os.path.exists(rng_file):
-        rng = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(_tuplify(rng["python"]))
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-        for k, g in (generators or {}).items():
-            g.set_state(rng[f"gen_{k}"])
     return state
 
 
-def resume(out_dir, models, optimizers, log, generators=None):
+def resume(out_dir, models, optimizers, log):
     """(step, state) of the latest checkpoint in out_dir, loaded into models and optimizers; (0, {}) for a new run."""
     ckpt = latest_checkpoint(out_dir)
     if not ckpt:
         return 0, {}
-    state = load_checkpoint(ckpt, models, optimizers, generators)
+    state = load_checkpoint(ckpt, models, optimizers)
     log(f"resumed from {ckpt} at step {state['step']}")
     return state["step"], state
-
-
-def _tuplify(x):
-    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 RENAMED = {"lr_g": "lr", "lam": "w_tv_lpips", "gamma": "tv_gamma", "mu": "w_adl", "lambda_cons": "w_cons",

@@ -210,13 +210,13 @@ def adl_loss(feats):
     return torch.stack(per_block).mean()  # Eq. (23), mean over l
 
 
-def fluxsr_losses(dit, vae, lpips, feats, cond2, eps, z_hr, x_hr, g, cfg):
+def fluxsr_losses(dit, vae, lpips, feats, cond2, eps, z_hr, x_hr, cfg):
     """Algorithm 1, lines 5-19, on one micro-batch of teacher pairs; cond2 is the prompt for 2B. Returns (L, the
     terms, (x_lr, x_sr))."""
     B, T_L = eps.shape[0], cfg.T_L
     # 5: (eps, x_hr, z_hr) ~ D; the LR side is made here: degrade x_hr, bicubic x4, encode -> z_lr
     with torch.no_grad():
-        x_lr, _ = degrade(x_hr, 4, dataclasses.replace(DEGRADE[cfg.degrade], use_usm=False), generator=g)
+        x_lr, _ = degrade(x_hr, 4, dataclasses.replace(DEGRADE[cfg.degrade], use_usm=False))
         with common.autocast(x_hr.device):
             z_lr = common.encode(vae, "flux1", common.upsample_lr(x_lr))
     u_t = eps - z_hr  # 6: the teacher's exact velocity, from the stored pair
@@ -246,7 +246,7 @@ def build_sampler(flags, device=None):
     path, cfg, device, dtype = common.sampler_setup(flags, resolve, device)
     dit = common.add_lora(common.load_dit(cfg.model, cfg.model_path or None, dtype), cfg.train_base, cfg.lora_rank,
                           cfg.lora_alpha, LORA_TARGETS)
-    state = common.load_checkpoint(path, {"dit": dit}, restore_rng=False)
+    state = common.load_checkpoint(path, {"dit": dit})
     dit = dit.to(device).eval()
     vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device, tiling=True)
     cond = {k: v.to(device) for k, v in state["cond"].items()}
@@ -361,7 +361,7 @@ class PairDataset(torch.utils.data.Dataset):
         size, c = x_hr.shape[-1], self.crop
         if c < size:  # aligned crop: pixel offsets on the 16-px token grid, latents at 1/8
             g = torch.Generator().manual_seed(seed)
-            top, left = (16 * torch.randint(0, (size - c) // 16 + 1, (2,), generator=g)).tolist()
+            top, left = (16 * torch.randint(0, (size - c) // 16 + 1, (2,))).tolist()
             x_hr = x_hr[:, top:top + c, left:left + c]
             eps, z_hr = (z[:, top // 8:(top + c) // 8, left // 8:(left + c) // 8] for z in (eps, z_hr))
         return eps, z_hr, x_hr
@@ -406,20 +406,19 @@ def train(cfg):
     log(f"{cfg.model}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
 
     # 3. resume; 4. the loader of teacher pairs, data position = step
-    g = torch.Generator(device).manual_seed(1_000_003 + cfg.seed * world + rank)  # degradation draws
-    step, _ = common.resume(cfg.out_dir, {"dit": dit}, {"opt": opt}, log, {"degrade": g})
+    step, _ = common.resume(cfg.out_dir, {"dit": dit}, {"opt": opt}, log)
     loader, accum = common.make_loader(ds, cfg, rank, world, step)
     log(f"{len(ds)} teacher pairs, batch {cfg.batch_size} = {world} ranks x {accum} accum x {cfg.micro_batch}")
 
     # 5. loop (Alg. 1 lines 4-21); line 20 updates v_theta (its LoRA)
     def micro_step(batch, scale):
         eps, z_hr, x_hr = (x.to(device, non_blocking=True) for x in batch)
-        loss, terms, (x_lr, x_sr) = fluxsr_losses(dit, vae, lpips, feats, cond2, eps, z_hr, x_hr, g, cfg)
+        loss, terms, (x_lr, x_sr) = fluxsr_losses(dit, vae, lpips, feats, cond2, eps, z_hr, x_hr, cfg)
         (loss * scale).backward()
         return terms, lambda: (x_lr, x_sr, x_hr)
 
     common.train_loop(cfg, log, loader, accum, micro_step, {"dit": dit}, {"opt": opt}, step, cfg.max_steps,
-                      extra=lambda: {"cond": {k: v.detach().cpu() for k, v in cond.items()}}, generators={"degrade": g})
+                      extra=lambda: {"cond": {k: v.detach().cpu() for k, v in cond.items()}})
     if rank == 0 and cfg.eval_heldout:
         import eval
         eval.heldout("fluxsr", build_sampler, cfg.out_dir, cfg.degrade)

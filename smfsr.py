@@ -333,7 +333,7 @@ def load_base(cfg, dtype, train_base, rank, ckpt=None, name=None, train=False):
         file = f"{name}_base{'_lora' if train_base == 'lora' else ''}.safetensors"
         if not os.path.exists(os.path.join(ckpt, file)):
             raise SystemExit(f"{ckpt}: no {file} (expected a checkpoint trained with --train_base {train_base})")
-        common.load_checkpoint(ckpt, {f"{name}_base": dit}, restore_rng=False)
+        common.load_checkpoint(ckpt, {f"{name}_base": dit})
     if not train:
         if train_base == "lora":
             dit.fuse_lora()
@@ -349,7 +349,7 @@ def load_net(ckpt, name, net):
     if not os.path.exists(os.path.join(ckpt, f"{name}.safetensors")):
         raise SystemExit(f"{ckpt}: no {name}.safetensors (expected a --stage "
                          f"{'teacher' if name == 'teacher' else 'isc/gan'} checkpoint)")
-    common.load_checkpoint(ckpt, {name: net}, restore_rng=False)
+    common.load_checkpoint(ckpt, {name: net})
 
 
 class Discriminator(nn.Module):
@@ -658,8 +658,7 @@ def train(cfg):
         f"init {init or cfg.model}, teacher {cfg.teacher_ckpt or '-'}")
 
     # 3. resume; 4. the loader and the captions, data position = step
-    g = torch.Generator(device).manual_seed(1_000_003 + cfg.seed * world + rank)  # degradation draws
-    step, state = common.resume(cfg.out_dir, models, opts, log, {"degrade": g})
+    step, state = common.resume(cfg.out_dir, models, opts, log)
     if state and gan and cfg.w_vsd:
         common.load_lora_state(t_dit, state["fake_lora"])
     loader, accum = common.make_loader(common.ImageDataset(cfg.data, cfg.crop, cfg.data_root), cfg, rank, world, step)
@@ -670,7 +669,7 @@ def train(cfg):
     #    gradient for the target); gan: isc + the one-step generator + teacher + fake score
     def micro_step(x, scale):
         with torch.no_grad(), common.autocast(device):  # Alg. 1 line 6: z_lr, z_hr = E(x_lr), E(x_hr)
-            x_lr, x_hr = degrade(x.to(device), 4, DEGRADE[cfg.degrade], generator=g)
+            x_lr, x_hr = degrade(x.to(device), 4, DEGRADE[cfg.degrade])
             z_hr, z_lr = common.encode(vae, "sd3", torch.cat([x_hr, common.upsample_lr(x_lr)])).chunk(2)
         cond = captions.batch(z_hr.shape[0])
         u, eps = bind(net, dit, z_lr, cond), torch.randn_like(z_hr)  # Alg. 1 line 5
@@ -700,8 +699,7 @@ def train(cfg):
         out = {"cond": {k: v[:1].detach().cpu() for k, v in captions.empty.items()}}
         return {**out, "fake_lora": common.lora_state(t_dit)} if gan and cfg.w_vsd else out
 
-    common.train_loop(cfg, log, loader, accum, micro_step, models, opts, step, cfg.max_steps, extra=extra,
-                      generators={"degrade": g})
+    common.train_loop(cfg, log, loader, accum, micro_step, models, opts, step, cfg.max_steps, extra=extra)
     if rank == 0 and cfg.eval_heldout:
         import eval
         eval.heldout("smfsr", build_sampler, cfg.out_dir, cfg.degrade)

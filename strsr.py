@@ -38,8 +38,8 @@ Differences from the paper and the official code (each marked `# ours` or `# pap
     than 5x5 (tiny crops only) the kernels are cropped to the map and re-normalised.
   - G and D steps alternate on the same batch: G first, then D on the detached output. Since the backbone is
     frozen, D reuses the backbone features of that G step (no second backbone pass).
-  - Stage 2 continues the step count, optimizer states and RNG of the stage-1 run in the same --out_dir (or
-    starts fresh optimizers from --init_ckpt in a new folder).
+  - Stage 2 continues the step count and optimizer states of the stage-1 run in the same --out_dir (or starts
+    fresh optimizers from --init_ckpt in a new folder).
 """
 import dataclasses, os
 
@@ -384,7 +384,7 @@ class FDLFeatures(nn.Module):
         self.vgg = vgg[:VGG19_RELU[-1] + 1].requires_grad_(False).eval()
         g = torch.Generator().manual_seed(0)
         for i, c in enumerate((64, 128, 256, 512, 512)):
-            k = torch.randn(projections, c, kernel, kernel, generator=g)
+            k = torch.randn(projections, c, kernel, kernel)
             self.register_buffer(f"proj{i}", k / k.flatten(1).norm(dim=1).view(-1, 1, 1, 1), persistent=False)
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
@@ -459,7 +459,7 @@ def build_sampler(flags, device=None):
     Deterministic: no noise enters StrSR's one step."""
     path, cfg, device, _ = common.sampler_setup(flags, resolve, device)
     dit, vae, cond = build_generator(cfg, device, ckpt=path)
-    common.load_checkpoint(path, {"dit": dit, "cond": cond}, restore_rng=False)
+    common.load_checkpoint(path, {"dit": dit, "cond": cond})
     dit.eval(), cond.eval()
     family = common.PRESETS[cfg.model].family
     f = latent_factor(vae, family)
@@ -475,12 +475,12 @@ def build_sampler(flags, device=None):
 
 
 # ----------------------------------------------------------------------------- training
-def resume(cfg, models, optimizers, g, log):
+def resume(cfg, models, optimizers, log):
     """(step, the step this stage started at): resume this run, continue a stage-1 run into stage 2 in the same
     out_dir, or start stage 2 from --init_ckpt."""
     ckpt = common.latest_checkpoint(cfg.out_dir)
     if ckpt:
-        state = common.load_checkpoint(ckpt, models, optimizers, generators={"degrade": g})
+        state = common.load_checkpoint(ckpt, models, optimizers)
         prev = common.load_config(ckpt).get("stage", "1")
         if prev > cfg.stage:
             raise SystemExit(f"{ckpt} is a stage-{prev} checkpoint; --stage {cfg.stage} cannot resume it")
@@ -490,7 +490,7 @@ def resume(cfg, models, optimizers, g, log):
         init = common.latest_checkpoint(cfg.init_ckpt)
         if init is None:
             raise SystemExit(f"--init_ckpt {cfg.init_ckpt!r}: no checkpoint there")
-        common.load_checkpoint(init, models, restore_rng=False)
+        common.load_checkpoint(init, models)
         log(f"initialised from {init}")
     elif cfg.stage == "2":
         raise SystemExit("--stage 2 starts from a stage-1 run: use its --out_dir, or --init_ckpt DIR")
@@ -520,9 +520,8 @@ def train(cfg):
             "d": torch.optim.AdamW(disc.trainable(), lr=cfg.lr_d, weight_decay=cfg.weight_decay)}
 
     # 3. resume, or continue stage 1 into stage 2
-    g = torch.Generator(device).manual_seed(cfg.seed * world + rank + 1)  # degradation draws
     models = {"dit": dit, "cond": cond, "disc": disc}
-    step, first = resume(cfg, models, opts, g, log)
+    step, first = resume(cfg, models, opts, log)
 
     # 4. data: HR crops; the LR made on the device by the degradation (Real-ESRGAN unless --degrade)
     loader, accum = common.make_loader(common.ImageDataset(cfg.data, cfg.crop, cfg.data_root), cfg, rank, world,
@@ -530,7 +529,7 @@ def train(cfg):
 
     # 5. loop: per micro-batch the G step (Eq. 11) then the D step (Eq. 9); both optimizers step per step
     def micro_step(x, scale):
-        x_lr, x_hr = degrade(x.to(device), 4, DEGRADE[cfg.degrade], generator=g)
+        x_lr, x_hr = degrade(x.to(device), 4, DEGRADE[cfg.degrade])
         with common.autocast(device):
             loss, terms, x_sr = strsr_losses(dit, vae, cond, disc, lpips, phi, family, x_lr, x_hr, cfg)
         (loss * scale).backward()
@@ -538,7 +537,7 @@ def train(cfg):
 
     dit.train(), cond.train(), disc.train()
     common.train_loop(cfg, log, loader, accum, micro_step, models, opts, step, first + cfg.max_steps, first,
-                      extra=lambda: {"stage_start": first}, generators={"degrade": g})
+                      extra=lambda: {"stage_start": first})
     if rank == 0 and cfg.eval_heldout:
         import eval
         eval.heldout("strsr", build_sampler, cfg.out_dir, cfg.degrade)

@@ -324,7 +324,7 @@ def build_sampler(flags, device=None):
     dit = common.load_dit(cfg.model, cfg.model_path or None, dtype).requires_grad_(False).eval()
     with torch.random.fork_rng(devices=[]):  # the LoRA init is overwritten; keep the caller's RNG as it was
         branch = CondBranch(dit, cfg.lora_rank, cfg.lora_alpha, cfg.fused_t)
-    state = common.load_checkpoint(path, {"cond_branch": branch, "dit": dit}, restore_rng=False)  # dit: train_base
+    state = common.load_checkpoint(path, {"cond_branch": branch, "dit": dit})  # dit: train_base
     dit, branch = dit.to(device), branch.to(device).eval()
     vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device, tiling=True)
     cond = {k: v.to(device) for k, v in state["cond"].items()}
@@ -365,15 +365,14 @@ def train(cfg):
     models = {"cond_branch": branch, "dit": dit}  # a frozen dit saves nothing (common._trainable_state)
 
     # 3. resume; 4. the loader, data position = step
-    g = torch.Generator(device).manual_seed(1_000_003 + cfg.seed * world + rank)  # degradation draws
-    step, _ = common.resume(cfg.out_dir, models, {"opt": opt}, log, {"degrade": g})
+    step, _ = common.resume(cfg.out_dir, models, {"opt": opt}, log)
     loader, accum = common.make_loader(common.ImageDataset(cfg.data, cfg.crop, cfg.data_root), cfg, rank, world, step)
     log(f"batch {cfg.batch_size} = {world} ranks x {accum} accum x {cfg.micro_batch}, crop {cfg.crop}")
 
     # 5. loop
     def micro_step(x, scale):
         with torch.no_grad():  # the degradation in fp32 (outside autocast), then one encode for HR and LR
-            x_lr, x_hr = degrade(x.to(device), 4, DEGRADE[cfg.degrade], generator=g)
+            x_lr, x_hr = degrade(x.to(device), 4, DEGRADE[cfg.degrade])
             with common.autocast(device):
                 z_hr, z_lr = common.encode(vae, "qwen", torch.cat([x_hr, common.upsample_lr(x_lr)])).chunk(2)
         with common.autocast(device):
@@ -382,7 +381,7 @@ def train(cfg):
         return terms, lambda: (x_lr, x_sr, x_hr)
 
     common.train_loop(cfg, log, loader, accum, micro_step, models, {"opt": opt}, step, cfg.max_steps,
-                      extra=lambda: {"cond": {k: v.detach().cpu() for k, v in cond.items()}}, generators={"degrade": g})
+                      extra=lambda: {"cond": {k: v.detach().cpu() for k, v in cond.items()}})
     if rank == 0 and cfg.eval_heldout:
         import eval
         eval.heldout("teasr", build_sampler, cfg.out_dir, cfg.degrade)
