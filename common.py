@@ -219,31 +219,32 @@ def grid_ids(h, w, ndim, device):
 
 
 def velocity(family, dit, z, t, cond, guidance=3.5):
-    """v(z_t, t) with v = eps - z_0, for z_t (B, C, H, W) and t (B,) in [0, 1]."""
+    """v(z_t, t) with v = eps - z_0, for z_t (B, C, H, W) and t (B,) in [0, 1]. The timestep goes in as fp32, as the
+    pipelines give it (FLUX.1, FLUX.2 and Qwen-Image cast it to their dtype themselves; Z-Image and SD3 keep it)."""
     B, C, H, W = z.shape
-    t = t.expand(B) if t.numel() == 1 else t
+    t = (t.expand(B) if t.numel() == 1 else t).float()
     dt, emb, dev = dit.dtype, cond["embeds"].to(dit.dtype), z.device
     g = torch.full((B,), guidance, device=dev) if getattr(dit.config, "guidance_embeds", False) else None
     if family == "flux1":
         out = dit(hidden_states=pack(z).to(dt), encoder_hidden_states=emb, pooled_projections=cond["pooled"].to(dt),
-                  timestep=t.to(dt), img_ids=grid_ids(H // 2, W // 2, 3, dev), txt_ids=torch.zeros(emb.shape[1], 3,
+                  timestep=t, img_ids=grid_ids(H // 2, W // 2, 3, dev), txt_ids=torch.zeros(emb.shape[1], 3,
                   device=dev), guidance=g, return_dict=False)[0]
         return unpack(out.float(), H, W)
     if family == "flux2":
         txt_ids = torch.zeros(B, emb.shape[1], 4, device=dev)
         txt_ids[..., 3] = torch.arange(emb.shape[1], device=dev)
-        out = dit(hidden_states=z.flatten(2).transpose(1, 2).to(dt), encoder_hidden_states=emb, timestep=t.to(dt),
+        out = dit(hidden_states=z.flatten(2).transpose(1, 2).to(dt), encoder_hidden_states=emb, timestep=t,
                   img_ids=grid_ids(H, W, 4, dev).expand(B, -1, -1), txt_ids=txt_ids, guidance=g, return_dict=False)[0]
         return out.float().transpose(1, 2).reshape(B, C, H, W)
     if family == "zimage":  # takes 1 - sigma, a list of (C, 1, H, W), and returns -v
-        out = dit(list(z.to(dt).unsqueeze(2).unbind(0)), (1 - t).to(dt), list(emb.unbind(0)), return_dict=False)[0]
+        out = dit(list(z.to(dt).unsqueeze(2).unbind(0)), 1 - t, list(emb.unbind(0)), return_dict=False)[0]
         return -torch.stack(out)[:, :, 0].float()
     if family == "sd3":  # takes sigma * 1000
         return dit(hidden_states=z.to(dt), encoder_hidden_states=emb, pooled_projections=cond["pooled"].to(dt),
-                   timestep=(t * 1000).to(dt), return_dict=False)[0].float()
+                   timestep=t * 1000, return_dict=False)[0].float()
     if family == "qwen":
         out = dit(hidden_states=pack(z).to(dt), encoder_hidden_states=emb, encoder_hidden_states_mask=cond.get("mask"),
-                  timestep=t.to(dt), img_shapes=[[(1, H // 2, W // 2)]] * B, return_dict=False)[0]
+                  timestep=t, img_shapes=[[(1, H // 2, W // 2)]] * B, return_dict=False)[0]
         return unpack(out.float(), H, W)
     raise ValueError(family)
 

@@ -275,9 +275,9 @@ class SRNet(nn.Module):
         x_lr = dit.pos_embed(z_lr.to(dt)).contiguous()  # the same patch embedding at the same positions
         m_lr = dit.pos_embed.proj(z_lr.to(dt))  # (B, D, H/p, W/p): the patch embedding alone, for the convolutions
         pooled = cond["pooled"].to(dt)
-        temb = dit.time_text_embed((t * 1000).to(dt), pooled)  # e_t: timestep + pooled text (B, D)
+        temb = dit.time_text_embed(t.float() * 1000, pooled)  # e_t: timestep (fp32, as SD3's pipeline) + pooled text
         if self.rt is not None:
-            temb = self.rt(dit.time_text_embed((r * 1000).to(dt), pooled), temb)  # e_{r,t}
+            temb = self.rt(dit.time_text_embed(r.float() * 1000, pooled), temb)  # e_{r,t}
         c = dit.context_embedder(cond["embeds"].to(dt))
         for block, lr in zip(dit.transformer_blocks, self.lr):
             if dit.gradient_checkpointing and torch.is_grad_enabled():

@@ -65,41 +65,51 @@ def test_patchify_roundtrip_and_pack_matches_pipelines():
     assert torch.equal(C.unpack(C.pack(z), 6, 8), z)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("preset", TINY)
-def test_velocity_matches_raw_diffusers_call(tiny_models, preset):
-    """common.velocity against the call each diffusers pipeline makes (its own packing,
-    ids and timestep convention), written out independently here."""
+def test_velocity_matches_the_pipelines_call(tiny_models, preset, dtype):
+    """common.velocity against the call each diffusers pipeline makes (its own packing, ids, timestep convention and
+    timestep dtype), written out independently here. In bf16 the timestep stays fp32 where the pipeline keeps it
+    (Z-Image, SD3): at these times bf16 would round it (251.3 -> 251, 0.7487 -> 0.75)."""
     from diffusers import Flux2KleinPipeline, FluxPipeline, QwenImagePipeline
     fam = C.PRESETS[preset].family
-    dit, _ = tiny_models[preset]
+    dit = tiny_models[preset][0].to(dtype)
     B, (H, W) = 2, ((4, 6) if fam == "flux2" else (8, 12))
     Cz = 128 if fam == "flux2" else 16
-    z, t = torch.randn(B, Cz, H, W), torch.tensor([0.25, 0.8])
+    z, t = torch.randn(B, Cz, H, W), torch.tensor([0.2513, 0.8377])
     cond = C.expand_cond(C.tiny_cond(dit, fam), B)
-    e = cond["embeds"]
-    with torch.no_grad():
-        v = C.velocity(fam, dit, z, t, cond)
-        if fam == "flux1":
-            out = dit(hidden_states=FluxPipeline._pack_latents(z, B, Cz, H, W), encoder_hidden_states=e,
-                      pooled_projections=cond["pooled"], timestep=t,
-                      img_ids=FluxPipeline._prepare_latent_image_ids(B, H // 2, W // 2, "cpu", torch.float32),
-                      txt_ids=torch.zeros(e.shape[1], 3), guidance=torch.full((B,), 3.5)).sample
-            ref = FluxPipeline._unpack_latents(out, H * 8, W * 8, 8)
-        elif fam == "flux2":
-            out = dit(hidden_states=Flux2KleinPipeline._pack_latents(z), encoder_hidden_states=e, timestep=t,
-                      img_ids=Flux2KleinPipeline._prepare_latent_ids(z), txt_ids=Flux2KleinPipeline._prepare_text_ids(e)).sample
-            ref = out.transpose(1, 2).reshape(B, Cz, H, W)
-        elif fam == "zimage":  # pipeline: timestep (1000 - t)/1000, prediction = -output
-            out = dit(list(z.unsqueeze(2).unbind(0)), 1 - t, list(e.unbind(0))).sample
-            ref = -torch.stack(out)[:, :, 0]
-        elif fam == "sd3":
-            ref = dit(hidden_states=z, encoder_hidden_states=e, pooled_projections=cond["pooled"], timestep=t * 1000).sample
-        else:
-            out = dit(hidden_states=QwenImagePipeline._pack_latents(z, B, Cz, H, W), encoder_hidden_states=e,
-                      encoder_hidden_states_mask=cond["mask"], timestep=t, img_shapes=[[(1, H // 2, W // 2)]] * B).sample
-            ref = QwenImagePipeline._unpack_latents(out, H * 8, W * 8, 8)[:, :, 0]
+    e = cond["embeds"].to(dtype)
+    lat = lambda x: x.to(dtype)  # the pipelines' latents are in the transformer's dtype, as their timesteps (FLUX, Qwen)
+    try:
+        with torch.no_grad():
+            v = C.velocity(fam, dit, z, t, cond)
+            if fam == "flux1":
+                out = dit(hidden_states=lat(FluxPipeline._pack_latents(z, B, Cz, H, W)), encoder_hidden_states=e,
+                          pooled_projections=cond["pooled"].to(dtype), timestep=lat(t),
+                          img_ids=FluxPipeline._prepare_latent_image_ids(B, H // 2, W // 2, "cpu", torch.float32),
+                          txt_ids=torch.zeros(e.shape[1], 3), guidance=torch.full((B,), 3.5)).sample
+                ref = FluxPipeline._unpack_latents(out.float(), H * 8, W * 8, 8)
+            elif fam == "flux2":
+                out = dit(hidden_states=lat(Flux2KleinPipeline._pack_latents(z)), encoder_hidden_states=e,
+                          timestep=lat(t), img_ids=Flux2KleinPipeline._prepare_latent_ids(z),
+                          txt_ids=Flux2KleinPipeline._prepare_text_ids(e)).sample
+                ref = out.float().transpose(1, 2).reshape(B, Cz, H, W)
+            elif fam == "zimage":  # pipeline: timestep (1000 - t)/1000 in fp32, prediction = -output
+                out = dit(list(lat(z).unsqueeze(2).unbind(0)), 1 - t, list(e.unbind(0))).sample
+                ref = -torch.stack(out)[:, :, 0].float()
+            elif fam == "sd3":  # pipeline: the scheduler's fp32 timesteps
+                ref = dit(hidden_states=lat(z), encoder_hidden_states=e, pooled_projections=cond["pooled"].to(dtype),
+                          timestep=t * 1000).sample.float()
+            else:
+                out = dit(hidden_states=lat(QwenImagePipeline._pack_latents(z, B, Cz, H, W)), encoder_hidden_states=e,
+                          encoder_hidden_states_mask=cond["mask"], timestep=lat(t),
+                          img_shapes=[[(1, H // 2, W // 2)]] * B).sample
+                ref = QwenImagePipeline._unpack_latents(out.float(), H * 8, W * 8, 8)[:, :, 0]
+    finally:
+        dit.float()
     assert v.shape == z.shape
-    torch.testing.assert_close(v, ref, atol=1e-5, rtol=1e-5)
+    tol = 1e-5 if dtype == torch.float32 else 0
+    torch.testing.assert_close(v, ref, atol=tol, rtol=tol)
 
 
 def test_sigma_convention_euler_lands_on_data():
