@@ -675,9 +675,10 @@ def save_checkpoint(out_dir, step, config, models, optimizers, extra=None, keep=
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         for name, m in models.items():
-            if getattr(m, "peft_config", None):
+            if getattr(m, "peft_config", None):  # with its rank and alpha where pipe.load_lora_weights reads them
+                meta = {f"transformer.{k}": v for k, v in m.peft_config["default"].to_dict().items()}
                 save_file(lora_state(m), os.path.join(tmp, _lora_file(name)),
-                          metadata={"lora_config": json.dumps(m.peft_config["default"].to_dict(), default=list)})
+                          metadata={"lora_adapter_metadata": json.dumps(meta, default=list)})
             sd = _trainable_state(m)
             if sd:
                 save_file(sd, os.path.join(tmp, f"{name}.safetensors"))

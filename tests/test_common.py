@@ -171,6 +171,29 @@ def test_lora_roundtrip_in_diffusers_format(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(C.lora_state(fresh).values(), sd.values()))
 
 
+def test_diffusers_loads_our_lora_with_its_alpha(tmp_path):
+    """A checkpoint's LoRA with alpha != rank, loaded by a diffusers pipeline (saved with save_pretrained) through
+    pipe.load_lora_weights, gives our transformer: the rank and alpha travel in diffusers' metadata key."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    none = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=C.load_vae("tiny-flux1"),
+                 transformer=C.load_dit("tiny-flux1"), **none).save_pretrained(tmp_path / "pipe")
+    ours = C.add_lora(C.load_dit("tiny-flux1"), "lora", 4, 8, ["to_q", "to_k", "to_v"])  # scale alpha / r = 2
+    for n, p in ours.named_parameters():
+        if "lora_" in n:
+            p.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(n)))
+    ckpt = C.save_checkpoint(str(tmp_path / "run"), 1, {}, {"dit": ours}, {})
+    pipe = FluxPipeline.from_pretrained(tmp_path / "pipe", **none)
+    pipe.load_lora_weights(ckpt)
+    z, cond = torch.randn(1, 16, 4, 4), C.tiny_cond(ours, "flux1")
+    with torch.no_grad():
+        want = C.velocity("flux1", ours, z, torch.tensor([0.5]), cond)
+        got = C.velocity("flux1", pipe.transformer, z, torch.tensor([0.5]), cond)
+        base = C.velocity("flux1", C.load_dit("tiny-flux1"), z, torch.tensor([0.5]), cond)
+    assert (want - base).abs().max() > 1e-2  # the LoRA matters
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_train_base_full_is_full_fine_tuning_and_checkpoints_the_whole_dit(tmp_path):
     dit = C.add_lora(C.load_dit("tiny-flux1"), "full", 0, 0, ["to_q"])
     assert not getattr(dit, "peft_config", None)
