@@ -104,11 +104,6 @@ def resolve_preset(model, default):
     return model
 
 
-def is_tiny(preset):
-    """A random miniature (no hub weights, no pretraining): its LPIPS/VGG/D backbones are random too."""
-    return PRESETS[preset].hub is None and not PRESETS[preset].pretrain
-
-
 def random_prompt(cfg):
     """True where the base has no text encoders (tiny and mini presets): prompts are fixed random stand-ins."""
     return PRESETS[cfg.model].hub is None and not cfg.model_path
@@ -533,13 +528,18 @@ def compute_init(seed=0):
     return r, world, device
 
 
-def setup(cfg):
-    """A training run's start: distributed init and seeds, the mini base (pretrained now if it is not cached yet),
+def setup(cfg, needs=()):
+    """A training run's start: the pretrained networks `needs` checked (a real preset) or said to be random stand-ins
+    (tiny, mini), before anything is built; distributed init; the mini base, pretrained now if it is not cached yet;
     the rank-0 logger with the config as its first line. Returns (rank, world, device, log)."""
+    check_weights(cfg, needs)
     r, world, device = compute_init(cfg.seed)
     prepare_base(cfg.model)
     log = Logger(cfg.out_dir, r == 0, device)
     log(json.dumps(dataclasses.asdict(cfg)))
+    if PRESETS[cfg.model].hub is None and [w for w in needs if w.flag != "model_path"]:
+        log(f"{cfg.model}: random stand-ins, nothing downloaded, for "
+            f"{', '.join(w.name for w in needs if w.flag != 'model_path')}")
     return r, world, device, log
 
 
@@ -943,30 +943,116 @@ def save_grid(path, x_lr, out, x_hr):
     torchvision.utils.save_image(rows, path, nrow=1, padding=2)
 
 
-def load_lpips(device, pretrained=True):
-    """VGG LPIPS on images in [0, 1]. Without the VGG weights (offline, tiny presets) the backbone is random
-    (pnet_rand, always drawn from seed 0, so it is one fixed network): fine for testing the code path and as
-    eval.py's offline LPIPS-rand, not for real training. `.pretrained` tells which."""
-    import lpips
-    net = None
-    if pretrained:
+# ----------------------------------------------------------------------------- pretrained networks
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision's ImageNet VGG16: LPIPS
+VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"  # torchvision's ImageNet VGG19: StrSR's FDL
+
+
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    """A pretrained network a real-preset run loads, from `source`: a hub repo id (`files` must be in the Hugging Face
+    cache, `a|b` either of two; prefetch downloads the `fetch` patterns, or those files), a URL (torch hub's cache),
+    or a local path given by `flag`."""
+    name: str
+    source: str
+    flag: str
+    files: tuple = ()
+    fetch: tuple = ()
+
+    def cache(self):
+        if self.source.startswith(("/", ".", "~")) or os.path.exists(self.source):
+            return "(a local path)"
+        return torch.hub.get_dir() if self.source.startswith("http") else "the Hugging Face cache"
+
+    def found(self):
+        """Whether it is there to load (nothing is downloaded)."""
+        if self.cache() == "(a local path)":
+            return os.path.exists(os.path.expanduser(self.source))
+        if self.source.startswith("http"):
+            return os.path.exists(hub_file(self.source))
+        from huggingface_hub import try_to_load_from_cache
+        return all(any(isinstance(try_to_load_from_cache(self.source, f), str) for f in alternatives.split("|"))
+                   for alternatives in self.files)
+
+
+def hub_file(url):
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+
+
+def base_weights(cfg, text=False):
+    """The base pipeline of cfg.model (its hub id, or --model_path): transformer and VAE, and with `text` the text
+    encoders and tokenizers that encode the run's prompt."""
+    n = {"flux1": 2, "flux2": 1, "zimage": 1, "sd3": 3, "qwen": 1}[PRESETS[cfg.model].family] if text else 0
+    parts = ["transformer", "vae"] + ["text_encoder" + s for s in ("", "_2", "_3")[:n]]
+    return Weights(f"{cfg.model} ({', '.join(parts)})", cfg.model_path or PRESETS[cfg.model].hub or cfg.model,
+                   "model_path", ("model_index.json",) + tuple(f"{p}/config.json" for p in parts),
+                   ("model_index.json", "scheduler/*", *(p + "/*" for p in parts)) + (("tokenizer*/*",) if n else ()))
+
+
+def check_weights(cfg, needs):
+    """On a real preset, every pretrained network the run needs must be there before anything is built: nothing is
+    downloaded, nothing replaced by a random stand-in. A clear exit lists each missing one and how to fetch it."""
+    missing = [w for w in needs if not w.found()] if PRESETS[cfg.model].hub else []
+    if missing:
+        method = os.path.splitext(os.path.basename(sys.modules[type(cfg).__module__].__file__))[0]
+        raise SystemExit("missing pretrained weights (nothing was built or downloaded):\n" + "".join(
+            f"  - {w.name}: {w.source} is not in {w.cache()}; or give a local copy: --{w.flag} PATH\n"
+            for w in missing) + "fetch them on a machine with internet (the same HF_HOME and TORCH_HOME), then train "
+            f"with HF_HUB_OFFLINE=1:\n  python common.py prefetch --method {method} --model {cfg.model}")
+
+
+def prefetch(needs):
+    """Download every network of `needs` into the standard caches, printing each with its size; the failures."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    failed = []
+    for w in needs:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                net = lpips.LPIPS(net="vgg", verbose=False)
+            if w.cache() == "(a local path)":
+                print(f"{w.name}: {w.source} (local, given by --{w.flag})")
+                continue
+            if w.source.startswith("http"):
+                os.makedirs(os.path.dirname(hub_file(w.source)), exist_ok=True)
+                if not os.path.exists(hub_file(w.source)):
+                    torch.hub.download_url_to_file(w.source, hub_file(w.source))
+                paths = [hub_file(w.source)]
+            elif w.fetch:
+                folder = snapshot_download(w.source, allow_patterns=list(w.fetch))
+                paths = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs]
+            else:
+                paths = []
+                for alternatives in w.files:
+                    for i, f in enumerate(alternatives.split("|")):
+                        try:
+                            paths.append(hf_hub_download(w.source, f))
+                            break
+                        except Exception:
+                            if i == alternatives.count("|"):
+                                raise
+            print(f"{w.name}: {w.source} ({sum(os.path.getsize(p) for p in paths) / 1e9:.2f} GB)")
         except Exception as e:
-            print(f"notice: LPIPS VGG weights unavailable ({type(e).__name__}); using a random backbone")
-    if net is None:
-        if not pretrained:
-            print("notice: LPIPS with a random VGG backbone (seed 0)")
-        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
-            warnings.simplefilter("ignore")
-            torch.manual_seed(0)
-            net = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+            failed.append(f"{w.name}: {w.source}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}")
+            print("failed: " + failed[-1])
+    return failed
+
+
+def load_lpips(device, weights="random"):
+    """VGG LPIPS on images in [0, 1]: the lpips package's linear heads on torchvision's ImageNet VGG16 read from
+    `weights` (a file, "" torch hub's cache), or, with "random", on a random VGG16 drawn from seed 0: the tiny and
+    mini presets' stand-in and eval.py's offline LPIPS-rand, one fixed network."""
+    import lpips
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        net = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+    if weights != "random":  # torchvision's features.<i> are the slices' <i>
+        sd = torch.load(weights or hub_file(VGG16_URL), map_location="cpu", weights_only=True)
+        net.net.load_state_dict({k: sd["features." + k.split(".", 1)[1]] for k in net.net.state_dict()})
     net = net.to(device).eval().requires_grad_(False)
-    fn = lambda x, y: net(x * 2 - 1, y * 2 - 1, normalize=False).mean()
-    fn.pretrained = not net.pnet_rand
-    return fn
+    return lambda x, y: net(x * 2 - 1, y * 2 - 1, normalize=False).mean()
+
+
+def lpips_weights(cfg):
+    return Weights("VGG16 of LPIPS", cfg.lpips_weights or VGG16_URL, "lpips_weights")
 
 
 # ----------------------------------------------------------------------------- mini bases
@@ -1157,12 +1243,26 @@ def pretrain(preset, vae_steps=200, dit_steps=None, batch=16, lr=5e-4, seed=0, o
 
 
 if __name__ == "__main__":
-    import argparse
-    ap = argparse.ArgumentParser(description="python common.py pretrain --model mini-<family>: pretrain a mini base")
-    ap.add_argument("command", choices=["pretrain"])
-    ap.add_argument("--model", required=True, help=", ".join(k for k in PRESETS if PRESETS[k].pretrain))
+    import argparse, importlib
+    ap = argparse.ArgumentParser(description="python common.py pretrain --model mini-<family>: pretrain a mini base; "
+                                 "python common.py prefetch --method M [--model P] [M's flags]: download what M needs")
+    ap.add_argument("command", choices=["pretrain", "prefetch"])
+    ap.add_argument("--model", default=None, help="pretrain: " + ", ".join(k for k in PRESETS if PRESETS[k].pretrain))
+    ap.add_argument("--method", default=None, help="prefetch: strsr, fluxsr, smfsr or teasr")
     ap.add_argument("--vae_steps", type=int, default=200)
     ap.add_argument("--dit_steps", type=int, default=None, help="default: the preset's (1000; mini-flux1 8000)")
     ap.add_argument("--out", default=None, help=f"default: {MINI_DIR}/<model>")
-    a = ap.parse_args()
-    pretrain(a.model if a.model in PRESETS else "mini-" + a.model, a.vae_steps, a.dit_steps, out=a.out)
+    a, rest = ap.parse_known_args()
+    if a.command == "pretrain":
+        pretrain(a.model if a.model in PRESETS else "mini-" + a.model, a.vae_steps, a.dit_steps, out=a.out)
+    else:  # the command line only imports a method and eval.py, the module never does
+        mod = importlib.import_module(a.method)
+        cfg = parse_config(mod.Config, (["--model", a.model] if a.model else []) + rest)
+        stages = getattr(mod, "STAGES", [getattr(cfg, "stage", None)])  # every stage's networks
+        needs = {w.source: w for st in stages for w in mod.pretrained(mod.resolve(
+            dataclasses.replace(cfg, stage=st) if st else cfg))}
+        failed = prefetch(needs.values()) + importlib.import_module("eval").prefetch()
+        if failed:
+            raise SystemExit(f"prefetch: {len(failed)} could not be downloaded (this needs the internet):\n  "
+                             + "\n  ".join(failed))
+        print(f"all there: train with HF_HUB_OFFLINE=1 (HF_HOME and TORCH_HOME as now)")

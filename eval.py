@@ -100,7 +100,7 @@ class Scorer:
         name, opts = next((m[1], m[2]) for m in METRICS if m[0] == col)
         if name is None:  # LPIPS-rand: the lpips package's heads on a seed-0 random VGG, no download
             with contextlib.redirect_stdout(io.StringIO()):
-                self.models[col] = common.load_lpips(self.device, pretrained=False)
+                self.models[col] = common.load_lpips(self.device, "random")
             return self.models[col]
         old = socket.getdefaulttimeout()
         socket.setdefaulttimeout(30)  # torch.hub downloads have no timeout of their own
@@ -421,6 +421,16 @@ def run_method(a, method, scorer, device, samplers=None):
 
 
 # --------------------------------------------------------------------------- main
+def prefetch():
+    """`python common.py prefetch`: every metric's weights into pyiqa's cache, each said; the failures."""
+    scorer = Scorer([c for c in COLS if c != "LPIPS-rand"], torch.device("cpu"))
+    for col in scorer.cols:
+        with contextlib.redirect_stdout(io.StringIO()):  # its reason is in the summary
+            ready = scorer.get(col) is not None
+        print(f"{col}: " + ("ready" if ready else "failed"))
+    return [f"{col}: {why}" for col, why in scorer.unavailable.items()]
+
+
 def heldout(method, build_sampler, out_dir, degrade="realesrgan"):
     """The end of a mini run: this table on the held-out sample photo, its LR made by the degradation the run trained
     on; bicubic and the method (`build_sampler`: the caller's own, so a running script is not imported again)."""

@@ -73,6 +73,7 @@ class Config:
     tv_gamma: float = 1.0         # ours: gamma, the TV term's weight in TV-LPIPS (Eq. 19)
     w_tv_lpips: float = 1.0       # ours: lambda, TV-LPIPS's weight in L_Rec (Eq. 21)
     w_adl: float = 0.01           # ours: mu, L_ADL's weight (Alg. 1 line 19); small, it acts on every block
+    lpips_weights: str = ""       # a local torchvision VGG16 file for TV-LPIPS (default: torch hub's cache)
     train_base: str = "lora"      # paper: a LoRA on the DiT; full: every DiT weight trains (ours, the mini)
     lora_rank: int = 64           # ours
     lora_alpha: float = 64.0      # ours: alpha = rank, LoRA scale 1
@@ -124,6 +125,12 @@ def resolve(cfg):
         raise SystemExit(f"--pair_batch {cfg.pair_batch} --T_L {cfg.T_L} --steps {cfg.steps}: expected pair_batch "
                          f">= 1, 0 < T_L < 1, and one step (Eq. 18)")
     return dataclasses.replace(cfg, model=preset, tile=cfg.tile or 128, overlap=cfg.overlap or 32)
+
+
+def pretrained(cfg):
+    """Every pretrained network a run of cfg loads: checked before anything is built, fetched by `python common.py
+    prefetch --method fluxsr`. The text encoders encode the empty prompt once."""
+    return [common.base_weights(cfg, text=True)] + ([common.lpips_weights(cfg)] if cfg.w_tv_lpips else [])
 
 
 # ----------------------------------------------------------------------------- model
@@ -373,7 +380,7 @@ def train(cfg):
     cfg = resolve(cfg)
     if cfg.make_pairs:
         return make_pairs(cfg)
-    rank, world, device, log = common.setup(cfg)
+    rank, world, device, log = common.setup(cfg, pretrained(cfg))
     man_file = os.path.join(cfg.data, "pairs.json")
     if os.path.exists(man_file):
         with open(man_file) as f:
@@ -396,7 +403,8 @@ def train(cfg):
     feats = BlockFeatures(dit)
     with torch.random.fork_rng(devices=[]):  # offline its backbone is random: the same on every rank
         torch.manual_seed(cfg.seed)
-        lpips = common.load_lpips(device, pretrained=not common.is_tiny(cfg.model)) if cfg.w_tv_lpips else None
+        random_nets = common.PRESETS[cfg.model].hub is None
+        lpips = common.load_lpips(device, "random" if random_nets else cfg.lpips_weights) if cfg.w_tv_lpips else None
     cond = common.fixed_prompt(cfg, dit, device, cfg.out_dir)
     cond2 = common.expand_cond(cond, 2 * cfg.micro_batch)
 

@@ -106,6 +106,7 @@ class Config:
     w_isc: float = 1.0            # Sec. 4: lambda_1 (Eq. 20)
     w_rec: float = 1.0            # Sec. 4: lambda_2
     w_lpips: float = 1.0          # Eq. 19: L_Rec = MSE + LPIPS
+    lpips_weights: str = ""       # a local torchvision VGG16 file for LPIPS (default: torch hub's cache)
     w_vsd: float = 1.0            # Sec. 4: lambda_3
     w_gan: float = 0.5            # Sec. 4: lambda_4
     vsd_t_min: float = 0.02       # ours: t ~ U(vsd_t_min, vsd_t_max) in Eqs. 15-16 (DMD's range)
@@ -113,7 +114,7 @@ class Config:
     fake_rank: int = 64           # ours: LoRA rank (= alpha) of the fake score v_phi'
     train_base: str = "none"      # paper: none, only the LR layers train; lora: and a LoRA on the base; full (ours)
     lora_rank: int = 128          # ours: rank (= alpha) of --train_base lora
-    disc_model: str = "facebook/dinov3-vitb16-pretrain-lvd1689m"  # ours: DINOv3 ViT-B/16 (the paper names no size)
+    disc_model: str = "facebook/dinov3-vitb16-pretrain-lvd1689m"  # ours: DINOv3 ViT-B/16 (hub id or local folder)
     disc_width: int = 256         # ours: channels of each discriminator head
     max_steps: int = 0            # 0: Sec. 4 for the stage (80k, 40k, 10k)
     batch_size: int = 0           # 0: Sec. 4 for the stage (32, 16, 8); global batch
@@ -166,6 +167,18 @@ def resolve(cfg):
     if cfg.tile % 2 or cfg.overlap % 2 or not 2 <= cfg.overlap <= cfg.tile // 2:
         raise SystemExit(f"--tile {cfg.tile} --overlap {cfg.overlap}: expected even, 2 <= overlap <= tile / 2")
     return cfg
+
+
+def pretrained(cfg):
+    """Every pretrained network a run of cfg loads: checked before anything is built, fetched by `python common.py
+    prefetch --method smfsr`. The text encoders encode the captions (or the empty prompt) once."""
+    needs = [common.base_weights(cfg, text=True)]
+    if cfg.stage == "gan" and cfg.w_gan:
+        needs.append(common.Weights("DINOv3 (the discriminator, Eqs. 17-18)", cfg.disc_model, "disc_model",
+                                    ("config.json", "model.safetensors"), ("*.json", "*.safetensors")))
+    if cfg.stage == "gan" and cfg.w_lpips:
+        needs.append(common.lpips_weights(cfg))
+    return needs
 
 
 # ----------------------------------------------------------------------------- model: LR injection, (r, t) embedding
@@ -606,6 +619,7 @@ def build_models(cfg, init, teacher_ckpt, device):
         raise SystemExit(f"--train_base {cfg.train_base}: the stage continues {init}, trained with --train_base "
                          f"{base_of(init)[0]} (lora_rank {base_of(init)[1]})")
     disc = lpips = teacher = None
+    random_nets = common.PRESETS[cfg.model].hub is None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         dit = load_base(cfg, dtype, cfg.train_base, cfg.lora_rank, init, src, train=True)
@@ -618,9 +632,9 @@ def build_models(cfg, init, teacher_ckpt, device):
         if gan and cfg.w_vsd:
             common.add_lora(t_dit, "lora", cfg.fake_rank, cfg.fake_rank, FAKE_LORA_TARGETS)  # v_phi' = v_phi at init
         if gan and cfg.w_gan:
-            disc = Discriminator(common.PRESETS[cfg.model].hub is None, cfg.disc_model, cfg.disc_width)
+            disc = Discriminator(random_nets, cfg.disc_model, cfg.disc_width)
         if gan and cfg.w_lpips:
-            lpips = common.load_lpips(device, pretrained=not common.is_tiny(cfg.model))
+            lpips = common.load_lpips(device, "random" if random_nets else cfg.lpips_weights)
     if init:
         load_net(teacher_ckpt, "teacher", teacher)
         load_net(init, src, net)
@@ -632,7 +646,7 @@ def train(cfg):
     cfg = resolve(cfg)
     init, teacher_ckpt = stage_inputs(cfg)
     cfg = dataclasses.replace(cfg, init_ckpt=init or "", teacher_ckpt=teacher_ckpt or "")  # config.json: gan reads it
-    rank, world, device, log = common.setup(cfg)
+    rank, world, device, log = common.setup(cfg, pretrained(cfg))
     gan = cfg.stage == "gan"
 
     # 1. models: one frozen SD3 (bf16 on GPU) shared by teacher, student and fake score with --train_base none; else

@@ -81,6 +81,7 @@ class Config:
     vlm: str = "Qwen/Qwen3-VL-4B-Instruct"  # paper
     vlm_prompt: str = "Describe this image in detail."  # ours: the paper does not give the wording
     vlm_max_pixels: int = 1024 * 1024  # ours: caps the VLM's input on huge images at sampling time
+    disc_ckpt: str = ""           # a local open_clip checkpoint of CLIP-ConvNeXt-XXLarge (default: laion's, the hub)
     disc_width: int = 512         # official: channels of the discriminator heads
     r1_noise: float = 0.005       # official: uniform noise scale on [-1, 1] images
     w_l1: float = 1.0             # paper: L1 weight (Eq. 11)
@@ -90,6 +91,8 @@ class Config:
     w_r1: float = 10.0            # paper: lambda_r1 (Eq. 9)
     fdl_phase: float = 1.0        # official: lambda_p, FDL's phase weight (Eq. 10)
     fdl_projections: int = 256    # official: random projections per VGG layer
+    lpips_weights: str = ""       # a local torchvision VGG16 file for LPIPS (default: torch hub's cache)
+    fdl_weights: str = ""         # a local torchvision VGG19 file for FDL (default: torch hub's cache)
     lr: float = 5e-6              # paper: generator (LoRA and condition MLP)
     lr_d: float = 1e-6            # paper: discriminator heads
     weight_decay: float = 0.01    # ours: torch AdamW default (the paper says "default betas")
@@ -114,6 +117,9 @@ MINI = dict(max_steps=600, crop=128, train_base="full", lr=1e-3, lr_d=1e-4, disc
             tile=16, overlap=4, grid_every=100, save_every=100, eval_heldout=True, w_lpips=0.0, degrade="bicubic")
 
 
+STAGES = ("1", "2")
+
+
 def resolve(cfg):
     """The concrete preset, crop and step count (0 defaults: the paper's, per stage); the flags checked."""
     common.check_choices(cfg, stage=("1", "2"), cond=("vlm", "none", "text"), train_base=("lora", "full"))
@@ -123,6 +129,25 @@ def resolve(cfg):
         raise SystemExit(f"--model {preset}: StrSR is defined on the flux2 and zimage families")
     return dataclasses.replace(cfg, model=preset, crop=cfg.crop or 1024,
                                max_steps=cfg.max_steps or {"1": 40000, "2": 20000}[cfg.stage])
+
+
+CLIP_HUB = "laion/CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg-soup"  # open_clip's laion2b_s34b_b82k_augreg_soup
+
+
+def pretrained(cfg):
+    """Every pretrained network a run of cfg loads: checked before anything is built, fetched by `python common.py
+    prefetch --method strsr`."""
+    needs = [common.base_weights(cfg, text=cfg.cond == "text")]
+    if cfg.cond == "vlm":
+        needs.append(common.Weights("Qwen3-VL (E_vlm, Eq. 5)", cfg.vlm, "vlm", ("config.json", "tokenizer.json"),
+                                    ("*.json", "*.safetensors", "*.txt")))
+    needs.append(common.Weights("CLIP ConvNeXt-XXLarge (C, Sec. 3.3)", cfg.disc_ckpt or CLIP_HUB, "disc_ckpt",
+                                ("open_clip_model.safetensors|open_clip_pytorch_model.bin",)))
+    if cfg.w_lpips:
+        needs.append(common.lpips_weights(cfg))
+    if cfg.stage == "2" and cfg.w_fdl:
+        needs.append(common.Weights("VGG19 of FDL (Eq. 10)", cfg.fdl_weights or common.VGG19_URL, "fdl_weights"))
+    return needs
 
 
 # ----------------------------------------------------------------------------- generator and dual encoder
@@ -290,7 +315,7 @@ class Discriminator(nn.Module):
     """C(x) in Eq. (7): features of the first three ConvNeXt stages and the pooled CLIP embedding of a frozen CLIP
     image tower, each read by a trainable head; returns a list of logits (B, N_level)."""
 
-    def __init__(self, random_net, width=512):
+    def __init__(self, random_net, width=512, ckpt=""):
         super().__init__()
         import open_clip, timm
         if random_net:  # the same timm ConvNeXt class and block structure, random weights
@@ -300,7 +325,7 @@ class Discriminator(nn.Module):
                                           dims=(16, 32, 64, 128), num_classes=0)
                 proj = nn.Linear(128, 32, bias=False)
         else:  # paper: CLIP-ConvNeXt-XXLarge, LAION-2B (dims 384/768/1536/3072, embedding 1024)
-            clip = open_clip.create_model("convnext_xxlarge", pretrained="laion2b_s34b_b82k_augreg_soup")
+            clip = open_clip.create_model("convnext_xxlarge", pretrained=ckpt or "laion2b_s34b_b82k_augreg_soup")
             trunk, proj = clip.visual.trunk, clip.visual.head.proj
         self.trunk, self.proj = trunk.requires_grad_(False).eval(), proj.requires_grad_(False).eval()
         self.heads = nn.ModuleList(head(f["num_chs"], width) for f in trunk.feature_info[:3])
@@ -365,26 +390,21 @@ VGG19_RELU = (3, 8, 17, 26, 35)  # relu1_2, relu2_2, relu3_4, relu4_4, relu5_4 i
 
 
 class FDLFeatures(nn.Module):
-    """phi of Eq. (10): frozen VGG19 features (ImageNet weights; random offline) and, per layer, the fixed random
-    projections of the sliced Wasserstein distance (5x5 kernels over all channels, each L2-normalised, drawn once)."""
+    """phi of Eq. (10): frozen VGG19 features (torchvision's ImageNet weights from `weights`, a file or "" torch hub's
+    cache; "random": a random VGG19, the tiny and mini presets' stand-in) and, per layer, the fixed random projections
+    of the sliced Wasserstein distance (5x5 kernels over all channels, each L2-normalised, drawn once)."""
 
-    def __init__(self, pretrained=True, projections=256, kernel=5):
+    def __init__(self, weights="random", projections=256, kernel=5):
         super().__init__()
         import torchvision
-        vgg = None
-        if pretrained:
-            try:
-                vgg = torchvision.models.vgg19(weights="IMAGENET1K_V1").features
-            except Exception as e:
-                print(f"notice: VGG19 weights unavailable ({type(e).__name__}); FDL uses a random VGG19")
-        if vgg is None:
-            if not pretrained:
-                print("notice: FDL with a random VGG19 (tiny preset)")
-            vgg = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["E"])
+        vgg = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["E"])  # VGG19's features
+        if weights != "random":
+            sd = torch.load(weights or common.hub_file(common.VGG19_URL), map_location="cpu", weights_only=True)
+            vgg.load_state_dict({k.removeprefix("features."): v for k, v in sd.items() if k.startswith("features.")})
         self.vgg = vgg[:VGG19_RELU[-1] + 1].requires_grad_(False).eval()
         g = torch.Generator().manual_seed(0)
         for i, c in enumerate((64, 128, 256, 512, 512)):
-            k = torch.randn(projections, c, kernel, kernel)
+            k = torch.randn(projections, c, kernel, kernel, generator=g)
             self.register_buffer(f"proj{i}", k / k.flatten(1).norm(dim=1).view(-1, 1, 1, 1), persistent=False)
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
@@ -499,16 +519,17 @@ def resume(cfg, models, optimizers, log):
 
 def train(cfg):
     cfg = resolve(cfg)
-    rank, world, device, log = common.setup(cfg)
+    rank, world, device, log = common.setup(cfg, pretrained(cfg))
     family, random_nets = common.PRESETS[cfg.model].family, common.PRESETS[cfg.model].hub is None
 
     # 1. models: LoRA generator + condition MLP train; VLM, VAE, D backbone, VGG, LPIPS frozen
     with torch.random.fork_rng(devices=[]):  # the same initial weights on every rank
         torch.manual_seed(cfg.seed)
         dit, vae, cond = build_generator(cfg, device)
-        disc = Discriminator(random_nets, cfg.disc_width).to(device)
-        lpips = common.load_lpips(device, pretrained=not common.is_tiny(cfg.model)) if cfg.w_lpips else None
-        phi = FDLFeatures(not random_nets, cfg.fdl_projections).to(device) if cfg.stage == "2" else None
+        disc = Discriminator(random_nets, cfg.disc_width, cfg.disc_ckpt).to(device)
+        lpips = common.load_lpips(device, "random" if random_nets else cfg.lpips_weights) if cfg.w_lpips else None
+        phi = FDLFeatures("random" if random_nets else cfg.fdl_weights, cfg.fdl_projections).to(device) \
+            if cfg.stage == "2" else None
     common.checkpointing(cfg, device, dit, vae)
     if cfg.grad_ckpt and device.type == "cuda":
         disc.trunk.set_grad_checkpointing(True)

@@ -93,6 +93,7 @@ class Config:
     w_cons: float = 0.25          # ours: lambda_cons (Eq. 5), 0.25 per auxiliary term as the authors' precursor
     w_data: float = 1.0           # ours: lambda_data (Eq. 13), the anchor of the one-step estimate
     w_lpips: float = 1.0          # ours: lambda_lpips inside L_data (Eq. 13)
+    lpips_weights: str = ""       # a local torchvision VGG16 file for LPIPS (default: torch hub's cache)
     w_adv: float = 0.25           # ours: lambda_adv (Eq. 8), the precursor's
     w_rect: float = 0.25          # ours: lambda_rect (Eq. 11), the precursor's
     tar_min_s: float = 0.05       # ours: w(s) = (1 - s)^2 / max(s, tar_min_s); Eq. 14 is infinite at s = 0
@@ -142,6 +143,12 @@ def resolve(cfg):
         raise SystemExit(f"--crop {cfg.crop} --steps {cfg.steps} --tile {cfg.tile} --overlap {cfg.overlap}: "
                          f"expected a multiple of 16, N >= 1, even tiles with 2 <= overlap <= tile / 2")
     return cfg
+
+
+def pretrained(cfg):
+    """Every pretrained network a run of cfg loads: checked before anything is built, fetched by `python common.py
+    prefetch --method teasr`. The text encoder encodes the empty prompt once."""
+    return [common.base_weights(cfg, text=True)] + ([common.lpips_weights(cfg)] if cfg.w_lpips else [])
 
 
 # ----------------------------------------------------------------------------- model: the dual-branch DiT
@@ -340,7 +347,7 @@ def build_sampler(flags, device=None):
 # ----------------------------------------------------------------------------- training
 def train(cfg):
     cfg = resolve(cfg)
-    rank, world, device, log = common.setup(cfg)
+    rank, world, device, log = common.setup(cfg, pretrained(cfg))
 
     # 1. models: one DiT in memory, the frozen base in bf16 on GPU; trainable: the condition LoRA + t_tar embedder
     #    (--train_base full: and the base itself, in fp32)
@@ -349,7 +356,8 @@ def train(cfg):
     with torch.random.fork_rng(devices=[]):  # the same init on every rank
         torch.manual_seed(cfg.seed)
         branch = CondBranch(dit, cfg.lora_rank, cfg.lora_alpha, cfg.fused_t)
-        lpips = common.load_lpips(device, pretrained=not common.is_tiny(cfg.model)) if cfg.w_lpips else None
+        random_nets = common.PRESETS[cfg.model].hub is None
+        lpips = common.load_lpips(device, "random" if random_nets else cfg.lpips_weights) if cfg.w_lpips else None
     cond = common.fixed_prompt(cfg, dit, device, cfg.out_dir, cfg.prompt)  # the text encoder before the DiT, not with
     dit, branch = dit.to(device), branch.to(device).train()
     vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device)

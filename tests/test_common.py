@@ -363,9 +363,41 @@ def test_resolve_preset():
         C.resolve_preset("sdxl", "flux2-klein")
 
 
-def test_lpips_is_zero_on_identical_and_positive_otherwise(capsys):
-    lp = C.load_lpips("cpu", pretrained=False)
-    assert "random" in capsys.readouterr().out
+def test_lpips_is_zero_on_identical_and_positive_otherwise():
+    lp = C.load_lpips("cpu")
     x = torch.rand(1, 3, 32, 32)
     assert float(lp(x, x)) == pytest.approx(0, abs=1e-6)
     assert float(lp(x, x.flip(-1))) > 0
+
+
+def test_lpips_reads_a_local_vgg16_file(tmp_path):
+    """--lpips_weights FILE: torchvision's VGG16 state dict becomes LPIPS's backbone (features.<i> -> slice<n>.<i>),
+    the package's linear heads on top; the result differs from the random stand-in."""
+    import torchvision
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        vgg = torchvision.models.vgg16()
+    torch.save(vgg.state_dict(), tmp_path / "vgg16.pth")
+    x, y = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
+    import lpips
+    ref = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+    for i, layer in enumerate(vgg.features[:30]):  # lpips' slices hold torchvision's features 0..29 by index
+        slice_ = next(s for s in (ref.net.slice1, ref.net.slice2, ref.net.slice3, ref.net.slice4, ref.net.slice5)
+                      if str(i) in s._modules)
+        slice_._modules[str(i)] = layer
+    want = ref(x * 2 - 1, y * 2 - 1).mean()
+    got = C.load_lpips("cpu", str(tmp_path / "vgg16.pth"))(x, y)
+    torch.testing.assert_close(got, want)
+    assert abs(float(got) - float(C.load_lpips("cpu")(x, y))) > 1e-4
+
+
+def test_prefetch_without_internet_says_so(tmp_path):
+    """Offline, `python common.py prefetch` fails with one clear message per network and no traceback."""
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"))
+    import subprocess
+    from helpers import ENV, ROOT
+    r = subprocess.run([sys.executable, "common.py", "prefetch", "--method", "teasr"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**ENV, **{k: env[k] for k in ("HF_HOME", "TORCH_HOME")}})
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "could not be downloaded (this needs the internet)" in r.stderr
+    assert "Qwen/Qwen-Image-2512" in r.stderr and "VGG16 of LPIPS" in r.stderr and "NIQE" in r.stderr

@@ -2,7 +2,7 @@
 over a preset, --help), exact resume, two ranks under torchrun equal to one process, and train -> sample (the CLI) ->
 eval.py. FluxSR runs on four tiny teacher pairs; SMFSR's checks use its gan stage (the most state) on a tiny teacher
 -> isc chain."""
-import glob, importlib, json, os, shutil, sys
+import dataclasses, glob, importlib, json, os, shutil, sys
 
 import pytest
 import torch
@@ -82,6 +82,34 @@ def test_help_lists_every_flag_with_its_default_and_source(method):
         assert f"--{f.name}" in text and f.name in comments, f.name
         assert f"(default: {f.default})" in text, f.name
     assert "paper" in text and "ours" in text
+
+
+EXPECTED = {"strsr": ["flux2-klein", "Qwen3-VL", "CLIP ConvNeXt-XXLarge", "VGG16 of LPIPS"],
+            "fluxsr": ["flux1-dev (transformer, vae, text_encoder, text_encoder_2)", "VGG16 of LPIPS"],
+            "smfsr": ["sd35-medium (transformer, vae, text_encoder, text_encoder_2, text_encoder_3)"],
+            "teasr": ["qwen-image (transformer, vae, text_encoder)", "VGG16 of LPIPS"]}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_real_preset_without_its_weights_stops_at_once(method, tmp_path):
+    """`python M.py` (the paper's base) offline with empty caches: a non-zero exit within a minute, before any model is
+    built, listing every missing network with where it was looked for and the prefetch command; no traceback."""
+    import subprocess, time
+    from helpers import ENV
+    env = {**ENV, "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch"), "HF_HUB_OFFLINE": "1"}
+    t0 = time.time()
+    r = subprocess.run([sys.executable, f"{method}.py", "--out_dir", str(tmp_path / "out")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and time.time() - t0 < 60
+    assert "Traceback" not in r.stderr and "missing pretrained weights" in r.stderr, r.stderr[-2000:]
+    assert all(name in r.stderr for name in EXPECTED[method]), r.stderr
+    assert f"python common.py prefetch --method {method}" in r.stderr and "not in the Hugging Face cache" in r.stderr
+    assert not (tmp_path / "out").exists()  # nothing was started
+    mod = importlib.import_module(method)  # with local copies given, the check passes
+    cfg = mod.resolve(C.configure(mod.Config))
+    local = {w.flag: str(tmp_path) for w in mod.pretrained(cfg)}
+    cfg = dataclasses.replace(cfg, **{("model_path" if k == "model_path" else k): v for k, v in local.items()})
+    C.check_weights(cfg, mod.pretrained(cfg))
 
 
 # ----------------------------------------------------------------------------- training

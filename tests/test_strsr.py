@@ -16,7 +16,7 @@ def tiny():
     torch.manual_seed(0)
     dit, vae, cond = S.build_generator(cfg, torch.device("cpu"))
     disc = S.Discriminator(True, cfg.disc_width)
-    lpips = C.load_lpips(torch.device("cpu"), pretrained=False)
+    lpips = C.load_lpips(torch.device("cpu"))
     return cfg, dit, vae, cond, disc, lpips
 
 
@@ -60,7 +60,7 @@ def test_r1_approx_zero_for_constant_d_and_equals_r1_for_linear_d():
 
 def test_fdl_zero_on_identical_and_grows_with_blur(capsys):
     import torchvision.transforms.functional as TF
-    phi = S.FDLFeatures(pretrained=False, projections=32)
+    phi = S.FDLFeatures("random", projections=32)
     x = C.sample_photos(["brick"])[0][None, :, :64, :64]
     assert S.fdl_loss(phi, x, x.clone()).item() == 0.0
     losses = [S.fdl_loss(phi, x, TF.gaussian_blur(x, 15, s)).item() for s in (0.5, 1.0, 2.0, 4.0)]
