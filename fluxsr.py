@@ -287,16 +287,16 @@ def pair_noise(seed, i, shape):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
 
 
-def write_pair(folder, i, eps, z_hr, x_hr):
-    """Pair i = one safetensors file (eps, z_0, x_0 as 8-bit), written under a temp name and renamed, so a killed run
-    leaves the whole pair or none; a PNG of x_0 first, for people."""
+def write_pair(folder, i, eps, z_hr, x_hr, manifest):
+    """Pair i = one safetensors file (eps, z_0, x_0 as 8-bit; the manifest in its metadata), written under a temp
+    name and renamed, so a killed run leaves the whole pair or none; a PNG of x_0 first, for people."""
     from safetensors.torch import save_file
     name, tmp = os.path.join(folder, f"pair-{i:06d}"), os.path.join(folder, f".tmp-pair-{i:06d}")
     common.save_image(x_hr, tmp + ".png")
     os.replace(tmp + ".png", name + ".png")
     x8 = x_hr.clamp(0, 1).mul(255).round().to(torch.uint8)
     save_file({"eps": eps[0].float().cpu().contiguous(), "z_0": z_hr[0].float().cpu().contiguous(),
-               "x_0": x8[0].cpu().contiguous()}, tmp + ".safetensors")
+               "x_0": x8[0].cpu().contiguous()}, tmp + ".safetensors", metadata={"manifest": json.dumps(manifest)})
     os.replace(tmp + ".safetensors", name + ".safetensors")
 
 
@@ -305,30 +305,70 @@ def pair_manifest(cfg):
             "guidance": cfg.guidance, "seed": cfg.seed}
 
 
+def read_json(path):
+    """A JSON file's content, or None where it is missing or damaged."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def pair_damage(path):
+    """Why a pair file cannot be read, or None: its safetensors header (8-byte length, JSON) must parse and name eps,
+    z_0 and x_0, and the data it describes must fill the file (a truncated copy does not)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n > size - 8:
+            return f"header of {n} bytes in a file of {size}"
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return "its header is not JSON"
+    if not {"eps", "z_0", "x_0"} <= set(header):
+        return "it holds no eps, z_0 and x_0"
+    end = 8 + n + max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+    return None if end == size else f"truncated: {size} of {end} bytes"
+
+
+def damaged_pairs(folder):
+    """[(file, why)] of a pairs folder that cannot be read: the manifest, and every pair file (header and size)."""
+    bad = [] if read_json(os.path.join(folder, "pairs.json")) is not None or not os.path.exists(
+        os.path.join(folder, "pairs.json")) else [("pairs.json", "not a JSON manifest")]
+    for f in sorted(glob.glob(os.path.join(folder, "pair-*.safetensors"))):
+        why = pair_damage(f)
+        if why:
+            bad.append((os.path.basename(f), why))
+    return bad
+
+
 def make_pairs(cfg):
-    """Sample the frozen teacher from stored noise; pair i on rank i % world. Pairs already on disk are skipped, so
-    a killed run continues where it stopped."""
+    """Sample the frozen teacher from stored noise; pair i on rank i % world. Pairs already on disk (and readable) are
+    skipped, so a killed run continues where it stopped, and a damaged pair or manifest is written again."""
     cfg = resolve(cfg)
     rank, world, device = common.compute_init(cfg.seed)
     os.makedirs(cfg.data, exist_ok=True)
     man_file, manifest = os.path.join(cfg.data, "pairs.json"), pair_manifest(cfg)
-    if rank == 0 and not os.path.exists(man_file):
+    if rank == 0 and read_json(man_file) is None:  # new, or damaged: these settings (each pair also holds its own)
         with open(man_file + ".tmp", "w") as f:
             json.dump(manifest, f, indent=1)
         os.replace(man_file + ".tmp", man_file)
     if world > 1:
         dist.barrier()
-    with open(man_file) as f:
-        if json.load(f) != manifest:
-            raise SystemExit(f"{cfg.data} holds pairs made with other settings ({man_file}); use a new --data")
+    files = {i: os.path.join(cfg.data, f"pair-{i:06d}.safetensors") for i in range(rank, cfg.make_pairs, world)}
+    good = [i for i, f in files.items() if os.path.exists(f) and not pair_damage(f)]
+    from safetensors import safe_open
+    made = {json.dumps(json.loads((safe_open(files[i], "pt").metadata() or {}).get("manifest", "null")))
+            for i in good} - {"null"}
+    if read_json(man_file) != manifest or made - {json.dumps(manifest)}:
+        raise SystemExit(f"{cfg.data} holds pairs made with other settings ({man_file}); use a new --data")
     dtype = common.weight_dtype(device)
     dit = common.load_dit(cfg.model, cfg.model_path or None, dtype).to(device).requires_grad_(False).eval()
     vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device)
     cond = common.fixed_prompt(cfg, dit, device, cfg.data)
-    h = cfg.pair_size // 8
-    mine = range(rank, cfg.make_pairs, world)
-    todo = [i for i in mine if not os.path.exists(os.path.join(cfg.data, f"pair-{i:06d}.safetensors"))]
-    print(f"rank {rank}: {len(todo)} of {len(mine)} pairs to write", flush=True)
+    h, todo = cfg.pair_size // 8, [i for i in files if i not in good]
+    print(f"rank {rank}: {len(todo)} of {len(files)} pairs to write", flush=True)
     from tqdm import tqdm
     bar = tqdm(total=len(todo), desc="pairs", disable=rank != 0)
     for k in range(0, len(todo), cfg.pair_batch):  # --pair_batch pairs per teacher call
@@ -338,7 +378,7 @@ def make_pairs(cfg):
             z_hr = teacher_sample(dit, eps, cond, cfg.teacher_steps, cfg.guidance)
             x_hr = common.decode(vae, "flux1", z_hr).clamp(0, 1)
         for j, i in enumerate(idx):
-            write_pair(cfg.data, i, eps[j:j + 1], z_hr[j:j + 1], x_hr[j:j + 1])
+            write_pair(cfg.data, i, eps[j:j + 1], z_hr[j:j + 1], x_hr[j:j + 1], manifest)
         bar.update(len(idx))
     bar.close()
     if world > 1:
@@ -380,14 +420,17 @@ def train(cfg):
     cfg = resolve(cfg)
     if cfg.make_pairs:
         return make_pairs(cfg)
+    bad = damaged_pairs(cfg.data)  # before anything is built: every pair's header and size, and the manifest
+    if bad:
+        n = len(glob.glob(os.path.join(cfg.data, "pair-*.safetensors")))
+        raise SystemExit(f"{cfg.data}: {len(bad)} damaged:\n" + "".join(f"  - {f}: {why}\n" for f, why in bad) +
+                         f"make exactly these again (the settings they were made with, as for the others):\n  python "
+                         f"fluxsr.py --model {cfg.model} --make_pairs {n} --data {cfg.data}")
     rank, world, device, log = common.setup(cfg, pretrained(cfg))
-    man_file = os.path.join(cfg.data, "pairs.json")
-    if os.path.exists(man_file):
-        with open(man_file) as f:
-            man = json.load(f)
-        if man["preset"] != cfg.model or man["pair_size"] < cfg.crop:
-            raise SystemExit(f"pairs in {cfg.data} are {man['preset']} at {man['pair_size']} px; training "
-                             f"{cfg.model} with crop {cfg.crop} needs pairs from the same base, at least crop px")
+    man = read_json(os.path.join(cfg.data, "pairs.json"))
+    if man and (man["preset"] != cfg.model or man["pair_size"] < cfg.crop):
+        raise SystemExit(f"pairs in {cfg.data} are {man['preset']} at {man['pair_size']} px; training {cfg.model} "
+                         f"with crop {cfg.crop} needs pairs from the same base, at least crop px")
     ds = PairDataset(cfg.data, cfg.crop)  # before the models: a missing folder fails fast
 
     # 1. models (Alg. 1 line 3): v_theta <- the base + a trainable LoRA; the VAE frozen; no teacher in memory

@@ -217,6 +217,30 @@ def test_make_pairs_resumes_after_kill_without_duplicates(tmp_path, monkeypatch,
         M.make_pairs(_pairs_cfg(tmp_path, guidance=2.0))
 
 
+def test_damaged_pairs_are_named_at_start_and_made_again(tmp_path, clean_pairs):
+    """A truncated pair file and a damaged pairs.json: training stops before anything is built, naming both and the
+    command; --make_pairs writes exactly the damaged pair again (the others untouched) and the manifest; then the run
+    trains."""
+    for f in os.listdir(clean_pairs):
+        shutil.copy(clean_pairs / f, tmp_path / f)
+    data = (tmp_path / "pair-000002.safetensors").read_bytes()
+    (tmp_path / "pair-000002.safetensors").write_bytes(data[: len(data) // 2])
+    (tmp_path / "pairs.json").write_bytes(b"\x93\xff not json")
+    kw = dict(model="tiny", data=str(tmp_path), out_dir=str(tmp_path / "run"), max_steps=1, batch_size=1, num_workers=0)
+    with pytest.raises(SystemExit) as e:
+        M.train(C.configure(M.Config, **kw))
+    msg = str(e.value)
+    assert "pair-000002.safetensors: truncated" in msg and "pairs.json: not a JSON manifest" in msg
+    assert "--make_pairs 4" in msg and not (tmp_path / "run").exists()
+    mtimes = {f: os.path.getmtime(tmp_path / f) for f in ("pair-000000.safetensors", "pair-000003.safetensors")}
+    M.make_pairs(_pairs_cfg(tmp_path))
+    assert all(os.path.getmtime(tmp_path / f) == t for f, t in mtimes.items())
+    a, b = _read_pairs(tmp_path), _read_pairs(clean_pairs)
+    assert all(torch.equal(a[k]["z_0"], b[k]["z_0"]) for k in b) and M.damaged_pairs(str(tmp_path)) == []
+    M.train(C.configure(M.Config, **kw))
+    assert "step 1/1" in (tmp_path / "run" / "log.txt").read_text()
+
+
 def test_batched_teacher_calls_write_the_same_pairs(tmp_path, clean_pairs):
     """--pair_batch 3 over 4 pairs with pair 1 already on disk: pairs 0, 2, 3 in one teacher call,
     each equal to the one-at-a-time pair (a pair depends on its index, not on its batch)."""
