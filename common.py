@@ -602,13 +602,21 @@ def reduce_mean(stats):
     return dict(zip(stats, (t / dist.get_world_size()).tolist()))
 
 
-def shard_fsdp2(dit):
-    """FSDP2 for bases that do not fit one GPU: shard each transformer block, then the root."""
+def shard_fsdp2(dit, log):
+    """FSDP2 for bases that do not fit one GPU: each transformer block, then the root, sharded over the ranks. Only the
+    frozen base is sharded: the trained weights (the LoRA) stay whole on every rank, their gradients averaged as
+    without FSDP, so optimizer states and checkpoints are those of an unsharded run."""
     from torch.distributed.fsdp import fully_shard
-    for name in ("transformer_blocks", "single_transformer_blocks", "layers"):
-        for block in getattr(dit, name, []):
-            fully_shard(block)
-    return fully_shard(dit)
+    if not dist.is_initialized():
+        log("--fsdp: one process, nothing to shard over")
+        return dit
+    keep = {p for p in dit.parameters() if p.requires_grad}
+    blocks = [b for name in ("transformer_blocks", "single_transformer_blocks", "layers") for b in getattr(dit, name, [])]
+    for block in blocks:
+        fully_shard(block, ignored_params=keep)
+    log(f"FSDP2: {len(blocks)} blocks and the root sharded over {dist.get_world_size()} ranks, "
+        f"{len(keep)} trained tensors whole on each")
+    return fully_shard(dit, ignored_params=keep)
 
 
 def autocast(device, enabled=True):

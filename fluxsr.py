@@ -90,7 +90,7 @@ class Config:
     grid_every: int = 500         # ours
     num_workers: int = 2          # ours: data loader processes
     grad_ckpt: bool = True        # ours: gradient checkpointing of DiT and VAE decoder (GPU only)
-    fsdp: bool = False            # ours: FSDP2 sharding of the DiT (FLUX.1-dev is 12B)
+    fsdp: bool = False            # ours: FSDP2 sharding of the frozen DiT over the ranks (FLUX.1-dev is 12B)
     sample: bool = False          # sample instead of training: --ckpt, --input, --output
     ckpt: str = ""                # checkpoint folder, or an out_dir (its latest ckpt-*)
     input: str = ""               # LR image or folder
@@ -118,6 +118,8 @@ def resolve(cfg):
         raise SystemExit(f"--model {cfg.model}: FluxSR is defined on FLUX.1 (guidance-distilled, packed tokens)")
     common.check_choices(cfg, train_base=("lora", "full"))
     check_preset(cfg.degrade)
+    if cfg.fsdp and cfg.train_base == "full":
+        raise SystemExit("--fsdp shards the frozen base; with --train_base full none of it is frozen")
     if cfg.pair_size % 16 or cfg.crop % 16 or cfg.crop > cfg.pair_size:
         raise SystemExit(f"--crop {cfg.crop} and --pair_size {cfg.pair_size}: expected multiples of 16, crop <= "
                          f"pair_size")
@@ -442,7 +444,7 @@ def train(cfg):
     vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device)
     common.checkpointing(cfg, device, dit, vae)  # the VAE: the decoder's backward of line 14 at 1024 px
     if cfg.fsdp:
-        dit = common.shard_fsdp2(dit)
+        dit = common.shard_fsdp2(dit, log)
     feats = BlockFeatures(dit)
     with torch.random.fork_rng(devices=[]):  # offline its backbone is random: the same on every rank
         torch.manual_seed(cfg.seed)

@@ -72,7 +72,7 @@ class Config:
     grid_every: int = 500         # ours
     num_workers: int = 2          # ours: data loader processes
     grad_ckpt: bool = True        # official: gradient checkpointing of DiT, VAE and D backbone (GPU only)
-    fsdp: bool = False            # ours: FSDP2 sharding of the DiT (the 4B/6B bases fit one GPU without it)
+    fsdp: bool = False            # ours: FSDP2 sharding of the frozen DiT over the ranks (4B/6B fit one GPU without)
     train_base: str = "lora"      # paper: a LoRA on the DiT; full: every DiT weight trains (ours, the mini)
     lora_rank: int = 256          # paper
     lora_alpha: int = 256         # official
@@ -124,6 +124,8 @@ def resolve(cfg):
     """The concrete preset, crop and step count (0 defaults: the paper's, per stage); the flags checked."""
     common.check_choices(cfg, stage=("1", "2"), cond=("vlm", "none", "text"), train_base=("lora", "full"))
     check_preset(cfg.degrade)
+    if cfg.fsdp and cfg.train_base == "full":
+        raise SystemExit("--fsdp shards the frozen base; with --train_base full none of it is frozen")
     preset = common.resolve_preset(cfg.model, Config.model)
     if common.PRESETS[preset].family not in ("flux2", "zimage"):
         raise SystemExit(f"--model {preset}: StrSR is defined on the flux2 and zimage families")
@@ -534,7 +536,7 @@ def train(cfg):
     if cfg.grad_ckpt and device.type == "cuda":
         disc.trunk.set_grad_checkpointing(True)
     if cfg.fsdp:
-        dit = common.shard_fsdp2(dit)
+        dit = common.shard_fsdp2(dit, log)
 
     # 2. optimizers: AdamW with the default betas, separate learning rates (Sec. 4.1)
     opts = {"g": torch.optim.AdamW(common.trainable(dit, cond), lr=cfg.lr, weight_decay=cfg.weight_decay),

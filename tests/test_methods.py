@@ -154,13 +154,16 @@ def losses_logged(out):
 def test_two_ranks_equal_one_process(method, tmp_path, tmp_path_factory):
     """torchrun --standalone (a free port: the one scheme of every test) with two CPU ranks (gloo) gives the losses and
     weights of one process that accumulates the same global batch in two micro-batches: the same data, the same
-    random draws (seeded by the micro-batch's position in the run), the same averaged gradients."""
+    random draws (seeded by the micro-batch's position in the run), the same averaged gradients. The methods that
+    shard (--fsdp: StrSR, FluxSR) run sharded, and a sharded run resumes its step-1 checkpoint to the same step 2."""
     kw = {**flags(method, tmp_path_factory), "batch_size": 2, "micro_batch": 1}
     train(method, tmp_path / "one", tmp_path_factory, **kw)
-    args = [f"--{k}={v}" for k, v in {**kw, "out_dir": str(tmp_path / "two")}.items()]
-    r = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"{method}.py",
-             *args])
+    fsdp = "fsdp" in importlib.import_module(method).Config.__dataclass_fields__
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"{method}.py",
+                *[f"--{k}={v}" for k, v in {**kw, **({"fsdp": "true"} if fsdp else {})}.items()]]
+    r = run(torchrun + [f"--out_dir={tmp_path / 'two'}"])
     assert r.stdout.count("step 2/2") == 1  # rank 0 logs alone
+    assert fsdp == ("FSDP2: 2 blocks and the root sharded over 2 ranks" in r.stdout)
     one, two = losses_logged(tmp_path / "one"), losses_logged(tmp_path / "two")
     assert one.keys() == two.keys() == {"1/2", "2/2"}
     for k in one:
@@ -173,6 +176,13 @@ def test_two_ranks_equal_one_process(method, tmp_path, tmp_path_factory):
         a, b = load_file(f), load_file(str(tmp_path / "two" / "ckpt-0000002" / os.path.basename(f)))
         for k in (k for k in a if not k.endswith(("._u", "._v"))):  # the power iteration's own state
             torch.testing.assert_close(b[k], a[k], atol=atol, rtol=1e-4, msg=f"{os.path.basename(f)}:{k}")
+    if fsdp:
+        shutil.copytree(tmp_path / "two" / "ckpt-0000001", tmp_path / "resumed" / "ckpt-0000001")
+        run(torchrun + [f"--out_dir={tmp_path / 'resumed'}"])
+        assert losses_logged(tmp_path / "resumed")["2/2"] == two["2/2"]
+        for f in glob.glob(str(tmp_path / "two" / "ckpt-0000002" / "*.safetensors")):
+            a, b = load_file(f), load_file(str(tmp_path / "resumed" / "ckpt-0000002" / os.path.basename(f)))
+            assert all(torch.equal(a[k], b[k]) for k in a), f
 
 
 @pytest.mark.parametrize("method", METHODS)
