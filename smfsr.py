@@ -365,6 +365,10 @@ def load_net(ckpt, name, net):
     common.load_checkpoint(ckpt, {name: net})
 
 
+RANDOM_DINO = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                   num_register_tokens=4)  # tiny/mini: a small random DINOv3
+
+
 class Discriminator(nn.Module):
     """Frozen DINOv3 ViT + trainable heads (Eqs. 17-18). Features: the patch tokens of 4 evenly spaced layers, as a
     grid (ours, as ADD's DINOv2 discriminator); per level SN-Conv3x3 -> LReLU(0.2) -> SN-Conv1x1 -> patch logits.
@@ -373,9 +377,7 @@ class Discriminator(nn.Module):
     def __init__(self, random_net, hub, width):
         super().__init__()
         from transformers import DINOv3ViTConfig, DINOv3ViTModel
-        vit = (DINOv3ViTModel(DINOv3ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                              num_attention_heads=2, num_register_tokens=4))
-               if random_net else DINOv3ViTModel.from_pretrained(hub))
+        vit = DINOv3ViTModel(DINOv3ViTConfig(**RANDOM_DINO)) if random_net else DINOv3ViTModel.from_pretrained(hub)
         self.vit = vit.requires_grad_(False).eval()
         n, d = vit.config.num_hidden_layers, vit.config.hidden_size
         self.levels = [n * (i + 1) // 4 for i in range(4)]

@@ -313,6 +313,9 @@ def head(channels, width):
                          Blur(width), sn(nn.Conv2d(width, 1, 1)))
 
 
+RANDOM_TRUNK = (dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128)), 32)  # tiny/mini: a small random trunk, embedding
+
+
 class Discriminator(nn.Module):
     """C(x) in Eq. (7): features of the first three ConvNeXt stages and the pooled CLIP embedding of a frozen CLIP
     image tower, each read by a trainable head; returns a list of logits (B, N_level)."""
@@ -323,9 +326,8 @@ class Discriminator(nn.Module):
         if random_net:  # the same timm ConvNeXt class and block structure, random weights
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                trunk = timm.create_model("convnext_xxlarge", pretrained=False, depths=(1, 1, 1, 1),
-                                          dims=(16, 32, 64, 128), num_classes=0)
-                proj = nn.Linear(128, 32, bias=False)
+                trunk = timm.create_model("convnext_xxlarge", pretrained=False, num_classes=0, **RANDOM_TRUNK[0])
+                proj = nn.Linear(RANDOM_TRUNK[0]["dims"][-1], RANDOM_TRUNK[1], bias=False)
         else:  # paper: CLIP-ConvNeXt-XXLarge, LAION-2B (dims 384/768/1536/3072, embedding 1024)
             clip = open_clip.create_model("convnext_xxlarge", pretrained=ckpt or "laion2b_s34b_b82k_augreg_soup")
             trunk, proj = clip.visual.trunk, clip.visual.head.proj

@@ -1,253 +1,219 @@
-"""Cost of every method against its floor, on this machine (run by hand, not by pytest).
+"""What a training step and a one-step SR cost (run by hand, not by pytest).
 
-    python tests/bench.py                          # all methods, tiny + small presets, CPU
-    python tests/bench.py --methods strsr --presets small --steps 4
+    python tests/bench.py --gpu              # GPU readiness: each method at its paper setting on real-size random
+                                             # networks (no hub): 3 training steps and one-step SR to 1024 px
+    python tests/bench.py --gpu --sizes tiny # the same script on tiny networks, on any device (a check of the bench)
+    python tests/bench.py                    # CPU: the tiny and mini presets, ms per step and per SR
 
-Training: ms per step (median after a warm-up step); the DiT passes one step makes, counted
-with a hook on the first transformer block of every DiT the method builds (`fwd` without
-grad, `fwd+bwd` with grad) and weighed by batch x tokens, so a call on 2B latents or on LR +
-noise tokens counts as 2; the time of one such pass of the base DiT on the training latent of
-one micro-batch; overhead = step time / (passes x pass time): what the step spends outside the
-DiT (VAE, LPIPS, discriminator, data, degradation, optimizer).
-Inference: ms per image for one-step SR at 128->512 and 512->2048 (tiled), the ratio to
-VAE encode + one DiT forward + VAE decode at 512 (x16 by area for 2048), peak memory.
-Peak memory on CPU is the peak resident set above the start of the measured phase.
+The paper setting is each Config's defaults (bf16 frozen weights on GPU, the paper's LoRA rank, gradient
+checkpointing, the paper's crop) at batch 1 per GPU: StrSR stage 1 at 1024 px, FluxSR at 1024 px on two random
+teacher pairs, SMFSR's gan stage (the heaviest; after one step of teacher and isc) at 512 px, TEASR at 512 px. Every
+method runs in a fresh process, so its peak memory is its own. A method that does not fit says so (with one GPU
+there is nothing to shard over: a base that does not fit needs --fsdp across GPUs). Random bf16 weights may give
+NaN losses; speed and memory do not depend on them.
 """
-import argparse, dataclasses, importlib, json, os, platform, re, resource, statistics, subprocess, sys, tempfile, time
+import argparse, contextlib, functools, gc, json, os, platform, re, statistics, subprocess, sys, tempfile, time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
+import common  # noqa: E402
+from real_sizes import REAL, VAE, build, count  # noqa: E402
 
-# A few million parameters per DiT: the shape of the real models, scaled down.
-_KL = common.PRESETS["tiny-flux1"].vae
-SMALL = {
-    "small-flux1": common.Preset("flux1", None, "", dict(
-        in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=4,
-        joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(8, 12, 12)), _KL),
-    "small-flux2": common.Preset("flux2", None, "", dict(
-        in_channels=128, num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=4,
-        joint_attention_dim=64, timestep_guidance_channels=64, axes_dims_rope=(8, 8, 8, 8), guidance_embeds=False),
-        common.PRESETS["tiny-flux2"].vae),
-    "small-zimage": common.Preset("zimage", None, "", dict(
-        in_channels=16, dim=128, n_layers=4, n_refiner_layers=1, n_heads=4, n_kv_heads=4, cap_feat_dim=64,
-        axes_dims=[8, 12, 12], axes_lens=[256, 128, 128]), _KL),
-    "small-sd3": common.Preset("sd3", None, "", dict(
-        sample_size=32, in_channels=16, num_layers=6, attention_head_dim=32, num_attention_heads=4,
-        joint_attention_dim=64, caption_projection_dim=128, pooled_projection_dim=32, out_channels=16,
-        pos_embed_max_size=64), common.PRESETS["tiny-sd3"].vae),
-    "small-qwen": common.Preset("qwen", None, "", dict(
-        in_channels=64, out_channels=16, num_layers=6, attention_head_dim=32, num_attention_heads=4,
-        joint_attention_dim=64, axes_dims_rope=(8, 12, 12)), common.PRESETS["tiny-qwen"].vae),
-}
-common.PRESETS.update(SMALL)
-DEFAULT_FAMILY = {"strsr": "flux2", "fluxsr": "flux1", "smfsr": "sd3", "teasr": "qwen"}
-FIRST_BLOCK = ("transformer_blocks", "layers")
-_raw_load = common.load_dit  # the uncounted loader, for the reference passes
+METHODS = {"strsr": "flux2", "fluxsr": "flux1", "smfsr": "sd3", "teasr": "qwen"}
+BASE = {"flux1": "flux1-dev", "flux2": "flux2-klein", "zimage": "zimage", "sd3": "sd35-medium", "qwen": "qwen-image"}
 
 
-# --------------------------------------------------------------------------- measuring
-def peak_gb():
-    """Peak memory of this process so far: resident set on CPU (ru_maxrss: imports, models and all),
-    allocator peak on CUDA."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+@contextlib.contextmanager
+def building(device, dtype):
+    """Modules built inside are made on `device` in `dtype` directly (20B parameters never pass through the CPU)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(old)
 
 
-def _tokens(args, kwargs):
-    """Batch x tokens of the image stream entering the norm (its first tensor argument, (B, N, D))."""
-    h = args[0] if args else next(iter(kwargs.values()), None)
-    return h.shape[0] * h.shape[1] if torch.is_tensor(h) and h.dim() == 3 else 0
+def use_real_sizes(device, tiny):
+    """Make the method scripts build real-size random networks: presets real-<family> (no hub, so every network is a
+    random stand-in and nothing is downloaded) with the published configs, and the stand-ins at their real sizes."""
+    import smfsr, strsr
+    for fam, base in BASE.items():
+        small = common.PRESETS[f"tiny-{fam}"]
+        common.PRESETS[f"real-{fam}"] = common.Preset(fam, None, base, small.dit if tiny else REAL[base][2],
+                                                      small.vae if tiny else VAE[fam])
+    load = common._load
+
+    def load_on_device(cls_name, preset, path, sub, config, dtype):
+        with building(device, dtype):
+            return load(cls_name, preset, path, sub, config, dtype)
+    common._load = load_on_device
+    common.tiny_cond = functools.partial(common.tiny_cond, length=256)  # the prompt stand-in: 256 tokens
+    if not tiny:
+        vlm = REAL["qwen3-vl-4b"][2]
+        strsr.tiny_vlm_config = lambda: __import__("transformers").Qwen3VLConfig(**vlm)
+        strsr.RANDOM_TRUNK = (dict(depths=(3, 4, 30, 3), dims=(384, 768, 1536, 3072)), 1024)  # convnext_xxlarge
+        smfsr.RANDOM_DINO = dict(REAL["dinov3-vitb16"][2])
+
+    def on_device(init, dtype):
+        def init_there(self, *a, **k):
+            with building(device, dtype):
+                init(self, *a, **k)
+        return init_there
+    vlm_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as from_pretrained(dtype=bf16)
+    for cls, dtype in ((strsr.VLMEncoder, vlm_dtype), (strsr.Discriminator, torch.float32),
+                       (smfsr.Discriminator, torch.float32)):
+        cls.__init__ = on_device(cls.__init__, dtype)
 
 
-def hook_block0(dit, fn):
-    """Hook the image-token pre-norm of the first block: it runs once per pass on each token stream,
-    also where a method writes the block's forward out (SMFSR's LR tokens go through it separately)."""
-    block = next(getattr(dit, n) for n in FIRST_BLOCK if getattr(dit, n, None) is not None)[0]
-    norm = next(getattr(block, n) for n in ("norm1", "img_norm1", "attention_norm1") if hasattr(block, n))
-    return norm.register_forward_pre_hook(fn, with_kwargs=True)
-
-
-class PassCounter:
-    """Counts DiT passes: a pre-hook in block 0 of every DiT that common.load_dit builds. A pass is
-    weighed by its batch x tokens, so one call on a batch of 2B (or on 2x tokens: LR + noise) counts
-    as two passes of the reference shape; `fwd` without grad, `fwd_bwd` with grad."""
-
-    def __init__(self):
-        self.fwd = self.fwd_bwd = 0
-        self._load = common.load_dit
-
-        def load(*a, **k):
-            dit = self._load(*a, **k)
-            hook_block0(dit, self._hook)
-            return dit
-        common.load_dit = load
-
-    def _hook(self, module, args, kwargs):
-        if torch.is_grad_enabled():
-            self.fwd_bwd += _tokens(args, kwargs)
-        else:
-            self.fwd += _tokens(args, kwargs)
-
-    def reset(self):
-        self.fwd = self.fwd_bwd = 0
-
-
-def timed(fn, n=3):
-    fn()
-    ts = []
-    for _ in range(n):
+def gpu_job(method, tiny, out):
+    """One method: 3 training steps at the paper setting, then one-step SR of a 256 px LR to 1024 px (a warm-up call,
+    then a timed one). Prints a JSON line."""
+    import importlib
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    use_real_sizes(device, tiny)
+    mod, model = importlib.import_module(method), f"real-{METHODS[method]}"
+    small = dict(crop=64, pair_size=64, lora_rank=8, lora_alpha=8, fake_rank=4, disc_width=16) if tiny else {}
+    fields = mod.Config.__dataclass_fields__
+    kw = dict(model=model, max_steps=3, batch_size=1, micro_batch=1, num_workers=0, log_every=1, save_every=10**9,
+              grid_every=10**9, **{k: v for k, v in small.items() if k in fields})
+    base = BASE[METHODS[method]]
+    row = dict(method=method, base=base, params=None if tiny else count(build(base, "meta")) / 1e9)
+    try:
+        if method == "fluxsr":  # two random teacher pairs at the paper's size (the teacher is not what is timed)
+            cfg = mod.resolve(mod.Config(**kw, data=os.path.join(out, "pairs"), out_dir=out))
+            os.makedirs(cfg.data, exist_ok=True)
+            h = cfg.pair_size // 8
+            for i in range(2):
+                mod.write_pair(cfg.data, i, torch.randn(1, 16, h, h), torch.randn(1, 16, h, h),
+                               torch.rand(1, 3, cfg.pair_size, cfg.pair_size), mod.pair_manifest(cfg))
+            kw["data"] = cfg.data
+        if method == "smfsr":  # the gan stage starts from a teacher and an isc checkpoint: one step each
+            for stage, init in (("teacher", ""), ("isc", os.path.join(out, "teacher"))):
+                mod.train(mod.Config(**{**kw, "max_steps": 1}, stage=stage, init_ckpt=init,
+                                     out_dir=os.path.join(out, stage)))
+            kw.update(stage="gan", init_ckpt=os.path.join(out, "isc"))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        mod.train(mod.Config(**kw, out_dir=os.path.join(out, "run")))
+        with open(os.path.join(out, "run", "log.txt")) as f:
+            ms = [float(m) for m in re.findall(r"\| ([\d.]+) ms/step", f.read())]
+        row.update(s_step=statistics.median(ms[1:]) / 1000, train_gb=peak_gb(cuda))
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        sr = mod.build_sampler(mod.Config(ckpt=os.path.join(out, "run")))
+        x = torch.rand(1, 3, 256, 256)
+        sr(x)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1000
+        sr(x)
+        if cuda:
+            torch.cuda.synchronize()
+        row.update(sr_s=time.perf_counter() - t, sr_gb=peak_gb(cuda))
+    except torch.OutOfMemoryError as e:
+        row["note"] = f"did not fit: {str(e).splitlines()[0][:120]}"
+    print("BENCH " + json.dumps(row), flush=True)
 
 
-def base_pass_ms(preset, latent_shape, device):
-    """One base-DiT forward and forward+backward on a latent batch of the training shape."""
-    fam = common.PRESETS[preset].family
-    dit = _raw_load(preset).to(device)
-    for p in dit.parameters():
-        p.requires_grad_(True)
-    cond = common.expand_cond({k: v.to(device) for k, v in common.tiny_cond(dit, fam).items()}, latent_shape[0])
-    z, t = torch.randn(latent_shape, device=device), torch.full((latent_shape[0],), 0.5, device=device)
-
-    def fwd():
-        with torch.no_grad():
-            common.velocity(fam, dit, z, t, cond)
-
-    def fwd_bwd():
-        common.velocity(fam, dit, z, t, cond).square().mean().backward()
-    unit = []
-    h = hook_block0(dit, lambda m, a, k: unit.append(_tokens(a, k)))
-    fwd()
-    h.remove()
-    return timed(fwd), timed(fwd_bwd), unit[0]
+def peak_gb(cuda):
+    return torch.cuda.max_memory_allocated() / 2**30 if cuda else common.peak_rss_gb()
 
 
-# --------------------------------------------------------------------------- per method
-def run_train(mod, method, preset, crop, steps, out_dir, counter, device):
-    """Train `steps` steps; returns (median ms/step after the first, passes per step, peak GB, notes)."""
-    # "tiny" gets each method's tiny settings (LoRA rank, ...); the small presets the paper's
-    cfg = mod.Config(model="tiny" if preset.startswith("tiny") else preset, out_dir=out_dir, max_steps=steps,
-                     log_every=1, save_every=10**6, grid_every=10**6, num_workers=0, crop=crop, batch_size=1,
-                     micro_batch=1)  # one image per step, no accumulation: comparable across methods
-    extra = []
-    if method == "fluxsr":  # teacher pairs first (not timed: an offline stage)
-        cfg = dataclasses.replace(cfg, pair_size=crop, data=out_dir + "-pairs")
-        mod.make_pairs(dataclasses.replace(cfg, make_pairs=2, teacher_steps=4))
-    if method == "smfsr":  # time the heaviest stage; the earlier ones only initialise it
-        for stage in ("teacher", "isc"):
-            mod.train(dataclasses.replace(cfg, stage=stage, max_steps=1, out_dir=out_dir + "-" + stage,
-                                          **({"init_ckpt": out_dir + "-teacher"} if stage == "isc" else {})))
-        cfg = dataclasses.replace(cfg, stage="gan", init_ckpt=out_dir + "-isc")
-        extra = ["stage gan"]
-    counter.reset()
+def gpu_table(methods, sizes):
+    """Each method in its own process; the table."""
+    if sizes == "real" and not torch.cuda.is_available():
+        raise SystemExit("tests/bench.py --gpu needs a GPU (no CUDA device here); `--sizes tiny` checks the script")
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu, {os.cpu_count()} cores"
+    print(f"{dev} | torch {torch.__version__} | {time.strftime('%Y-%m-%d')} | {sizes} sizes, random weights, bf16 "
+          f"frozen weights on GPU | batch 1, gradient checkpointing, the paper's crop and LoRA rank\n")
+    print("| method | base (DiT params) | s/step (3 steps) | peak GB, training | one-step SR to 1024 px, s | peak GB, "
+          "SR | note |\n|---|---|---|---|---|---|---|")
+    for method in methods:
+        with tempfile.TemporaryDirectory() as out:
+            t0 = time.time()
+            r = subprocess.run([sys.executable, __file__, "--job", method, sizes, out], capture_output=True,
+                               text=True)
+            line = [l for l in r.stdout.splitlines() if l.startswith("BENCH ")]
+            if not line:
+                print(f"| {method} | | | | | | failed ({r.returncode}): "
+                      f"{(r.stderr.strip().splitlines() or [''])[-1][:150]} |", flush=True)
+                continue
+            b = json.loads(line[-1][6:])
+            f = lambda k, fmt: format(b[k], fmt) if b.get(k) is not None else "-"
+            print(f"| {method} | {b['base']} ({f('params', '.2f')}B) | {f('s_step', '.2f')} | {f('train_gb', '.1f')} | "
+                  f"{f('sr_s', '.2f')} | {f('sr_gb', '.1f')} | {b.get('note', '')} ({time.time() - t0:.0f} s) |",
+                  flush=True)
+
+
+# ----------------------------------------------------------------------------- CPU: tiny and mini presets
+def cpu_table(methods, presets, steps):
+    """ms per training step (median after the first) and per one-step SR of a 128 px LR, on this CPU."""
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores | torch {torch.__version__} | "
+          f"threads {torch.get_num_threads()} | fp32 | batch 1 | {time.strftime('%Y-%m-%d')}\n")
+    print("| method | preset | crop | ms/step | ms, SR 128 -> 512 px |\n|---|---|---|---|---|")
+    for method in methods:
+        for preset in presets:
+            with tempfile.TemporaryDirectory() as out:
+                r = subprocess.run([sys.executable, __file__, "--cpu_job", method, preset, out, str(steps)],
+                                   capture_output=True, text=True)
+                line = [l for l in r.stdout.splitlines() if l.startswith("BENCH ")]
+                b = json.loads(line[-1][6:]) if line else {}
+                print(f"| {method} | {preset} | {b.get('crop', '-')} | {b.get('ms', float('nan')):.0f} | "
+                      f"{b.get('sr_ms', float('nan')):.0f} |" if b else f"| {method} | {preset} | failed: "
+                      f"{(r.stderr.strip().splitlines() or [''])[-1][:150]} | | |", flush=True)
+
+
+def cpu_job(method, preset, out, steps):
+    import importlib
+    mod = importlib.import_module(method)
+    kw = dict(model=preset, max_steps=steps, batch_size=1, micro_batch=1, num_workers=0, log_every=1,
+              save_every=10**9, grid_every=10**9, eval_heldout=False)
+    if method == "fluxsr":
+        mod.make_pairs(common.configure(mod.Config, model=preset, make_pairs=2, data=os.path.join(out, "pairs")))
+        kw["data"] = os.path.join(out, "pairs")
+    if method == "smfsr":
+        for stage, init in (("teacher", ""), ("isc", os.path.join(out, "teacher"))):
+            mod.train(common.configure(mod.Config, **{**kw, "max_steps": 1}, stage=stage, init_ckpt=init,
+                                       out_dir=os.path.join(out, stage)))
+        kw.update(stage="gan", init_ckpt=os.path.join(out, "isc"))
+    cfg = common.configure(mod.Config, **kw, out_dir=os.path.join(out, "run"))
     mod.train(cfg)
-    gb = peak_gb()
-    with open(os.path.join(out_dir, "log.txt")) as f:
+    with open(os.path.join(out, "run", "log.txt")) as f:
         ms = [float(m) for m in re.findall(r"\| ([\d.]+) ms/step", f.read())]
-    per_step = (counter.fwd / steps, counter.fwd_bwd / steps)
-    return statistics.median(ms[1:] or ms), per_step, gb, extra
-
-
-def run_infer(mod, preset, ckpt, device):
-    fam = common.PRESETS[preset].family
-    fn = mod.build_sampler(ckpt, device=device, steps=1, seed=0)
-    rows = {}
-    for lr in (128, 512):
-        x = torch.rand(1, 3, lr, lr, device=device)
-        with torch.no_grad():
-            ms = timed(lambda: fn(x), n=1 if lr == 512 else 3)
-        rows[lr] = (ms, peak_gb())  # 128 first, so the 512 peak is the tiled run's (or the 128's if larger)
-    # floor: encode + one DiT forward + decode at 512x512, untiled
-    dit, vae = _raw_load(preset).to(device), common.load_vae(preset).to(device)
-    cond = {k: v.to(device) for k, v in common.tiny_cond(dit, fam).items()}
-    x = torch.rand(1, 3, 512, 512, device=device)
-
-    def floor():
-        with torch.no_grad():
-            z = common.encode(vae, fam, x)
-            common.decode(vae, fam, common.velocity(fam, dit, z, torch.tensor([0.5], device=device), cond))
-    f = timed(floor, n=2)
-    return rows, f
-
-
-def job(kind, method, size, out):
-    """One measurement in this (fresh) process, so that its peak memory is its own; prints a JSON line."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    mod, preset = importlib.import_module(method), f"{size}-{DEFAULT_FAMILY[method]}"
-    crop = 64 if size == "tiny" else 128
-    if kind == "train":
-        counter = PassCounter()
-        ms, (fwd, fwdbwd), gb, extra = run_train(mod, method, preset, crop, STEPS, out, counter, device)
-        latent = (1, 128, crop // 16, crop // 16) if DEFAULT_FAMILY[method] == "flux2" else (1, 16, crop // 8, crop // 8)
-        f_ms, fb_ms, unit = base_pass_ms(preset, latent, device)
-        n_params = sum(p.numel() for p in _raw_load(preset).parameters()) / 1e6
-        r = dict(ms=ms, fwd=fwd / unit, fwdbwd=fwdbwd / unit, f_ms=f_ms, fb_ms=fb_ms, gb=gb, extra=extra,
-                 params=n_params, crop=crop, preset=preset)
-    else:
-        rows, fl = run_infer(mod, preset, common.latest_checkpoint(out), device)
-        r = dict(rows=rows, floor=fl, preset=preset)
-    print("BENCH " + json.dumps(r))
-
-
-def sub(*args):
-    """Run job() in a child process; its JSON line."""
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--job", *args], capture_output=True, text=True)
-    line = [l for l in out.stdout.splitlines() if l.startswith("BENCH ")]
-    if out.returncode or not line:
-        raise SystemExit(f"bench job {args} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-    return json.loads(line[-1][6:])
-
-
-STEPS = 3
+    sr, x = mod.build_sampler(mod.Config(ckpt=os.path.join(out, "run"))), torch.rand(1, 3, 128, 128)
+    sr(x)
+    t = time.perf_counter()
+    sr(x)
+    crop = mod.resolve(cfg).crop if "crop" in mod.Config.__dataclass_fields__ else None
+    print("BENCH " + json.dumps(dict(ms=statistics.median(ms[1:] or ms), sr_ms=1000 * (time.perf_counter() - t),
+                                     crop=crop)), flush=True)
 
 
 def main():
-    global STEPS
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", default="strsr,fluxsr,smfsr,teasr")
-    p.add_argument("--presets", default="tiny,small")
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--job", nargs=4, help=argparse.SUPPRESS)  # kind method size out_dir (internal)
-    args = p.parse_args()
-    STEPS = args.steps
-    if args.job:
-        return job(*args.job)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base = peak_gb()
-    head = (f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores | torch {torch.__version__} | "
-            f"threads {torch.get_num_threads()} | dtype fp32 | device {device} | batch 1 | {time.strftime('%Y-%m-%d')} | "
-            f"peak GB = process peak RSS, {base:.2f} GB of it imports")
-    train_rows, infer_rows = [], []
-    tmp = tempfile.mkdtemp(prefix="bench-")
-    for method in args.methods.split(","):
-        for size in args.presets.split(","):
-            t0, out = time.time(), os.path.join(tmp, f"{method}-{size}")
-            r = sub("train", method, size, out)
-            floor = r["fwd"] * r["f_ms"] + r["fwdbwd"] * r["fb_ms"]
-            name = method + "".join(f" ({e})" for e in r["extra"])
-            train_rows.append(f"| {name} | {r['preset']} ({r['params']:.2f}M) | {r['crop']} | {r['ms']:.0f} | "
-                              f"{r['fwd']:.3g} / {r['fwdbwd']:.3g} | {r['f_ms']:.1f} / {r['fb_ms']:.1f} | "
-                              f"{r['ms'] / floor if floor else float('nan'):.2f} | {r['gb']:.2f} |")
-            print(train_rows[-1], file=sys.stderr, flush=True)
-            i = sub("infer", method, size, out)
-            (a_ms, a_gb), (b_ms, b_gb), fl = i["rows"]["128"], i["rows"]["512"], i["floor"]
-            infer_rows.append(f"| {method} | {i['preset']} | {a_ms:.0f} | {a_ms / fl:.2f} | {a_gb:.2f} | "
-                              f"{b_ms:.0f} | {b_ms / (16 * fl):.2f} | {b_gb:.2f} |")
-            print(infer_rows[-1], f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
-    print(f"\n{head}\n")
-    print("Training, one step (median of steps 2..N)\n")
-    print("| method | preset (DiT params) | crop | ms/step | DiT passes fwd / fwd+bwd | base pass ms fwd / fwd+bwd | overhead | peak GB |")
-    print("|---|---|---|---|---|---|---|---|")
-    print("\n".join(train_rows))
-    print("\nInference, one step\n")
-    print("| method | preset | ms 128->512 | x floor | peak GB | ms 512->2048 (tiled) | x floor (16 x 512) | peak GB |")
-    print("|---|---|---|---|---|---|---|---|")
-    print("\n".join(infer_rows))
+    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    p.add_argument("--gpu", action="store_true", help="the GPU readiness table (real-size random networks)")
+    p.add_argument("--sizes", default="real", choices=["real", "tiny"], help="--gpu: tiny checks the script anywhere")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--presets", default="tiny,mini", help="CPU: the presets")
+    p.add_argument("--steps", type=int, default=4, help="CPU: training steps")
+    p.add_argument("--job", nargs=3, help=argparse.SUPPRESS)  # method sizes out_dir (one process per method)
+    p.add_argument("--cpu_job", nargs=4, help=argparse.SUPPRESS)  # method preset out_dir steps
+    a = p.parse_args()
+    if a.job:
+        return gpu_job(a.job[0], a.job[1] == "tiny", a.job[2])
+    if a.cpu_job:
+        return cpu_job(*a.cpu_job[:3], int(a.cpu_job[3]))
+    methods = a.methods.split(",")
+    if a.gpu:
+        return gpu_table(methods, a.sizes)
+    cpu_table(methods, a.presets.split(","), a.steps)
 
 
 if __name__ == "__main__":
