@@ -47,6 +47,7 @@ class Preset:
 PRESETS = {
     "flux1-dev": Preset("flux1", "black-forest-labs/FLUX.1-dev", "12B"),
     "flux2-klein": Preset("flux2", "black-forest-labs/FLUX.2-klein-4B", "4B"),
+    "flux2-klein-base": Preset("flux2", "black-forest-labs/FLUX.2-klein-base-4B", "4B"),  # undistilled
     "zimage": Preset("zimage", "Tongyi-MAI/Z-Image-Turbo", "6B"),
     "sd35-medium": Preset("sd3", "stabilityai/stable-diffusion-3.5-medium", "2.5B"),
     "qwen-image": Preset("qwen", "Qwen/Qwen-Image-2512", "20B"),
@@ -158,7 +159,7 @@ def unpatchify(z):
     return z.view(B, C // 4, 2, 2, H, W).permute(0, 1, 4, 2, 5, 3).reshape(B, C // 4, H * 2, W * 2)
 
 
-def _stats(vae, family, z):
+def latent_stats(vae, family, z):
     """(mean, std) that normalise this family's raw VAE latents, broadcastable to z."""
     c = vae.config
     if family == "qwen":
@@ -171,22 +172,22 @@ def _stats(vae, family, z):
     return torch.full_like(one, c.shift_factor or 0.0), torch.full_like(one, 1 / c.scaling_factor)
 
 
-def encode(vae, family, x):
-    """Images in [0, 1] -> normalised latents (B, C, H/8, W/8) (FLUX.2: (B, 128, H/16, W/16))."""
+def encode(vae, family, x, sample=False, generator=None):
+    """Images in [0, 1] -> normalised latents (B, C, H/8, W/8) (FLUX.2: (B, 128, H/16, W/16)): the latent
+    distribution's mode, or with `sample` a draw from it (from `generator`, else the global RNG)."""
     x = (x * 2 - 1).to(vae.dtype)
-    if family == "qwen":  # video VAE: one frame
-        z = vae.encode(x.unsqueeze(2)).latent_dist.mode()[:, :, 0]
-    else:
-        z = vae.encode(x).latent_dist.mode()
+    dist = vae.encode(x.unsqueeze(2) if family == "qwen" else x).latent_dist  # Qwen's video VAE: one frame
+    z = dist.sample(generator) if sample else dist.mode()
+    z = z[:, :, 0] if family == "qwen" else z
     if family == "flux2":
         z = patchify(z)
-    mean, std = _stats(vae, family, z)
+    mean, std = latent_stats(vae, family, z)
     return ((z - mean) / std).float()
 
 
 def decode(vae, family, z):
     """Normalised latents -> images in [0, 1] (not clamped, so losses keep their gradient)."""
-    mean, std = _stats(vae, family, z)
+    mean, std = latent_stats(vae, family, z)
     z = (z * std + mean).to(vae.dtype)
     if family == "flux2":
         z = unpatchify(z)
@@ -838,13 +839,14 @@ def upsample_lr(x_lr, scale=4):
 
 
 @torch.no_grad()
-def super_resolve(vae, family, x_lr, latent_fn):
+def super_resolve(vae, family, x_lr, latent_fn, generator=None):
     """The frame every sampler shares: x_lr (1, 3, h, w) in [0, 1] -> bicubic x4, padded to the model multiple,
-    encoded; latent_fn(z_lr) -> z0_hat (the method); decoded, cropped back to (4h, 4w)."""
+    encoded (a draw of the latent distribution from `generator` where one is given, else its mode); latent_fn(z_lr)
+    -> z0_hat (the method); decoded, cropped back to (4h, 4w)."""
     device = next(vae.parameters()).device
     x, (H, W) = pad_to_multiple(upsample_lr(x_lr.to(device).float()))
     with autocast(device):
-        z0_hat = latent_fn(encode(vae, family, x))
+        z0_hat = latent_fn(encode(vae, family, x, generator is not None, generator))
         return decode(vae, family, z0_hat)[..., :H, :W].clamp(0, 1).float().cpu()
 
 

@@ -28,18 +28,38 @@ loss fights the DiT's periodic grid artifacts (Sec. 3.4). Sigma convention: t = 
   python strsr.py --model zimage --cond text                       # Table 4 ablation (w/o VLM)
   python strsr.py --sample --ckpt out/strsr --input photo.png --output out/strsr/sr
 
-Differences from the paper and the official code (each marked `# ours` or `# paper != code` where it is):
-  - Tiny presets replace Qwen3-VL, ConvNeXt-XXLarge and VGG19 with random networks of the same classes.
-  - The discriminator sees the full-resolution crop (the paper does not say it resizes).
-  - Training crops are random 1024 crops (common loader); the paper center-crops.
-  - L1 is taken on [-1, 1] images (the range the official R1 noise scale refers to).
-  - R1 noise: uniform in [-0.005, 0.005] on [-1, 1] images (official: uniform; paper: Gaussian).
-  - FDL projection kernels are drawn once (fixed seed), so a resumed run is bit-identical; on feature maps smaller
+Where the paper is silent or differs, this follows the authors' release (it produced the reported numbers), marked
+`# official != paper` or `# official` at the line:
+  - StrSR-F fine-tunes FLUX.2-klein-base-4B, the undistilled base (the paper names FLUX.2-klein-4B, the `flux2-klein`
+    preset); StrSR-Z Z-Image-Turbo.
+  - The condition (Eq. 5) reads only the non-image tokens of Qwen3-VL's last hidden state (the chat template, the
+    vision start/end tokens, the prompt; at most 512), with the release's prompt: its length does not grow with the LR.
+  - R1 (Eq. 8): one-sided uniform noise, U[0, 0.005) on [-1, 1] images (the paper: Gaussian).
+  - The discriminator heads: BlurPool (binomial 4x4, zero padding 2) -> SN conv 3x3 stride 2 -> LeakyReLU(0.2) ->
+    BlurPool (padding 1) -> SN conv 1x1 stride 2: patch logits at 1/4 of each feature map. D sees the full crop.
+    D's loss is Eq. 7 per level, summed with weight 1, the batch mean taken per spatial position; the release also
+    computes vision-aided-loss's multilevel_loss(alpha=0.8) (a BCE with real labels smoothed to 0.8) and discards it.
+  - D's heads run in eval mode for the generator's terms: no spectral-norm power iteration in the G pass.
+  - FDL (Eq. 10) sees [-1, 1] images, as the release feeds it, though its VGG normalises for [0, 1] (--fdl_01 true:
+    FDL's own convention); L1 on [-1, 1] images.
+  - z_lr is a draw of the VAE's latent distribution (latent_dist.sample()), not its mode; for StrSR-Z it is the raw
+    latent, without the VAE's shift and scale, which the release applies only when decoding.
+  - AdamW with its default weight decay (0.01), gradient clipping at 1.0, LoRA alpha = rank, Gaussian LoRA init.
+And ours (`# ours`):
+  - G and D update on the same batch (G first, then D on the detached output, reusing the G pass's backbone
+    features); the release alternates them batch by batch. So each update pair sees one batch, not two, and there is
+    no second generator forward.
+  - Random crops with flips of --data; the release center-crops Aesthetic-Train-V2 (its first 50k) at 1024 after
+    resizing the short side, no flips; the paper names LSDIR and Aesthetic-4K.
+  - The condition MLP trains in fp32 (the release keeps it in bf16). The VLM's input is resized once, to a multiple of
+    32 (the release: to 28 by qwen-vl-utils, then to 32 by the processor).
+  - Sampling tiles in latent space (the release tiles 1024 px in pixel space, each tile through the VAE).
+  - FDL's projection kernels are drawn once (fixed seed), so a resumed run is bit-identical; on feature maps smaller
     than 5x5 (tiny crops only) the kernels are cropped to the map and re-normalised.
-  - G and D steps alternate on the same batch: G first, then D on the detached output. Since the backbone is
-    frozen, D reuses the backbone features of that G step (no second backbone pass).
-  - Stage 2 continues the step count and optimizer states of the stage-1 run in the same --out_dir (or starts
-    fresh optimizers from --init_ckpt in a new folder).
+  - Stage 2 continues the step count and optimizer states of the stage-1 run in the same --out_dir (or starts fresh
+    optimizers from --init_ckpt in a new folder).
+  - The tiny and mini presets replace Qwen3-VL, ConvNeXt-XXLarge and the VGGs with random networks of the same
+    classes.
 """
 import dataclasses, os
 
@@ -52,11 +72,16 @@ from degrade import PRESETS as DEGRADE, check_preset, degrade
 
 
 # ----------------------------------------------------------------------------- config
+OFFICIAL_PROMPT = ("Descibe this image in detail, especially the text in image. Cinematic, hyper sharpness, highly "
+                   "detailed, perfect without deformations. Camera, hyper detailed photo, realistic maximum detail, "
+                   "32k, Color. Grading, ultra HD, extreme meticulous detailing, skin pore detailing")  # typo theirs
+
+
 @dataclasses.dataclass
 class Config:
-    model: str = "flux2-klein"    # paper: FLUX.2-klein-4B (StrSR-F); also zimage (StrSR-Z)
+    model: str = "flux2-klein-base"  # official != paper: FLUX.2-klein-base-4B (paper: -4B), StrSR-F; zimage: StrSR-Z
     model_path: str = ""          # local folder of the base pipeline (else the preset's hub id)
-    data: str = "sample"          # paper: LSDIR + the first 10k Aesthetic-4K images
+    data: str = "sample"          # paper: LSDIR + Aesthetic-4K; official config: Aesthetic-Train-V2 (first 50k)
     data_root: str = "data"       # folder of the named datasets
     degrade: str = "realesrgan"   # training LR: a degrade.PRESETS name (paper: Real-ESRGAN)
     out_dir: str = "out/strsr"    # checkpoints, log.txt, grids/
@@ -79,23 +104,24 @@ class Config:
     t_star: float = 0.8           # official: the fixed time of the one step
     cond: str = "vlm"             # vlm (Eq. 5) | none (Table 4 "w/o emb") | text (Table 4 "w/o VLM")
     vlm: str = "Qwen/Qwen3-VL-4B-Instruct"  # paper
-    vlm_prompt: str = "Describe this image in detail."  # ours: the paper does not give the wording
+    vlm_prompt: str = OFFICIAL_PROMPT  # official: the release's wording (the paper gives none)
     vlm_max_pixels: int = 1024 * 1024  # ours: caps the VLM's input on huge images at sampling time
     disc_ckpt: str = ""           # a local open_clip checkpoint of CLIP-ConvNeXt-XXLarge (default: laion's, the hub)
     disc_width: int = 512         # official: channels of the discriminator heads
-    r1_noise: float = 0.005       # official: uniform noise scale on [-1, 1] images
+    r1_noise: float = 0.005       # official: R1 noise U[0, r1_noise) on [-1, 1] images
     w_l1: float = 1.0             # paper: L1 weight (Eq. 11)
     w_lpips: float = 3.0          # paper: LPIPS weight (Eq. 11)
     w_gan: float = 0.1            # paper: L_G weight (Eq. 11)
     w_fdl: float = 0.002          # paper: lambda_fdl, stage 2 only (0 in stage 1)
     w_r1: float = 10.0            # paper: lambda_r1 (Eq. 9)
     fdl_phase: float = 1.0        # official: lambda_p, FDL's phase weight (Eq. 10)
+    fdl_01: bool = False          # official != FDL's convention: FDL sees [-1, 1] images; true: [0, 1]
     fdl_projections: int = 256    # official: random projections per VGG layer
     lpips_weights: str = ""       # a local torchvision VGG16 file for LPIPS (default: torch hub's cache)
     fdl_weights: str = ""         # a local torchvision VGG19 file for FDL (default: torch hub's cache)
     lr: float = 5e-6              # paper: generator (LoRA and condition MLP)
     lr_d: float = 1e-6            # paper: discriminator heads
-    weight_decay: float = 0.01    # ours: torch AdamW default (the paper says "default betas")
+    weight_decay: float = 0.01    # official: AdamW's default (the configs set none; the paper: "default betas")
     grad_clip: float = 1.0        # official
     lr_decay: float = 0.0         # ours: the lr falls on a half cosine to 0 over this last fraction; 0: constant
     sample: bool = False          # sample instead of training: --ckpt, --input, --output
@@ -185,8 +211,8 @@ def tiny_vlm_config():
 
 class VLMEncoder(nn.Module):
     """E_vlm: the LR image + a fixed describe-the-image prompt through a frozen Qwen3-VL; returns the last hidden
-    states of the whole sequence (B, L, H_vlm). Pixels are resized and patchified here on the device, in the layout
-    of the Qwen2-VL/Qwen3-VL image processor (tested against it)."""
+    states of its non-image tokens (B, L, H_vlm), at most 512 (official). Pixels are resized and patchified here on
+    the device, in the layout of the Qwen2-VL/Qwen3-VL image processor (tested against it)."""
 
     def __init__(self, path=None, prompt="", max_pixels=1024 * 1024, dtype=torch.float32):
         super().__init__()
@@ -244,7 +270,7 @@ class VLMEncoder(nn.Module):
         out = self.model(input_ids=ids, pixel_values=patches.to(self.model.dtype), image_grid_thw=grid,
                          mm_token_type_ids=(ids == self.image_token).int(), attention_mask=torch.ones_like(ids),
                          use_cache=False)
-        return out.last_hidden_state  # (B, L, H_vlm)
+        return out.last_hidden_state[:, ids[0] != self.image_token][:, :512]  # official: the non-image tokens
 
 
 class Condition(nn.Module):
@@ -294,23 +320,24 @@ def latent_factor(vae, family):
 
 # ----------------------------------------------------------------------------- discriminator (Sec. 3.3)
 class Blur(nn.Module):
-    """BlurPool's low-pass: a [1, 2, 1] binomial filter per channel, stride 1 (the stride is in the conv that
-    follows: anti-aliased downsampling). # ours: kernel 3, zero padding"""
+    """BlurPool's low-pass, as the release's (vision-aided-loss, filter size 4): the binomial [1, 3, 3, 1] x [1, 3, 3,
+    1] / 64 per channel, zero padding `pad` on every side, stride 1 (the stride is in the conv that follows)."""
 
-    def __init__(self, channels):
+    def __init__(self, channels, pad):
         super().__init__()
-        k = torch.tensor([1.0, 2.0, 1.0])
-        self.register_buffer("k", (k[:, None] * k[None] / 16).expand(channels, 1, 3, 3).contiguous(), persistent=False)
+        k, self.pad = torch.tensor([1.0, 3.0, 3.0, 1.0]), pad
+        self.register_buffer("k", (k[:, None] * k[None] / 64).expand(channels, 1, 4, 4).contiguous(), persistent=False)
 
     def forward(self, x):
-        return F.conv2d(x, self.k.to(x.dtype), padding=1, groups=x.shape[1])
+        return F.conv2d(x, self.k.to(x.dtype), padding=self.pad, groups=x.shape[1])
 
 
 def head(channels, width):
-    """BlurPool -> SN Conv3x3 s2 -> LeakyReLU(0.2) -> BlurPool -> SN Conv1x1 -> 1-channel patch logits."""
+    """Official: BlurPool (pad 2) -> SN Conv3x3 stride 2 -> LeakyReLU(0.2) -> BlurPool (pad 1) -> SN Conv1x1 stride 2:
+    1-channel patch logits at 1/4 of the feature map (H -> H + 1 -> H/2 -> H/2 - 1 -> H/4 for H a multiple of 4)."""
     sn = nn.utils.parametrizations.spectral_norm
-    return nn.Sequential(Blur(channels), sn(nn.Conv2d(channels, width, 3, 2, 1)), nn.LeakyReLU(0.2),
-                         Blur(width), sn(nn.Conv2d(width, 1, 1)))
+    return nn.Sequential(Blur(channels, 2), sn(nn.Conv2d(channels, width, 3, 2, 0)), nn.LeakyReLU(0.2),
+                         Blur(width, 1), sn(nn.Conv2d(width, 1, 1, 2)))
 
 
 RANDOM_TRUNK = (dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128)), 32)  # tiny/mini: a small random trunk, embedding
@@ -382,10 +409,10 @@ def ragan_loss(d_real, d_fake, generator=False):
 
 
 def r1_loss(disc, x_real, d_real, noise_scale=0.005):
-    """Eq. (8): mean ||C(x) - C(x + n)||^2 summed over levels, n ~ U[-s, s] on [-1, 1] images. For small n this is
-    (s^2 / 3) ||grad_x C||^2, the R1 penalty, without a double backward. `d_real` = disc(x_real), passed in because
-    the D step has it already."""
-    n = (torch.rand_like(x_real) * 2 - 1) * noise_scale / 2  # paper != code: paper Gaussian; /2: [0, 1] images
+    """Eq. (8): mean ||C(x) - C(x + n)||^2 summed over levels, n ~ U[0, s) per pixel on [-1, 1] images (official). For
+    small n this is the R1 penalty of the directional derivative along n, without a double backward. `d_real` =
+    disc(x_real), passed in because the D step has it already."""
+    n = torch.rand_like(x_real) * noise_scale / 2  # official != paper: one-sided uniform (paper: Gaussian); /2: [0, 1]
     d_noisy = disc(x_real + n)
     return sum(((r.float() - q.float()) ** 2).mean() for r, q in zip(d_real, d_noisy))
 
@@ -444,29 +471,48 @@ def fdl_loss(phi, x, y, phase_weight=1.0):
     return loss.mean()
 
 
+def lr_latent(vae, family, x_lr, generator=None):
+    """z_lr of Eq. 6: bicubic x4 of the LR, encoded by a draw of the VAE's latent distribution (official: sample(), not
+    the mode), from `generator` or the global RNG."""
+    return release_latent(vae, family, common.encode(vae, family, common.upsample_lr(x_lr), True, generator))
+
+
+def release_latent(vae, family, z_lr):
+    """StrSR-Z: the release feeds the raw Z-Image latent, without the VAE's shift and scale (it applies them only when
+    decoding); every other family's normalised latent as it is."""
+    if family != "zimage":
+        return z_lr
+    mean, std = common.latent_stats(vae, family, z_lr)
+    return z_lr * std + mean  # official != pipeline: the shift and scale only on the way out
+
+
 def strsr_losses(dit, vae, cond, disc, lpips, phi, family, x_lr, x_hr, cfg):
     """One training step's terms: the generator's L_Gen (Eq. 11) and, on its detached output, the discriminator's
-    L_Dis (Eq. 9). Their gradients reach disjoint parameters: D's heads are frozen during the G pass, and the D pass
-    sees no graph of G. Since the backbone is frozen, the D pass reuses the G pass's backbone features. Returns
-    (L_Gen + L_Dis, the terms, x_sr)."""
+    L_Dis (Eq. 9). Their gradients reach disjoint parameters: D's heads are frozen (and in eval mode, official) during
+    the G pass, and the D pass sees no graph of G. Since the backbone is frozen, the D pass reuses the G pass's
+    backbone features. Returns (L_Gen + L_Dis, the terms, x_sr)."""
     with torch.no_grad():
-        z_lr = common.encode(vae, family, common.upsample_lr(x_lr))  # Eq. (6)
+        z_lr = lr_latent(vae, family, x_lr)                           # Eq. (6)
         feats_real = disc.features(x_hr)                              # frozen backbone, once per batch
     z0_hat = generator(dit, family, z_lr, cond(x_lr), cfg.t_star)    # Eqs. (5), (6)
     x_sr = common.decode(vae, family, z0_hat)
+    mode = disc.training
+    disc.eval()                                                       # official: no power iteration in the G pass
     for p in disc.trainable():                                        # L_G reaches the generator only
         p.requires_grad_(False)
     feats_fake = disc.features(x_sr)
     d_real, d_fake = disc.logits(feats_real), disc.logits(feats_fake)
     for p in disc.trainable():
         p.requires_grad_(True)
-    terms = {"l1": F.l1_loss(x_sr.float() * 2 - 1, x_hr * 2 - 1),   # ours: on [-1, 1] images
+    disc.train(mode)
+    terms = {"l1": F.l1_loss(x_sr.float() * 2 - 1, x_hr * 2 - 1),   # official: on [-1, 1] images
              "gan": ragan_loss(d_real, d_fake, generator=True)}      # Eq. (7), G form
     if cfg.w_lpips:  # VGG is most of a small model's step: skipped when its weight is 0
         terms["lpips"] = lpips(x_sr.float(), x_hr)
     w_fdl = cfg.w_fdl if cfg.stage == "2" else 0.0
-    if w_fdl:
-        terms["fdl"] = fdl_loss(phi, x_sr.float(), x_hr, cfg.fdl_phase)
+    if w_fdl:  # official != FDL's convention: [-1, 1] images (--fdl_01: [0, 1])
+        to = (lambda x: x) if cfg.fdl_01 else (lambda x: x * 2 - 1)
+        terms["fdl"] = fdl_loss(phi, to(x_sr.float()), to(x_hr), cfg.fdl_phase)
     loss_g = (cfg.w_l1 * terms["l1"] + cfg.w_lpips * terms.get("lpips", 0.0) + cfg.w_gan * terms["gan"]
               + w_fdl * terms.get("fdl", 0.0))  # Eq. (11)
     d_real = disc.logits(feats_real)
@@ -479,8 +525,8 @@ def strsr_losses(dit, vae, cond, disc, lpips, phi, family, x_lr, x_hr, cfg):
 # ----------------------------------------------------------------------------- sampler
 def build_sampler(flags, device=None):
     """fn(x_lr (1, 3, h, w) in [0, 1]) -> (1, 3, 4h, 4w) of the checkpoint flags.ckpt: bicubic x4, pad to 16, one step
-    (tiled in latent space for large inputs, the VLM condition computed once on the whole LR), crop back.
-    Deterministic: no noise enters StrSR's one step."""
+    (tiled in latent space for large inputs, the VLM condition computed once on the whole LR), crop back. The only
+    randomness, the draw of z_lr from the VAE's latent distribution, is seeded by flags.seed."""
     path, cfg, device, _ = common.sampler_setup(flags, resolve, device)
     dit, vae, cond = build_generator(cfg, device, ckpt=path)
     common.load_checkpoint(path, {"dit": dit, "cond": cond})
@@ -492,8 +538,10 @@ def build_sampler(flags, device=None):
     def sr(x_lr):
         def latent(z_lr):
             c = cond(x_lr.to(device).float())  # once, on the whole LR image
-            return common.tiled(lambda z: generator(dit, family, z, c, cfg.t_star, cfg.steps), z_lr, tile, overlap)
-        return common.super_resolve(vae, family, x_lr, latent)
+            return common.tiled(lambda z: generator(dit, family, z, c, cfg.t_star, cfg.steps),
+                                release_latent(vae, family, z_lr), tile, overlap)
+        g = torch.Generator(device).manual_seed(cfg.seed)  # official: z_lr a draw of the latent distribution
+        return common.super_resolve(vae, family, x_lr, latent, g)
     sr.cond = cond  # for inspection (tests: the VLM runs once per image)
     return sr
 

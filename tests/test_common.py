@@ -47,10 +47,10 @@ def test_latent_statistics_follow_each_family():
     """The normalisation constants are the ones each family's pipeline uses."""
     vae = C.load_vae("tiny-sd3")
     z = torch.randn(1, 16, 4, 4)
-    mean, std = C._stats(vae, "sd3", z)
+    mean, std = C.latent_stats(vae, "sd3", z)
     assert float(mean.flatten()[0]) == pytest.approx(0.0609) and float(std.flatten()[0]) == pytest.approx(1 / 1.5305)
     q = C.load_vae("tiny-qwen")
-    mean, std = C._stats(q, "qwen", z)
+    mean, std = C.latent_stats(q, "qwen", z)
     assert torch.allclose(mean.flatten(), torch.tensor(q.config.latents_mean))
     assert torch.allclose(std.flatten(), torch.tensor(q.config.latents_std))
 

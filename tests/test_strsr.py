@@ -45,17 +45,23 @@ def test_ragan_matches_the_sigmoid_formula():
     torch.testing.assert_close(S.ragan_loss([r], [f], generator=True), g)
 
 
-def test_r1_approx_zero_for_constant_d_and_equals_r1_for_linear_d():
+def test_r1_is_zero_for_constant_d_and_the_release_noise_for_linear_d():
+    """The release's noise, torch.rand_like(x) * 0.005 on [-1, 1] images, is U[0, 0.0025) on [0, 1]: for a linear
+    C(x) = <w, x>, E (w.n)^2 = a^2 (||w||^2 / 12 + (sum w)^2 / 4) with a = 0.0025 (one-sided: the mean counts)."""
     x = torch.rand(4096, 3, 4, 4)
     const = lambda x: [torch.full((x.shape[0], 5), 0.3), torch.full((x.shape[0], 1), -1.0)]
     assert S.r1_loss(const, x, const(x)).item() == 0.0
-    # linear C(x) = <w, x>: E (w.n)^2 = ||w||^2 a^2 / 3 for n ~ U[-a, a], a = 0.005 / 2 on [0, 1] images
-    w = torch.randn(48)
+    w = torch.randn(48, generator=torch.Generator().manual_seed(1)) + 0.5
     lin = lambda x: [x.flatten(1) @ w[:, None]]
     torch.manual_seed(0)
     got = S.r1_loss(lin, x, lin(x), noise_scale=0.005).item()
-    want = w.pow(2).sum().item() * (0.005 / 2) ** 2 / 3
-    assert got == pytest.approx(want, rel=0.1)
+    a = 0.005 / 2
+    want = a ** 2 * (w.pow(2).sum().item() / 12 + w.sum().item() ** 2 / 4)
+    assert got == pytest.approx(want, rel=0.05)
+    seen = []
+    S.r1_loss(lambda x: seen.append(x) or lin(x), x, lin(x))
+    n = seen[0] - x
+    assert n.min() >= 0 and n.max() < a  # one-sided
 
 
 def test_fdl_zero_on_identical_and_grows_with_blur(capsys):
@@ -104,14 +110,88 @@ def test_vlm_pixels_match_the_qwen_image_processor(tiny):
 def test_condition_modes(tiny):
     cfg, dit, _, cond, _, _ = tiny
     x = torch.rand(2, 3, 16, 16)
-    c = cond(x)["embeds"]  # image tokens (16/4/2)^2 = 4, plus the prompt's ids
-    assert c.shape == (2, len(cond.vlm.pre) + 4 + len(cond.vlm.post), dit.config.joint_attention_dim)
+    c = cond(x)["embeds"]  # the prompt's tokens only: no image tokens (official)
+    assert c.shape == (2, len(cond.vlm.pre) + len(cond.vlm.post), dit.config.joint_attention_dim)
     assert c.requires_grad and not any(p.requires_grad for p in cond.vlm.parameters())
     assert [m.out_features for m in cond.mlp if isinstance(m, torch.nn.Linear)] == [16, 32]  # d/2, d
     none = S.Condition("none", 32)
     assert none(x)["embeds"].abs().sum() == 0 and "embeds" in none.state_dict()  # checkpoints carry it
     _, _, text = S.build_generator(dataclasses.replace(cfg, cond="text"), torch.device("cpu"))
     torch.testing.assert_close(text(x)["embeds"][:1], C.tiny_cond(dit, "flux2")["embeds"])
+
+
+def test_vlm_condition_reads_the_non_image_tokens_of_the_last_hidden_state(tiny):
+    """As the release: the last hidden state at the positions where the attention mask is on and the id is not the
+    image token (computed here from a plain Qwen3VLModel call), at most 512; the same length for any LR size."""
+    vlm = tiny[3].vlm
+    x = torch.rand(1, 3, 24, 16)
+    patches, grid = vlm.pixels(x)
+    n = int(grid[0, 1] * grid[0, 2]) // 4
+    ids = torch.tensor([vlm.pre + [vlm.image_token] * n + vlm.post])
+    with torch.no_grad():
+        h = vlm.model(input_ids=ids, pixel_values=patches, image_grid_thw=grid, mm_token_type_ids=(ids == 100).int(),
+                      attention_mask=torch.ones_like(ids)).last_hidden_state
+        want = h[0][(ids[0] != vlm.image_token)][None]
+        torch.testing.assert_close(vlm(x), want)
+        assert vlm(torch.rand(1, 3, 64, 48)).shape == want.shape  # 48 image tokens instead of 6: the same length
+        vlm.pre = vlm.pre[:2] + [7] * 600 + vlm.pre[2:]
+        assert vlm(x).shape[1] == 512
+        vlm.pre = vlm.pre[:2] + vlm.pre[-1:]
+
+
+def test_discriminator_heads_follow_the_release():
+    """BlurPool (the binomial [1, 3, 3, 1]^2 / 64, zero padding 2) -> SN conv 3x3 stride 2, padding 0 -> LeakyReLU ->
+    BlurPool (padding 1) -> SN conv 1x1 stride 2: a 1024 px crop's 256/128/64 px feature maps give 64/32/16 px of
+    logits (the release's 5377 per image, with the pooled one)."""
+    import torch.nn as nn
+    blur = S.Blur(1, 2)
+    k = torch.tensor([1.0, 3.0, 3.0, 1.0])
+    torch.testing.assert_close(blur.k[0, 0], k[:, None] * k[None] / 64)
+    impulse = torch.zeros(1, 1, 9, 9)
+    impulse[0, 0, 4, 4] = 1
+    out = blur(impulse)
+    assert out.shape[-1] == 10 and out.sum() == pytest.approx(1.0)  # H + 2 * 2 - 4 + 1, mass kept
+    heads = [S.head(c, 8) for c in (4, 4, 4)]
+    sizes = [hd(torch.randn(1, 4, s, s)).shape[-1] for hd, s in zip(heads, (256, 128, 64))]
+    assert sizes == [64, 32, 16] and 64 ** 2 + 32 ** 2 + 16 ** 2 + 1 == 5377
+    convs = [m for m in heads[0] if isinstance(m, nn.Conv2d)]
+    assert [(c.kernel_size, c.stride, c.padding) for c in convs] == [((3, 3), (2, 2), (0, 0)), ((1, 1), (2, 2), (0, 0))]
+
+
+def test_g_pass_runs_the_heads_in_eval_mode_fdl_on_minus_one_to_one_and_z_lr_is_drawn(tiny):
+    """As the release: D's heads in eval mode for the generator's terms, in train mode for D's; FDL on [-1, 1]
+    images (--fdl_01: [0, 1]); z_lr a draw of the VAE's latent distribution, not its mode; StrSR-Z's raw latent."""
+    cfg, dit, vae, cond, disc, lpips = tiny
+    calls = []
+    hooks = [h.register_forward_pre_hook(lambda m, a: calls.append((m.training, a[0].requires_grad)))
+             for h in disc.heads]
+    x_hr = torch.rand(2, 3, 64, 64)
+    x_lr = F.interpolate(x_hr, scale_factor=0.25, mode="area")
+    disc.train()
+    S.strsr_losses(dit, vae, cond, disc, lpips, None, "flux2", x_lr, x_hr, cfg)
+    for h in hooks:
+        h.remove()
+    assert {tr for tr, grad in calls if grad} == {False} and {tr for tr, grad in calls if not grad} >= {True}
+    assert disc.training
+    phi = S.FDLFeatures("random", 32)
+    seen = []
+    phi.register_forward_pre_hook(lambda m, a: seen.append((float(a[0].min()), float(a[0].max()))))
+    with torch.no_grad():
+        cfg2 = dataclasses.replace(cfg, stage="2")
+        S.strsr_losses(dit, vae, cond, disc, lpips, phi, "flux2", x_lr, x_hr, cfg2)
+        assert min(lo for lo, _ in seen[1::2]) < -0.5  # the HR (every second call) in [-1, 1]
+        seen.clear()
+        S.strsr_losses(dit, vae, cond, disc, lpips, phi, "flux2", x_lr, x_hr, dataclasses.replace(cfg2, fdl_01=True))
+        assert min(lo for lo, _ in seen[1::2]) >= 0
+    zvae = C.load_vae("tiny-zimage")
+    g = lambda: torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        z = S.lr_latent(vae, "flux2", x_lr, g())
+        torch.testing.assert_close(z, C.encode(vae, "flux2", C.upsample_lr(x_lr), True, g()))
+        assert not torch.allclose(z, C.encode(vae, "flux2", C.upsample_lr(x_lr)))  # a draw, not the mode
+        raw = zvae.encode(C.upsample_lr(x_lr) * 2 - 1).latent_dist.sample(g())  # no shift, no scale
+        torch.testing.assert_close(S.lr_latent(zvae, "zimage", x_lr, g()), raw, atol=1e-5, rtol=1e-5)
+    assert S.Config.model == "flux2-klein-base" and C.PRESETS["flux2-klein-base"].hub.endswith("klein-base-4B")
 
 
 def test_g_and_d_terms_send_gradients_only_where_the_paper_does(tiny):
