@@ -45,6 +45,8 @@ What differs from the paper, and why:
 - `--crop` smaller than the pair size trains on aligned random crops (offsets on the 16-px token grid) of eps, z_hr
   and x_hr; the default, like the paper, uses the whole 1024 px pair.
 - Sec. 5.3 trains ablations for 30k iterations; the main run's length is not given.
+- Pixel ranges: L_Rec's MSE (Eq. 21) is taken on [0, 1] images, the range every image has here outside the VAE and
+  the one PSNR is measured on; the paper does not say. On [-1, 1] it would be 4x larger against L_FTD.
 """
 import contextlib, dataclasses, glob, json, math, os
 

@@ -52,9 +52,12 @@ What differs from the paper, and why:
   as the teacher: u(z, r, t) = v(z, t) (the paper gives only Linear-SiLU-Linear).
 - Algorithm 1 writes the splitting branch under q < p, Sec. 4 calls p = 0.6 "the probability of using the boundary
   branch": we follow Sec. 4. The branch is drawn per micro-batch (the paper: per step).
-- Unknown in the paper (`# ours` in Config): the (r, t) law (logit-normal(0, 1), sorted), the teacher's t law
-  (logit-normal, SD3's), stage-2 learning rates, the VSD t law and w(t), the fake-score LoRA, the DINOv3 size,
-  layers and heads, the micro-batch, the tile.
+- Unknown in the paper (`# ours` in Config): the (r, t) law of Algorithm 1 (logit-normal(0, 1), sorted), stage-2
+  learning rates, the VSD t law and w(t), the fake-score LoRA, the DINOv3 size, layers and heads, the micro-batch,
+  the tile. The teacher's t follows Eq. 3, U(0, 1); --teacher_t logit-normal is SD3's pretraining law (an option).
+- Pixel ranges: L_Rec's MSE (Eq. 19) is taken on [0, 1] images, the range every image has here outside the VAE and
+  the one PSNR is measured on; the paper does not say. On [-1, 1] the MSE would be 4x larger, i.e. its weight
+  lambda_2 4x heavier against L_ISC, L_VSD and the GAN.
 - VSD: w(t) = t / mean|z0_hat - x0_phi| (DMD's normaliser written for velocities: x0_phi' - x0_phi =
   t (v_phi - v_phi')); the (1 - t) of dz0_hat_t/dz0_hat is folded into it. One fake-score forward at (z0_hat_t, t)
   serves both Eq. 15 (detached) and Eq. 16 (through its LoRA).
@@ -101,7 +104,8 @@ class Config:
     p_boundary: float = 0.6       # Sec. 4: probability of the boundary branch
     teacher_cfg: float = 1.0      # Eq. 13: w for every teacher call; 1 = no CFG, the paper's choice (Table 6)
     p_drop: float = 0.2           # Sec. 4.4: caption dropout
-    t_mean: float = 0.0           # ours: logit-normal(t_mean, t_std) for stage 0's t and stage 1's sorted (r, t)
+    teacher_t: str = "uniform"    # Eq. 3: the teacher's t ~ U(0, 1); logit-normal: SD3's law (t_mean, t_std)
+    t_mean: float = 0.0           # ours: logit-normal(t_mean, t_std) for stage 1's sorted (r, t) (and --teacher_t)
     t_std: float = 1.0            # ours
     w_isc: float = 1.0            # Sec. 4: lambda_1 (Eq. 20)
     w_rec: float = 1.0            # Sec. 4: lambda_2
@@ -156,7 +160,8 @@ def resolve(cfg):
     preset = common.resolve_preset(cfg.model, Config.model)
     if common.PRESETS[preset].family != "sd3":
         raise SystemExit(f"--model {cfg.model}: SMFSR is built on SD3.5 (MM-DiT joint attention, pooled text)")
-    common.check_choices(cfg, stage=tuple(STAGES), start=("noise", "lr"), train_base=("none", "lora", "full"))
+    common.check_choices(cfg, stage=tuple(STAGES), start=("noise", "lr"), train_base=("none", "lora", "full"),
+                         teacher_t=("uniform", "logit-normal"))
     check_preset(cfg.degrade)
     if cfg.crop % 16 or cfg.steps < 1 or not 0 < cfg.start_t <= 1:
         raise SystemExit(f"--crop {cfg.crop} --steps {cfg.steps} --start_t {cfg.start_t}: expected a multiple of 16, "
@@ -463,8 +468,10 @@ def adv_d_loss(d_real, d_fake):
 
 
 def teacher_losses(u, z_hr, eps, cfg):
-    """Stage 0 (Eq. 3) on one micro-batch: flow matching with t ~ logit-normal (ours, SD3's)."""
-    l_fm = fm_loss(u, z_hr, eps, logit_normal(z_hr.shape[0], cfg, z_hr.device))
+    """Stage 0 (Eq. 3) on one micro-batch: flow matching with t ~ U(0, 1) (--teacher_t logit-normal: SD3's law)."""
+    B = z_hr.shape[0]
+    t = torch.rand(B, device=z_hr.device) if cfg.teacher_t == "uniform" else logit_normal(B, cfg, z_hr.device)
+    l_fm = fm_loss(u, z_hr, eps, t)  # Eq. (3)
     return l_fm, {"loss": l_fm, "fm": l_fm}
 
 

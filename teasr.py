@@ -55,6 +55,9 @@ What differs from the paper, and why:
 - The four loss groups are back-propagated together, once per micro-batch; with gradient checkpointing their four
   DiT graphs hold only the blocks' inputs.
 - diffusers' Qwen-Image VAE decoder clamps to [-1, 1], so saturated pixels give L_data no gradient.
+- Pixel ranges: L_data's MSE (Eq. 13) is taken on [0, 1] images, the range every image has here outside the VAE and
+  the one PSNR is measured on; the paper does not say. On [-1, 1] it would be 4x larger, i.e. lambda_data 4x heavier
+  against the latent flow terms (L_base, L_adv, L_rectify), which the [0, 1] / [-1, 1] choice does not touch.
 - --train_base full (ours, off by default; the mini's setting): the base's own weights train too, in fp32, so the
   noise branch is no longer frozen. On the 2M mini base a frozen noise branch cannot read the condition tokens
   (README, mini bases). The checkpoint then also holds the base (`dit.safetensors`).

@@ -169,9 +169,10 @@ def test_two_ranks_equal_one_process(method, tmp_path, tmp_path_factory):
     for k in one:
         assert two[k] == pytest.approx(one[k], rel=2e-3, abs=1e-6), k
     # Spectral norm's power iteration advances once per call, twice as often in one process as in each rank; that
-    # shifts gradients by ~1e-6, which Adam's normalised step turns into up to 2 lr where a gradient is near zero
+    # shifts gradients by ~1e-6, and where a gradient is near zero Adam's normalised steps (at most ~1.2 lr each) can
+    # then part two runs by up to ~4.6 lr over two steps: the weights' tolerance, on top of the losses' 2e-3
     cfg = json.load(open(tmp_path / "one" / "ckpt-0000002" / "config.json"))
-    atol = 1e-6 + 2.5 * max(v for k, v in cfg.items() if k in ("lr", "lr_d", "lr_fake"))
+    atol = 1e-6 + 5 * max(v for k, v in cfg.items() if k in ("lr", "lr_d", "lr_fake"))
     for f in glob.glob(str(tmp_path / "one" / "ckpt-0000002" / "*.safetensors")):
         a, b = load_file(f), load_file(str(tmp_path / "two" / "ckpt-0000002" / os.path.basename(f)))
         for k in (k for k in a if not k.endswith(("._u", "._v"))):  # the power iteration's own state

@@ -57,6 +57,20 @@ def test_isc_and_boundary_are_zero_on_the_true_average_velocity(sigma):
     assert M.fm_loss(oracle, z_hr, eps, t).item() < 1e-28
 
 
+def test_the_teacher_draws_t_uniformly_as_eq3():
+    """Eq. 3: t ~ U(0, 1) (mean 1/2, variance 1/12, a tenth below 0.1); --teacher_t logit-normal is the option, with
+    little mass near the ends (1.4% below 0.1)."""
+    seen = []
+    u = lambda z, r, t: seen.append(t) or torch.zeros_like(z)
+    z = torch.zeros(20000, 1, 1, 1)
+    for law in ("uniform", "logit-normal"):
+        torch.manual_seed(0)
+        M.teacher_losses(u, z, torch.randn_like(z), M.resolve(C.configure(M.Config, model="tiny", teacher_t=law)))
+    uniform, logit = seen
+    assert abs(uniform.mean() - 0.5) < 0.01 and abs(uniform.var() - 1 / 12) < 0.003
+    assert abs((uniform < 0.1).float().mean() - 0.1) < 0.01 and (logit < 0.1).float().mean() < 0.03
+
+
 def test_splitting_target_gets_no_gradient():
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(4, 4, 3, padding=1)
