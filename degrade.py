@@ -29,9 +29,9 @@ Differences from the reference, each on purpose:
   - The 51x51 USM blur runs separably as two matmuls (same numbers, ~3x faster on CPU).
   - JPEG rounding is straight-through: the forward pass rounds exactly, as the DiffJPEG(
     differentiable=False) used in Real-ESRGAN training; the gradient passes as identity.
-  - JPEG pads to 16 by edge replication as libjpeg does (basicsr pads with zeros, which rings at the
-    bottom and right borders) and floors quantisation steps at 1 as libjpeg does (changes only q > 95;
-    q = 100 would divide by zero). Otherwise it equals basicsr's DiffJPEG to float precision.
+  - JPEG floors quantisation steps at 1 as libjpeg does (changes only q > 95; q = 100 would divide by zero).
+    Otherwise it equals basicsr's DiffJPEG, zero padding to whole 16x16 blocks included (libjpeg replicates the
+    edge instead; the zeros ring at the bottom and right borders, which is the LR distribution the papers trained on).
   - Gray Gaussian noise is drawn per image (basicsr draws one (H, W) field shared by the batch).
 """
 
@@ -323,7 +323,7 @@ def diff_jpeg(img, quality):
     q = _per_image(quality, B, img).view(B, 1, 1, 1, 1, 1)
     # libjpeg's scaling 5000 / q % below 50, 200 - 2 q % above; the tables are not rounded (as basicsr)
     factor = torch.where(q < 50, 50 / q, 2 - q / 50)
-    x = F.pad(img * 255, (0, -W % 16, 0, -H % 16), mode="replicate")  # whole 16x16 MCUs
+    x = F.pad(img * 255, (0, -W % 16, 0, -H % 16))  # whole 16x16 MCUs, zero-padded bottom and right as the reference
     ycc = torch.einsum("ij,bjhw->bihw", img.new_tensor(RGB2YCC), x)
     # reference != libjpeg: basicsr's DiffJPEG applies the luma table transposed; we follow it, since
     # the point is the papers' LR distribution (the chroma table is symmetric)

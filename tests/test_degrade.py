@@ -217,6 +217,16 @@ def test_diff_jpeg_quantises_with_scaled_unrounded_table(quality, factor):
     assert np.allclose(coef, expected, atol=1e-2)
 
 
+@pytest.mark.parametrize("H, W", [(37, 50), (16, 23), (9, 9)])
+def test_diff_jpeg_pads_with_zeros_as_the_reference(H, W):
+    """basicsr's DiffJPEG zero-pads the bottom and right to a multiple of 16 and crops back: the same as compressing
+    the zero-padded image (a multiple of 16, so nothing more is padded) and cropping."""
+    img = photo(2, H, W)
+    padded = F.pad(img, (0, -W % 16, 0, -H % 16))
+    q = torch.tensor([35.0, 80.0])
+    torch.testing.assert_close(diff_jpeg(img, q), diff_jpeg(padded, q)[..., :H, :W], atol=1e-6, rtol=0)
+
+
 def test_diff_jpeg_is_differentiable():
     x = (0.1 + 0.8 * photo(2, 32, 48)).requires_grad_()
     diff_jpeg(x, torch.tensor([30.0, 80.0])).sum().backward()
