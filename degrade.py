@@ -54,7 +54,6 @@ KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau
 KERNEL_PROB = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
 RESIZE_MODES = ("area", "bilinear", "bicubic")
 
-
 @dataclass(frozen=True)
 class DegradeOpts:
     # sharpening of the target: USMSharp defaults (weight 0.5, threshold 10/255)
@@ -93,7 +92,6 @@ class DegradeOpts:
     # the classical setting: bicubic downsampling only, none of the above
     bicubic_only: bool = False
 
-
 PRESETS = {
     "realesrgan": DegradeOpts(),
     # SeeSR's milder online ranges (its params_realesrgan.yml); kernels as Real-ESRGAN
@@ -103,8 +101,6 @@ PRESETS = {
     "bicubic": DegradeOpts(use_usm=False, bicubic_only=True),  # classical x4 (the mini runs, ours)
 }
 
-
-
 def check_preset(name):
     """A --degrade value: one of PRESETS, or a clear error."""
     if name not in PRESETS:
@@ -113,21 +109,17 @@ def check_preset(name):
 # -----------------------------------------------------------------------------
 # random draws: all from the generator, on the generator's device
 
-
 def _gdev(generator, ref):
     return generator.device if generator is not None else ref.device
 
-
 def _rand(n, generator, device, lo=0.0, hi=1.0):
     return torch.rand(n, generator=generator, device=device) * (hi - lo) + lo
-
 
 def _choice(probs, n, generator, device):
     """n indices drawn from the categorical distribution probs."""
     cdf = torch.tensor(probs, device=device).cumsum(0)
     u = torch.rand(n, generator=generator, device=device) * cdf[-1]
     return (u[:, None] >= cdf).sum(1).clamp_max(len(probs) - 1)
-
 
 def _per_image(v, B, ref):
     """A number or a (B,) tensor -> a float (B, 1, 1, 1) tensor on ref's device."""
@@ -136,7 +128,6 @@ def _per_image(v, B, ref):
 # -----------------------------------------------------------------------------
 # blur kernels
 
-
 def _support(k, half):
     """Zero k (n, K, K) outside each centred (2 half + 1)^2 window, i.e. the reference's zero padding
     of a size-(2 half + 1) kernel to K, then normalise to sum 1."""
@@ -144,7 +135,6 @@ def _support(k, half):
     a = (torch.arange(K, device=k.device) - K // 2).abs()
     k = k * (torch.maximum(a[:, None], a[None, :]) <= half.view(-1, 1, 1))
     return k / k.sum((-2, -1), keepdim=True)
-
 
 def sinc_kernel(cutoff, size, pad_to=None):
     """Circular low-pass (2-D sinc) kernels: cutoff J1(cutoff r) / (2 pi r), centre cutoff^2 / (4 pi),
@@ -159,7 +149,6 @@ def sinc_kernel(cutoff, size, pad_to=None):
     k = torch.where(r == 0, cutoff ** 2 / (4 * math.pi), k)  # the limit at r = 0
     n = max(len(cutoff), len(size))
     return _support(k.expand(n, K, K), (size // 2).expand(n)).float()
-
 
 def random_kernel(n, kernel_list=KERNEL_TYPES, kernel_prob=KERNEL_PROB, sigma_range=(0.2, 3.0),
                   betag_range=(0.5, 4.0), betap_range=(1.0, 2.0), sinc_prob=0.1, sizes=(7, 21), pad_to=21,
@@ -197,7 +186,6 @@ def random_kernel(n, kernel_list=KERNEL_TYPES, kernel_prob=KERNEL_PROB, sigma_ra
 # -----------------------------------------------------------------------------
 # filtering and sharpening
 
-
 def filter2d(img, kernels):
     """Filter each image of img (B, C, H, W) with its own kernel (B, k, k) (or one (k, k) for all), k odd,
     reflect padding, same size out (basicsr filter2D). Images smaller than k // 2 + 1 are padded by
@@ -210,7 +198,6 @@ def filter2d(img, kernels):
     x = F.pad(img, (p, p, p, p), mode="reflect" if p < min(H, W) else "replicate")
     return F.conv2d(x.reshape(1, B * C, H + 2 * p, W + 2 * p), w, groups=B * C).view(B, C, H, W)
 
-
 def _reflect_blur_matrix(n, g):
     """(n, n) matrix M such that M @ x filters x along its first axis with the 1-D kernel g under
     reflect padding (the same numbers as F.pad(mode="reflect") then a valid convolution)."""
@@ -218,7 +205,6 @@ def _reflect_blur_matrix(n, g):
     idx = (torch.arange(n, device=g.device)[:, None] + torch.arange(-r, r + 1, device=g.device)).abs()
     idx = torch.where(idx > n - 1, 2 * (n - 1) - idx, idx).clamp(0, n - 1)  # clamp: tiny images only
     return torch.zeros(n, n, device=g.device, dtype=g.dtype).scatter_add_(1, idx, g.expand(n, -1).contiguous())
-
 
 def usm_sharp(img, weight=0.5, threshold=10.0, size=51, sigma=8.0):
     """Unsharp masking as Real-ESRGAN's USMSharp: sharp = clamp(img + weight (img - blur)), returned
@@ -242,7 +228,6 @@ def usm_sharp(img, weight=0.5, threshold=10.0, size=51, sigma=8.0):
 
 LUMA = (0.2989, 0.587, 0.114)  # torchvision rgb_to_grayscale, used by the reference's gray Poisson noise
 
-
 def add_gaussian_noise(img, sigma, gray=False, generator=None):
     """clamp(img + N(0, (sigma / 255)^2)); sigma (8-bit units) and gray are numbers or (B,) tensors.
     A gray image gets one noise field for its three channels."""
@@ -254,14 +239,12 @@ def add_gaussian_noise(img, sigma, gray=False, generator=None):
         noise = torch.where(gray, torch.randn((B, 1, H, W), generator=generator, device=dev).to(img), noise)
     return (img + noise * _per_image(sigma, B, img) / 255).clamp(0, 1)
 
-
 def _poisson_levels(x):
     """Per image (B, 1, 1, 1): 2^ceil(log2(number of distinct 8-bit values)); x is already on the grid."""
     B = x.shape[0]
     q = (x * 255).round().long().reshape(B, -1) + 256 * torch.arange(B, device=x.device)[:, None]
     n_unique = (torch.bincount(q.reshape(-1), minlength=256 * B).view(B, 256) > 0).sum(1)
     return (2.0 ** torch.log2(n_unique.double()).ceil()).float().view(B, 1, 1, 1)
-
 
 def add_poisson_noise(img, scale, gray=False, generator=None):
     """Shot noise as basicsr generate_poisson_noise_pt: x = img on the 8-bit grid, L = _poisson_levels(x),
@@ -296,14 +279,12 @@ C_TABLE = [[17, 18, 24, 47] + [99] * 4, [18, 21, 26, 66] + [99] * 4, [24, 26, 56
 RGB2YCC = [[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]]
 YCC2RGB = [[1.0, 0.0, 1.402], [1.0, -0.344136, -0.714136], [1.0, 1.772, 0.0]]
 
-
 def _dct_matrix(device):
     """Orthonormal 8-point DCT-II, D[u, x] = c(u) cos((2x + 1) u pi / 16): JPEG's F = D f D^T."""
     u = torch.arange(8, device=device, dtype=torch.float32)
     D = 0.5 * torch.cos((2 * u[None, :] + 1) * u[:, None] * math.pi / 16)
     D[0] /= math.sqrt(2)
     return D
-
 
 def _quantise(x, step):
     """8x8 block DCT of x (B, c, h, w), h and w multiples of 8, rounded to multiples of step
@@ -314,7 +295,6 @@ def _quantise(x, step):
     coef = D @ blocks @ D.T / step
     coef = coef + (coef.round() - coef).detach()  # straight-through: exact rounding, identity gradient
     return (D.T @ (coef * step) @ D).transpose(3, 4).reshape(B, c, h, w)
-
 
 def diff_jpeg(img, quality):
     """Batched, differentiable JPEG round trip of img (B, 3, H, W) in [0, 1]; quality a number or (B,)
@@ -335,7 +315,6 @@ def diff_jpeg(img, quality):
 
 # -----------------------------------------------------------------------------
 # the pipeline
-
 
 @torch.no_grad()
 def degrade(hr, scale=4, opts=DegradeOpts(), generator=None):
@@ -404,15 +383,12 @@ def degrade(hr, scale=4, opts=DegradeOpts(), generator=None):
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
-
 def _load(path):
     x = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
     return torch.from_numpy(x).permute(2, 0, 1)[None].contiguous()
 
-
 def _save(x, path):
     Image.fromarray((x[0].permute(1, 2, 0) * 255).round().byte().cpu().numpy()).save(path)
-
 
 def bench(opts, scale=4, size=512, batches=(4, 16), images=64):
     """Print images/s of degrade() at size x size HR for each batch size on each device present."""
@@ -435,7 +411,6 @@ def bench(opts, scale=4, size=512, batches=(4, 16), images=64):
             sync()
             dt = time.perf_counter() - t0
             print(f"| {name} | {B} | {n * B / dt:.1f} | {1000 * dt / (n * B):.0f} |")
-
 
 def main():
     p = argparse.ArgumentParser(description="Real-ESRGAN degradation: paired LR images, or --bench")
@@ -463,7 +438,6 @@ def main():
         lr, _ = degrade(_load(os.path.join(a.hr, f)).to(a.device), a.scale, opts, g)
         _save(lr, os.path.join(a.out, stem + ".png"))
         print(f"{i + 1}/{len(files)} {f} -> {stem}.png {tuple(lr.shape[-2:])}")
-
 
 if __name__ == "__main__":
     main()

@@ -60,12 +60,10 @@ COLS = [m[0] for m in METRICS]
 KIND = {m[0]: m[3] for m in METRICS}
 FMT = {"PSNR": ".2f", "FID": ".2f", "MUSIQ": ".2f", "s/img": ".3f", "mem_GB": ".2f"}
 
-
 def _reason(e):
     offline = any(k in type(e).__name__ for k in ("URLError", "LocalEntry", "Connection", "Timeout"))
     return ("weights not downloadable (offline?): " if offline else "") + f"{type(e).__name__}: " + \
         (str(e).strip().splitlines() or [""])[0][:120]
-
 
 def _online():
     """One 3 s probe of the hub (or the mirror in HF_ENDPOINT): offline, every metric's download would
@@ -77,7 +75,6 @@ def _online():
         return True
     except OSError:
         return False
-
 
 class Scorer:
     """pyiqa metrics created on first use. A metric that fails to load, or to score an image, is
@@ -141,11 +138,9 @@ BENCHES = {"DIV2K-val": "synthetic", "RealSR": "paired", "DRealSR": "paired", "R
            "sample": "synthetic"}
 _TAG = re.compile(r"(?:[_-](?:hr|lr\d*|sr|x\d)|(?<=\d)x\d)$", re.IGNORECASE)  # Canon_001_LR4, 0801x4
 
-
 def stem_key(path):
     stem = os.path.splitext(os.path.basename(path))[0]
     return _TAG.sub("", stem) or stem
-
 
 def _by_key(files):
     m = {}
@@ -155,28 +150,23 @@ def _by_key(files):
         m[k] = f
     return m
 
-
 def pair_by_stem(a_files, b_files):
     """(pairs [(key, a, b)], keys only in a, keys only in b), pairing by stem_key."""
     a, b = _by_key(a_files), _by_key(b_files)
     return [(k, a[k], b[k]) for k in sorted(a) if k in b], sorted(set(a) - set(b)), sorted(set(b) - set(a))
 
-
 def _images(folder):  # [] for a missing or empty folder (list_images exits on those)
     return sorted(f for f in glob.glob(os.path.join(folder, "**", "*"), recursive=True) if f.lower().endswith(common.IMG_EXTS))
-
 
 def _layout_error(bench, root, what):
     lay = {"paired": f"{root}/LR/*.png and {root}/HR/*.png (same file stems)", "lr": f"{root}/LR/*.png",
            "synthetic": f"{root}/HR/*.png (LR made with degrade.py) or {root}/LR + {root}/HR"}[BENCHES[bench]]
     return SystemExit(f"benchmark {bench}: {what}. Expected {lay}; see the README, Benchmarks.")
 
-
 def report_unpaired(what_a, only_a, what_b, only_b):
     for what, keys in ((what_a, only_a), (what_b, only_b)):
         if keys:
             print(f"unpaired: {len(keys)} {what}: {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}")
-
 
 def make_lr(hr_files, lr_dir, seed, preset="realesrgan"):
     """LR of each HR (cropped to a multiple of 4) by the degrade.PRESETS `preset`, seeded as `degrade.py
@@ -197,7 +187,6 @@ def make_lr(hr_files, lr_dir, seed, preset="realesrgan"):
         tmp = os.path.join(lr_dir, f".{stem}.png")  # hidden until complete: list_images skips it
         common.save_image(x_lr, tmp)
         os.replace(tmp, out)
-
 
 def load_bench(bench, data_root, degrade_seed=0, limit=0, degrade="realesrgan"):
     """[(key, lr_path, hr_path or None)] of a benchmark (the first `limit`), and its HR folder (or None)."""
@@ -253,16 +242,13 @@ def build_fn(method, ckpt, device, steps, seed, samplers=None):
                              f"fluxsr, smfsr or teasr")
     return build(mod.Config(ckpt=ckpt, steps=steps, seed=seed), str(device))
 
-
 def _append(path, rec):
     with open(path, "a") as f:
         f.write(json.dumps(rec) + "\n")
 
-
 def _read_cache(path):  # records are flat: a line cut by an interruption does not end in "}"
     with open(path) if os.path.exists(path) else io.StringIO() as f:
         return [json.loads(l) for l in f if l.rstrip().endswith("}")]
-
 
 def write_outputs(items, run_dir, make_fn, device, run_info):
     """Write <key>.png for each LR not already done by the same run (method, ckpt, steps, seed)."""
@@ -304,7 +290,6 @@ def _hash(*paths):  # of the files' bytes: a changed output or HR is scored agai
         h.update(open(p, "rb").read())
     return h.hexdigest()[:16]
 
-
 def _match(x_sr, x_hr, key):
     """HR cropped to the SR size when it is larger by less than the scale (HR not a multiple of 4)."""
     (h, w), (H, W) = x_sr.shape[-2:], x_hr.shape[-2:]
@@ -313,7 +298,6 @@ def _match(x_sr, x_hr, key):
             raise SystemExit(f"{key}: output {w}x{h} vs HR {W}x{H}: not a x4 output of this HR")
         x_hr = x_hr[..., :h, :w]
     return x_hr
-
 
 def score(pairs, run_dir, scorer, sr_dir, hr_dir):
     """Mean of each metric over `pairs` [(key, sr_path, hr_path or None)], reusing and extending
@@ -367,7 +351,6 @@ def score(pairs, run_dir, scorer, sr_dir, hr_dir):
 def _cell(row, c):  # "-": not applicable (no HR) or not requested
     return "-" if c not in row else "n/a" if row[c] is None else format(row[c], FMT.get(c, ".4f"))
 
-
 def write_tables(rows, out_dir):
     """Merge rows into out_dir/results.json by (method, dataset); rewrite results.md/.csv; return the markdown."""
     os.makedirs(out_dir, exist_ok=True)
@@ -396,7 +379,6 @@ def write_tables(rows, out_dir):
             w.writerow([r["method"], r["dataset"], r["n"]] + ["" if r.get(c) is None else r[c] for c in cols])
     json.dump(rows, open(path, "w"), indent=1)
     return md
-
 
 def run_method(a, method, scorer, device, samplers=None):
     """One row per benchmark for `method` (outputs cached, see the module docstring)."""
@@ -430,14 +412,12 @@ def prefetch():
         print(f"{col}: " + ("ready" if ready else "failed"))
     return [f"{col}: {why}" for col, why in scorer.unavailable.items()]
 
-
 def heldout(method, build_sampler, out_dir, degrade="realesrgan"):
     """The end of a mini run: this table on the held-out sample photo, its LR made by the degradation the run trained
     on; bicubic and the method (`build_sampler`: the caller's own, so a running script is not imported again)."""
     return main(["--method", f"bicubic,{method}", "--ckpt", out_dir, "--bench", "sample", "--degrade", degrade,
                  "--out_dir", os.path.join(out_dir, "eval"), "--metrics", "PSNR,SSIM,LPIPS,LPIPS-rand"],
                 {method: build_sampler})
-
 
 def main(argv=None, samplers=None):
     p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
@@ -487,7 +467,6 @@ def main(argv=None, samplers=None):
     print(write_tables(rows, a.out_dir), end="")
     print(f"written: {os.path.join(a.out_dir, 'results.md')} (.csv, .json)")
     return rows
-
 
 if __name__ == "__main__":
     main()

@@ -102,7 +102,6 @@ class Config:
     overlap: int = 0              # latent overlap; 0: ours, 32 (256 px)
     eval_heldout: bool = False    # ours: at the end, eval.py on the held-out sample photo against bicubic
 
-
 # --model tiny / mini (ours): these values for every flag not given
 TINY = dict(max_steps=20, pair_size=64, crop=64, teacher_steps=4, lora_rank=8, lora_alpha=8.0, batch_size=2, tile=8,
             overlap=2)
@@ -111,7 +110,6 @@ TINY = dict(max_steps=20, pair_size=64, crop=64, teacher_steps=4, lora_rank=8, l
 MINI = dict(max_steps=2400, pair_size=128, crop=128, train_base="full", w_tv_lpips=0.0, lr=1e-3, lr_decay=0.5,
             batch_size=4, tile=32, overlap=8, grid_every=100, save_every=100, eval_heldout=True, degrade="bicubic",
             pair_batch=16)
-
 
 def resolve(cfg):
     """The concrete preset and tile; the flags checked."""
@@ -130,7 +128,6 @@ def resolve(cfg):
                          f">= 1, 0 < T_L < 1, and one step (Eq. 18)")
     return dataclasses.replace(cfg, model=preset, tile=cfg.tile or 128, overlap=cfg.overlap or 32)
 
-
 def pretrained(cfg):
     """Every pretrained network a run of cfg loads: checked before anything is built, fetched by `python common.py
     prefetch --method fluxsr`. The text encoders encode the empty prompt once."""
@@ -142,7 +139,6 @@ def pretrained(cfg):
 # the double blocks' attn.to_out is a ModuleList, so its Linear is to_out.0)
 LORA_TARGETS = (r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
                 r"to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|proj_mlp|proj_out)")
-
 
 class BlockFeatures:
     """Image-token outputs A^(l) of every transformer block (Eqs. 22-23), through forward hooks. In diffusers 0.42
@@ -167,10 +163,8 @@ class BlockFeatures:
         finally:
             self.on = False
 
-
 def G(z_lr, v_theta, T_L):
     return z_lr - v_theta * T_L  # Eq. (18)
-
 
 def generator(dit, z_lr, T_L, cond, guidance):
     """The one-step generator G(z_lr): one DiT call at t = T_L on the LR latent."""
@@ -184,12 +178,10 @@ def ftd_z_t(z_lr, eps, t, T_L):
     t = t.view(-1, 1, 1, 1)
     return (1 - t) / (1 - T_L) * z_lr + (t - T_L) / (1 - T_L) * eps  # Eq. (16)
 
-
 def ftd_loss(u_t, v_theta, eps, z_lr, T_L):
     """Flow Trajectory Distillation (Eq. 17), mean over elements. (1 - T_L) v_phi of Eq. 15 is written out as
     u_t - v_theta T_L (Eq. 17, second line): no division by 1 - T_L."""
     return ((u_t - v_theta * T_L) - (eps - z_lr)).pow(2).mean()  # Eq. (17)
-
 
 def tv(img):
     """Eq. 20 on (B, C, H, W): forward differences, cropped to (H - 1, W - 1)."""
@@ -197,17 +189,14 @@ def tv(img):
     dx = (img[:, :, :-1, 1:] - img[:, :, :-1, :-1]).abs()
     return dy + dx  # Eq. (20)
 
-
 def tv_lpips(lpips, img, img0, gamma):
     return lpips(img, img0) + gamma * lpips(tv(img), tv(img0))  # Eq. (19)
-
 
 def rec_loss(lpips, x_sr, x_hr, w_tv_lpips, gamma):
     """Eq. 21 on images in [0, 1]; returns (L_Rec, MSE, TV-LPIPS)."""
     mse = F.mse_loss(x_sr, x_hr)
     tvl = tv_lpips(lpips, x_sr, x_hr, gamma) if w_tv_lpips else mse.new_zeros(())  # weight 0: no VGG pass at all
     return mse + w_tv_lpips * tvl, mse, tvl  # Eq. (21)
-
 
 def adl_loss(feats):
     """Attention Diversification Loss: feats is a list over blocks of (B, N, D) token features. Per image and block,
@@ -219,7 +208,6 @@ def adl_loss(feats):
         A_bar = A.mean(dim=1, keepdim=True)  # Eq. (22)
         per_block.append(F.cosine_similarity(A, A_bar, dim=-1).mean())  # Eq. (23), L_ADL^(l)
     return torch.stack(per_block).mean()  # Eq. (23), mean over l
-
 
 def fluxsr_losses(dit, vae, lpips, feats, cond2, eps, z_hr, x_hr, cfg):
     """Algorithm 1, lines 5-19, on one micro-batch of teacher pairs; cond2 is the prompt for 2B. Returns (L, the
@@ -275,7 +263,6 @@ def flux_sigmas(steps, n_tokens):
     s = math.exp(mu) / (math.exp(mu) + (1 / s - 1))
     return torch.cat([s, s.new_zeros(1)]).float()
 
-
 @torch.no_grad()
 def teacher_sample(dit, eps, cond, steps, guidance):
     """The frozen base's multi-step Euler sampler from noise eps (B, C, H, W): the T2I flow to distil."""
@@ -285,11 +272,9 @@ def teacher_sample(dit, eps, cond, steps, guidance):
         z = z - (t - s) * common.velocity("flux1", dit, z, t.view(1), cond, guidance)  # Euler, t -> s
     return z
 
-
 def pair_noise(seed, i, shape):
     """eps of pair i: seeded by the pair index, so pairs do not depend on the number of ranks."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
-
 
 def write_pair(folder, i, eps, z_hr, x_hr, manifest):
     """Pair i = one safetensors file (eps, z_0, x_0 as 8-bit; the manifest in its metadata), written under a temp
@@ -303,20 +288,9 @@ def write_pair(folder, i, eps, z_hr, x_hr, manifest):
                "x_0": x8[0].cpu().contiguous()}, tmp + ".safetensors", metadata={"manifest": json.dumps(manifest)})
     os.replace(tmp + ".safetensors", name + ".safetensors")
 
-
 def pair_manifest(cfg):
     return {"preset": cfg.model, "pair_size": cfg.pair_size, "teacher_steps": cfg.teacher_steps,
             "guidance": cfg.guidance, "seed": cfg.seed}
-
-
-def read_json(path):
-    """A JSON file's content, or None where it is missing or damaged."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
 
 def pair_damage(path):
     """Why a pair file cannot be read, or None: its safetensors header (8-byte length, JSON) must parse and name eps,
@@ -335,17 +309,15 @@ def pair_damage(path):
     end = 8 + n + max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
     return None if end == size else f"truncated: {size} of {end} bytes"
 
-
 def damaged_pairs(folder):
     """[(file, why)] of a pairs folder that cannot be read: the manifest, and every pair file (header and size)."""
-    bad = [] if read_json(os.path.join(folder, "pairs.json")) is not None or not os.path.exists(
+    bad = [] if common.read_json(os.path.join(folder, "pairs.json")) is not None or not os.path.exists(
         os.path.join(folder, "pairs.json")) else [("pairs.json", "not a JSON manifest")]
     for f in sorted(glob.glob(os.path.join(folder, "pair-*.safetensors"))):
         why = pair_damage(f)
         if why:
             bad.append((os.path.basename(f), why))
     return bad
-
 
 def make_pairs(cfg):
     """Sample the frozen teacher from stored noise; pair i on rank i % world. Pairs already on disk (and readable) are
@@ -354,7 +326,7 @@ def make_pairs(cfg):
     rank, world, device = common.compute_init(cfg.seed)
     os.makedirs(cfg.data, exist_ok=True)
     man_file, manifest = os.path.join(cfg.data, "pairs.json"), pair_manifest(cfg)
-    if rank == 0 and read_json(man_file) is None:  # new, or damaged: these settings (each pair also holds its own)
+    if rank == 0 and common.read_json(man_file) is None:  # new, or damaged: these settings (each pair also holds its own)
         with open(man_file + ".tmp", "w") as f:
             json.dump(manifest, f, indent=1)
         os.replace(man_file + ".tmp", man_file)
@@ -365,7 +337,7 @@ def make_pairs(cfg):
     from safetensors import safe_open
     made = {json.dumps(json.loads((safe_open(files[i], "pt").metadata() or {}).get("manifest", "null")))
             for i in good} - {"null"}
-    if read_json(man_file) != manifest or made - {json.dumps(manifest)}:
+    if common.read_json(man_file) != manifest or made - {json.dumps(manifest)}:
         raise SystemExit(f"{cfg.data} holds pairs made with other settings ({man_file}); use a new --data")
     dtype = common.weight_dtype(device)
     dit = common.load_dit(cfg.model, cfg.model_path or None, dtype).to(device).requires_grad_(False).eval()
@@ -389,7 +361,6 @@ def make_pairs(cfg):
         dist.barrier()
     if rank == 0:
         print(f"{len(glob.glob(os.path.join(cfg.data, 'pair-*.safetensors')))} pairs in {cfg.data}", flush=True)
-
 
 class PairDataset(torch.utils.data.Dataset):
     """Teacher pairs (eps, z_hr, x_hr). Items are keyed by (index, seed) like common.ImageDataset, so a crop is a pure
@@ -431,7 +402,7 @@ def train(cfg):
                          f"make exactly these again (the settings they were made with, as for the others):\n  python "
                          f"fluxsr.py --model {cfg.model} --make_pairs {n} --data {cfg.data}")
     rank, world, device, log = common.setup(cfg, pretrained(cfg))
-    man = read_json(os.path.join(cfg.data, "pairs.json"))
+    man = common.read_json(os.path.join(cfg.data, "pairs.json"))
     if man and (man["preset"] != cfg.model or man["pair_size"] < cfg.crop):
         raise SystemExit(f"pairs in {cfg.data} are {man['preset']} at {man['pair_size']} px; training {cfg.model} "
                          f"with crop {cfg.crop} needs pairs from the same base, at least crop px")
@@ -477,7 +448,6 @@ def train(cfg):
     if rank == 0 and cfg.eval_heldout:
         import eval
         eval.heldout("fluxsr", build_sampler, cfg.out_dir, cfg.degrade)
-
 
 if __name__ == "__main__":
     cfg = common.parse_config(Config)

@@ -141,7 +141,6 @@ class Config:
     overlap: int = 0              # latent overlap; 0: ours, 16 (128 px)
     eval_heldout: bool = False    # ours: at the end, eval.py on the held-out sample photo against bicubic
 
-
 STAGES = {"teacher": (80_000, 32), "isc": (40_000, 16), "gan": (10_000, 8)}  # Sec. 4: iterations, batch
 PREVIOUS = {"isc": "teacher", "gan": "isc"}
 # --model tiny / mini (ours): these values for every flag not given; a dict holds them per --stage
@@ -153,7 +152,6 @@ MINI = dict(crop=128, max_steps={"teacher": 1000, "isc": 200, "gan": 600}, batch
             lr={"teacher": 3e-3, "isc": 3e-4, "gan": 3e-4}, lr_fake=3e-4, lr_d=1e-4, fake_rank=16, disc_width=32,
             tile=32, overlap=8, grid_every=100, save_every=100, eval_heldout=True, degrade="bicubic",
             train_base="full", w_isc={"gan": 0.1}, w_vsd={"gan": 0.0}, w_gan={"gan": 0.0}, w_lpips={"gan": 0.0})
-
 
 def resolve(cfg):
     """The concrete preset, and the stage's steps, batch and folder (0 defaults: Sec. 4); the flags checked."""
@@ -173,7 +171,6 @@ def resolve(cfg):
         raise SystemExit(f"--tile {cfg.tile} --overlap {cfg.overlap}: expected even, 2 <= overlap <= tile / 2")
     return cfg
 
-
 def pretrained(cfg):
     """Every pretrained network a run of cfg loads: checked before anything is built, fetched by `python common.py
     prefetch --method smfsr`. The text encoders encode the captions (or the empty prompt) once."""
@@ -191,7 +188,6 @@ FAKE_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "at
                      "attn.add_v_proj", "attn.to_add_out")  # ours: every linear of the joint attention
 # --train_base lora: every linear of the joint blocks' attention and MLPs (ours)
 BASE_LORA_TARGETS = FAKE_LORA_TARGETS + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
-
 
 class LRBranch(nn.Module):
     """What one block adds for the LR tokens: (1) their part of the joint attention, LR-specific key/value projections,
@@ -213,7 +209,6 @@ class LRBranch(nn.Module):
         """(B, D, h, w) LR patch embeddings -> (B, h w, D) added to the image tokens: the local path."""
         return self.conv(m_lr.to(self.conv[1].weight.dtype)).flatten(2).transpose(1, 2).to(m_lr.dtype)
 
-
 def joint_attention(attn, lr, x, c, x_lr):
     """SD3's joint attention (diffusers' JointAttnProcessor2_0, written out) in which the image queries also attend to
     the LR tokens: o = o_base + gate (o_joint - o_base). Returns (image, text) outputs."""
@@ -234,7 +229,6 @@ def joint_attention(attn, lr, x, c, x_lr):
     flat = lambda y: y.transpose(1, 2).reshape(B, -1, y.shape[1] * y.shape[-1])
     out_c = None if attn.context_pre_only else attn.to_add_out(flat(o[:, :, N:]))
     return attn.to_out[0](flat(o_x)), out_c
-
 
 def block_forward(block, lr, x, c, x_lr, temb, m_lr):
     """diffusers' JointTransformerBlock.forward, written out, with the LR tokens in its attention and the
@@ -258,7 +252,6 @@ def block_forward(block, lr, x, c, x_lr, temb, m_lr):
     n = block.norm2_context(c) * (1 + csc_mlp[:, None]) + csh_mlp[:, None]
     return c + cg_mlp.unsqueeze(1) * block.ff_context(n), x
 
-
 class RTEmbed(nn.Module):
     """e_{r,t} from the base's own embeddings e_r, e_t (Fig. 2): Linear(2D -> D) -> SiLU -> Linear(D -> D), as
     e_t + MLP([e_r, e_t]) with the last layer zero-initialised (ours): u(z, r, t) = v(z, t) at init."""
@@ -271,7 +264,6 @@ class RTEmbed(nn.Module):
 
     def forward(self, e_r, e_t):
         return e_t + self.mlp(torch.cat([e_r, e_t], -1))
-
 
 class SRNet(nn.Module):
     """Everything SMFSR adds to a frozen SD3 transformer: one LRBranch per block, and for the student the (r, t)
@@ -307,11 +299,9 @@ class SRNet(nn.Module):
         x = x.view(B, H // p, W // p, p, p, -1).permute(0, 5, 1, 3, 2, 4)  # unpatchify as diffusers does
         return x.reshape(B, -1, H, W).float()
 
-
 def bind(net, dit, z_lr, cond):
     """u(z, r, t) with the LR latent and the caption fixed: what Algorithm 1 and the sampler call."""
     return lambda z, r, t: net(dit, z, r, t, z_lr, cond)
-
 
 def teacher_velocity(teacher, dit, z_lr, cond, null, w):
     """v_phi^w(z, t) of the frozen teacher (Eq. 13). w = 1: the conditional teacher (no CFG, Table 6); otherwise one
@@ -326,7 +316,6 @@ def teacher_velocity(teacher, dit, z_lr, cond, null, w):
         return w * v_c + (1 - w) * v_u  # Eq. (13)
     return v
 
-
 @contextlib.contextmanager
 def fake_score(dit):
     """Inside: the fake score v_phi' = the teacher + its LoRA; outside the LoRA is off. peft ties the LoRA's
@@ -336,7 +325,6 @@ def fake_score(dit):
         yield
     finally:
         dit.disable_adapters()
-
 
 def load_base(cfg, dtype, train_base, rank, ckpt=None, name=None, train=False):
     """The SD3 a model runs on. `none`: the frozen base, one copy that teacher, student and fake score share.
@@ -361,7 +349,6 @@ def load_base(cfg, dtype, train_base, rank, ckpt=None, name=None, train=False):
             dit.to(dtype)  # all weights were trained in fp32
     return dit
 
-
 def load_net(ckpt, name, net):
     """The trained part of a stage (`teacher` or `student`) from its checkpoint folder."""
     if not os.path.exists(os.path.join(ckpt, f"{name}.safetensors")):
@@ -369,10 +356,8 @@ def load_net(ckpt, name, net):
                          f"{'teacher' if name == 'teacher' else 'isc/gan'} checkpoint)")
     common.load_checkpoint(ckpt, {name: net})
 
-
 RANDOM_DINO = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
                    num_register_tokens=4)  # tiny/mini: a small random DINOv3
-
 
 class Discriminator(nn.Module):
     """Frozen DINOv3 ViT + trainable heads (Eqs. 17-18). Features: the patch tokens of 4 evenly spaced layers, as a
@@ -412,12 +397,10 @@ class Discriminator(nn.Module):
 def logit_normal(n, cfg, device):
     return torch.sigmoid(cfg.t_mean + cfg.t_std * torch.randn(n, device=device))
 
-
 def fm_loss(v, z_hr, eps, t):
     """Stage 0: LR-conditioned flow matching of the teacher, v(z, t) = u(z, t, t)."""
     z_t = (1 - bc(t)) * z_hr + bc(t) * eps  # Eq. (1)
     return F.mse_loss(v(z_t, t, t), eps - z_hr)  # Eq. (3)
-
 
 def isc_loss(u, z_t, r, t, lam):
     """Interval Splitting Consistency, Algorithm 1 lines 9-13: the target is built without gradient."""
@@ -429,20 +412,17 @@ def isc_loss(u, z_t, r, t, lam):
         u_target = (1 - bc(lam)) * u1 + bc(lam) * u2  # line 12
     return F.mse_loss(u(z_t, r, t), u_target)  # line 13, Eq. (11)
 
-
 def boundary_loss(u, v_teacher, z_t, t):
     """Boundary consistency, Algorithm 1 line 15: at r = t the average velocity is the teacher's v."""
     with torch.no_grad():
         v = v_teacher(z_t, t)
     return F.mse_loss(u(z_t, t, t), v)  # Eq. (12)
 
-
 def rec_loss(lpips, x_sr, x_hr, w_lpips=1.0):
     """Eq. 19 on images in [0, 1]; returns (L_Rec, MSE, LPIPS). w_lpips 0: no VGG pass at all."""
     mse = F.mse_loss(x_sr, x_hr)
     lp = lpips(x_sr, x_hr) if w_lpips else mse.new_zeros(())
     return mse + w_lpips * lp, mse, lp  # Eq. (19)
-
 
 def vsd_loss(z0_hat, z0_hat_t, t, v_real, v_fake):
     """Eq. 15 as a loss whose gradient on z0_hat is w(t) (v_phi - v_phi') / numel, w(t) = t / mean|z0_hat - x0_phi|
@@ -453,19 +433,15 @@ def vsd_loss(z0_hat, z0_hat_t, t, v_real, v_fake):
     grad = w * (v_real - v_fake)  # Eq. (15)
     return 0.5 * F.mse_loss(z0_hat, (z0_hat - grad).detach())
 
-
 def fake_score_loss(v_fake, eps, z0_hat):
     """Eq. 16: the fake score learns the flow of the generated latents (sg(z0_hat))."""
     return F.mse_loss(v_fake, eps - z0_hat.detach())  # Eq. (16)
 
-
 def adv_g_loss(d_fake):
     return -d_fake.mean()  # Eq. (17)
 
-
 def adv_d_loss(d_real, d_fake):
     return F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()  # Eq. (18), hinge
-
 
 def teacher_losses(u, z_hr, eps, cfg):
     """Stage 0 (Eq. 3) on one micro-batch: flow matching with t ~ U(0, 1) (--teacher_t logit-normal: SD3's law)."""
@@ -473,7 +449,6 @@ def teacher_losses(u, z_hr, eps, cfg):
     t = torch.rand(B, device=z_hr.device) if cfg.teacher_t == "uniform" else logit_normal(B, cfg, z_hr.device)
     l_fm = fm_loss(u, z_hr, eps, t)  # Eq. (3)
     return l_fm, {"loss": l_fm, "fm": l_fm}
-
 
 def isc_losses(u, v_teacher, z_hr, eps, cfg, weight=1.0):
     """Stage 1, Algorithm 1 lines 3-15 on one micro-batch: the boundary branch with probability p_boundary, else the
@@ -487,7 +462,6 @@ def isc_losses(u, v_teacher, z_hr, eps, cfg, weight=1.0):
     if weight:
         l_isc = boundary_loss(u, v_teacher, z_t, t) if q < cfg.p_boundary else isc_loss(u, z_t, r, t, lam)
     return weight * l_isc, {"loss": weight * l_isc, "isc": l_isc}
-
 
 def gan_losses(u, v_teacher, teacher, t_dit, disc, vae, lpips, z_lr, x_hr, cond, cfg, scale):
     """Stage 2's terms after L_ISC (Eq. 20: L_Rec, L_VSD, L_adv^G) and, alongside, the fake score's (Eq. 16, stepped
@@ -534,7 +508,6 @@ def sample(u, eps, steps, z_lr=None, start_t=1.0):
     for t, r in zip(ts[:-1], ts[1:]):
         z = z - (t - r) * u(z, r * ones, t * ones)
     return z
-
 
 def build_sampler(flags, device=None):
     """fn(x_lr (1, 3, h, w) in [0, 1]) -> (1, 3, 4h, 4w) of the checkpoint flags.ckpt: bicubic x4, encode, `steps`
@@ -598,7 +571,6 @@ class Captions:
         conds = [self.encode(self.text[i]) if k and self.text[i] else self.empty for i, k in zip(idx, keep)]
         return {k: torch.cat([c[k] for c in conds]) for k in self.empty}
 
-
 def stage_inputs(cfg):
     """(init, teacher) checkpoint folders of a stage: each stage starts from the previous one's output, and the
     teacher of stage 2 is the one stage 1 distilled (recorded in its config.json)."""
@@ -615,7 +587,6 @@ def stage_inputs(cfg):
     if not teacher:
         raise SystemExit(f"--teacher_ckpt {src!r}: no stage-0 teacher checkpoint there")
     return init, teacher
-
 
 def build_models(cfg, init, teacher_ckpt, device):
     """The stage's trained net on its base (dit), the frozen teacher on its base (t_dit: the same object where the
@@ -649,7 +620,6 @@ def build_models(cfg, init, teacher_ckpt, device):
         load_net(init, src, net)
     to = lambda m: m.to(device) if m is not None else None
     return name, to(net), to(dit), to(teacher), to(t_dit), to(disc), lpips
-
 
 def train(cfg):
     cfg = resolve(cfg)
@@ -726,7 +696,6 @@ def train(cfg):
     if rank == 0 and cfg.eval_heldout:
         import eval
         eval.heldout("smfsr", build_sampler, cfg.out_dir, cfg.degrade)
-
 
 if __name__ == "__main__":
     cfg = common.parse_config(Config)

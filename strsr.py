@@ -76,7 +76,6 @@ OFFICIAL_PROMPT = ("Descibe this image in detail, especially the text in image. 
                    "detailed, perfect without deformations. Camera, hyper detailed photo, realistic maximum detail, "
                    "32k, Color. Grading, ultra HD, extreme meticulous detailing, skin pore detailing")  # typo theirs
 
-
 @dataclasses.dataclass
 class Config:
     model: str = "flux2-klein-base"  # official != paper: FLUX.2-klein-base-4B (paper: -4B), StrSR-F; zimage: StrSR-Z
@@ -133,7 +132,6 @@ class Config:
     overlap: int = 0              # latent overlap; 0: the paper's 64 px
     eval_heldout: bool = False    # ours: at the end, eval.py on the held-out sample photo against bicubic
 
-
 # --model tiny / mini (ours): these values for every flag not given; a dict holds one per --stage
 TINY = dict(crop=64, max_steps={"1": 20, "2": 10}, disc_width=32, fdl_projections=32)
 # mini: the paper's lr is for a 4B base over 40k steps; a 2M base learns in hundreds of steps at a larger one, and
@@ -142,9 +140,7 @@ TINY = dict(crop=64, max_steps={"1": 20, "2": 10}, disc_width=32, fdl_projection
 MINI = dict(max_steps=600, crop=128, train_base="full", lr=1e-3, lr_d=1e-4, disc_width=32, fdl_projections=32,
             tile=16, overlap=4, grid_every=100, save_every=100, eval_heldout=True, w_lpips=0.0, degrade="bicubic")
 
-
 STAGES = ("1", "2")
-
 
 def resolve(cfg):
     """The concrete preset, crop and step count (0 defaults: the paper's, per stage); the flags checked."""
@@ -158,9 +154,7 @@ def resolve(cfg):
     return dataclasses.replace(cfg, model=preset, crop=cfg.crop or 1024,
                                max_steps=cfg.max_steps or {"1": 40000, "2": 20000}[cfg.stage])
 
-
 CLIP_HUB = "laion/CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg-soup"  # open_clip's laion2b_s34b_b82k_augreg_soup
-
 
 def pretrained(cfg):
     """Every pretrained network a run of cfg loads: checked before anything is built, fetched by `python common.py
@@ -170,7 +164,7 @@ def pretrained(cfg):
         needs.append(common.Weights("Qwen3-VL (E_vlm, Eq. 5)", cfg.vlm, "vlm", ("config.json", "tokenizer.json"),
                                     ("*.json", "*.safetensors", "*.txt")))
     needs.append(common.Weights("CLIP ConvNeXt-XXLarge (C, Sec. 3.3)", cfg.disc_ckpt or CLIP_HUB, "disc_ckpt",
-                                ("open_clip_model.safetensors|open_clip_pytorch_model.bin",)))
+                                ("open_clip_pytorch_model.bin",)))  # the release's file
     if cfg.w_lpips:
         needs.append(common.lpips_weights(cfg))
     if cfg.stage == "2" and cfg.w_fdl:
@@ -185,7 +179,6 @@ LORA_TARGETS = {  # official target modules; FLUX.2 needs a regex (attn.to_out i
     "zimage": ["to_q", "to_k", "to_v", "to_out.0", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"],
 }
 
-
 def generator(dit, family, z_lr, c, t_star, steps=1):
     """z0_hat = z_lr - t* v_theta(z_lr, t*, c): one Euler step from t* to 0, starting at the clean LR latent (no noise
     added). steps > 1 walks the same straight path in K equal Euler steps."""
@@ -194,7 +187,6 @@ def generator(dit, family, z_lr, c, t_star, steps=1):
         v_theta = common.velocity(family, dit, z, torch.full((z.shape[0],), t, device=z.device), c)
         z = z - (t - s) * v_theta  # Sec. 3.1, Eq. (6)
     return z
-
 
 def tiny_vlm_config():
     """A Qwen3-VL with the real classes and layout (vision tower with deepstack, M-RoPE text model)."""
@@ -207,7 +199,6 @@ def tiny_vlm_config():
                            spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32,
                            num_position_embeddings=64, deepstack_visual_indexes=[0]),
         image_token_id=100, video_token_id=101, vision_start_token_id=102, vision_end_token_id=103)
-
 
 class VLMEncoder(nn.Module):
     """E_vlm: the LR image + a fixed describe-the-image prompt through a frozen Qwen3-VL; returns the last hidden
@@ -272,7 +263,6 @@ class VLMEncoder(nn.Module):
                          use_cache=False)
         return out.last_hidden_state[:, ids[0] != self.image_token][:, :512]  # official: the non-image tokens
 
-
 class Condition(nn.Module):
     """The DiT's caption tokens. `vlm`: c = MLP(E_vlm(x_lr)) (Eq. 5), the MLP trains with the generator; the Table 4
     ablations hold a fixed embedding: `none` one zero token, `text` the base's own text encoding of an empty prompt
@@ -292,7 +282,6 @@ class Condition(nn.Module):
             return {"embeds": self.embeds.expand(x_lr.shape[0], -1, -1)}
         return {"embeds": self.mlp(self.vlm(x_lr))}  # Eq. (5); the VLM runs once per batch, no grad
 
-
 def build_generator(cfg, device, ckpt=None):
     """Base DiT + LoRA, VAE and the condition, on `device`. Frozen weights in bf16 on GPU."""
     family, random_nets = common.PRESETS[cfg.model].family, common.PRESETS[cfg.model].hub is None
@@ -310,7 +299,6 @@ def build_generator(cfg, device, ckpt=None):
     elif cfg.cond == "text":
         fixed = common.fixed_prompt(cfg, dit, device, os.path.join(cfg.out_dir, "cache"))["embeds"].cpu()
     return dit.to(device), vae, Condition(cfg.cond, width, vlm, fixed).to(device)
-
 
 def latent_factor(vae, family):
     """Pixels per latent cell: VAE downsampling (x2 for FLUX.2's patchified latents)."""
@@ -331,7 +319,6 @@ class Blur(nn.Module):
     def forward(self, x):
         return F.conv2d(x, self.k.to(x.dtype), padding=self.pad, groups=x.shape[1])
 
-
 def head(channels, width):
     """Official: BlurPool (pad 2) -> SN Conv3x3 stride 2 -> LeakyReLU(0.2) -> BlurPool (pad 1) -> SN Conv1x1 stride 2:
     1-channel patch logits at 1/4 of the feature map (H -> H + 1 -> H/2 -> H/2 - 1 -> H/4 for H a multiple of 4)."""
@@ -339,9 +326,7 @@ def head(channels, width):
     return nn.Sequential(Blur(channels, 2), sn(nn.Conv2d(channels, width, 3, 2, 0)), nn.LeakyReLU(0.2),
                          Blur(width, 1), sn(nn.Conv2d(width, 1, 1, 2)))
 
-
 RANDOM_TRUNK = (dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128)), 32)  # tiny/mini: a small random trunk, embedding
-
 
 class Discriminator(nn.Module):
     """C(x) in Eq. (7): features of the first three ConvNeXt stages and the pooled CLIP embedding of a frozen CLIP
@@ -407,7 +392,6 @@ def ragan_loss(d_real, d_fake, generator=False):
             loss = loss + 0.5 * (bce(ra_real, torch.ones_like(ra_real)) + bce(ra_fake, torch.zeros_like(ra_fake)))
     return loss
 
-
 def r1_loss(disc, x_real, d_real, noise_scale=0.005):
     """Eq. (8): mean ||C(x) - C(x + n)||^2 summed over levels, n ~ U[0, s) per pixel on [-1, 1] images (official). For
     small n this is the R1 penalty of the directional derivative along n, without a double backward. `d_real` =
@@ -416,9 +400,7 @@ def r1_loss(disc, x_real, d_real, noise_scale=0.005):
     d_noisy = disc(x_real + n)
     return sum(((r.float() - q.float()) ** 2).mean() for r, q in zip(d_real, d_noisy))
 
-
 VGG19_RELU = (3, 8, 17, 26, 35)  # relu1_2, relu2_2, relu3_4, relu4_4, relu5_4 in torchvision's vgg19().features
-
 
 class FDLFeatures(nn.Module):
     """phi of Eq. (10): frozen VGG19 features (torchvision's ImageNet weights from `weights`, a file or "" torch hub's
@@ -448,7 +430,6 @@ class FDLFeatures(nn.Module):
                 out.append(h)
         return out
 
-
 def sliced_wasserstein(a, b, kernels):
     """1-D Wasserstein distance between the spatial distributions of random projections, (B,)."""
     h, w = a.shape[-2:]
@@ -458,7 +439,6 @@ def sliced_wasserstein(a, b, kernels):
     pa = F.conv2d(a, kernels).flatten(2).sort(-1).values
     pb = F.conv2d(b, kernels).flatten(2).sort(-1).values
     return (pa - pb).abs().mean((1, 2))
-
 
 def fdl_loss(phi, x, y, phase_weight=1.0):
     """Eq. (10): per VGG layer, the DFT of the features split into amplitude and phase; sliced Wasserstein distance of
@@ -470,12 +450,10 @@ def fdl_loss(phi, x, y, phase_weight=1.0):
             Fx.angle(), Fy.angle(), k)  # Eq. (10)
     return loss.mean()
 
-
 def lr_latent(vae, family, x_lr, generator=None):
     """z_lr of Eq. 6: bicubic x4 of the LR, encoded by a draw of the VAE's latent distribution (official: sample(), not
     the mode), from `generator` or the global RNG."""
     return release_latent(vae, family, common.encode(vae, family, common.upsample_lr(x_lr), True, generator))
-
 
 def release_latent(vae, family, z_lr):
     """StrSR-Z: the release feeds the raw Z-Image latent, without the VAE's shift and scale (it applies them only when
@@ -484,7 +462,6 @@ def release_latent(vae, family, z_lr):
         return z_lr
     mean, std = common.latent_stats(vae, family, z_lr)
     return z_lr * std + mean  # official != pipeline: the shift and scale only on the way out
-
 
 def strsr_losses(dit, vae, cond, disc, lpips, phi, family, x_lr, x_hr, cfg):
     """One training step's terms: the generator's L_Gen (Eq. 11) and, on its detached output, the discriminator's
@@ -568,7 +545,6 @@ def resume(cfg, models, optimizers, log):
         raise SystemExit("--stage 2 starts from a stage-1 run: use its --out_dir, or --init_ckpt DIR")
     return 0, 0
 
-
 def train(cfg):
     cfg = resolve(cfg)
     rank, world, device, log = common.setup(cfg, pretrained(cfg))
@@ -614,7 +590,6 @@ def train(cfg):
     if rank == 0 and cfg.eval_heldout:
         import eval
         eval.heldout("strsr", build_sampler, cfg.out_dir, cfg.degrade)
-
 
 if __name__ == "__main__":
     cfg = common.parse_config(Config)

@@ -122,7 +122,6 @@ class Config:
     overlap: int = 0              # latent overlap; 0: ours, 32 (256 px)
     eval_heldout: bool = False    # ours: at the end, eval.py on the held-out sample photo against bicubic
 
-
 # --model tiny / mini (ours): these values for every flag not given
 TINY = dict(max_steps=20, crop=64, lora_rank=8, lora_alpha=8.0, batch_size=2, tile=8, overlap=2)
 # mini: train_base full, the frozen 2M noise branch cannot read the condition tokens; w_data 30, the pixel MSE (~0.005)
@@ -131,7 +130,6 @@ TINY = dict(max_steps=20, crop=64, lora_rank=8, lora_alpha=8.0, batch_size=2, ti
 MINI = dict(max_steps=1200, crop=128, lora_rank=32, lora_alpha=32.0, lr=3e-3, lr_decay=0.5, w_data=30.0, w_lpips=0.0,
             batch_size=4, tile=16, overlap=4, grid_every=100, save_every=100, eval_heldout=True, degrade="bicubic",
             train_base="full")
-
 
 def resolve(cfg):
     """The concrete preset and tile; the flags checked."""
@@ -147,7 +145,6 @@ def resolve(cfg):
                          f"expected a multiple of 16, N >= 1, even tiles with 2 <= overlap <= tile / 2")
     return cfg
 
-
 def pretrained(cfg):
     """Every pretrained network a run of cfg loads: checked before anything is built, fetched by `python common.py
     prefetch --method teasr`. The text encoder encodes the empty prompt once."""
@@ -158,7 +155,6 @@ def pretrained(cfg):
 # image-stream linears of every block: they see the [noise | condition] token sequence
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "img_mlp.net.0.proj", "img_mlp.net.2")
 LAST_TARGETS = ("attn.to_k", "attn.to_v")  # the last block's condition outputs are never read: only its keys/values
-
 
 class CondLoRA(nn.Module):
     """LoRA on the condition tokens only (OminiControl): a forward hook on a frozen Linear whose input is the token
@@ -177,7 +173,6 @@ class CondLoRA(nn.Module):
         n = x.shape[1] // 2
         y[:, n:] += self.scale * self.up(self.down(x[:, n:]))  # (B, n, D_out), condition half only
         return y
-
 
 class CondBranch(nn.Module):
     """Everything TEASR trains, outside the frozen base (whose state dict stays untouched): the condition-token LoRA of
@@ -201,7 +196,6 @@ class CondBranch(nn.Module):
             nn.init.zeros_(self.t_embedder.linear_2.bias)
         self.requires_grad_(True)
         self.handles = [mods[k].register_forward_hook(self.lora[k.replace(".", "_")]) for k in names]
-
 
 def v_theta(dit, branch, z_t, t, z_lr, t_tar, cond):
     """Dual-branch velocity v_theta(z_t, t, z_lr, t_tar) -> (B, C, H, W), v = eps - z_0 (Fig. 2). z_t, z_lr
@@ -235,7 +229,6 @@ def v_theta(dit, branch, z_t, t, z_lr, t_tar, cond):
     x = dit.norm_out(x[:, :n], temb_t)  # the velocity is read from the noise tokens
     return common.unpack(dit.proj_out(x).float(), H, W)
 
-
 def bind(dit, branch, z_lr, cond):
     """v(z, t, t_tar) for this batch's LR latent; z may stack k copies of the batch (one batched forward)."""
     def v(z, t, t_tar):
@@ -249,7 +242,6 @@ def flow_loss(v, z_hr, t, eps):
     z_t = (1 - bc(t)) * z_hr + bc(t) * eps
     return F.mse_loss(v(z_t, t, t), eps - z_hr)                # Eq. (5), L_flow
 
-
 def consistency_loss(v, z_hr, t, s, eps):
     """L_cons (Eqs. 1-4): one shortcut step t -> s against two half steps through the midpoint m."""
     z_t = (1 - bc(t)) * z_hr + bc(t) * eps
@@ -261,13 +253,11 @@ def consistency_loss(v, z_hr, t, s, eps):
     v1 = v(z_t, t, s)                                          # Eq. (1)
     return F.mse_loss(v1, v2)                                  # Eq. (4)
 
-
 def one_step(v, eps):
     """Eq. (6): z0_hat = eps - v(eps, 1, z_lr, 0); returns (z0_hat, v_gen), v_gen carrying the graph."""
     ones = torch.ones(eps.shape[0], device=eps.device)
     v_gen = v(eps, ones, 0 * ones)
     return eps - v_gen, v_gen                                  # Eq. (6)
-
 
 def data_loss(vae, lpips, z0_hat, x_hr, w_lpips):
     """L_data (Eqs. 12-13) on the decoded one-step estimate; returns (L_data, mse, lpips, x_sr)."""
@@ -276,19 +266,16 @@ def data_loss(vae, lpips, z0_hat, x_hr, w_lpips):
     lp = lpips(x_sr, x_hr) if w_lpips else mse.new_zeros(())   # weight 0: no VGG pass at all
     return mse + w_lpips * lp, mse, lp, x_sr                   # Eq. (13)
 
-
 def adv_loss(v, z0_hat, t, eps_fake):
     """L_adv (Eqs. 7-8): flow matching on the fake trajectory of sg(z0_hat), target time -t'."""
     z0_hat = z0_hat.detach()                                   # sg in Eqs. (7) and (8)
     z_t = bc(t) * eps_fake + (1 - bc(t)) * z0_hat              # Eq. (7)
     return F.mse_loss(v(z_t, t, -t), eps_fake - z0_hat)        # Eq. (8)
 
-
 def tar_weight(s, min_s=0.05, const=False):
     """Eq. (14): w(s) = (1 - s)^2 / s, the denominator clamped at min_s (w(0) = 1/min_s, finite); const: the
     ablation's w = 1."""
     return torch.ones_like(s) if const else (1 - s) ** 2 / s.clamp_min(min_s)
-
 
 def rectify_loss(v, v_gen, z0_hat, s, eps_rect, min_s=0.05, const=False):
     """L_rectify (Eqs. 9-11, TAR Eq. 14): v_gen = v(eps, 1, 0) (the forward of Eq. 6) is pulled by -w(s) Delta,
@@ -298,7 +285,6 @@ def rectify_loss(v, v_gen, z0_hat, s, eps_rect, min_s=0.05, const=False):
         v_fake, v_real = v(torch.cat([z_s, z_s]), torch.cat([s, s]), torch.cat([-s, s])).chunk(2)
         delta = bc(tar_weight(s, min_s, const)) * (v_fake - v_real)          # Eqs. (10), (14)
     return F.mse_loss(v_gen, v_gen.detach() - delta)                          # Eq. (11)
-
 
 def teasr_losses(v, vae, lpips, z_hr, x_hr, cfg):
     """Every term of one training step on a micro-batch (Secs. 3.1-3.2): L_base, L_data, L_adv, L_rectify. 4 DiT
@@ -325,7 +311,6 @@ def sample(v, eps, steps):
     for i in range(steps):
         z = z - (tau[i] - tau[i + 1]) * v(z, tau[i] * ones, tau[i + 1] * ones)  # Delta tau = 1/N
     return z
-
 
 def build_sampler(flags, device=None):
     """fn(x_lr (1, 3, h, w) in [0, 1]) -> (1, 3, 4h, 4w) of the checkpoint flags.ckpt: bicubic x4, encode, N steps of
@@ -373,7 +358,7 @@ def train(cfg):
     log(f"{cfg.model}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters (condition LoRA + t_tar "
         f"embedder" + (" + the base)" if cfg.train_base == "full" else
                        f"), {sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M frozen"))
-    models = {"cond_branch": branch, "dit": dit}  # a frozen dit saves nothing (common._trainable_state)
+    models = {"cond_branch": branch, "dit": dit}  # a frozen dit saves nothing (common.save_checkpoint)
 
     # 3. resume; 4. the loader, data position = step
     step, _ = common.resume(cfg.out_dir, models, {"opt": opt}, log)
@@ -396,7 +381,6 @@ def train(cfg):
     if rank == 0 and cfg.eval_heldout:
         import eval
         eval.heldout("teasr", build_sampler, cfg.out_dir, cfg.degrade)
-
 
 if __name__ == "__main__":
     cfg = common.parse_config(Config)

@@ -1,4 +1,4 @@
-"""The mini bases: PatchVAE math, the family latent conventions, pretraining and its cache, the
+"""The mini bases: the lapped autoencoder's math, the family latent conventions, pretraining and its cache, the
 --model mini defaults, and eval.py's bicubic-vs-method table with the offline LPIPS-rand."""
 import json, os, sys
 
@@ -11,27 +11,34 @@ import common as C
 from helpers import run
 
 
-def test_pca_init_is_the_truncated_svd():
-    """Eckart-Young: with the residual branch at zero, the PCA-initialised autoencoder's squared error on
-    its own patches equals the energy of the discarded singular values."""
+def test_lapped_autoencoder_with_every_component_reconstructs_exactly():
+    """Princen-Bradley: the sine windows' squares sum to 1 where two overlap, so the lapped transform with all
+    3 x 16 x 16 components returns the image exactly away from the 4-px border (where one window covers)."""
     torch.manual_seed(0)
-    vae = C.mini_vae_class()(latent_channels=5, patch=4)
-    x = torch.randn(3, 3, 16, 16) * torch.linspace(0.1, 2, 16)  # patches of unequal energy
+    vae = C.mini_vae_class()(latent_channels=768)
+    x = torch.rand(4, 3, 128, 128) * 2 - 1
     C.pca_init(vae, x)
     with torch.no_grad():
-        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
-    s = torch.linalg.svdvals(F.unfold(x, 4, stride=4).transpose(1, 2).reshape(-1, 48))
-    assert torch.allclose(((rec - x) ** 2).sum(), (s[5:] ** 2).sum(), rtol=1e-4)
-    assert vae.encode(x).latent_dist.mode().shape == (3, 5, 4, 4)
+        z = vae.encode(x).latent_dist.mode()
+        rec = vae.decode(z).sample
+    assert z.shape == (4, 768, 16, 16)
+    assert torch.allclose(rec[..., 4:-4, 4:-4], x[..., 4:-4, 4:-4], atol=1e-4)
+    assert not torch.allclose(rec[..., :4, :], x[..., :4, :], atol=1e-2)  # the border: one window only
 
 
-def test_patch_vae_frame_dim_and_residual_starts_at_zero():
+def test_lapped_autoencoder_frame_dim_and_smooth_atoms():
     vae = C.mini_vae_class()(latent_channels=4)
+    C.pca_init(vae, torch.rand(2, 3, 64, 64) * 2 - 1)
     x = torch.rand(2, 3, 1, 16, 24) * 2 - 1  # Qwen's video VAE call: (B, C, T=1, H, W)
     z = vae.encode(x).latent_dist.mode()
     assert z.shape == (2, 4, 1, 2, 3)
     with torch.no_grad():
         assert torch.equal(vae.decode(z).sample[:, :, 0], vae.dec(z[:, :, 0]))
+        one = torch.zeros(1, 4, 4, 4)
+        one[0, 0, 1, 1] = 1
+        atom = (vae.decode(one).sample - vae.dec.bias.view(1, 3, 1, 1)).abs().sum(1)[0]  # one latent's footprint
+    assert atom[8:16, 8:16].sum() > 0.5 * atom.sum()  # centred on its own 8x8 patch
+    assert atom[4, 4:20].max() < 0.05 * atom.max()  # fading to ~0 at the window edge: no square
 
 
 @pytest.mark.parametrize("preset", ["mini-flux1", "mini-flux2", "mini-qwen"])
@@ -48,25 +55,25 @@ def test_latent_stats_normalise_in_the_family_convention(preset):
     dims = (0, 1, 2, 3) if fam == "flux1" else (0, 2, 3)
     assert torch.allclose(z.mean(dims), torch.zeros(()), atol=1e-4)
     assert torch.allclose(z.std(dims), torch.ones(()), atol=2e-2)
-    assert torch.allclose(C.decode(vae, fam, z), C.decode(vae, fam, C.encode(vae, fam, C.decode(vae, fam, z))), atol=1e-4)
+    assert torch.allclose(C.decode(vae, fam, z), vae.decode(vae.encode(x * 2 - 1).latent_dist.mode()).sample.add(1) / 2,
+                          atol=1e-5)  # decode() undoes the normalisation
 
 
-def test_pretrain_writes_a_base_that_loads_and_is_reused(tmp_path, monkeypatch):
-    """`common.py pretrain` runs a few steps, writes safetensors + JSON; load_dit/load_vae then read that
-    cache without pretraining again (and the weights are the saved ones)."""
-    r = run([sys.executable, "common.py", "pretrain", "--model", "mini-flux2", "--vae_steps", "2", "--dit_steps", "3",
-             "--out", str(tmp_path / "mini-flux2")])
-    assert "held-out PSNR" in r.stdout and "flow-matching loss" in r.stdout
-    info = json.load(open(tmp_path / "mini-flux2" / "pretrain.json"))
-    assert info["dit_steps"] == 3 and info["vae_psnr_svd"] > 28  # the SVD alone already reconstructs the photo
-    assert os.path.exists(tmp_path / "mini-flux2" / "samples.png")
-    assert os.path.exists(tmp_path / "mini-flux2" / "transformer" / "diffusion_pytorch_model.safetensors")
+def test_pretrain_writes_a_base_that_loads_and_is_reused(tmp_path, monkeypatch, capsys):
+    """prepare_base pretrains a missing base (announced), writes safetensors + JSON; then reuses it (the weights are
+    the saved ones) until the preset's recipe changes."""
+    import dataclasses
     monkeypatch.setattr(C, "MINI_DIR", str(tmp_path))
+    monkeypatch.setitem(C.PRESETS, "mini-flux2", dataclasses.replace(C.PRESETS["mini-flux2"], vae_steps=2,
+                                                                     dit_steps=3))
+    C.prepare_base("mini-flux2")
+    out = capsys.readouterr().out
+    assert "pretraining it now" in out and "held-out PSNR" in out and "flow-matching loss" in out
+    info = json.load(open(tmp_path / "mini-flux2" / "pretrain.json"))
+    assert info["recipe"] == [C.MINI_VERSION, 2, 3] and info["vae_psnr"] > 25  # the SVD already reconstructs
     monkeypatch.setattr(C, "pretrain", lambda *a, **k: pytest.fail("the cached base was not reused"))
-    with pytest.warns(UserWarning, match="pretrained 3 DiT steps; mini-flux2 is now 1000"):  # a stale base is said
-        C.prepare_base("mini-flux2")
+    C.prepare_base("mini-flux2")
     dit, vae = C.load_dit("mini-flux2"), C.load_vae("mini-flux2")
-    assert C.PRESETS["mini-flux1"].dit_steps == 8000  # FluxSR's base (README, mini)
     assert isinstance(vae, C.mini_vae_class()) and vae.bn.running_var.mean() != 1  # the stored latent statistics
     from safetensors.torch import load_file
     saved = load_file(str(tmp_path / "mini-flux2" / "transformer" / "diffusion_pytorch_model.safetensors"))
@@ -74,13 +81,16 @@ def test_pretrain_writes_a_base_that_loads_and_is_reused(tmp_path, monkeypatch):
     z = C.encode(vae, "flux2", torch.rand(1, 3, 64, 64))
     v = C.velocity("flux2", dit, z, torch.tensor([0.5]), C.tiny_cond(dit, "flux2"))
     assert v.shape == z.shape and torch.isfinite(v).all()
+    monkeypatch.setitem(C.PRESETS, "mini-flux2", dataclasses.replace(C.PRESETS["mini-flux2"], dit_steps=4))
+    with pytest.raises(pytest.fail.Exception, match="not reused"):  # another recipe: pretrained again
+        C.prepare_base("mini-flux2")
 
 
 def test_loading_never_trains(tmp_path, monkeypatch):
     """A mini preset without its base is a clear error from the loader; pretraining is prepare_base's, announced."""
     monkeypatch.setattr(C, "MINI_DIR", str(tmp_path))
     monkeypatch.setattr(C, "pretrain", lambda *a, **k: pytest.fail("a loader pretrained"))
-    with pytest.raises(SystemExit, match="python common.py pretrain --model mini-sd3"):
+    with pytest.raises(SystemExit, match="no pretrained base"):
         C.load_dit("mini-sd3")
 
 
