@@ -1,7 +1,7 @@
 """
 What the four method scripts share and none of the papers describes: the base models (each family's loading,
 latents, velocity call and prompts, LoRA), the pretrained networks a run needs (checked before anything is built,
-`python common.py prefetch`), data, distributed training, checkpoints, tiled sampling, configuration and logging,
+`python common.py prefetch`), image files, distributed training, checkpoints, tiled sampling, configuration and logging,
 and the mini bases this project pretrains itself.
 
 Every velocity call speaks one convention (rectified flow, sigma form):
@@ -427,68 +427,6 @@ def list_images(src, data_root="data"):
     if not files:
         raise SystemExit(f"--data {src!r}: no images ({', '.join(IMG_EXTS)}) found")
     return files
-
-class ImageDataset(torch.utils.data.Dataset):
-    """Random crop + flip of an image source, keyed by (index, seed): a crop is a pure function of the data position,
-    so resume and any number of ranks see the same samples. Unreadable images are skipped, small ones upscaled."""
-
-    def __init__(self, src="sample", crop=512, data_root="data"):
-        self.crop, self.said = crop, set()
-        self.items = sample_photos() if src == "sample" else list_images(src, data_root)
-
-    def __len__(self):
-        return len(self.items)
-
-    def _say(self, msg):  # each warning once
-        if msg not in self.said:
-            self.said.add(msg)
-            print(f"warning: {msg}", file=sys.stderr)
-
-    def __getitem__(self, key):
-        i, seed = key
-        for i in [(i + k) % len(self.items) for k in range(len(self.items))]:  # the next readable image
-            try:
-                x = self.items[i] if torch.is_tensor(self.items[i]) else load_image(self.items[i])
-                break
-            except Exception as e:
-                self._say(f"skipping unreadable image {self.items[i]}: {e}")
-        else:
-            raise RuntimeError("no readable image in the data source")
-        if min(x.shape[1:]) < self.crop:
-            self._say(f"image {i} is {x.shape[2]}x{x.shape[1]}, smaller than crop {self.crop}: upscaling")
-            size = [max(self.crop, round(n * self.crop / min(x.shape[1:]))) for n in x.shape[1:]]
-            x = F.interpolate(x[None], size=size, mode="bicubic", align_corners=False)[0].clamp(0, 1)
-        g = torch.Generator().manual_seed(seed)
-        top, left = (int(torch.randint(0, n - self.crop + 1, (1,), generator=g)) for n in x.shape[1:])
-        x = x[:, top:top + self.crop, left:left + self.crop]
-        return x.flip(-1) if torch.rand(1, generator=g) < 0.5 else x
-
-class StepSampler(torch.utils.data.Sampler):
-    """Infinite, resumable, rank-aware sampler of (index, seed) keys: step s's global batch is the data positions
-    [s*GB, (s+1)*GB), shuffled per epoch with seed + epoch; rank r takes its contiguous share."""
-
-    def __init__(self, n, global_batch, rank, world, seed, start_step=0):
-        self.n, self.gb, self.rank, self.world, self.seed, self.start = n, global_batch, rank, world, seed, start_step
-
-    def __iter__(self):
-        per, step, epoch, perm = self.gb // self.world, self.start, None, None
-        while True:
-            for pos in range(step * self.gb + self.rank * per, step * self.gb + (self.rank + 1) * per):
-                if epoch != pos // self.n:
-                    epoch = pos // self.n
-                    perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
-                yield int(perm[pos % self.n]), self.seed * 1_000_003 + pos
-            step += 1
-
-def make_loader(ds, cfg, rank, world, start_step):
-    """Per-rank iterator of micro-batches of ds and the accumulation steps: --batch_size is the global batch."""
-    if cfg.batch_size % (world * cfg.micro_batch):
-        raise SystemExit(f"--batch_size {cfg.batch_size} must divide by ranks {world} x --micro_batch {cfg.micro_batch}")
-    sampler = StepSampler(len(ds), cfg.batch_size, rank, world, cfg.seed, start_step)
-    # its own generator: a DataLoader otherwise draws a seed from the global RNG (a resume would diverge)
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.micro_batch, sampler=sampler, num_workers=cfg.num_workers,
-                                         persistent_workers=cfg.num_workers > 0, generator=torch.Generator())
-    return iter(loader), cfg.batch_size // (world * cfg.micro_batch)
 
 # ----------------------------------------------------------------------------- training
 def rank():  # this process's rank, 0 without torchrun
@@ -918,6 +856,7 @@ def pretrain(preset, vae_steps=None, dit_steps=None, batch=16, lr=5e-4, seed=0, 
         raise SystemExit(f"--model {preset}: pretraining is for the mini presets")
     out, vae_steps, dit_steps = out or os.path.join(MINI_DIR, preset), vae_steps or p.vae_steps, dit_steps or p.dit_steps
     torch.manual_seed(seed)
+    from degrade import ImageDataset
     ds, held = ImageDataset("sample", 128), torch.stack(sample_photos(SAMPLE_HELDOUT))  # ours: 128 px crops
     batch_of = lambda n: torch.stack([ds[tuple(int(torch.randint(m, (1,), generator=g)) for m in (len(ds), 2**31))]
                                       for _ in range(n)])
@@ -973,3 +912,10 @@ if __name__ == "__main__":  # the command line imports a method and eval.py; the
         raise SystemExit(f"prefetch: {len(failed)} could not be downloaded (this needs the internet):\n  "
                          + "\n  ".join(failed))
     print("all there: train with HF_HUB_OFFLINE=1 (HF_HOME and TORCH_HOME as now)")
+
+
+def __getattr__(name):  # TEMPORARY: the training data moved to degrade.py
+    if name in ("ImageDataset", "StepSampler", "make_loader"):
+        import degrade
+        return getattr(degrade, name)
+    raise AttributeError(name)

@@ -55,7 +55,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import common
-from degrade import PRESETS as DEGRADE, check_preset, degrade
+from degrade import PRESETS as DEGRADE, ImageDataset, check_preset, degrade, make_loader
 
 
 # ----------------------------------------------------------------------------- config
@@ -363,7 +363,7 @@ def make_pairs(cfg):
         print(f"{len(glob.glob(os.path.join(cfg.data, 'pair-*.safetensors')))} pairs in {cfg.data}", flush=True)
 
 class PairDataset(torch.utils.data.Dataset):
-    """Teacher pairs (eps, z_hr, x_hr). Items are keyed by (index, seed) like common.ImageDataset, so a crop is a pure
+    """Teacher pairs (eps, z_hr, x_hr). Items are keyed by (index, seed) like degrade.ImageDataset, so a crop is a pure
     function of the data position (exact resume, any number of ranks)."""
 
     def __init__(self, folder, crop):
@@ -433,7 +433,7 @@ def train(cfg):
 
     # 3. resume; 4. the loader of teacher pairs, data position = step
     step, _ = common.resume(cfg.out_dir, {"dit": dit}, {"opt": opt}, log)
-    loader, accum = common.make_loader(ds, cfg, rank, world, step)
+    loader, accum = make_loader(ds, cfg, rank, world, step)
     log(f"{len(ds)} teacher pairs, batch {cfg.batch_size} = {world} ranks x {accum} accum x {cfg.micro_batch}")
 
     # 5. loop (Alg. 1 lines 4-21); line 20 updates v_theta (its LoRA)

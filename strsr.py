@@ -68,7 +68,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from degrade import PRESETS as DEGRADE, check_preset, degrade
+from degrade import PRESETS as DEGRADE, ImageDataset, check_preset, degrade, make_loader
 
 
 # ----------------------------------------------------------------------------- config
@@ -573,7 +573,7 @@ def train(cfg):
     step, first = resume(cfg, models, opts, log)
 
     # 4. data: HR crops; the LR made on the device by the degradation (Real-ESRGAN unless --degrade)
-    loader, accum = common.make_loader(common.ImageDataset(cfg.data, cfg.crop, cfg.data_root), cfg, rank, world,
+    loader, accum = make_loader(ImageDataset(cfg.data, cfg.crop, cfg.data_root), cfg, rank, world,
                                        step)
 
     # 5. loop: per micro-batch the G step (Eq. 11) then the D step (Eq. 9); both optimizers step per step

@@ -70,7 +70,7 @@ import torch.nn.functional as F
 
 import common
 from common import bc
-from degrade import PRESETS as DEGRADE, check_preset, degrade
+from degrade import PRESETS as DEGRADE, ImageDataset, check_preset, degrade, make_loader
 
 UNSUPPORTED = {"fsdp": "the paper trains the 20B base on one GPU (a frozen bf16 base, a LoRA on the condition branch, "
                        "gradient checkpointing), and the dual-branch forward calls the base's modules one by one, "
@@ -362,7 +362,7 @@ def train(cfg):
 
     # 3. resume; 4. the loader, data position = step
     step, _ = common.resume(cfg.out_dir, models, {"opt": opt}, log)
-    loader, accum = common.make_loader(common.ImageDataset(cfg.data, cfg.crop, cfg.data_root), cfg, rank, world, step)
+    loader, accum = make_loader(ImageDataset(cfg.data, cfg.crop, cfg.data_root), cfg, rank, world, step)
     log(f"batch {cfg.batch_size} = {world} ranks x {accum} accum x {cfg.micro_batch}, crop {cfg.crop}")
 
     # 5. loop

@@ -4,6 +4,7 @@
                                              # networks (no hub): 3 training steps and one-step SR to 1024 px
     python tests/bench.py --gpu --sizes tiny # the same script on tiny networks, on any device (a check of the bench)
     python tests/bench.py                    # CPU: the tiny and mini presets, ms per step and per SR
+    python tests/bench.py --degrade realesrgan  # images/s of degrade.py's degradation, on the CPU and any GPU
 
 The paper setting is each Config's defaults (bf16 frozen weights on GPU, the paper's LoRA rank, gradient
 checkpointing, the paper's crop) at batch 1 per GPU: StrSR stage 1 at 1024 px, FluxSR at 1024 px on two random
@@ -196,6 +197,33 @@ def cpu_job(method, preset, out, steps):
                                      crop=crop)), flush=True)
 
 
+# ----------------------------------------------------------------------------- the degradation
+def degrade_table(preset, scale=4, size=512, batches=(4, 16), images=64):
+    """images/s of degrade.degrade at size x size HR for each batch size on each device present."""
+    from degrade import PRESETS, check_preset, degrade
+    check_preset(preset)
+    opts, lr = PRESETS[preset], size // scale
+    print(f"{size}x{size} HR -> {lr}x{lr} LR, preset {preset}, USM {'on' if opts.use_usm else 'off'}, {images} images "
+          f"per row, so the random branches average out | torch {torch.__version__}\n")
+    print("| device | batch | img/s | ms/img |\n|---|---|---|---|")
+    for d in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        name = f"cpu, {torch.get_num_threads()} threads" if d == "cpu" else torch.cuda.get_device_name()
+        sync = torch.cuda.synchronize if d == "cuda" else (lambda: None)
+        for B in batches:
+            g = torch.Generator(d).manual_seed(0)
+            # smooth random content, so USM masks and Poisson level counts behave as on photos
+            hr = torch.nn.functional.interpolate(torch.rand(B, 3, size // 8, size // 8, generator=g, device=d),
+                                                 size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+            degrade(hr, scale, opts, g)  # warm-up
+            sync()
+            t0, n = time.perf_counter(), max(1, images // B)
+            for _ in range(n):
+                degrade(hr, scale, opts, g)
+            sync()
+            dt = time.perf_counter() - t0
+            print(f"| {name} | {B} | {n * B / dt:.1f} | {1000 * dt / (n * B):.0f} |", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--gpu", action="store_true", help="the GPU readiness table (real-size random networks)")
@@ -203,6 +231,8 @@ def main():
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--presets", default="tiny,mini", help="CPU: the presets")
     p.add_argument("--steps", type=int, default=4, help="CPU: training steps")
+    p.add_argument("--degrade", metavar="PRESET", help="the degradation table instead: a degrade.PRESETS name")
+    p.add_argument("--images", type=int, default=64, help="--degrade: images per row")
     p.add_argument("--job", nargs=3, help=argparse.SUPPRESS)  # method sizes out_dir (one process per method)
     p.add_argument("--cpu_job", nargs=4, help=argparse.SUPPRESS)  # method preset out_dir steps
     a = p.parse_args()
@@ -210,6 +240,8 @@ def main():
         return gpu_job(a.job[0], a.job[1] == "tiny", a.job[2])
     if a.cpu_job:
         return cpu_job(*a.cpu_job[:3], int(a.cpu_job[3]))
+    if a.degrade:
+        return degrade_table(a.degrade, images=a.images)
     methods = a.methods.split(",")
     if a.gpu:
         return gpu_table(methods, a.sizes)

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import common as C
+import degrade as D
 
 from helpers import run
 TINY = ["tiny-flux1", "tiny-flux2", "tiny-zimage", "tiny-sd3", "tiny-qwen"]
@@ -238,7 +239,7 @@ def test_dataset_edge_cases(tmp_path, capsys):
     _write(d / "small.png", (np.random.rand(20, 24, 3) * 255).astype(np.uint8))
     (d / "corrupt.png").write_bytes(b"not a png")
     (d / "notes.txt").write_text("ignored")
-    ds = C.ImageDataset(str(d), crop=32)
+    ds = D.ImageDataset(str(d), crop=32)
     assert len(ds) == 3  # recursive, extensions only
     xs = [ds[(i, 7)] for i in range(3)] + [ds[(i, 7)] for i in range(3)]
     assert all(x.shape == (3, 32, 32) and 0 <= x.min() and x.max() <= 1 for x in xs)
@@ -247,29 +248,29 @@ def test_dataset_edge_cases(tmp_path, capsys):
     assert torch.equal(ds[(1, 5)], ds[(1, 5)])  # a crop is a function of (index, seed)
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no images"):
-        C.ImageDataset(str(tmp_path / "empty"))
+        D.ImageDataset(str(tmp_path / "empty"))
     with pytest.raises(SystemExit, match="not found"):
-        C.ImageDataset("LSDIR", data_root=str(tmp_path))
+        D.ImageDataset("LSDIR", data_root=str(tmp_path))
     lst = tmp_path / "list.txt"
     lst.write_text(str(d / "sub" / "ok.jpg") + "\n")
-    assert len(C.ImageDataset(str(lst), crop=16)) == 1
+    assert len(D.ImageDataset(str(lst), crop=16)) == 1
 
 
 def test_sample_data_is_real_photos():
-    ds = C.ImageDataset("sample", crop=64)
+    ds = D.ImageDataset("sample", crop=64)
     assert len(ds) == len(C.SAMPLE_PHOTOS) >= 10
     x = ds[(0, 0)]
     assert x.shape == (3, 64, 64) and x.std() > 0.01
 
 
 def test_step_sampler_shards_and_resumes():
-    full = C.StepSampler(10, 4, 0, 1, seed=3)
-    r0, r1 = C.StepSampler(10, 4, 0, 2, seed=3), C.StepSampler(10, 4, 1, 2, seed=3)
+    full = D.StepSampler(10, 4, 0, 1, seed=3)
+    r0, r1 = D.StepSampler(10, 4, 0, 2, seed=3), D.StepSampler(10, 4, 1, 2, seed=3)
     take = lambda s, n: [next(it) for it in [iter(s)] for _ in range(n)]
     a, b0, b1 = take(full, 12), take(r0, 6), take(r1, 6)
     assert a == [x for k in range(3) for x in b0[2 * k:2 * k + 2] + b1[2 * k:2 * k + 2]]
     assert sorted(i for i, _ in a[:10]) == list(range(10))  # an epoch sees each image once
-    assert take(C.StepSampler(10, 4, 0, 1, seed=3, start_step=2), 4) == a[8:12]
+    assert take(D.StepSampler(10, 4, 0, 1, seed=3, start_step=2), 4) == a[8:12]
 
 
 def test_lr_factor_is_constant_then_a_half_cosine_to_zero():

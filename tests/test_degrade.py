@@ -1,8 +1,10 @@
 """Tests for degrade.py: each piece against an independent computation or a property of its math."""
 
 import math
+import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +16,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import load_image, save_image  # noqa: E402
 from degrade import (KERNEL_TYPES, PRESETS, Y_TABLE, DegradeOpts, add_gaussian_noise,  # noqa: E402
-                     add_poisson_noise, degrade, diff_jpeg, filter2d, random_kernel, sinc_kernel, usm_sharp)
+                     add_poisson_noise, degrade, diff_jpeg, filter2d, make_lr, random_kernel, sinc_kernel, usm_sharp)
 
 
 def gen(seed=0):
@@ -264,10 +267,12 @@ def test_degrade_range_size_dtype(preset):
 def test_seesr_preset_is_milder():
     hr = photo(4, 64, 64)
     clean = F.interpolate(hr, size=(16, 16), mode="bicubic", antialias=True, align_corners=False)
-    mean_psnr = {p: np.mean([psnr(degrade(hr, 4, PRESETS[p], gen(s))[0], clean) for s in range(16)]) for p in PRESETS}
+    mean_psnr = {p: np.mean([psnr(degrade(hr, 4, PRESETS[p], gen(s))[0], clean) for s in range(16)])
+                 for p in PRESETS}
     assert mean_psnr["seesr"] > mean_psnr["realesrgan"] + 1.0
     s = PRESETS["seesr"]
-    assert (s.resize_range, s.noise_range, s.poisson_scale_range, s.jpeg_range) == ((0.3, 1.5), (1, 15), (0.05, 2), (60, 95))
+    assert (s.resize_range, s.noise_range, s.poisson_scale_range, s.jpeg_range) == \
+        ((0.3, 1.5), (1, 15), (0.05, 2), (60, 95))
     assert (s.second_blur_prob, s.resize_range2, s.noise_range2, s.poisson_scale_range2, s.jpeg_range2) == \
         (0.5, (0.6, 1.2), (1, 12), (0.05, 1.0), (60, 100))
 
@@ -296,22 +301,44 @@ def test_odd_sizes(H, W):
         assert bool(torch.isfinite(lr).all())
 
 
-def test_cli_writes_lr_independent_of_other_files(tmp_path):
+def test_make_lr_seeded_per_stem_cropped_and_kept(tmp_path):
+    """One LR per HR: the HR cropped to a multiple of 4 (top-left), degraded alone with a generator seeded from
+    (seed, stem), so a stem's LR is the same whatever the other files; an existing LR file is never rewritten."""
+    sizes = {"a": (48, 64), "b": (37, 53), "c": (40, 44)}
+    hr = {k: tmp_path / "hr" / f"{k}.png" for k in sizes}
+    for i, (k, (h, w)) in enumerate(sizes.items()):
+        save_image(photo(1, h, w, seed=i), str(hr[k]))
+    lr = tmp_path / "lr"
+    lr.mkdir()
+    (lr / "c.png").write_bytes(b"made before")
+    make_lr([str(hr[k]) for k in sizes], str(lr), seed=3)
+    assert sorted(os.listdir(lr)) == ["a.png", "b.png", "c.png"]  # no hidden temporary file left
+    assert (lr / "c.png").read_bytes() == b"made before"
+    x = load_image(str(hr["b"]))[:, :36, :52]  # 37x53 -> 36x52
+    g = torch.Generator().manual_seed(3 * 2**32 + zlib.crc32(b"b"))
+    assert torch.equal(load_image(str(lr / "b.png")), degrade(x[None], 4, PRESETS["realesrgan"], g)[0][0])
+    save_image(x, str(tmp_path / "crop" / "b.png"))  # the same stem, already cropped, alone in another folder
+    make_lr([str(tmp_path / "crop" / "b.png")], str(tmp_path / "alone"), seed=3)
+    assert (tmp_path / "alone" / "b.png").read_bytes() == (lr / "b.png").read_bytes()
+    mtime = os.path.getmtime(lr / "a.png")
+    make_lr([str(hr["a"])], str(lr), seed=3)
+    assert os.path.getmtime(lr / "a.png") == mtime
+
+
+def test_cli_writes_make_lr_files(tmp_path):
     sizes = {"a.png": (48, 64), "b.jpg": (40, 40), "c.bmp": (37, 53)}
     hr = tmp_path / "hr"
     hr.mkdir()
     for i, (name, (h, w)) in enumerate(sizes.items()):
         Image.fromarray(np.uint8(photo(1, h, w, seed=i)[0].permute(1, 2, 0).numpy() * 255)).save(hr / name)
     (hr / "notes.txt").write_text("not an image")
-    run = lambda src, out: subprocess.run([sys.executable, str(ROOT / "degrade.py"), "--hr", str(src), "--out",
-                                           str(out), "--seed", "3", "--device", "cpu"], check=True, capture_output=True)
-    run(hr, tmp_path / "lr")
+    subprocess.run([sys.executable, str(ROOT / "degrade.py"), "--hr", str(hr), "--out", str(tmp_path / "lr"), "--seed",
+                    "3", "--preset", "seesr", "--device", "cpu"], check=True, capture_output=True)
     assert sorted(p.name for p in (tmp_path / "lr").iterdir()) == ["a.png", "b.png", "c.png"]
     for name, (h, w) in sizes.items():
         im = Image.open(tmp_path / "lr" / (Path(name).stem + ".png"))
         assert im.size == (w // 4, h // 4) and im.mode == "RGB"
-    alone = tmp_path / "alone"  # one image by itself: same LR as among the others
-    alone.mkdir()
-    (alone / "b.jpg").write_bytes((hr / "b.jpg").read_bytes())
-    run(alone, tmp_path / "lr_alone")
-    assert (tmp_path / "lr_alone" / "b.png").read_bytes() == (tmp_path / "lr" / "b.png").read_bytes()
+    make_lr([str(hr / n) for n in sizes], str(tmp_path / "ref"), seed=3, opts=PRESETS["seesr"])
+    for name in sizes:
+        png = Path(name).stem + ".png"
+        assert (tmp_path / "lr" / png).read_bytes() == (tmp_path / "ref" / png).read_bytes()

@@ -1,4 +1,5 @@
-"""eval.py: Y-channel PSNR/SSIM against numpy, pairing, unavailable metrics, end-to-end runs, resume."""
+"""eval.py: Y-channel PSNR/SSIM against numpy, blockiness, pairing, unavailable metrics, end-to-end runs, resume,
+the held-out table and compare.png of a mini run."""
 import json, os, sys, types
 
 import numpy as np
@@ -9,8 +10,6 @@ from scipy import ndimage
 
 import common as C
 import eval as E
-
-
 
 @pytest.fixture(scope="module")
 def photo():
@@ -84,15 +83,33 @@ def test_psnr_ssim_match_numpy(photo):
     assert not sc.unavailable
 
 
+def test_blockiness(photo):
+    """1 on a smooth image, clearly above with every other 8x8 block offset; the held-out photo's HR and the bicubic
+    upsampling of its classical LR (the issue's reference values)."""
+    from degrade import PRESETS, degrade
+    rng = np.random.default_rng(0)
+    smooth = ndimage.gaussian_filter(rng.random((3, 256, 256)), (0, 3, 3))
+    smooth = torch.from_numpy((smooth - smooth.min()) / (smooth.max() - smooth.min()))[None]  # (1, 3, 256, 256)
+    checker = (torch.arange(256) // 8 % 2)[:, None] ^ (torch.arange(256) // 8 % 2)[None]  # every other 8x8 block
+    blocky = (0.8 * smooth + 0.1 * checker).clamp(0, 1)
+    assert float(E.blockiness(smooth)) == pytest.approx(1, abs=0.03)
+    assert float(E.blockiness(blocky)) > 2
+    assert float(E.blockiness(photo[None])) == pytest.approx(1.026, abs=0.01)
+    x_lr, _ = degrade(photo[None], 4, PRESETS["bicubic"], torch.Generator().manual_seed(0))
+    assert float(E.blockiness(C.upsample_lr(x_lr))) == pytest.approx(0.960, abs=0.01)
+
+
 def test_pair_by_stem_reports_missing(tmp_path, photo, capsys):
-    names = {"sr": ["Canon_001_LR4.png", "Canon_002_LR4.png", "x.png"], "hr": ["Canon_001_HR.png", "Canon_003_HR.png", "x.png"]}
+    names = {"sr": ["Canon_001_LR4.png", "Canon_002_LR4.png", "x.png"],
+             "hr": ["Canon_001_HR.png", "Canon_003_HR.png", "x.png"]}
     for d, files in names.items():
         for f in files:
             C.save_image(photo[:, :16, :16], str(tmp_path / d / f))
     pairs, only_sr, only_hr = E.pair_by_stem(C.list_images(str(tmp_path / "sr")), C.list_images(str(tmp_path / "hr")))
     assert [p[0] for p in pairs] == ["Canon_001", "x"] and only_sr == ["Canon_002"] and only_hr == ["Canon_003"]
     assert pairs[0][1].endswith("Canon_001_LR4.png") and pairs[0][2].endswith("Canon_001_HR.png")
-    rows = E.main(["--sr", str(tmp_path / "sr"), "--hr", str(tmp_path / "hr"), "--metrics", "PSNR", "--out_dir", str(tmp_path / "out")])
+    rows = E.main(["--sr", str(tmp_path / "sr"), "--hr", str(tmp_path / "hr"), "--metrics", "PSNR",
+                   "--out_dir", str(tmp_path / "out")])
     out = capsys.readouterr().out
     assert "1 SR without HR: Canon_002" in out and "1 HR without SR: Canon_003" in out
     assert rows[0]["n"] == 2 and rows[0]["PSNR"] > 60  # identical pairs: eps-limited PSNR
@@ -167,15 +184,18 @@ def test_bicubic_end_to_end(tmp_path, photo, monkeypatch):
     assert rows["RealSR"]["s/img"] > 0 and rows["RealSR"]["mem_GB"] > 0
     assert "| bicubic | DIV2K-val | 2 |" in open(os.path.join(out, "results.md")).read()
     mtime = os.path.getmtime(lr_dir / "0801.png")
-    E.main(["--method", "bicubic", "--bench", "DIV2K-val", "--data_root", str(data), "--out_dir", out, "--metrics", "PSNR"])
+    E.main(["--method", "bicubic", "--bench", "DIV2K-val", "--data_root", str(data), "--out_dir", out,
+            "--metrics", "PSNR"])
     assert os.path.getmtime(lr_dir / "0801.png") == mtime  # the LR set is made once
     import degrade  # the same LR as the degrade.py command line with the same seed
-    monkeypatch.setattr(sys, "argv", ["degrade.py", "--hr", str(data / "DIV2K-val" / "HR"), "--out", str(tmp_path / "cli"), "--seed", "0", "--device", "cpu"])
+    monkeypatch.setattr(sys, "argv", ["degrade.py", "--hr", str(data / "DIV2K-val" / "HR"),
+                                      "--out", str(tmp_path / "cli"), "--seed", "0", "--device", "cpu"])
     degrade.main()
     assert torch.equal(C.load_image(str(tmp_path / "cli" / "0802.png")), C.load_image(str(lr_dir / "0802.png")))
     # LR-only benchmark: no-reference metrics only, FR columns "-"
     C.save_image(photo[:, :16, :16], str(data / "RealLQ250" / "LR" / "a.png"))
-    row = E.main(["--method", "bicubic", "--bench", "RealLQ250", "--data_root", str(data), "--out_dir", out, "--metrics", "PSNR,NIQE"])[0]
+    row = E.main(["--method", "bicubic", "--bench", "RealLQ250", "--data_root", str(data), "--out_dir", out,
+                  "--metrics", "PSNR,NIQE"])[0]
     assert "PSNR" not in row and "NIQE" in row
 
 
@@ -219,7 +239,8 @@ def test_resume_after_interruption(tmp_path, photo, monkeypatch):
         return compute(self, col, *inputs)
 
     monkeypatch.setattr(E.Scorer, "compute", counted)
-    args = ["--method", "fakesr", "--ckpt", "x", "--bench", "RealSR", "--data_root", str(tmp_path), "--metrics", "PSNR,SSIM"]
+    args = ["--method", "fakesr", "--ckpt", "x", "--bench", "RealSR", "--data_root", str(tmp_path),
+            "--metrics", "PSNR,SSIM"]
     run_dir = tmp_path / "out" / "fakesr" / "RealSR"
 
     def go(fail_sr=0, fail_score=0, out="out", extra=()):
@@ -241,3 +262,43 @@ def test_resume_after_interruption(tmp_path, photo, monkeypatch):
     assert sorted(r["image"] for r in recs if r["set"] == "gen") == ["img0", "img1", "img2"]
     go(extra=["--seed", "1"])  # another run's outputs are not reused
     assert calls["sr"] == 3 and calls["score"] == 6
+
+
+def test_heldout_table_and_compare_png(tmp_path, monkeypatch, capsys):
+    """The end of a mini run: the table has Blockiness, and compare.png holds the same crops of the LR (nearest),
+    the bicubic output, the method's output and the HR, each pixel 2x2, read from the files eval wrote."""
+    import pyiqa
+    from PIL import Image
+    real = pyiqa.create_metric
+
+    def no_lpips(name, **kw):  # pyiqa's LPIPS downloads its weights
+        if name == "lpips":
+            raise OSError("offline")
+        return real(name, **kw)
+
+    def build_sampler(flags, device="cpu"):
+        return lambda x_lr: 1 - C.upsample_lr(x_lr)  # unlike every other column
+
+    build_sampler.__module__ = "negsr"
+    monkeypatch.setitem(sys.modules, "negsr", types.SimpleNamespace(Config=types.SimpleNamespace))
+    monkeypatch.setattr(pyiqa, "create_metric", no_lpips)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # data/ under the working directory, as a training run
+    rows = E.heldout("negsr", build_sampler, "run", "bicubic")
+    assert [r["method"] for r in rows] == ["bicubic", "negsr"]
+    assert 0.9 < rows[0]["Blockiness"] < 1.0 and "Blockiness ↓" in open("run/eval/results.md").read()
+    assert "run/compare.png" in capsys.readouterr().out
+    sheet = np.asarray(Image.open("run/compare.png").convert("RGB"))
+    assert sheet.shape == (16 + 3 * 260 - 4, 4 * 260 - 4, 3)  # three 128 px crops shown 256 px, 4 px apart
+    load = lambda f: (C.load_image(f).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # (H, W, 3)
+    columns = [load("data/sample/LR_bicubic_seed0/astronaut.png").repeat(4, 0).repeat(4, 1),
+               load("run/eval/bicubic/sample/astronaut.png"), load("run/eval/negsr/sample/astronaut.png"),
+               load("data/sample/HR/astronaut.png")]
+    for j, x in enumerate(columns):
+        assert (sheet[:16, 260 * j: 260 * j + 256] < 128).any()  # its label
+        for i, (t, l) in enumerate(E.CROPS):
+            crop = x[t: t + 128, l: l + 128].repeat(2, 0).repeat(2, 1)
+            assert np.array_equal(sheet[16 + 260 * i: 16 + 260 * i + 256, 260 * j: 260 * j + 256], crop)
+    first = open("run/compare.png", "rb").read()
+    E.heldout("negsr", build_sampler, "run", "bicubic")
+    assert open("run/compare.png", "rb").read() == first  # deterministic
