@@ -388,7 +388,7 @@ def make_lr(hr_files, lr_dir, seed=0, opts=PRESETS["realesrgan"], scale=4, devic
             continue
         x_hr = common.load_image(f)
         x_hr = x_hr[:, : x_hr.shape[1] // scale * scale, : x_hr.shape[2] // scale * scale]  # (3, H, W)
-        g = torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(stem.encode()))
+        g = torch.Generator().manual_seed(zlib.crc32(stem.encode(), seed))  # a CPU generator keeps 32 bits
         x_lr, _ = degrade(x_hr[None].to(device), scale, opts, g)  # (1, 3, H / scale, W / scale)
         common.save_image(x_lr, tmp := os.path.join(lr_dir, f".{stem}.png"))  # hidden until complete
         os.replace(tmp, out)

@@ -315,7 +315,7 @@ def test_make_lr_seeded_per_stem_cropped_and_kept(tmp_path):
     assert sorted(os.listdir(lr)) == ["a.png", "b.png", "c.png"]  # no hidden temporary file left
     assert (lr / "c.png").read_bytes() == b"made before"
     x = load_image(str(hr["b"]))[:, :36, :52]  # 37x53 -> 36x52
-    g = torch.Generator().manual_seed(3 * 2**32 + zlib.crc32(b"b"))
+    g = torch.Generator().manual_seed(zlib.crc32(b"b", 3))
     assert torch.equal(load_image(str(lr / "b.png")), degrade(x[None], 4, PRESETS["realesrgan"], g)[0][0])
     save_image(x, str(tmp_path / "crop" / "b.png"))  # the same stem, already cropped, alone in another folder
     make_lr([str(tmp_path / "crop" / "b.png")], str(tmp_path / "alone"), seed=3)
@@ -323,6 +323,12 @@ def test_make_lr_seeded_per_stem_cropped_and_kept(tmp_path):
     mtime = os.path.getmtime(lr / "a.png")
     make_lr([str(hr["a"])], str(lr), seed=3)
     assert os.path.getmtime(lr / "a.png") == mtime
+    make_lr([str(hr["a"])], str(tmp_path / "seed0"), seed=0)  # seed 0: the crc32 of the stem alone, as before
+    make_lr([str(hr["a"])], str(tmp_path / "seed4"), seed=4)
+    lrs = [load_image(str(tmp_path / d / "a.png")) for d in ("seed0", "seed4")] + [load_image(str(lr / "a.png"))]
+    assert not torch.equal(lrs[0], lrs[1]) and not torch.equal(lrs[1], lrs[2])  # each seed its own LR
+    g = torch.Generator().manual_seed(zlib.crc32(b"a"))
+    assert torch.equal(lrs[0], degrade(load_image(str(hr["a"]))[None], 4, PRESETS["realesrgan"], g)[0][0])
 
 
 def test_cli_writes_make_lr_files(tmp_path):
