@@ -1,76 +1,54 @@
 """
 SMFSR: Noise-Started One-Step Real-World Super-Resolution via LR-Conditioned SplitMeanFlow and GAN Refinement
-(Zhu, Zhang, Zheng, Luo, Guo, Yang; arXiv:2605.09328; github.com/wzhu121/SMFSR releases inference only). This file
-implements all three training stages from the paper.
+(Zhu, Zhang, Zheng, Luo, Guo, Yang; arXiv:2605.09328; github.com/wzhu121/SMFSR releases inference only).
 
-An LR-conditioned SD3.5-Medium predicts the average velocity u(z_t, r, t) over [r, t]; one jump from pure noise
-(r = 0, t = 1) gives the HR latent, so different seeds give different plausible outputs. Stage 0 (`--stage teacher`)
-trains an LR-conditioned flow-matching teacher, stage 1 (`--stage isc`) distils it into the average-velocity student
-with Interval Splitting Consistency (Algorithm 1), stage 2 (`--stage gan`) refines the one-step output with
-reconstruction, VSD and a DINOv3 GAN. Notation (rectified flow, t = 1 is noise): z_hr, z_lr the latents of the HR
-image and of the bicubic x4 LR image, c the caption, eps ~ N(0, I).
-    (1)  z_t = (1 - t) z_hr + t eps            (2)  v = eps - z_hr
-    (3)  L_FM = || v_theta(z_t, t) - (eps - z_hr) ||^2                        (stage 0, the teacher)
-    (5)  u(z_t, r, t) = 1/(t - r) int_r^t v(z_tau, tau) dtau                  (average velocity)
+An LR-conditioned SD3.5-Medium predicts the average velocity u(z_t, r, t) over [r, t]; one jump from pure noise gives
+the HR latent (other seeds, other plausible outputs). All three training stages are here: `--stage teacher` (0) trains
+an LR-conditioned flow-matching teacher, `--stage isc` (1) distils it into the average-velocity student by Interval
+Splitting Consistency (Algorithm 1), `--stage gan` (2) refines the one jump with reconstruction, VSD and a DINOv3 GAN.
+Rectified flow, t = 1 is noise; z_hr, z_lr: the latents of the HR and of the bicubic x4 LR; c: the caption.
+    (1)  z_t = (1 - t) z_hr + t eps     (2)  v = eps - z_hr     (3)  L_FM = || v_theta(z_t, t) - (eps - z_hr) ||^2
+    (5)  u(z_t, r, t) = 1/(t - r) int_r^t v(z_tau, tau) dtau  (average velocity)   (10) z_s = z_t - (t - s) u(z_t, s, t)
     (8)  (t - r) u(z_t, r, t) = (s - r) u(z_s, r, s) + (t - s) u(z_t, s, t),   r <= s <= t
-    (10) z_s = z_t - (t - s) u(z_t, s, t)
     (11) L_ISC = || u(z_t, r, t) - sg[(1 - lam) u(z_s, r, s) + lam u(z_t, s, t)] ||^2,  s = (1 - lam) t + lam r
     (12) L_bnd = || u(z_t, t, t) - v_phi^w(z_t, t) ||^2                       (boundary, frozen teacher phi)
     (13) v_phi^w = w v_phi(z_t, t; z_lr, c) + (1 - w) v_phi(z_t, t; z_lr)
-    (14) z0_hat = eps - u(eps, 0, 1)                                          (the one-step sampler)
-    (15) grad_theta L_VSD = E[ w(t) (v_phi(z0_hat_t, t) - v_phi'(z0_hat_t, t)) dz0_hat_t/dtheta ],
-         z0_hat_t = (1 - t) z0_hat + t eps
+    (14) z0_hat = eps - u(eps, 0, 1)  (the one-step sampler),   z0_hat_t = (1 - t) z0_hat + t eps  (re-noised)
+    (15) grad_theta L_VSD = E[ w(t) (v_phi(z0_hat_t, t) - v_phi'(z0_hat_t, t)) dz0_hat_t/dtheta ]
     (16) L_diff = || v_phi'(z0_hat_t, t) - (eps - sg(z0_hat)) ||^2              (fake score phi', a LoRA)
     (17) L_adv^G = -E[D(x_sr)]      (18) L_adv^D = E[max(0, 1 - D(x_hr))] + E[max(0, 1 + D(x_sr))]
     (19) L_Rec = MSE(x_sr, x_hr) + LPIPS(x_sr, x_hr),   x_sr = VAE-decode(z0_hat)
     (20) L_stu = 1.0 L_ISC + 1.0 L_Rec + 1.0 L_VSD + 0.5 L_adv^G
-Algorithm 1 (stage 1): sample r <= t, lam ~ U(0, 1), eps, q ~ U(0, 1); z_t by Eq. 1; with probability p = 0.6 the
-boundary branch (Eq. 12), else the splitting branch (lines 9-13, Eqs. 10-11).
+Algorithm 1: r <= t, lam, q ~ U(0, 1), eps; z_t (Eq. 1); w.p. p = 0.6 the boundary branch (12), else the split (10-11).
 
     python smfsr.py --stage teacher --data LSDIR_FFHQ10k.txt --captions captions.tsv   # -> out/smfsr-teacher
-    python smfsr.py --stage isc --data LSDIR_FFHQ10k.txt    # starts from out/smfsr-teacher -> out/smfsr-isc
-    python smfsr.py --stage gan --data LSDIR_FFHQ10k.txt    # starts from out/smfsr-isc -> out/smfsr-gan
+    python smfsr.py --stage isc --data LSDIR_FFHQ10k.txt    # then --stage gan, each from the previous out/smfsr-*
     torchrun --nproc_per_node=4 smfsr.py --stage teacher ...    # Sec. 4: 4 GPUs, any stage
     python smfsr.py --sample --ckpt out/smfsr-gan --input lr/ --output sr/ [--steps 4] [--seed 1] [--start lr]
     python smfsr.py --model mini --stage teacher && ... --stage isc && ... --stage gan   # CPU: the mini base
 
 What differs from the paper, and why:
-- LR injection. DiT4SR adds a third (LR) stream to every MM-DiT block with its own projections and MLP, the LR
-  tokens join the joint attention, and a cross-stream convolution adds the LR stream to the noise stream. Here the
-  LR latent goes through the base's own patch embedding (same 2-D positions), each block modulates the LR tokens
-  with its image adaLN and projects them with LR-specific key/value layers (copies of the block's image k/v at
-  init), and the image queries attend over [image, text, LR] in one joint softmax. A zero-initialised per-head gate
-  mixes that with the base attention: o = o_base + gate (o_joint - o_base), so gate = 1 is DiT4SR's joint attention
-  and gate = 0 the base. Each block also adds a cross-stream convolution (3x3 depthwise, then 1x1 zero-initialised)
-  of the LR patch embeddings (without positions) to its image tokens: the local "same place" path that attention
-  over SD3's absolute positions has to learn. Both are zero at init, so the wrapped model is the base bit for bit.
-  The LR tokens are not updated block to block (no LR MLP stream) and text tokens do not see them: fewer parameters
-  (~180M on SD3.5-M against the paper's 366M trainable), one extra attention call per block. By default the base
-  stays frozen (one bf16 copy for teacher, student and fake score); `--train_base lora` also trains a LoRA on it
-  (the paper: "LR parameters and LoRA"), `full` all of it (the mini). Teacher and student then own a copy each.
-- (r, t) embedding: e_{r,t} = e_t + MLP([e_r, e_t]) with the MLP's last layer zero-initialised, so the student starts
-  as the teacher: u(z, r, t) = v(z, t) (the paper gives only Linear-SiLU-Linear).
-- Algorithm 1 writes the splitting branch under q < p, Sec. 4 calls p = 0.6 "the probability of using the boundary
-  branch": we follow Sec. 4. The branch is drawn per micro-batch (the paper: per step).
-- Unknown in the paper (`# ours` in Config): the (r, t) law of Algorithm 1 (logit-normal(0, 1), sorted), stage-2
-  learning rates, the VSD t law and w(t), the fake-score LoRA, the DINOv3 size, layers and heads, the micro-batch,
-  the tile. The teacher's t follows Eq. 3, U(0, 1); --teacher_t logit-normal is SD3's pretraining law (an option).
-- Pixel ranges: L_Rec's MSE (Eq. 19) is taken on [0, 1] images, the range every image has here outside the VAE and
-  the one PSNR is measured on; the paper does not say. On [-1, 1] the MSE would be 4x larger, i.e. its weight
-  lambda_2 4x heavier against L_ISC, L_VSD and the GAN.
-- VSD: w(t) = t / mean|z0_hat - x0_phi| (DMD's normaliser written for velocities: x0_phi' - x0_phi =
-  t (v_phi - v_phi')); the (1 - t) of dz0_hat_t/dz0_hat is folded into it. One fake-score forward at (z0_hat_t, t)
-  serves both Eq. 15 (detached) and Eq. 16 (through its LoRA).
-- Captions are optional (a tab-separated file; the paper captions the LR with LLaVA, and Table 8 shows the empty
-  prompt does about as well); the sampler uses the empty prompt.
-- `--start lr` (ours): start at z_t0 = (1 - t0) z_lr + t0 eps with t0 = --start_t (Eq. 1 with z_lr in place of z_hr)
-  and jump to 0 along the average velocity; t0 = 1 is the paper's noise start.
-- `--steps K` on a teacher checkpoint takes K Euler steps (a teacher ignores r: u = v).
+- LR injection, lighter than DiT4SR's third stream (~180M trainable on SD3.5-M, not 366M): the LR tokens (the base's
+  patch embedding, same positions, the image adaLN) and LR copies of each block's image k/v join the image queries'
+  softmax behind a per-head gate from zero: o = o_base + gate (o_joint - o_base). No LR MLP; text sees no LR.
+- DiT4SR's cross-stream convolution (3x3 depthwise, 1x1 from zero) adds the LR patch embeddings to the image tokens:
+  the local path SD3's absolute positions would have to learn. Both start at zero: the wrapped model is the base.
+- --train_base none (default): one frozen bf16 base for teacher, student and fake score; lora (the paper's "LR
+  parameters and LoRA") or full (the mini) train it too, and teacher and student then own a copy each.
+- e_{r,t} = e_t + MLP([e_r, e_t]) from zero: the student starts as the teacher (the paper: only Linear-SiLU-Linear).
+- p = 0.6 is the boundary branch's probability (Sec. 4; Algorithm 1 writes q < p for the split), drawn per micro-batch.
+- Unknown in the paper (`# ours` in Config): the (r, t) law (logit-normal(0, 1), sorted), stage-2 learning rates, the
+  VSD t law and w(t), the fake-score LoRA, the DINOv3 size, layers and heads, the micro-batch, the tile.
+- L_Rec's MSE (Eq. 19) on [0, 1] images, as PSNR (the paper does not say; on [-1, 1] lambda_2 would weigh 4x more).
+- VSD: w(t) = t / mean|z0_hat - x0_phi|, DMD's normaliser for velocities, the (1 - t) of dz0_hat_t/dz0_hat folded in;
+  one fake-score forward serves Eq. 15 (detached) and Eq. 16 (through its LoRA).
+- Captions optional (a TSV; the paper's: LLaVA; Table 8: the empty prompt does about as well); sampling: the empty one.
+- --start lr (ours): from z_t0 = (1 - t0) z_lr + t0 eps, t0 = --start_t, along u to 0; t0 = 1 is the paper's start.
+- --steps K on a teacher checkpoint takes K Euler steps (a teacher ignores r: u = v).
 """
 import contextlib, copy, dataclasses, os
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -78,8 +56,7 @@ import common
 from common import bc
 from degrade import PRESETS as DEGRADE, check_preset, degrade
 
-UNSUPPORTED = {"fsdp": "SD3.5-Medium (2.5B) fits one GPU, shared by teacher, student and fake score, and the blocks "
-                       "are called piece by piece (the LR tokens), which FSDP's per-module hooks do not see"}
+UNSUPPORTED = {"fsdp": "SD3.5-M fits one GPU for all roles; its blocks run piece by piece, unseen by FSDP's hooks"}
 
 
 # ----------------------------------------------------------------------------- config
@@ -142,12 +119,9 @@ class Config:
     eval_heldout: bool = False    # ours: at the end, eval.py on the held-out sample photo against bicubic
 
 STAGES = {"teacher": (80_000, 32), "isc": (40_000, 16), "gan": (10_000, 8)}  # Sec. 4: iterations, batch
-PREVIOUS = {"isc": "teacher", "gan": "isc"}
 # --model tiny / mini (ours): these values for every flag not given; a dict holds them per --stage
 TINY = dict(crop=64, max_steps=4, batch_size=2, micro_batch=1, fake_rank=4, disc_width=16, tile=8, overlap=2)
-# mini: the base trains (a frozen 2M base cannot cancel the noise the one step starts from); the teacher at a higher
-# lr; stage 2 keeps L_Rec's MSE and a tenth of L_ISC: on the 2M base VSD (towards its grainy teacher), the GAN (a
-# random DINOv3 offline) and LPIPS (a random VGG) cost PSNR
+# mini: the base trains (frozen, 2M cannot undo the noise start); stage 2: MSE + L_ISC/10 (VSD, GAN, LPIPS cost PSNR)
 MINI = dict(crop=128, max_steps={"teacher": 1000, "isc": 200, "gan": 600}, batch_size=4, micro_batch=2,
             lr={"teacher": 3e-3, "isc": 3e-4, "gan": 3e-4}, lr_fake=3e-4, lr_d=1e-4, fake_rank=16, disc_width=32,
             tile=32, overlap=8, grid_every=100, save_every=100, eval_heldout=True, degrade="bicubic",
@@ -178,9 +152,7 @@ def pretrained(cfg):
     if cfg.stage == "gan" and cfg.w_gan:
         needs.append(common.Weights("DINOv3 (the discriminator, Eqs. 17-18)", cfg.disc_model, "disc_model",
                                     ("config.json", "model.safetensors"), ("*.json", "*.safetensors")))
-    if cfg.stage == "gan" and cfg.w_lpips:
-        needs.append(common.lpips_weights(cfg))
-    return needs
+    return needs + ([common.lpips_weights(cfg)] if cfg.stage == "gan" and cfg.w_lpips else [])
 
 
 # ----------------------------------------------------------------------------- model: LR injection, (r, t) embedding
@@ -190,28 +162,22 @@ FAKE_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "at
 BASE_LORA_TARGETS = FAKE_LORA_TARGETS + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
 
 class LRBranch(nn.Module):
-    """What one block adds for the LR tokens: (1) their part of the joint attention, LR-specific key/value projections,
-    copies of the block's image ones at init (DiT4SR initialises its LR stream from the noise stream), mixed in by a
-    zero-initialised per-head gate; (2) DiT4SR's cross-stream convolution, a 3x3 depthwise then a zero-initialised 1x1
-    convolution of the LR patch embeddings (no positions) on their 2-D grid, added to the image tokens."""
+    """One block's LR parts: copies of the image k/v (as DiT4SR's LR stream) behind a gate; the cross-stream conv."""
 
     def __init__(self, attn):
         super().__init__()
         base = lambda m: getattr(m, "base_layer", m)  # the linear itself where the base carries a LoRA
         self.to_k, self.to_v = copy.deepcopy(base(attn.to_k)).float(), copy.deepcopy(base(attn.to_v)).float()
-        self.gate = nn.Parameter(torch.zeros(attn.heads))
-        dim = attn.to_k.in_features
+        self.gate, dim = nn.Parameter(torch.zeros(attn.heads)), attn.to_k.in_features
         self.conv = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1, groups=dim), nn.Conv2d(dim, dim, 1))
-        nn.init.zeros_(self.conv[1].weight)
-        nn.init.zeros_(self.conv[1].bias)
+        nn.init.zeros_(self.conv[1].weight), nn.init.zeros_(self.conv[1].bias)
 
     def cross_stream(self, m_lr):
-        """(B, D, h, w) LR patch embeddings -> (B, h w, D) added to the image tokens: the local path."""
+        """(B, D, h, w) LR patch embeddings (no positions) -> (B, h w, D) added to the image tokens: the local path."""
         return self.conv(m_lr.to(self.conv[1].weight.dtype)).flatten(2).transpose(1, 2).to(m_lr.dtype)
 
 def joint_attention(attn, lr, x, c, x_lr):
-    """SD3's joint attention (diffusers' JointAttnProcessor2_0, written out) in which the image queries also attend to
-    the LR tokens: o = o_base + gate (o_joint - o_base). Returns (image, text) outputs."""
+    """SD3's joint attention, its image queries also on the LR tokens: o = o_base + gate (o_joint - o_base)."""
     B, N, _ = x.shape
     heads = lambda y: y.view(B, -1, attn.heads, y.shape[-1] // attn.heads).transpose(1, 2)  # (B, heads, L, d)
     q, k, v = heads(attn.to_q(x)), heads(attn.to_k(x)), heads(attn.to_v(x))
@@ -223,16 +189,14 @@ def joint_attention(attn, lr, x, c, x_lr):
         cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
     K, V = torch.cat([k, ck], 2), torch.cat([v, cv], 2)
     o = F.scaled_dot_product_attention(torch.cat([q, cq], 2), K, V)  # the base: [image, text] tokens
-    o_x = o[:, :, :N]
     o_joint = F.scaled_dot_product_attention(q, torch.cat([K, k_lr], 2), torch.cat([V, v_lr], 2))  # + LR tokens
-    o_x = o_x + lr.gate.view(1, -1, 1, 1).to(o_x.dtype) * (o_joint - o_x)
+    o_x = o[:, :, :N] + lr.gate.view(1, -1, 1, 1).to(o.dtype) * (o_joint - o[:, :, :N])
     flat = lambda y: y.transpose(1, 2).reshape(B, -1, y.shape[1] * y.shape[-1])
     out_c = None if attn.context_pre_only else attn.to_add_out(flat(o[:, :, N:]))
     return attn.to_out[0](flat(o_x)), out_c
 
 def block_forward(block, lr, x, c, x_lr, temb, m_lr):
-    """diffusers' JointTransformerBlock.forward, written out, with the LR tokens in its attention and the
-    cross-stream convolution of m_lr (the LR patch embeddings on their 2-D grid) added to the image tokens."""
+    """diffusers' JointTransformerBlock.forward plus the LR tokens in its attention and the cross-stream convolution."""
     mod = block.norm1(x, emb=temb)  # adaLN-zero; SD3.5's dual-attention blocks return two more
     nx, g_msa, sh_mlp, sc_mlp, g_mlp = mod[:5]
     nx_lr = block.norm1(x_lr, emb=temb)[0]  # the LR tokens take the image tokens' modulation
@@ -253,22 +217,18 @@ def block_forward(block, lr, x, c, x_lr, temb, m_lr):
     return c + cg_mlp.unsqueeze(1) * block.ff_context(n), x
 
 class RTEmbed(nn.Module):
-    """e_{r,t} from the base's own embeddings e_r, e_t (Fig. 2): Linear(2D -> D) -> SiLU -> Linear(D -> D), as
-    e_t + MLP([e_r, e_t]) with the last layer zero-initialised (ours): u(z, r, t) = v(z, t) at init."""
+    """e_{r,t} = e_t + MLP([e_r, e_t]) (Fig. 2), the MLP's last layer zero-initialised (ours): u = v at init."""
 
     def __init__(self, dim):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(2 * dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        nn.init.zeros_(self.mlp[2].weight)
-        nn.init.zeros_(self.mlp[2].bias)
+        nn.init.zeros_(self.mlp[2].weight), nn.init.zeros_(self.mlp[2].bias)
 
     def forward(self, e_r, e_t):
         return e_t + self.mlp(torch.cat([e_r, e_t], -1))
 
 class SRNet(nn.Module):
-    """Everything SMFSR adds to a frozen SD3 transformer: one LRBranch per block, and for the student the (r, t)
-    embedding. The transformer is an argument, not a submodule, so teacher, student and fake score share one copy of
-    the base weights and a checkpoint holds only what trains."""
+    """LRBranches (+ RTEmbed: the student) on an SD3 passed in, not owned: roles share it, checkpoints skip it."""
 
     def __init__(self, dit, two_times):
         super().__init__()
@@ -277,60 +237,41 @@ class SRNet(nn.Module):
         self.requires_grad_(True)
 
     def forward(self, dit, z_t, r, t, z_lr, cond):
-        """u(z_t, r, t; z_lr, c) for (B, C, H, W) latents and r, t (B,) in [0, 1]; a teacher (no rt) ignores r and
-        gives v(z_t, t; z_lr, c). The SD3 transformer takes sigma * 1000."""
-        B, C, H, W = z_t.shape
-        dt, p = dit.dtype, dit.config.patch_size
-        x = dit.pos_embed(z_t.to(dt)).contiguous()  # (B, N, D): patches + 2-D sin-cos positions
-        x_lr = dit.pos_embed(z_lr.to(dt)).contiguous()  # the same patch embedding at the same positions
+        """u(z_t, r, t; z_lr, c) for (B, C, H, W) latents, r, t (B,) in [0, 1]; a teacher (no rt) ignores r: v."""
+        (B, _, H, W), dt, p = z_t.shape, dit.dtype, dit.config.patch_size
+        x, x_lr = (dit.pos_embed(z.to(dt)).contiguous() for z in (z_t, z_lr))  # (B, N, D): patches + the same positions
         m_lr = dit.pos_embed.proj(z_lr.to(dt))  # (B, D, H/p, W/p): the patch embedding alone, for the convolutions
-        pooled = cond["pooled"].to(dt)
+        c, pooled = dit.context_embedder(cond["embeds"].to(dt)), cond["pooled"].to(dt)  # text tokens, pooled text
         temb = dit.time_text_embed(t.float() * 1000, pooled)  # e_t: timestep (fp32, as SD3's pipeline) + pooled text
         if self.rt is not None:
             temb = self.rt(dit.time_text_embed(r.float() * 1000, pooled), temb)  # e_{r,t}
-        c = dit.context_embedder(cond["embeds"].to(dt))
+        run = (dit._gradient_checkpointing_func if dit.gradient_checkpointing and torch.is_grad_enabled() else
+               lambda f, *args: f(*args))  # --grad_ckpt: each block recomputed in the backward pass
         for block, lr in zip(dit.transformer_blocks, self.lr):
-            if dit.gradient_checkpointing and torch.is_grad_enabled():
-                c, x = torch.utils.checkpoint.checkpoint(block_forward, block, lr, x, c, x_lr, temb, m_lr,
-                                                         use_reentrant=False)
-            else:
-                c, x = block_forward(block, lr, x, c, x_lr, temb, m_lr)
-        x = dit.proj_out(dit.norm_out(x, temb))  # (B, N, p * p * C)
-        x = x.view(B, H // p, W // p, p, p, -1).permute(0, 5, 1, 3, 2, 4)  # unpatchify as diffusers does
-        return x.reshape(B, -1, H, W).float()
-
-def bind(net, dit, z_lr, cond):
-    """u(z, r, t) with the LR latent and the caption fixed: what Algorithm 1 and the sampler call."""
-    return lambda z, r, t: net(dit, z, r, t, z_lr, cond)
+            c, x = run(block_forward, block, lr, x, c, x_lr, temb, m_lr)
+        x = dit.proj_out(dit.norm_out(x, temb)).view(B, H // p, W // p, p, p, -1)  # (B, h, w, p, p, C)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(B, -1, H, W).float()  # unpatchify as diffusers does
 
 def teacher_velocity(teacher, dit, z_lr, cond, null, w):
-    """v_phi^w(z, t) of the frozen teacher (Eq. 13). w = 1: the conditional teacher (no CFG, Table 6); otherwise one
-    batched call for the captioned and the caption-free velocity (the LR stays)."""
+    """v_phi^w(z, t) of the frozen teacher (Eq. 13); w = 1: no CFG (Table 6), else one call with and without c."""
     if w == 1:
         return lambda z, t: teacher(dit, z, t, t, z_lr, cond)
-
+    two, both = lambda a: torch.cat([a, a]), {k: torch.cat([cond[k], null[k].expand_as(cond[k])]) for k in cond}
     def v(z, t):
-        two = lambda a: torch.cat([a, a])
-        both = {k: torch.cat([cond[k], null[k].expand_as(cond[k])]) for k in cond}
         v_c, v_u = teacher(dit, two(z), two(t), two(t), two(z_lr), both).chunk(2)
         return w * v_c + (1 - w) * v_u  # Eq. (13)
     return v
 
 @contextlib.contextmanager
 def fake_score(dit):
-    """Inside: the fake score v_phi' = the teacher + its LoRA; outside the LoRA is off. peft ties the LoRA's
-    requires_grad to this switch, so Eq. 16 is back-propagated inside the block."""
+    """Inside: the fake score v_phi' = the teacher + its LoRA (trainable: peft ties requires_grad to the switch)."""
     dit.enable_adapters()
-    try:
-        yield
-    finally:
-        dit.disable_adapters()
+    yield
+    dit.disable_adapters()
 
 def load_base(cfg, dtype, train_base, rank, ckpt=None, name=None, train=False):
-    """The SD3 a model runs on. `none`: the frozen base, one copy that teacher, student and fake score share.
-    Otherwise the base with the model's own weights on it (a rank-r LoRA, or all of them), read from `<name>_base` in
-    ckpt when given. A frozen one (the teacher of stages 1-2) has its LoRA merged into the weights, so that the fake
-    score's LoRA goes on top of the teacher."""
+    """The SD3 a model runs on. `none`: the frozen base, one copy that teacher, student and fake score share. Else the
+    base with the model's own weights on it (a rank-r LoRA, or all of them), from `<name>_base` in ckpt when given."""
     dit = common.load_dit(cfg.model, cfg.model_path or None, dtype).requires_grad_(False).eval()
     if train_base == "none":
         return dit
@@ -340,47 +281,36 @@ def load_base(cfg, dtype, train_base, rank, ckpt=None, name=None, train=False):
         if not os.path.exists(os.path.join(ckpt, file)):
             raise SystemExit(f"{ckpt}: no {file} (expected a checkpoint trained with --train_base {train_base})")
         common.load_checkpoint(ckpt, {f"{name}_base": dit})
-    if not train:
+    if not train:  # frozen (a teacher): the LoRA merged, the fake score's goes on top; full: its fp32 back to dtype
         if train_base == "lora":
-            dit.fuse_lora()
-            dit.unload_lora()
-        dit.requires_grad_(False)
-        if train_base == "full" and dtype != torch.float32:
-            dit.to(dtype)  # all weights were trained in fp32
+            dit.fuse_lora(), dit.unload_lora()
+        if dit.requires_grad_(False).dtype != dtype:  # cast only if needed: diffusers warns at any .to(dtype)
+            dit.to(dtype)
     return dit
 
 def load_net(ckpt, name, net):
-    """The trained part of a stage (`teacher` or `student`) from its checkpoint folder."""
+    """The trained part of a stage (`teacher` or `student`) from its checkpoint folder; returns the folder's state."""
     if not os.path.exists(os.path.join(ckpt, f"{name}.safetensors")):
-        raise SystemExit(f"{ckpt}: no {name}.safetensors (expected a --stage "
-                         f"{'teacher' if name == 'teacher' else 'isc/gan'} checkpoint)")
-    common.load_checkpoint(ckpt, {name: net})
+        raise SystemExit(f"{ckpt}: no {name}.safetensors (expected a checkpoint of the {name})")
+    return common.load_checkpoint(ckpt, {name: net})
 
 RANDOM_DINO = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
                    num_register_tokens=4)  # tiny/mini: a small random DINOv3
 
 class Discriminator(nn.Module):
-    """Frozen DINOv3 ViT + trainable heads (Eqs. 17-18). Features: the patch tokens of 4 evenly spaced layers, as a
-    grid (ours, as ADD's DINOv2 discriminator); per level SN-Conv3x3 -> LReLU(0.2) -> SN-Conv1x1 -> patch logits.
-    Tiny presets: a random DINOv3 of the same class."""
+    """Frozen DINOv3 + heads (Eqs. 17-18; ours, as ADD): 4 evenly spaced layers' patch grids, SN-Conv-LReLU-SN-Conv."""
 
     def __init__(self, random_net, hub, width):
         super().__init__()
         from transformers import DINOv3ViTConfig, DINOv3ViTModel
         vit = DINOv3ViTModel(DINOv3ViTConfig(**RANDOM_DINO)) if random_net else DINOv3ViTModel.from_pretrained(hub)
-        self.vit = vit.requires_grad_(False).eval()
-        n, d = vit.config.num_hidden_layers, vit.config.hidden_size
+        self.vit = vit.requires_grad_(False).eval()  # for good: DINOv3 jitters its positions in training mode
+        n, d, sn = vit.config.num_hidden_layers, vit.config.hidden_size, nn.utils.parametrizations.spectral_norm
         self.levels = [n * (i + 1) // 4 for i in range(4)]
-        sn = nn.utils.parametrizations.spectral_norm
         self.heads = nn.ModuleList(nn.Sequential(sn(nn.Conv2d(d, width, 3, padding=1)), nn.LeakyReLU(0.2),
                                                  sn(nn.Conv2d(width, 1, 1))) for _ in self.levels)
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
-
-    def train(self, mode=True):  # the backbone stays in eval mode (DINOv3 jitters its positions in training)
-        super().train(mode)
-        self.vit.eval()
-        return self
 
     def features(self, x):
         """Images in [0, 1], sides multiples of 16 -> per level (B, D, H/16, W/16)."""
@@ -426,8 +356,7 @@ def rec_loss(lpips, x_sr, x_hr, w_lpips=1.0):
 
 def vsd_loss(z0_hat, z0_hat_t, t, v_real, v_fake):
     """Eq. 15 as a loss whose gradient on z0_hat is w(t) (v_phi - v_phi') / numel, w(t) = t / mean|z0_hat - x0_phi|
-    (DMD's normaliser, ours). v_real, v_fake: the teacher's and the fake score's velocities at z0_hat_t (no gradient).
-    Descent moves z0_hat towards the teacher's x0 and away from the fake's."""
+    (DMD's normaliser, ours), v_real and v_fake without gradient: z0_hat moves to the teacher's x0, off the fake's."""
     x0_real = z0_hat_t - bc(t) * v_real  # the teacher's clean estimate
     w = bc(t) / (z0_hat - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-5)
     grad = w * (v_real - v_fake)  # Eq. (15)
@@ -451,12 +380,10 @@ def teacher_losses(u, z_hr, eps, cfg):
     return l_fm, {"loss": l_fm, "fm": l_fm}
 
 def isc_losses(u, v_teacher, z_hr, eps, cfg, weight=1.0):
-    """Stage 1, Algorithm 1 lines 3-15 on one micro-batch: the boundary branch with probability p_boundary, else the
-    splitting branch. `weight` (stage 2's lambda_1): 0 computes no term."""
+    """Stage 1 (Algorithm 1 lines 3-15): the boundary branch w.p. p_boundary, else the split; weight 0: no term."""
     B, device = z_hr.shape[0], z_hr.device
     r, t = logit_normal(2 * B, cfg, device).view(2, B).sort(0).values  # line 3: r <= t (ours: logit-normal)
-    lam = torch.rand(B, device=device)  # line 4 (s inside isc_loss)
-    q = torch.rand(())  # line 5
+    lam, q = torch.rand(B, device=device), torch.rand(())  # lines 4-5 (s inside isc_loss)
     z_t = (1 - bc(t)) * z_hr + bc(t) * eps  # line 7, Eq. (1)
     l_isc = torch.zeros((), device=device)
     if weight:
@@ -464,12 +391,9 @@ def isc_losses(u, v_teacher, z_hr, eps, cfg, weight=1.0):
     return weight * l_isc, {"loss": weight * l_isc, "isc": l_isc}
 
 def gan_losses(u, v_teacher, teacher, t_dit, disc, vae, lpips, z_lr, x_hr, cond, cfg, scale):
-    """Stage 2's terms after L_ISC (Eq. 20: L_Rec, L_VSD, L_adv^G) and, alongside, the fake score's (Eq. 16, stepped
-    back-propagated here, inside the LoRA's switch) and D's (Eq. 18). A term of weight 0 is not computed. Returns
-    (the loss to back-propagate, its terms, x_sr)."""
+    """Stage 2's terms after L_ISC (Eq. 20) and D's (Eq. 18), weight 0 skipped; Eq. 16 is back-propagated inside."""
     B, device = z_lr.shape[0], z_lr.device
-    eps, ones = torch.randn_like(z_lr), torch.ones(B, device=device)
-    z0_hat = eps - u(eps, 0 * ones, ones)  # Eq. (14)
+    z0_hat = sample(u, torch.randn_like(z_lr), 1)  # Eq. (14): one jump from noise
     x_sr = common.decode(vae, "sd3", z0_hat).float()
     l_rec, l_mse, l_lpips = rec_loss(lpips, x_sr, x_hr, cfg.w_lpips)
     l_vsd = l_fake = l_adv = l_d = torch.zeros((), device=device)
@@ -485,64 +409,55 @@ def gan_losses(u, v_teacher, teacher, t_dit, disc, vae, lpips, z_lr, x_hr, cond,
             (l_fake * scale).backward()
         l_vsd = vsd_loss(z0_hat, z0_hat_t, t_v, v_real, v_fake.detach())  # Eq. (15)
     if cfg.w_gan:
-        f_fake = disc.features(x_sr)
-        with torch.no_grad():
-            f_real = disc.features(x_hr)
+        f_fake, f_real = disc.features(x_sr), disc.features(x_hr)  # the frozen backbone: no graph for x_hr
         disc.heads.requires_grad_(False)  # L_adv^G reaches the generator only
         l_adv = adv_g_loss(disc(f_fake))
         disc.heads.requires_grad_(True)
         l_d = adv_d_loss(disc(f_real), disc([f.detach() for f in f_fake]))
     l_g = cfg.w_rec * l_rec + cfg.w_vsd * l_vsd + cfg.w_gan * l_adv  # Eq. (20), after L_ISC
-    return l_g + l_d, {"loss": l_g, "mse": l_mse, "lpips": l_lpips, "vsd": l_vsd, "adv": l_adv, "fake": l_fake,
-                       "d": l_d}, x_sr
+    return l_g + l_d, dict(loss=l_g, mse=l_mse, lpips=l_lpips, vsd=l_vsd, adv=l_adv, fake=l_fake, d=l_d), x_sr
 
 
 # ----------------------------------------------------------------------------- sampler
 def sample(u, eps, steps, z_lr=None, start_t=1.0):
-    """Eq. 14 in `steps` jumps along the average velocity, t_k = t0 (1 - k/steps): z <- z - (t_k - t_k+1)
-    u(z, t_k+1, t_k). From noise (z = eps, t0 = 1) or, given z_lr, from z = (1 - t0) z_lr + t0 eps (Eq. 1 with z_lr
-    in place of z_hr; ours)."""
-    t0 = 1.0 if z_lr is None else start_t
-    z = eps if z_lr is None else (1 - t0) * z_lr + t0 * eps
+    """Eq. 14 in `steps` jumps, t_k = t0 (1 - k/steps): z <- z - (t_k - t_k+1) u(z, t_k+1, t_k). From noise (z = eps,
+    t0 = 1) or, given z_lr, from z = (1 - t0) z_lr + t0 eps (Eq. 1 with z_lr in place of z_hr; ours)."""
+    t0, z = (1.0, eps) if z_lr is None else (start_t, (1 - start_t) * z_lr + start_t * eps)
     ts, ones = torch.linspace(t0, 0, steps + 1, device=eps.device), torch.ones(eps.shape[0], device=eps.device)
     for t, r in zip(ts[:-1], ts[1:]):
         z = z - (t - r) * u(z, r * ones, t * ones)
     return z
 
+def seeded_noise(z_lr, seed):  # eps drawn on the CPU: the same image on any device
+    return torch.randn(z_lr.shape, generator=torch.Generator().manual_seed(seed)).to(z_lr.device)
+
 def build_sampler(flags, device=None):
     """fn(x_lr (1, 3, h, w) in [0, 1]) -> (1, 3, 4h, 4w) of the checkpoint flags.ckpt: bicubic x4, encode, `steps`
-    jumps of Eq. 14 from noise seeded by flags.seed (each jump's velocity over overlapping latent tiles), decode."""
+    jumps of Eq. 14 from noise seeded by flags.seed (each velocity over overlapping latent tiles), decode."""
     flags = dataclasses.replace(flags, ckpt=flags.ckpt or flags.out_dir or "out/smfsr-gan")
     path, cfg, device, dtype = common.sampler_setup(flags, resolve, device)
     name = "teacher" if cfg.stage == "teacher" else "student"
     with torch.random.fork_rng(devices=[]):  # the init is overwritten; keep the caller's RNG as it was
         dit = load_base(cfg, dtype, cfg.train_base, cfg.lora_rank, path, name)
         net = SRNet(dit, two_times=name == "student")
-    load_net(path, name, net)
-    state = torch.load(os.path.join(path, "state.pt"), weights_only=True)
+    state = load_net(path, name, net)
     dit, net = dit.to(device), net.to(device).eval()
     vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device, tiling=True)
     cond = {k: v.to(device) for k, v in state["cond"].items()}  # the empty prompt: no text encoder needed
 
     def latent(z_lr):
-        eps = torch.randn(z_lr.shape, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
         u = lambda z, r, t: common.tiled_pair(lambda zz, ll: net(dit, zz, r, t, ll, cond), z, z_lr, cfg.tile,
                                               cfg.overlap)
-        return sample(u, eps, cfg.steps, z_lr if cfg.start == "lr" else None, cfg.start_t)
+        return sample(u, seeded_noise(z_lr, cfg.seed), cfg.steps, z_lr if cfg.start == "lr" else None, cfg.start_t)
     return lambda x_lr: common.super_resolve(vae, "sd3", x_lr, latent)
 
 
 # ----------------------------------------------------------------------------- training
 class Captions:
-    """Per-image captions drawn with dropout (Sec. 4.4); '' and dropped captions are the empty prompt. Each caption
-    is encoded once into common.prompt_cond's disk cache (rank 0 first) and read back per batch. Without text
-    encoders (tiny, mini) any caption is common.tiny_cond, the empty prompt zeros. The loader yields images only, so
-    a twin of its StepSampler yields the same (index, seed) keys, in step with it."""
+    """Captions with dropout (Sec. 4.4), cached by rank 0; a twin of the loader's StepSampler names its images."""
 
     def __init__(self, cfg, dit, device, rank, world, start_step):
-        self.random, self.cfg, self.device, self.text = common.random_prompt(cfg), cfg, device, []
-        if self.random:
-            self.prompt = {k: v.to(device) for k, v in common.tiny_cond(dit, "sd3").items()}
+        stand_in, self.cfg, self.text = common.random_prompt(cfg), cfg, []
         if cfg.captions:
             with open(cfg.captions) as f:
                 table = dict(line.rstrip("\n").split("\t", 1) for line in f if "\t" in line)
@@ -550,105 +465,79 @@ class Captions:
                      [os.path.splitext(os.path.basename(p))[0] for p in common.list_images(cfg.data, cfg.data_root)])
             self.text = [table.get(n, "").strip() for n in names]
             self.keys = iter(common.StepSampler(len(names), cfg.batch_size, rank, world, cfg.seed, start_step))
-        if not self.random and rank == 0:
-            for c in [""] + sorted(set(self.text)):  # loads the text encoders once per caption not yet cached
-                self.encode(c)
-        if dist.is_initialized():
-            dist.barrier()
-        self.empty = self.encode("")
-
-    def encode(self, caption):
-        if self.random:
-            return self.prompt if caption else {k: torch.zeros_like(v) for k, v in self.prompt.items()}
-        return common.prompt_cond(self.cfg.model, caption, self.cfg.cache_dir, self.device, self.cfg.model_path or None)
+        encode = lambda c: common.prompt_cond(cfg.model, c, cfg.cache_dir, device, cfg.model_path or None)
+        for c in sorted(set(self.text) - {""}) if rank == 0 and not stand_in else ():  # cached before the barrier
+            encode(c)
+        self.prompt = common.fixed_prompt(cfg, dit, device, cfg.cache_dir)  # '' (tiny, mini: a random stand-in)
+        self.empty = {k: torch.zeros_like(v) for k, v in self.prompt.items()} if stand_in else self.prompt
+        self.encode = (lambda c: self.prompt) if stand_in else encode
 
     def batch(self, B):
         """The conditions of the loader's next micro-batch (B, ...)."""
         if not self.text:
             return common.expand_cond(self.empty, B)
-        idx = [next(self.keys)[0] for _ in range(B)]
-        keep = (torch.rand(B) >= self.cfg.p_drop).tolist()  # caption dropout, p = 0.2
+        idx, keep = [next(self.keys)[0] for _ in range(B)], (torch.rand(B) >= self.cfg.p_drop).tolist()  # dropout
         conds = [self.encode(self.text[i]) if k and self.text[i] else self.empty for i, k in zip(idx, keep)]
         return {k: torch.cat([c[k] for c in conds]) for k in self.empty}
 
-def stage_inputs(cfg):
-    """(init, teacher) checkpoint folders of a stage: each stage starts from the previous one's output, and the
-    teacher of stage 2 is the one stage 1 distilled (recorded in its config.json)."""
-    if cfg.stage == "teacher":
-        return None, None
-    prev = PREVIOUS[cfg.stage]
-    src = cfg.init_ckpt or f"out/smfsr-{prev}"
-    init = common.latest_checkpoint(src)
-    if not init:
-        raise SystemExit(f"--stage {cfg.stage} starts from a --stage {prev} checkpoint and {src!r} holds none: "
-                         f"run --stage {prev} first or pass --init_ckpt")
-    src = cfg.teacher_ckpt or (init if cfg.stage == "isc" else common.load_config(init).get("teacher_ckpt", ""))
-    teacher = common.latest_checkpoint(src)
-    if not teacher:
-        raise SystemExit(f"--teacher_ckpt {src!r}: no stage-0 teacher checkpoint there")
-    return init, teacher
+def trained_base(ckpt):  # (train_base, lora_rank) of a checkpoint
+    return common.load_config(ckpt)["train_base"], common.load_config(ckpt).get("lora_rank", 128)
 
-def build_models(cfg, init, teacher_ckpt, device):
-    """The stage's trained net on its base (dit), the frozen teacher on its base (t_dit: the same object where the
-    base is shared), the fake score's LoRA on t_dit, the discriminator and LPIPS; the same init on every rank."""
-    dtype, gan = common.weight_dtype(device), cfg.stage == "gan"
-    name, src = ("teacher", None) if cfg.stage == "teacher" else ("student", "teacher" if cfg.stage == "isc" else
-                                                                  "student")
-    base_of = lambda ckpt: (common.load_config(ckpt)["train_base"], common.load_config(ckpt).get("lora_rank", 128))
-    if init and base_of(init) != (cfg.train_base, cfg.lora_rank):
-        raise SystemExit(f"--train_base {cfg.train_base}: the stage continues {init}, trained with --train_base "
-                         f"{base_of(init)[0]} (lora_rank {base_of(init)[1]})")
-    disc = lpips = teacher = None
-    random_nets = common.PRESETS[cfg.model].hub is None
+def stage_inputs(cfg):
+    """cfg with its stage's inputs, checked: the previous stage's output and stage 1's teacher (in its config.json)."""
+    if cfg.stage == "teacher":
+        return dataclasses.replace(cfg, init_ckpt="", teacher_ckpt="")
+    prev = {"isc": "teacher", "gan": "isc"}[cfg.stage]
+    src = cfg.init_ckpt or f"out/smfsr-{prev}"
+    if not (init := common.latest_checkpoint(src)):
+        raise SystemExit(f"--stage {cfg.stage}: no --stage {prev} checkpoint in {src!r}; run it or pass --init_ckpt")
+    if (base := trained_base(init)) != (cfg.train_base, cfg.lora_rank):
+        raise SystemExit(f"--train_base {cfg.train_base}: {init} trained with --train_base {base[0]} (rank {base[1]})")
+    src = cfg.teacher_ckpt or (init if cfg.stage == "isc" else common.load_config(init).get("teacher_ckpt", ""))
+    if not (teacher := common.latest_checkpoint(src)):
+        raise SystemExit(f"--teacher_ckpt {src!r}: no stage-0 teacher checkpoint there")
+    return dataclasses.replace(cfg, init_ckpt=init, teacher_ckpt=teacher)
+
+def build_models(cfg, device):
+    """The stage's (name, net, dit, teacher, t_dit, disc, lpips), the same init on every rank; t_dit carries v_phi'."""
+    dtype, gan, random_nets = common.weight_dtype(device), cfg.stage == "gan", common.PRESETS[cfg.model].hub is None
+    init, t_ckpt = cfg.init_ckpt, cfg.teacher_ckpt
+    name, src = "teacher" if cfg.stage == "teacher" else "student", {"isc": "teacher", "gan": "student"}.get(cfg.stage)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         dit = load_base(cfg, dtype, cfg.train_base, cfg.lora_rank, init, src, train=True)
         net = SRNet(dit, two_times=name == "student")
-        t_dit = dit  # the teacher's and the fake score's SD3
-        if init and (cfg.train_base != "none" or base_of(teacher_ckpt)[0] != "none"):
-            t_dit = load_base(cfg, dtype, *base_of(teacher_ckpt), teacher_ckpt, "teacher")
-        if init:
-            teacher = SRNet(t_dit, two_times=False).requires_grad_(False)
-        if gan and cfg.w_vsd:
-            common.add_lora(t_dit, "lora", cfg.fake_rank, cfg.fake_rank, FAKE_LORA_TARGETS)  # v_phi' = v_phi at init
-        if gan and cfg.w_gan:
-            disc = Discriminator(random_nets, cfg.disc_model, cfg.disc_width)
-        if gan and cfg.w_lpips:
-            lpips = common.load_lpips(device, "random" if random_nets else cfg.lpips_weights)
+        own = init and (cfg.train_base != "none" or trained_base(t_ckpt)[0] != "none")  # the teacher's own base
+        t_dit = load_base(cfg, dtype, *trained_base(t_ckpt), t_ckpt, "teacher") if own else dit  # + the fake score's
+        teacher = SRNet(t_dit, two_times=False).requires_grad_(False) if init else None
+        if gan and cfg.w_vsd:  # v_phi' = v_phi at init
+            common.add_lora(t_dit, "lora", cfg.fake_rank, cfg.fake_rank, FAKE_LORA_TARGETS).disable_adapters()
+        disc = Discriminator(random_nets, cfg.disc_model, cfg.disc_width) if gan and cfg.w_gan else None
+    lpips = common.load_lpips(device, "random" if random_nets else cfg.lpips_weights) if gan and cfg.w_lpips else None
     if init:
-        load_net(teacher_ckpt, "teacher", teacher)
-        load_net(init, src, net)
-    to = lambda m: m.to(device) if m is not None else None
-    return name, to(net), to(dit), to(teacher), to(t_dit), to(disc), lpips
+        load_net(t_ckpt, "teacher", teacher), load_net(init, src, net)
+    return (name, *(m if m is None else m.to(device) for m in (net, dit, teacher, t_dit, disc)), lpips)
 
 def train(cfg):
-    cfg = resolve(cfg)
-    init, teacher_ckpt = stage_inputs(cfg)
-    cfg = dataclasses.replace(cfg, init_ckpt=init or "", teacher_ckpt=teacher_ckpt or "")  # config.json: gan reads it
+    cfg = stage_inputs(resolve(cfg))  # config.json records the inputs: the gan stage reads isc's teacher from it
     rank, world, device, log = common.setup(cfg, pretrained(cfg))
     gan = cfg.stage == "gan"
 
-    # 1. models: one frozen SD3 (bf16 on GPU) shared by teacher, student and fake score with --train_base none; else
-    #    the trained model's base is a copy (its LoRA or all its weights training), the teacher's another
-    name, net, dit, teacher, t_dit, disc, lpips = build_models(cfg, init, teacher_ckpt, device)
+    # 1. models: with --train_base none one frozen SD3 (bf16 on GPU) serves teacher, student and fake score
+    name, net, dit, teacher, t_dit, disc, lpips = build_models(cfg, device)
     vae = common.load_vae(cfg.model, cfg.model_path or None, common.weight_dtype(device), device)
     common.checkpointing(cfg, device, dit, t_dit)  # SRNet.forward checkpoints each block when this is on
 
     # 2. optimizers: AdamW, a fixed lr per trained part (Sec. 4); the fake-score LoRA and D heads in stage 2
-    models, params = {name: net}, common.trainable(net)
-    if cfg.train_base != "none":
-        models[f"{name}_base"] = dit
-        params += common.trainable(dit)
-    opts = {"opt": torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)}
+    adam = lambda params, lr: torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    models = {name: net, **({f"{name}_base": dit} if cfg.train_base != "none" else {})}
+    opts = {"opt": adam(params := common.trainable(*models.values()), cfg.lr)}
     if gan and cfg.w_vsd:
-        fake_params = [p for n, p in t_dit.named_parameters() if "lora_" in n]
-        t_dit.disable_adapters()
-        opts["opt_fake"] = torch.optim.AdamW(fake_params, lr=cfg.lr_fake, betas=(0.9, 0.999), weight_decay=0.0)
+        opts["opt_fake"] = adam([p for n, p in t_dit.named_parameters() if "lora_" in n], cfg.lr_fake)
     if gan and cfg.w_gan:
-        models["disc"] = disc.heads
-        opts["opt_d"] = torch.optim.AdamW(disc.heads.parameters(), lr=cfg.lr_d, betas=(0.9, 0.999), weight_decay=0.0)
+        models["disc"], opts["opt_d"] = disc.heads, adam(disc.heads.parameters(), cfg.lr_d)
     log(f"{cfg.model}: stage {cfg.stage}, {sum(p.numel() for p in params) / 1e6:.3g}M trainable ({name}); "
-        f"init {init or cfg.model}, teacher {cfg.teacher_ckpt or '-'}")
+        f"init {cfg.init_ckpt or cfg.model}, teacher {cfg.teacher_ckpt or '-'}")
 
     # 3. resume; 4. the loader and the captions, data position = step
     step, state = common.resume(cfg.out_dir, models, opts, log)
@@ -658,14 +547,13 @@ def train(cfg):
     captions = Captions(cfg, dit, device, rank, world, step)
     log(f"batch {cfg.batch_size} = {world} ranks x {accum} accum x {cfg.micro_batch}, crop {cfg.crop}")
 
-    # 5. loop. DiT passes per micro-batch: teacher 1; isc 2 (boundary: teacher + student) or 3 (split: two without
-    #    gradient for the target); gan: isc + the one-step generator + teacher + fake score
+    # 5. loop; DiT passes per micro-batch: teacher 1, isc 2 (boundary) or 3 (split), gan isc + 1 + teacher + fake score
     def micro_step(x, scale):
         with torch.no_grad(), common.autocast(device):  # Alg. 1 line 6: z_lr, z_hr = E(x_lr), E(x_hr)
             x_lr, x_hr = degrade(x.to(device), 4, DEGRADE[cfg.degrade])
             z_hr, z_lr = common.encode(vae, "sd3", torch.cat([x_hr, common.upsample_lr(x_lr)])).chunk(2)
         cond = captions.batch(z_hr.shape[0])
-        u, eps = bind(net, dit, z_lr, cond), torch.randn_like(z_hr)  # Alg. 1 line 5
+        u, eps = (lambda z, r, t: net(dit, z, r, t, z_lr, cond)), torch.randn_like(z_hr)  # Alg. 1 line 5
         with common.autocast(device):
             if cfg.stage == "teacher":
                 loss, terms = teacher_losses(u, z_hr, eps, cfg)
@@ -681,17 +569,13 @@ def train(cfg):
             terms = {"loss": terms["loss"] + more.pop("loss"), "isc": terms["isc"], **more}
         (loss * scale).backward()
 
-        @torch.no_grad()
         def preview():  # stages 0-1: the current model's sample of this micro-batch, from fixed noise
-            eps_g = torch.randn(z_lr.shape, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-            with common.autocast(device):
-                return x_lr, common.decode(vae, "sd3", sample(u, eps_g, cfg.steps)), x_hr
+            with torch.no_grad(), common.autocast(device):
+                return x_lr, common.decode(vae, "sd3", sample(u, seeded_noise(z_lr, cfg.seed), cfg.steps)), x_hr
         return terms, (lambda: (x_lr, x_sr, x_hr)) if gan else preview
 
-    def extra():
-        out = {"cond": {k: v[:1].detach().cpu() for k, v in captions.empty.items()}}
-        return {**out, "fake_lora": common.lora_state(t_dit)} if gan and cfg.w_vsd else out
-
+    extra = lambda: {"cond": {k: v[:1].detach().cpu() for k, v in captions.empty.items()},
+                     **({"fake_lora": common.lora_state(t_dit)} if gan and cfg.w_vsd else {})}
     common.train_loop(cfg, log, loader, accum, micro_step, models, opts, step, cfg.max_steps, extra=extra)
     if rank == 0 and cfg.eval_heldout:
         import eval
