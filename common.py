@@ -216,19 +216,16 @@ def expand_cond(cond, B):  # a batch-1 condition -> batch B (a view)
 def tiny_cond(dit, family, length=8):
     """Fixed random 'prompt embeddings' of the right shape, for bases without text encoders (tiny, mini)."""
     c, g = dit.config, torch.Generator().manual_seed(1234)
-    cond = {"embeds": torch.randn(1, length, c.cap_feat_dim if family == "zimage" else c.joint_attention_dim,
-                                  generator=g)}
+    width = c.cap_feat_dim if family == "zimage" else c.joint_attention_dim
+    cond = {"embeds": torch.randn(1, length, width, generator=g)}
     if family in ("flux1", "sd3"):
         cond["pooled"] = torch.randn(1, c.pooled_projection_dim, generator=g)
-    if family == "qwen":
-        cond["mask"] = torch.ones(1, length, dtype=torch.long)
-    return cond
+    return cond | ({"mask": torch.ones(1, length, dtype=torch.long)} if family == "qwen" else {})
 
 def prompt_cond(preset, prompt, cache_dir, device, path=None):
     """Encode a prompt once with the family's own text encoders, cache it, free the encoders."""
     from safetensors.torch import load_file, save_file
-    family = PRESETS[preset].family
-    key = hashlib.sha1(f"{preset}|{path}|{prompt}".encode()).hexdigest()[:16]
+    family, key = PRESETS[preset].family, hashlib.sha1(f"{preset}|{path}|{prompt}".encode()).hexdigest()[:16]
     file = os.path.join(cache_dir, f"prompt-{family}-{key}.safetensors")
     if not os.path.exists(file):
         import diffusers
@@ -421,7 +418,8 @@ def list_images(src, data_root="data"):
         raise SystemExit(f"--data {src!r} not found: a folder, a file list, an image or a dataset downloaded to "
                          f"--data_root (README, data)")
     if os.path.isdir(src):
-        files = sorted(p for p in glob.glob(os.path.join(src, "**", "*"), recursive=True) if p.lower().endswith(IMG_EXTS))
+        files = sorted(p for p in glob.glob(os.path.join(src, "**", "*"), recursive=True)
+                       if p.lower().endswith(IMG_EXTS))
     else:
         files = [src] if src.lower().endswith(IMG_EXTS) else [l.strip() for l in open(src) if l.strip()]
     if not files:
@@ -494,7 +492,7 @@ def shard_fsdp2(dit, log):
         log("--fsdp: one process, nothing to shard over")
         return dit
     keep = set(trainable(dit))
-    blocks = [b for name in ("transformer_blocks", "single_transformer_blocks", "layers") for b in getattr(dit, name, [])]
+    blocks = [b for n in ("transformer_blocks", "single_transformer_blocks", "layers") for b in getattr(dit, n, [])]
     for block in blocks:
         fully_shard(block, ignored_params=keep)
     log(f"FSDP2: {len(blocks)} blocks and the root sharded over {dist.get_world_size()} ranks")
@@ -569,9 +567,8 @@ def save_checkpoint(out_dir, step, config, models, optimizers, extra=None, keep=
 
 def latest_checkpoint(path):
     """`path` if it is a checkpoint, else the latest ckpt-* in it, else None."""
-    if path and os.path.exists(os.path.join(path, "state.pt")):
-        return path
-    found = sorted(glob.glob(os.path.join(path, "ckpt-*"))) if path else []
+    found = [] if not path else [path] if os.path.exists(os.path.join(path, "state.pt")) else sorted(
+        glob.glob(os.path.join(path, "ckpt-*")))
     return found[-1] if found else None
 
 def load_checkpoint(ckpt, models, optimizers=None):
@@ -629,11 +626,9 @@ def sampler_setup(flags, resolve, device=None):
 
 def pad_to_multiple(x, m=PIXEL_MULTIPLE):
     """Reflect-pad right/bottom to a multiple of m; returns (padded, (H, W)) to crop back."""
-    H, W = x.shape[-2:]
-    ph, pw = (-H) % m, (-W) % m
-    if ph or pw:
-        x = F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < H and pw < W else "replicate")
-    return x, (H, W)
+    (H, W), (ph, pw) = x.shape[-2:], (-x.shape[-2] % m, -x.shape[-1] % m)
+    mode = "reflect" if ph < H and pw < W else "replicate"  # reflect needs the pad smaller than the image
+    return (F.pad(x, (0, pw, 0, ph), mode=mode) if ph or pw else x), (H, W)
 
 def _ramp(n, overlap, rise, fall, device):  # a tile's blending weights along one axis
     w, r = torch.ones(n, device=device), torch.linspace(0, 1, overlap, device=device)
@@ -651,15 +646,12 @@ def tiled(fn, z, tile, overlap):
         return fn(z)
     assert 2 <= overlap <= tile // 2, "tiling needs 2 <= overlap <= tile / 2"
     starts = lambda n: [0] if n <= tile else sorted(set(range(0, n - tile, tile - overlap)) | {n - tile})
-    out, wsum, th, tw = None, torch.zeros(1, 1, H, W, device=z.device), min(tile, H), min(tile, W)
-    for top in starts(H):
-        for left in starts(W):
-            y = fn(z[:, :, top:top + th, left:left + tw])
-            out = torch.zeros(B, y.shape[1], H, W, device=z.device, dtype=y.dtype) if out is None else out
-            w = _ramp(th, overlap, top > 0, top + th < H, z.device)[:, None] * _ramp(tw, overlap, left > 0,
-                                                                                     left + tw < W, z.device)[None]
-            out[:, :, top:top + th, left:left + tw] += y * w
-            wsum[:, :, top:top + th, left:left + tw] += w
+    out, wsum, th, tw = 0, 0, min(tile, H), min(tile, W)
+    for top, left in [(top, left) for top in starts(H) for left in starts(W)]:
+        w = _ramp(th, overlap, top > 0, top + th < H, z.device)[:, None] * _ramp(tw, overlap, left > 0, left + tw < W,
+                                                                                  z.device)[None]
+        place = lambda x: F.pad(x, (left, W - left - tw, top, H - top - th))  # the tile's values in the whole frame
+        out, wsum = out + place(fn(z[:, :, top:top + th, left:left + tw]) * w), wsum + place(w)
     return out / wsum
 
 def tiled_pair(fn, z, z_lr, tile, overlap):
@@ -680,19 +672,6 @@ def super_resolve(vae, family, x_lr, latent_fn, generator=None):
     with autocast(device):
         z0_hat = latent_fn(encode(vae, family, x, generator is not None, generator))
         return decode(vae, family, z0_hat)[..., :H, :W].clamp(0, 1).float().cpu()
-
-def sample_files(sr_fn, inp, output):
-    """--sample: run `sr_fn(x_lr (1,3,h,w)) -> (1,3,4h,4w)` over an image or a folder; write PNGs."""
-    if not inp or not os.path.exists(inp):
-        raise SystemExit(f"--sample needs --input: an LR image or a folder of them (got {inp!r})")
-    from tqdm import tqdm
-    files = list_images(inp) if os.path.isdir(inp) else [inp]
-    for f in tqdm(files, desc="sr", disable=len(files) < 2):
-        with torch.no_grad():
-            y = sr_fn(load_image(f)[None])
-        save_image(y, os.path.join(output, os.path.splitext(os.path.basename(f))[0] + ".png"))
-    print(f"{len(files)} images -> {output}")
-    return len(files)
 
 # ----------------------------------------------------------------------------- configuration and logging
 def configure(cls, **given):
@@ -738,7 +717,8 @@ class Logger:
     """Rank-0 lines to the console and out_dir/log.txt; step() writes one line per interval."""
 
     def __init__(self, out_dir, master, device=torch.device("cpu")):
-        self.master, self.file, self.device, self.t0, self.steps = master, os.path.join(out_dir, "log.txt"), device, 0, 0
+        self.master, self.file, self.device = master, os.path.join(out_dir, "log.txt"), device
+        self.t0, self.steps = 0, 0
         os.makedirs(out_dir, exist_ok=True)
 
     def __call__(self, msg):
@@ -755,7 +735,8 @@ class Logger:
         t = torch.tensor([float(v) for v in losses.values()], dtype=torch.float64)
         if dist.is_initialized():
             dist.all_reduce(t)
-        values = (t / (dist.get_world_size() if dist.is_initialized() else 1)).tolist()
+            t /= dist.get_world_size()
+        values = t.tolist()
         ms, self.t0, self.steps = 1000 * (time.time() - self.t0) / self.steps, time.time(), 0
         terms = " ".join(f"{k} {v:.4g}" for k, v in list(zip(losses, values))[1:])
         mem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else peak_rss_gb()
@@ -852,9 +833,8 @@ def pretrain(preset, vae_steps=None, dit_steps=None, batch=16, lr=5e-4, seed=0, 
     import diffusers
     from tqdm import tqdm
     p, t_start, g = PRESETS[preset], time.time(), torch.Generator().manual_seed(seed)
-    if not p.pretrain:
-        raise SystemExit(f"--model {preset}: pretraining is for the mini presets")
-    out, vae_steps, dit_steps = out or os.path.join(MINI_DIR, preset), vae_steps or p.vae_steps, dit_steps or p.dit_steps
+    out = out or os.path.join(MINI_DIR, preset)
+    vae_steps, dit_steps = vae_steps or p.vae_steps, dit_steps or p.dit_steps
     torch.manual_seed(seed)
     from degrade import ImageDataset
     ds, held = ImageDataset("sample", 128), torch.stack(sample_photos(SAMPLE_HELDOUT))  # ours: 128 px crops
@@ -870,7 +850,8 @@ def pretrain(preset, vae_steps=None, dit_steps=None, batch=16, lr=5e-4, seed=0, 
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         vae_psnr = float(-10 * torch.log10(F.mse_loss(recon(held).clamp(0, 1), held)))
-        set_latent_stats(vae, p.family, torch.cat([vae.encode(batch_of(32) * 2 - 1).latent_dist.mode() for _ in "abcd"]))
+        z = torch.cat([vae.encode(batch_of(32) * 2 - 1).latent_dist.mode() for _ in range(4)])
+        set_latent_stats(vae, p.family, z)
     dit = getattr(diffusers, FAMILIES[p.family][0])(**p.dit)
     cond, ema = tiny_cond(dit, p.family), None
     opt = torch.optim.AdamW(dit.parameters(), lr=lr, weight_decay=0.0)  # ours
@@ -913,9 +894,3 @@ if __name__ == "__main__":  # the command line imports a method and eval.py; the
                          + "\n  ".join(failed))
     print("all there: train with HF_HUB_OFFLINE=1 (HF_HOME and TORCH_HOME as now)")
 
-
-def __getattr__(name):  # TEMPORARY: the training data moved to degrade.py
-    if name in ("ImageDataset", "StepSampler", "make_loader"):
-        import degrade
-        return getattr(degrade, name)
-    raise AttributeError(name)

@@ -314,7 +314,7 @@ def degrade(hr, scale=4, opts=DegradeOpts(), generator=None):
     x = diff_jpeg(resize_sinc(x).clamp(0, 1), q2) if coin(0.5) else resize_sinc(diff_jpeg(x.clamp(0, 1), q2))
     return (x * 255).round().clamp(0, 255) / 255, gt
 
-# ----------------------------------------------------------------------------- training data: HR crops per rank and step
+# ----------------------------------------------------------------------------- training data: HR crops per rank, step
 class ImageDataset(torch.utils.data.Dataset):
     """Random crop + flip of an image source, keyed by (index, seed): a crop is a pure function of the data position,
     so resume and any number of ranks see the same samples. Unreadable images are skipped, small ones upscaled."""
@@ -370,7 +370,8 @@ class StepSampler(torch.utils.data.Sampler):
 def make_loader(ds, cfg, rank, world, start_step):
     """Per-rank iterator of micro-batches of ds and the accumulation steps: --batch_size is the global batch."""
     if cfg.batch_size % (world * cfg.micro_batch):
-        raise SystemExit(f"--batch_size {cfg.batch_size} must divide by ranks {world} x --micro_batch {cfg.micro_batch}")
+        raise SystemExit(f"--batch_size {cfg.batch_size} must divide by ranks {world} x --micro_batch "
+                         f"{cfg.micro_batch}")
     sampler = StepSampler(len(ds), cfg.batch_size, rank, world, cfg.seed, start_step)
     # its own generator: a DataLoader otherwise draws a seed from the global RNG (a resume would diverge)
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.micro_batch, sampler=sampler, num_workers=cfg.num_workers,

@@ -326,7 +326,7 @@ def make_pairs(cfg):
     rank, world, device = common.compute_init(cfg.seed)
     os.makedirs(cfg.data, exist_ok=True)
     man_file, manifest = os.path.join(cfg.data, "pairs.json"), pair_manifest(cfg)
-    if rank == 0 and common.read_json(man_file) is None:  # new, or damaged: these settings (each pair also holds its own)
+    if rank == 0 and common.read_json(man_file) is None:  # new or damaged: these settings (each pair holds its own)
         with open(man_file + ".tmp", "w") as f:
             json.dump(manifest, f, indent=1)
         os.replace(man_file + ".tmp", man_file)
@@ -452,7 +452,8 @@ def train(cfg):
 if __name__ == "__main__":
     cfg = common.parse_config(Config)
     if cfg.sample:
-        common.sample_files(build_sampler(cfg), cfg.input, cfg.output)
+        import eval
+        eval.sample_files(build_sampler(cfg), cfg.input, cfg.output)
     else:
         train(cfg)
     common.cleanup()

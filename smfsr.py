@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 import common
 from common import bc
-from degrade import PRESETS as DEGRADE, check_preset, degrade
+from degrade import PRESETS as DEGRADE, ImageDataset, StepSampler, check_preset, degrade, make_loader
 
 UNSUPPORTED = {"fsdp": "SD3.5-M fits one GPU for all roles; its blocks run piece by piece, unseen by FSDP's hooks"}
 
@@ -464,7 +464,7 @@ class Captions:
             names = (common.SAMPLE_PHOTOS if cfg.data == "sample" else
                      [os.path.splitext(os.path.basename(p))[0] for p in common.list_images(cfg.data, cfg.data_root)])
             self.text = [table.get(n, "").strip() for n in names]
-            self.keys = iter(common.StepSampler(len(names), cfg.batch_size, rank, world, cfg.seed, start_step))
+            self.keys = iter(StepSampler(len(names), cfg.batch_size, rank, world, cfg.seed, start_step))
         encode = lambda c: common.prompt_cond(cfg.model, c, cfg.cache_dir, device, cfg.model_path or None)
         for c in sorted(set(self.text) - {""}) if rank == 0 and not stand_in else ():  # cached before the barrier
             encode(c)
@@ -543,7 +543,7 @@ def train(cfg):
     step, state = common.resume(cfg.out_dir, models, opts, log)
     if state and gan and cfg.w_vsd:
         common.load_lora_state(t_dit, state["fake_lora"])
-    loader, accum = common.make_loader(common.ImageDataset(cfg.data, cfg.crop, cfg.data_root), cfg, rank, world, step)
+    loader, accum = make_loader(ImageDataset(cfg.data, cfg.crop, cfg.data_root), cfg, rank, world, step)
     captions = Captions(cfg, dit, device, rank, world, step)
     log(f"batch {cfg.batch_size} = {world} ranks x {accum} accum x {cfg.micro_batch}, crop {cfg.crop}")
 
@@ -584,7 +584,8 @@ def train(cfg):
 if __name__ == "__main__":
     cfg = common.parse_config(Config)
     if cfg.sample:
-        common.sample_files(build_sampler(cfg), cfg.input, cfg.output)
+        import eval
+        eval.sample_files(build_sampler(cfg), cfg.input, cfg.output)
     else:
         train(cfg)
     common.cleanup()

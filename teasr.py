@@ -385,7 +385,8 @@ def train(cfg):
 if __name__ == "__main__":
     cfg = common.parse_config(Config)
     if cfg.sample:
-        common.sample_files(build_sampler(cfg), cfg.input, cfg.output)
+        import eval
+        eval.sample_files(build_sampler(cfg), cfg.input, cfg.output)
     else:
         train(cfg)
     common.cleanup()

@@ -80,7 +80,7 @@ def test_velocity_matches_the_pipelines_call(tiny_models, preset, dtype):
     z, t = torch.randn(B, Cz, H, W), torch.tensor([0.2513, 0.8377])
     cond = C.expand_cond(C.tiny_cond(dit, fam), B)
     e = cond["embeds"].to(dtype)
-    lat = lambda x: x.to(dtype)  # the pipelines' latents are in the transformer's dtype, as their timesteps (FLUX, Qwen)
+    lat = lambda x: x.to(dtype)  # the pipelines' latents are in the transformer's dtype (FLUX, Qwen)
     try:
         with torch.no_grad():
             v = C.velocity(fam, dit, z, t, cond)
@@ -144,7 +144,7 @@ def test_save_pretrained_loads_back_through_user_loader(tmp_path, tiny_models):
     dit.save_pretrained(tmp_path / "flat")
     vae.save_pretrained(tmp_path / "pipe" / "vae")
     dit.save_pretrained(tmp_path / "pipe" / "transformer")
-    for d in [C.load_dit("tiny-flux1", path=str(tmp_path / "flat")), C.load_dit("tiny-flux1", path=str(tmp_path / "pipe"))]:
+    for d in [C.load_dit("tiny-flux1", path=str(tmp_path / name)) for name in ("flat", "pipe")]:
         for a, b in zip(d.state_dict().values(), dit.state_dict().values()):
             assert torch.equal(a, b)
     v2 = C.load_vae("tiny-flux1", path=str(tmp_path / "pipe"))

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import common as C
+import degrade as D
 import smfsr as M
 from common import bc
 
@@ -149,7 +150,8 @@ def test_cross_stream_convolution_is_a_local_lr_path_that_learns_from_init():
     z, z_lr = torch.randn(1, 16, 8, 12, generator=g), torch.randn(1, 16, 8, 12, generator=g)
     # token order: pos_embed = patch embedding (flattened row-major) + positions
     m = dit.pos_embed.proj(z_lr) - dit.pos_embed.proj(torch.zeros_like(z_lr))
-    torch.testing.assert_close(dit.pos_embed(z_lr) - dit.pos_embed(torch.zeros_like(z_lr)), m.flatten(2).transpose(1, 2))
+    torch.testing.assert_close(dit.pos_embed(z_lr) - dit.pos_embed(torch.zeros_like(z_lr)),
+                               m.flatten(2).transpose(1, 2))
     lr = M.LRBranch(dit.transformer_blocks[0].attn)
     with torch.no_grad():
         lr.conv[1].weight.normal_(0, 0.2)
@@ -175,14 +177,15 @@ def test_gated_joint_attention_is_one_softmax_over_image_text_and_lr():
         for p in lr.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
         lr.gate.copy_(torch.tensor([0.25, 0.8]))
-        x, c, x_lr = torch.randn(2, 6, 32, generator=g), torch.randn(2, 5, 32, generator=g), torch.randn(2, 6, 32, generator=g)
+        x, c, x_lr = (torch.randn(2, n, 32, generator=g) for n in (6, 5, 6))
         out_x, out_c = M.joint_attention(attn, lr, x, c, x_lr)
         heads = lambda y: y.view(2, -1, 2, 16).transpose(1, 2)
         q, k, vv = attn.norm_q(heads(attn.to_q(x))), attn.norm_k(heads(attn.to_k(x))), heads(attn.to_v(x))
         ck, cv = attn.norm_added_k(heads(attn.add_k_proj(c))), heads(attn.add_v_proj(c))
         kl, vl = attn.norm_k(heads(lr.to_k(x_lr))), heads(lr.to_v(x_lr))
         soft = lambda K, V: torch.softmax(q @ K.transpose(-1, -2) / 4.0, -1) @ V  # explicit, scale 1/sqrt(16)
-        base, joint = soft(torch.cat([k, ck], 2), torch.cat([vv, cv], 2)), soft(torch.cat([k, ck, kl], 2), torch.cat([vv, cv, vl], 2))
+        base = soft(torch.cat([k, ck], 2), torch.cat([vv, cv], 2))
+        joint = soft(torch.cat([k, ck, kl], 2), torch.cat([vv, cv, vl], 2))
         o = base + lr.gate.view(1, 2, 1, 1) * (joint - base)
         want = attn.to_out[0](o.transpose(1, 2).reshape(2, 6, 32))
     torch.testing.assert_close(out_x, want, atol=1e-5, rtol=1e-5)
@@ -287,9 +290,9 @@ def test_captions_follow_the_loaders_images(tmp_path):
     (tmp_path / "cap.tsv").write_text("".join(f"{n}\tcaption {n}\n" for n in names[::2]))  # every other photo
     cfg = M.resolve(C.configure(M.Config, model="tiny", captions=str(tmp_path / "cap.tsv"), batch_size=4,
                                 micro_batch=2, crop=32, p_drop=0.0, num_workers=0))
-    loader, _ = C.make_loader(C.ImageDataset("sample", 32), cfg, 0, 1, 3)  # resumed at step 3
+    loader, _ = D.make_loader(D.ImageDataset("sample", 32), cfg, 0, 1, 3)  # resumed at step 3
     caps = M.Captions(cfg, C.load_dit("tiny-sd3"), torch.device("cpu"), 0, 1, 3)
-    keys, ds = iter(C.StepSampler(len(names), 4, 0, 1, cfg.seed, 3)), C.ImageDataset("sample", 32)
+    keys, ds = iter(D.StepSampler(len(names), 4, 0, 1, cfg.seed, 3)), D.ImageDataset("sample", 32)
     for _ in range(4):
         k = [next(keys) for _ in range(2)]
         assert torch.equal(next(loader), torch.stack([ds[key] for key in k]))  # the loader follows its sampler
@@ -314,7 +317,8 @@ def test_gan_stage_skips_the_terms_of_weight_zero(tmp_path, isc_ckpt):
     M.train(C.configure(M.Config, out_dir=str(tmp_path / "g"), w_vsd=0.0, w_gan=0.0, w_isc=0.0, w_lpips=0.0, **kw))
     ckpt = C.latest_checkpoint(str(tmp_path / "g"))
     state = torch.load(ckpt + "/state.pt")
-    assert "fake_lora" not in state and set(state["optimizers"]) == {"opt"} and not os.path.exists(ckpt + "/disc.safetensors")
+    assert "fake_lora" not in state and set(state["optimizers"]) == {"opt"}
+    assert not os.path.exists(ckpt + "/disc.safetensors")
     before, after = load_file(str(isc_ckpt / "ckpt-0000002/student.safetensors")), _state(tmp_path / "g", "student")
     assert any(not torch.equal(before[k], after[k]) for k in before)
     log = (tmp_path / "g" / "log.txt").read_text()
