@@ -76,7 +76,7 @@ PRESETS = {
         dit_steps=8000),  # ours: FluxSR learns from this base's generations only; at 1000 steps they are mosaics
     "mini-flux2": Preset("flux2", None, "2.0M", dict(_F2, num_layers=2, num_single_layers=4, attention_head_dim=32,
         num_attention_heads=4, timestep_guidance_channels=64, axes_dims_rope=(8, 8, 8, 8)),
-        dict(latent_channels=32, batch_norm_eps=1e-4), pretrain=True),
+        dict(latent_channels=32, batch_norm_eps=1e-4), pretrain=True, dit_steps=300),  # ours: StrSR starts at v = 0
     "mini-zimage": Preset("zimage", None, "1.9M", dict(_ZI, dim=128, n_layers=4, n_heads=4, n_kv_heads=4,
         axes_dims=[8, 12, 12], axes_lens=[256, 256, 256]), dict(latent_channels=16), pretrain=True),
     "mini-sd3": Preset("sd3", None, "2.3M", dict(_SD, num_layers=4, attention_head_dim=32, num_attention_heads=4,
@@ -108,7 +108,8 @@ def _load(cls_name, preset, path, sub, config, dtype):
     if path is None and p.hub is None:
         with torch.random.fork_rng(devices=[]):  # tiny weights: random but the same every run
             torch.manual_seed(0)
-            return cls(**config).to(dtype)
+            model = cls(**config)
+            return model if dtype == torch.float32 else model.to(dtype)
     src = path or p.hub  # a pipeline folder (or the hub repo) keeps each model in a subfolder
     sub = sub if path is None or os.path.isdir(os.path.join(src, sub)) else None
     return cls.from_pretrained(src, subfolder=sub, torch_dtype=dtype)
@@ -759,7 +760,7 @@ def save_grid(path, x_lr, out, x_hr):
 # Bases pretrained here, so that `--model mini` learns on a CPU: the family's DiT class at ~2M parameters and, as a
 # diffusers AutoencoderKL learns too slowly on two cores, a linear lapped autoencoder with the family's conventions.
 MINI_DIR = os.environ.get("MINI_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights"))
-MINI_VERSION = 2  # 1: 8x8 patches, which decoded to a grid
+MINI_VERSION = 3  # 1: 8x8 patches, which decoded to a grid; 2: no constant-field projection nor pixel-step loss
 
 @functools.cache
 def mini_vae_class():  # built on first use: `import common` stays free of diffusers
@@ -792,6 +793,14 @@ def mini_vae_class():  # built on first use: `import common` stays free of diffu
             return DecoderOutput(sample=self.dec(z[:, :, 0]).unsqueeze(2) if z.dim() == 5 else self.dec(z))
 
     return LappedVAE
+
+@torch.no_grad()
+def flatten_constant(vae):
+    """Project the decoder so that a constant field in its first half of channels decodes to a constant image: the 4
+    overlapping parts of each 16x16 atom (offsets 0 and 8 in each axis) sum to the same 8x8 block everywhere."""
+    a = vae.dec.weight[: vae.config.latent_channels // 2].view(-1, 3, 2, 8, 2, 8)
+    parts = a.sum((2, 4), keepdim=True)
+    a -= (parts - parts.mean((3, 5), keepdim=True)) / 4
 
 def pca_init(vae, x):
     """Encoder and decoder = w * the top-C right singular vectors of the w-windowed 16x16 patches of x at stride 8, w a
@@ -828,8 +837,8 @@ def prepare_base(preset):
                 pretrain(preset)
 
 def pretrain(preset, vae_steps=None, dit_steps=None, batch=16, lr=5e-4, seed=0, out=None):
-    """A mini base from the sample photos (not the held-out one): the autoencoder from the SVD, fine-tuned on MSE; the
-    DiT by flow matching on its latents (z_t = (1 - t) z_0 + t eps, v = eps - z_0, tiny_cond the empty prompt)."""
+    """A mini base from the sample photos (not the held-out one): the autoencoder from the SVD, fine-tuned (decoder kept
+    flatten_constant); the DiT by flow matching on its latents (z_t = (1 - t) z_0 + t eps, v = eps - z_0, tiny_cond)."""
     import diffusers
     from tqdm import tqdm
     p, t_start, g = PRESETS[preset], time.time(), torch.Generator().manual_seed(seed)
@@ -843,10 +852,13 @@ def pretrain(preset, vae_steps=None, dit_steps=None, batch=16, lr=5e-4, seed=0, 
     vae = mini_vae_class()(**p.vae)
     pca_init(vae, batch_of(256) * 2 - 1)
     recon = lambda x: (vae.decode(vae.encode(x * 2 - 1).latent_dist.mode()).sample + 1) / 2
-    opt = torch.optim.Adam(vae.parameters(), lr=1e-3)  # ours
-    for _ in tqdm(range(vae_steps), desc=f"{preset} vae"):
+    opt, diffs = torch.optim.Adam(vae.parameters(), lr=1e-3), lambda x: (x.diff(dim=-1), x.diff(dim=-2))  # ours
+    flatten_constant(vae)
+    for _ in tqdm(range(vae_steps), desc=f"{preset} vae"):  # MSE + MSE of pixel steps: sharp edges, no grid (ours)
         x = batch_of(8)
-        opt.zero_grad(set_to_none=True), F.mse_loss(recon(x), x).backward(), opt.step()
+        r = recon(x)
+        loss = F.mse_loss(r, x) + sum(F.mse_loss(a, b) for a, b in zip(diffs(r), diffs(x)))
+        opt.zero_grad(set_to_none=True), loss.backward(), opt.step(), flatten_constant(vae)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         vae_psnr = float(-10 * torch.log10(F.mse_loss(recon(held).clamp(0, 1), held)))

@@ -57,7 +57,6 @@ import torch.nn.functional as F
 import common
 from degrade import PRESETS as DEGRADE, ImageDataset, check_preset, degrade, make_loader
 
-
 # ----------------------------------------------------------------------------- config
 @dataclasses.dataclass
 class Config:
@@ -133,7 +132,6 @@ def pretrained(cfg):
     prefetch --method fluxsr`. The text encoders encode the empty prompt once."""
     return [common.base_weights(cfg, text=True)] + ([common.lpips_weights(cfg)] if cfg.w_tv_lpips else [])
 
-
 # ----------------------------------------------------------------------------- model
 # a LoRA on every linear of the attention and MLPs of both block types (a regex, matched against whole module names;
 # the double blocks' attn.to_out is a ModuleList, so its Linear is to_out.0)
@@ -170,7 +168,6 @@ def generator(dit, z_lr, T_L, cond, guidance):
     """The one-step generator G(z_lr): one DiT call at t = T_L on the LR latent."""
     t = torch.full((z_lr.shape[0],), T_L, device=z_lr.device)
     return G(z_lr, common.velocity("flux1", dit, z_lr, t, common.expand_cond(cond, z_lr.shape[0]), guidance), T_L)
-
 
 # ----------------------------------------------------------------------------- losses
 def ftd_z_t(z_lr, eps, t, T_L):
@@ -237,7 +234,6 @@ def fluxsr_losses(dit, vae, lpips, feats, cond2, eps, z_hr, x_hr, cfg):
     loss = l_ftd + l_rec + cfg.w_adl * l_adl  # 19
     return loss, {"loss": loss, "ftd": l_ftd, "rec": l_rec, "mse": l_mse, "tv_lpips": l_tvl, "adl": l_adl}, (x_lr, x_sr)
 
-
 # ----------------------------------------------------------------------------- sampler
 def build_sampler(flags, device=None):
     """fn(x_lr (1, 3, h, w) in [0, 1]) -> (1, 3, 4h, 4w) of the checkpoint flags.ckpt: bicubic x4, encode, one step of
@@ -252,7 +248,6 @@ def build_sampler(flags, device=None):
     latent = lambda z_lr: common.tiled(lambda z: generator(dit, z, cfg.T_L, cond, cfg.guidance), z_lr, cfg.tile,
                                        cfg.overlap)
     return lambda x_lr: common.super_resolve(vae, "flux1", x_lr, latent)
-
 
 # ----------------------------------------------------------------------------- data: teacher pairs (Secs. 4.2, 5.1)
 def flux_sigmas(steps, n_tokens):
@@ -387,7 +382,6 @@ class PairDataset(torch.utils.data.Dataset):
             x_hr = x_hr[:, top:top + c, left:left + c]
             eps, z_hr = (z[:, top // 8:(top + c) // 8, left // 8:(left + c) // 8] for z in (eps, z_hr))
         return eps, z_hr, x_hr
-
 
 # ----------------------------------------------------------------------------- training
 def train(cfg):

@@ -58,7 +58,6 @@ from degrade import PRESETS as DEGRADE, ImageDataset, StepSampler, check_preset,
 
 UNSUPPORTED = {"fsdp": "SD3.5-M fits one GPU for all roles; its blocks run piece by piece, unseen by FSDP's hooks"}
 
-
 # ----------------------------------------------------------------------------- config
 @dataclasses.dataclass
 class Config:
@@ -153,7 +152,6 @@ def pretrained(cfg):
         needs.append(common.Weights("DINOv3 (the discriminator, Eqs. 17-18)", cfg.disc_model, "disc_model",
                                     ("config.json", "model.safetensors"), ("*.json", "*.safetensors")))
     return needs + ([common.lpips_weights(cfg)] if cfg.stage == "gan" and cfg.w_lpips else [])
-
 
 # ----------------------------------------------------------------------------- model: LR injection, (r, t) embedding
 FAKE_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
@@ -322,7 +320,6 @@ class Discriminator(nn.Module):
     def forward(self, feats):
         return torch.cat([head(f.float()).flatten(1) for head, f in zip(self.heads, feats)], 1)  # (B, levels h w)
 
-
 # ----------------------------------------------------------------------------- losses
 def logit_normal(n, cfg, device):
     return torch.sigmoid(cfg.t_mean + cfg.t_std * torch.randn(n, device=device))
@@ -417,7 +414,6 @@ def gan_losses(u, v_teacher, teacher, t_dit, disc, vae, lpips, z_lr, x_hr, cond,
     l_g = cfg.w_rec * l_rec + cfg.w_vsd * l_vsd + cfg.w_gan * l_adv  # Eq. (20), after L_ISC
     return l_g + l_d, dict(loss=l_g, mse=l_mse, lpips=l_lpips, vsd=l_vsd, adv=l_adv, fake=l_fake, d=l_d), x_sr
 
-
 # ----------------------------------------------------------------------------- sampler
 def sample(u, eps, steps, z_lr=None, start_t=1.0):
     """Eq. 14 in `steps` jumps, t_k = t0 (1 - k/steps): z <- z - (t_k - t_k+1) u(z, t_k+1, t_k). From noise (z = eps,
@@ -450,7 +446,6 @@ def build_sampler(flags, device=None):
                                               cfg.overlap)
         return sample(u, seeded_noise(z_lr, cfg.seed), cfg.steps, z_lr if cfg.start == "lr" else None, cfg.start_t)
     return lambda x_lr: common.super_resolve(vae, "sd3", x_lr, latent)
-
 
 # ----------------------------------------------------------------------------- training
 class Captions:

@@ -46,20 +46,14 @@ Where the paper is silent or differs, this follows the authors' release (it prod
     latent, without the VAE's shift and scale, which the release applies only when decoding.
   - AdamW with its default weight decay (0.01), gradient clipping at 1.0, LoRA alpha = rank, Gaussian LoRA init.
 And ours (`# ours`):
-  - G and D update on the same batch (G first, then D on the detached output, reusing the G pass's backbone
-    features); the release alternates them batch by batch. So each update pair sees one batch, not two, and there is
-    no second generator forward.
-  - Random crops with flips of --data; the release center-crops Aesthetic-Train-V2 (its first 50k) at 1024 after
-    resizing the short side, no flips; the paper names LSDIR and Aesthetic-4K.
-  - The condition MLP trains in fp32 (the release keeps it in bf16). The VLM's input is resized once, to a multiple of
-    32 (the release: to 28 by qwen-vl-utils, then to 32 by the processor).
+  - G and D update on the same batch (G, then D on the detached output with the G pass's backbone features); the
+    release alternates them batch by batch. So an update pair sees one batch, and there is no second G forward.
+  - Random crops with flips of --data (the release: center crops of Aesthetic-Train-V2 at 1024, no flips).
+  - The condition MLP trains in fp32 (release: bf16); the VLM's input is resized once, to a multiple of 32.
   - Sampling tiles in latent space (the release tiles 1024 px in pixel space, each tile through the VAE).
-  - FDL's projection kernels are drawn once (fixed seed), so a resumed run is bit-identical; on feature maps smaller
-    than 5x5 (tiny crops only) the kernels are cropped to the map and re-normalised.
-  - Stage 2 continues the step count and optimizer states of the stage-1 run in the same --out_dir (or starts fresh
-    optimizers from --init_ckpt in a new folder).
-  - The tiny and mini presets replace Qwen3-VL, ConvNeXt-XXLarge and the VGGs with random networks of the same
-    classes.
+  - FDL's projection kernels are drawn once (fixed seed): a resumed run is bit-identical.
+  - Stage 2 continues the stage-1 run's steps and optimizers in its --out_dir (or starts from --init_ckpt).
+  - Tiny and mini presets: random Qwen3-VL, ConvNeXt and VGGs of the same classes.
 """
 import dataclasses, os
 
@@ -69,7 +63,6 @@ import torch.nn.functional as F
 
 import common
 from degrade import PRESETS as DEGRADE, ImageDataset, check_preset, degrade, make_loader
-
 
 # ----------------------------------------------------------------------------- config
 OFFICIAL_PROMPT = ("Descibe this image in detail, especially the text in image. Cinematic, hyper sharpness, highly "
@@ -123,6 +116,7 @@ class Config:
     weight_decay: float = 0.01    # official: AdamW's default (the configs set none; the paper: "default betas")
     grad_clip: float = 1.0        # official
     lr_decay: float = 0.0         # ours: the lr falls on a half cosine to 0 over this last fraction; 0: constant
+    zero_init: bool = False       # ours: a new full fine-tuning zeroes the DiT's output layer: the step starts at z_lr
     sample: bool = False          # sample instead of training: --ckpt, --input, --output
     ckpt: str = ""                # checkpoint folder, or an out_dir (its latest ckpt-*)
     input: str = ""               # LR image or folder
@@ -134,11 +128,12 @@ class Config:
 
 # --model tiny / mini (ours): these values for every flag not given; a dict holds one per --stage
 TINY = dict(crop=64, max_steps={"1": 20, "2": 10}, disc_width=32, fdl_projections=32)
-# mini: the paper's lr is for a 4B base over 40k steps; a 2M base learns in hundreds of steps at a larger one, and
-# a LoRA on it stays below bicubic where full fine-tuning passes it. w_lpips 0: offline the VGG is random, not a
-# perceptual loss, and costs 2/3 of a step
-MINI = dict(max_steps=600, crop=128, train_base="full", lr=1e-3, lr_d=1e-4, disc_width=32, fdl_projections=32,
-            tile=16, overlap=4, grid_every=100, save_every=100, eval_heldout=True, w_lpips=0.0, degrade="bicubic")
+# mini: a 2M base learns at a larger lr than a 4B one, and only fully fine-tuned; zero_init: the base's own step from
+# z_lr is far from the photo, unlearning it costs the run; w_gan, w_lpips 0: offline their networks are random, and
+# cost most of a step; micro_batch 4: the paper's batch in one pass
+MINI = dict(max_steps=1200, crop=128, train_base="full", lr=5e-4, lr_decay=0.5, zero_init=True, micro_batch=4,
+            w_gan=0.0, w_lpips=0.0, disc_width=32, fdl_projections=32, tile=16, overlap=4, grid_every=300,
+            save_every=300, eval_heldout=True, degrade="bicubic")
 
 STAGES = ("1", "2")
 
@@ -146,8 +141,8 @@ def resolve(cfg):
     """The concrete preset, crop and step count (0 defaults: the paper's, per stage); the flags checked."""
     common.check_choices(cfg, stage=("1", "2"), cond=("vlm", "none", "text"), train_base=("lora", "full"))
     check_preset(cfg.degrade)
-    if cfg.fsdp and cfg.train_base == "full":
-        raise SystemExit("--fsdp shards the frozen base; with --train_base full none of it is frozen")
+    if cfg.fsdp and cfg.train_base == "full" or cfg.zero_init and cfg.train_base != "full":
+        raise SystemExit("--fsdp shards the frozen base, --zero_init changes it: --train_base lora and full resp.")
     preset = common.resolve_preset(cfg.model, Config.model)
     if common.PRESETS[preset].family not in ("flux2", "zimage"):
         raise SystemExit(f"--model {preset}: StrSR is defined on the flux2 and zimage families")
@@ -170,7 +165,6 @@ def pretrained(cfg):
     if cfg.stage == "2" and cfg.w_fdl:
         needs.append(common.Weights("VGG19 of FDL (Eq. 10)", cfg.fdl_weights or common.VGG19_URL, "fdl_weights"))
     return needs
-
 
 # ----------------------------------------------------------------------------- generator and dual encoder
 LORA_TARGETS = {  # official target modules; FLUX.2 needs a regex (attn.to_out is a ModuleList in double blocks)
@@ -300,12 +294,6 @@ def build_generator(cfg, device, ckpt=None):
         fixed = common.fixed_prompt(cfg, dit, device, os.path.join(cfg.out_dir, "cache"))["embeds"].cpu()
     return dit.to(device), vae, Condition(cfg.cond, width, vlm, fixed).to(device)
 
-def latent_factor(vae, family):
-    """Pixels per latent cell: VAE downsampling (x2 for FLUX.2's patchified latents)."""
-    down = vae.config.patch if hasattr(vae.config, "patch") else 2 ** (len(vae.config.block_out_channels) - 1)
-    return down * (2 if family == "flux2" else 1)
-
-
 # ----------------------------------------------------------------------------- discriminator (Sec. 3.3)
 class Blur(nn.Module):
     """BlurPool's low-pass, as the release's (vision-aided-loss, filter size 4): the binomial [1, 3, 3, 1] x [1, 3, 3,
@@ -375,7 +363,6 @@ class Discriminator(nn.Module):
 
     def trainable(self):
         return [p for m in (self.heads, self.pooled_head) for p in m.parameters()]
-
 
 # ----------------------------------------------------------------------------- losses
 def ragan_loss(d_real, d_fake, generator=False):
@@ -470,9 +457,20 @@ def strsr_losses(dit, vae, cond, disc, lpips, phi, family, x_lr, x_hr, cfg):
     backbone features. Returns (L_Gen + L_Dis, the terms, x_sr)."""
     with torch.no_grad():
         z_lr = lr_latent(vae, family, x_lr)                           # Eq. (6)
-        feats_real = disc.features(x_hr)                              # frozen backbone, once per batch
     z0_hat = generator(dit, family, z_lr, cond(x_lr), cfg.t_star)    # Eqs. (5), (6)
     x_sr = common.decode(vae, family, z0_hat)
+    terms = {"l1": F.l1_loss(x_sr.float() * 2 - 1, x_hr * 2 - 1)}   # official: on [-1, 1] images
+    if cfg.w_lpips:  # VGG is most of a small model's step: skipped when its weight is 0
+        terms["lpips"] = lpips(x_sr.float(), x_hr)
+    w_fdl = cfg.w_fdl if cfg.stage == "2" else 0.0
+    if w_fdl:  # official != FDL's convention: [-1, 1] images (--fdl_01: [0, 1])
+        to = (lambda x: x) if cfg.fdl_01 else (lambda x: x * 2 - 1)
+        terms["fdl"] = fdl_loss(phi, to(x_sr.float()), to(x_hr), cfg.fdl_phase)
+    if not cfg.w_gan:  # no adversarial term: no discriminator pass (the mini)
+        loss_g = cfg.w_l1 * terms["l1"] + cfg.w_lpips * terms.get("lpips", 0.0) + w_fdl * terms.get("fdl", 0.0)
+        return loss_g, {"loss": loss_g, **terms}, x_sr
+    with torch.no_grad():
+        feats_real = disc.features(x_hr)                              # frozen backbone, once per batch
     mode = disc.training
     disc.eval()                                                       # official: no power iteration in the G pass
     for p in disc.trainable():                                        # L_G reaches the generator only
@@ -482,14 +480,7 @@ def strsr_losses(dit, vae, cond, disc, lpips, phi, family, x_lr, x_hr, cfg):
     for p in disc.trainable():
         p.requires_grad_(True)
     disc.train(mode)
-    terms = {"l1": F.l1_loss(x_sr.float() * 2 - 1, x_hr * 2 - 1),   # official: on [-1, 1] images
-             "gan": ragan_loss(d_real, d_fake, generator=True)}      # Eq. (7), G form
-    if cfg.w_lpips:  # VGG is most of a small model's step: skipped when its weight is 0
-        terms["lpips"] = lpips(x_sr.float(), x_hr)
-    w_fdl = cfg.w_fdl if cfg.stage == "2" else 0.0
-    if w_fdl:  # official != FDL's convention: [-1, 1] images (--fdl_01: [0, 1])
-        to = (lambda x: x) if cfg.fdl_01 else (lambda x: x * 2 - 1)
-        terms["fdl"] = fdl_loss(phi, to(x_sr.float()), to(x_hr), cfg.fdl_phase)
+    terms["gan"] = ragan_loss(d_real, d_fake, generator=True)        # Eq. (7), G form
     loss_g = (cfg.w_l1 * terms["l1"] + cfg.w_lpips * terms.get("lpips", 0.0) + cfg.w_gan * terms["gan"]
               + w_fdl * terms.get("fdl", 0.0))  # Eq. (11)
     d_real = disc.logits(feats_real)
@@ -497,7 +488,6 @@ def strsr_losses(dit, vae, cond, disc, lpips, phi, family, x_lr, x_hr, cfg):
     r1 = r1_loss(disc, x_hr, d_real, cfg.r1_noise)                    # Eq. (8)
     loss_d = d_gan + cfg.w_r1 * r1                                    # Eq. (9)
     return loss_g + loss_d, {"loss": loss_g, **terms, "d": loss_d, "d_gan": d_gan, "r1": r1}, x_sr
-
 
 # ----------------------------------------------------------------------------- sampler
 def build_sampler(flags, device=None):
@@ -509,7 +499,7 @@ def build_sampler(flags, device=None):
     common.load_checkpoint(path, {"dit": dit, "cond": cond})
     dit.eval(), cond.eval()
     family = common.PRESETS[cfg.model].family
-    f = latent_factor(vae, family)
+    f = 16 if family == "flux2" else 8  # pixels per latent cell: VAE x8, FLUX.2 patchified x2
     tile, overlap = cfg.tile or 1024 // f, cfg.overlap or 64 // f
 
     def sr(x_lr):
@@ -521,7 +511,6 @@ def build_sampler(flags, device=None):
         return common.super_resolve(vae, family, x_lr, latent, g)
     sr.cond = cond  # for inspection (tests: the VLM runs once per image)
     return sr
-
 
 # ----------------------------------------------------------------------------- training
 def resume(cfg, models, optimizers, log):
@@ -543,6 +532,11 @@ def resume(cfg, models, optimizers, log):
         log(f"initialised from {init}")
     elif cfg.stage == "2":
         raise SystemExit("--stage 2 starts from a stage-1 run: use its --out_dir, or --init_ckpt DIR")
+    elif cfg.zero_init:  # v = 0: the first step returns z_lr, bicubic (ours: the mini)
+        dit = models["dit"]
+        for layer in [dit.proj_out] if hasattr(dit, "proj_out") else [f.linear for f in dit.all_final_layer.values()]:
+            for p in layer.parameters():
+                torch.nn.init.zeros_(p)
     return 0, 0
 
 def train(cfg):
@@ -573,8 +567,7 @@ def train(cfg):
     step, first = resume(cfg, models, opts, log)
 
     # 4. data: HR crops; the LR made on the device by the degradation (Real-ESRGAN unless --degrade)
-    loader, accum = make_loader(ImageDataset(cfg.data, cfg.crop, cfg.data_root), cfg, rank, world,
-                                       step)
+    loader, accum = make_loader(ImageDataset(cfg.data, cfg.crop, cfg.data_root), cfg, rank, world, step)
 
     # 5. loop: per micro-batch the G step (Eq. 11) then the D step (Eq. 9); both optimizers step per step
     def micro_step(x, scale):

@@ -76,7 +76,6 @@ UNSUPPORTED = {"fsdp": "the paper trains the 20B base on one GPU (a frozen bf16 
                        "gradient checkpointing), and the dual-branch forward calls the base's modules one by one, "
                        "which FSDP's per-module hooks do not see"}
 
-
 # ----------------------------------------------------------------------------- config
 @dataclasses.dataclass
 class Config:
@@ -149,7 +148,6 @@ def pretrained(cfg):
     """Every pretrained network a run of cfg loads: checked before anything is built, fetched by `python common.py
     prefetch --method teasr`. The text encoder encodes the empty prompt once."""
     return [common.base_weights(cfg, text=True)] + ([common.lpips_weights(cfg)] if cfg.w_lpips else [])
-
 
 # ----------------------------------------------------------------------------- model: the dual-branch DiT
 # image-stream linears of every block: they see the [noise | condition] token sequence
@@ -235,7 +233,6 @@ def bind(dit, branch, z_lr, cond):
         return v_theta(dit, branch, z, t, z_lr.repeat(z.shape[0] // z_lr.shape[0], 1, 1, 1), t_tar, cond)
     return v
 
-
 # ----------------------------------------------------------------------------- losses
 def flow_loss(v, z_hr, t, eps):
     """L_flow (Eq. 5): the instantaneous velocity on the real trajectory, target time = current time."""
@@ -301,7 +298,6 @@ def teasr_losses(v, vae, lpips, z_hr, x_hr, cfg):
     loss = l_flow + cfg.w_cons * l_cons + cfg.w_data * l_data + cfg.w_adv * l_adv + cfg.w_rect * l_rect
     return loss, dict(loss=loss, flow=l_flow, cons=l_cons, mse=l_mse, lpips=l_lpips, adv=l_adv, rect=l_rect), x_sr
 
-
 # ----------------------------------------------------------------------------- sampler
 def sample(v, eps, steps):
     """Algorithm 1: N Euler steps on tau_i = 1 - i/N from z = eps; the noise branch sees tau_i, the condition branch
@@ -330,7 +326,6 @@ def build_sampler(flags, device=None):
                                                   z, z_lr, cfg.tile, cfg.overlap)
         return sample(v, eps, cfg.steps)
     return lambda x_lr: common.super_resolve(vae, "qwen", x_lr, latent)
-
 
 # ----------------------------------------------------------------------------- training
 def train(cfg):
