@@ -338,7 +338,7 @@ def heldout(method, build_sampler, out_dir, degrade="realesrgan"):
     from PIL import Image, ImageDraw
     ev = os.path.join(out_dir, "eval")
     rows = main(["--method", f"bicubic,{method}", "--ckpt", out_dir, "--bench", "sample", "--degrade", degrade,
-                 "--out_dir", ev, "--metrics", "PSNR,SSIM,LPIPS,LPIPS-rand,Blockiness"], {method: build_sampler})
+                 "--out_dir", ev, "--metrics", "PSNR,SSIM,LPIPS-rand,Blockiness"], {method: build_sampler})
     k, lr, hr = load_bench("sample", "data", degrade=degrade)[0][0]  # the files the table scored
     files = [lr] + [os.path.join(ev, m, "sample", k + ".png") for m in ("bicubic", method)] + [hr]
     ims = [Image.open(f).convert("RGB") for f in files]
