@@ -105,13 +105,13 @@ class Config:
     max_steps: int = 47000        # Sec. 4.1: ~47k steps
     batch_size: int = 4           # Sec. 4.1: 1 per GPU x 2 GPUs x 2 accumulation
     micro_batch: int = 1          # Sec. 4.1
+    grad_ckpt: bool = True        # ours: gradient checkpointing of the DiT blocks (GPU only)
     crop: int = 512               # ours, as SMFSR: 512 HR crops
     seed: int = 0                 # ours
     log_every: int = 10           # ours
     save_every: int = 1000        # ours
     grid_every: int = 500         # ours
     num_workers: int = 2          # ours: data loader processes
-    grad_ckpt: bool = True        # ours: gradient checkpointing of the DiT blocks (GPU only)
     sample: bool = False          # sample instead of training: --ckpt, --input, --output
     ckpt: str = ""                # checkpoint folder, or an out_dir (its latest ckpt-*)
     input: str = ""               # LR image or folder
