@@ -417,7 +417,7 @@ def list_images(src, data_root="data"):
     src = os.path.join(data_root, src) if src in NAMED_DATASETS else src
     if not os.path.exists(src):
         raise SystemExit(f"--data {src!r} not found: a folder, a file list, an image or a dataset downloaded to "
-                         f"--data_root (README, data)")
+                         f"--data_root (README, data and benchmarks)")
     if os.path.isdir(src):
         files = sorted(p for p in glob.glob(os.path.join(src, "**", "*"), recursive=True)
                        if p.lower().endswith(IMG_EXTS))

@@ -139,7 +139,7 @@ def _images(folder):  # [] for a missing or empty folder (list_images exits on t
 def _layout_error(bench, root, what):
     lay = {"paired": f"{root}/LR/*.png and {root}/HR/*.png (same file stems)", "lr": f"{root}/LR/*.png",
            "synthetic": f"{root}/HR/*.png (LR made with degrade.py) or {root}/LR + {root}/HR"}[BENCHES[bench]]
-    return SystemExit(f"benchmark {bench}: {what}. Expected {lay}; see the README, Benchmarks.")
+    return SystemExit(f"benchmark {bench}: {what}. Expected {lay}; see the README, data and benchmarks.")
 
 def report_unpaired(what_a, only_a, what_b, only_b):
     for what, keys in ((what_a, only_a), (what_b, only_b)):
