@@ -41,13 +41,14 @@ class Preset:
     vae: dict | None = None  # tiny: the VAE's config; mini: the mini autoencoder's
     pretrain: bool = False   # mini: pretrained here on first use, cached under MINI_DIR
     vae_steps: int = 2000    # mini: the autoencoder's pretraining steps (ours)
-    dit_steps: int = 1000    # mini: the DiT's pretraining steps (ours)
+    dit_steps: int = 300     # mini: the DiT's pretraining steps (ours: every method starts at z_lr, --zero_init)
 
 _F1 = dict(in_channels=64, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True)
 _F2 = dict(in_channels=128, joint_attention_dim=32, guidance_embeds=False)
 _ZI = dict(in_channels=16, n_refiner_layers=1, cap_feat_dim=32)
 _SD = dict(sample_size=32, in_channels=16, joint_attention_dim=32, pooled_projection_dim=16, out_channels=16)
 _QW = dict(in_channels=64, out_channels=16, joint_attention_dim=32)
+_MINI_AE = dict(latent_channels=32)  # ours: a linear code needs FLUX.2's 32 channels to decode edges without ringing
 PRESETS = {
     "flux1-dev": Preset("flux1", "black-forest-labs/FLUX.1-dev", "12B"),
     "flux2-klein": Preset("flux2", "black-forest-labs/FLUX.2-klein-4B", "4B"),
@@ -71,18 +72,19 @@ PRESETS = {
     "tiny-qwen": Preset("qwen", None, "92k", dict(_QW, num_layers=2, attention_head_dim=16, num_attention_heads=2,
         axes_dims_rope=(4, 6, 6)), dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)),
     # mini: the same classes at ~2M parameters, pretrained here on the sample photos (README, mini bases)
-    "mini-flux1": Preset("flux1", None, "2.3M", dict(_F1, num_layers=2, num_single_layers=4, attention_head_dim=32,
-        num_attention_heads=4, axes_dims_rope=(8, 12, 12)), dict(latent_channels=16), pretrain=True,
-        dit_steps=8000),  # ours: FluxSR learns from this base's generations only; at 1000 steps they are mosaics
+    "mini-flux1": Preset("flux1", None, "2.4M", dict(_F1, in_channels=128, num_layers=2, num_single_layers=4,
+        attention_head_dim=32, num_attention_heads=4, axes_dims_rope=(8, 12, 12)), _MINI_AE, pretrain=True),
     "mini-flux2": Preset("flux2", None, "2.0M", dict(_F2, num_layers=2, num_single_layers=4, attention_head_dim=32,
         num_attention_heads=4, timestep_guidance_channels=64, axes_dims_rope=(8, 8, 8, 8)),
-        dict(latent_channels=32, batch_norm_eps=1e-4), pretrain=True, dit_steps=300),  # ours: StrSR starts at v = 0
-    "mini-zimage": Preset("zimage", None, "1.9M", dict(_ZI, dim=128, n_layers=4, n_heads=4, n_kv_heads=4,
-        axes_dims=[8, 12, 12], axes_lens=[256, 256, 256]), dict(latent_channels=16), pretrain=True),
-    "mini-sd3": Preset("sd3", None, "2.3M", dict(_SD, num_layers=4, attention_head_dim=32, num_attention_heads=4,
-        caption_projection_dim=128, pos_embed_max_size=128), dict(latent_channels=16), pretrain=True),
-    "mini-qwen": Preset("qwen", None, "2.5M", dict(_QW, num_layers=4, attention_head_dim=32, num_attention_heads=4,
-        axes_dims_rope=(8, 12, 12)), dict(latent_channels=16, per_channel=True), pretrain=True),
+        dict(_MINI_AE, batch_norm_eps=1e-4), pretrain=True),
+    "mini-zimage": Preset("zimage", None, "2.0M", dict(_ZI, in_channels=32, dim=128, n_layers=4, n_heads=4,
+        n_kv_heads=4, axes_dims=[8, 12, 12], axes_lens=[256, 256, 256]), _MINI_AE, pretrain=True),
+    "mini-sd3": Preset("sd3", None, "2.3M", dict(_SD, in_channels=32, out_channels=32, num_layers=4,
+        attention_head_dim=32, num_attention_heads=4, caption_projection_dim=128, pos_embed_max_size=128), _MINI_AE,
+        pretrain=True),
+    "mini-qwen": Preset("qwen", None, "2.5M", dict(_QW, in_channels=128, out_channels=32, num_layers=4,
+        attention_head_dim=32, num_attention_heads=4, axes_dims_rope=(8, 12, 12)), dict(_MINI_AE, per_channel=True),
+        pretrain=True),
 }
 
 def resolve_preset(model, default):
@@ -760,7 +762,7 @@ def save_grid(path, x_lr, out, x_hr):
 # Bases pretrained here, so that `--model mini` learns on a CPU: the family's DiT class at ~2M parameters and, as a
 # diffusers AutoencoderKL learns too slowly on two cores, a linear lapped autoencoder with the family's conventions.
 MINI_DIR = os.environ.get("MINI_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights"))
-MINI_VERSION = 3  # 1: 8x8 patches, which decoded to a grid; 2: no constant-field projection nor pixel-step loss
+MINI_VERSION = 4  # 1: 8x8 patches (a grid); 2: no constant-field projection nor pixel-step loss; 3: 16 channels
 
 @functools.cache
 def mini_vae_class():  # built on first use: `import common` stays free of diffusers

@@ -30,7 +30,7 @@ the generator of Eq. 18 land on z_hr from z_lr.
     torchrun --nproc_per_node=8 fluxsr.py --make_pairs 2400      # the same, pair i on rank i % 8
     torchrun --nproc_per_node=8 fluxsr.py                        # train (resumes from out_dir)
     python fluxsr.py --sample --ckpt out/fluxsr --input lr/ --output sr/
-    python fluxsr.py --model mini --make_pairs 512 && python fluxsr.py --model mini  # CPU: the mini base
+    python fluxsr.py --model mini --make_pairs 2048 && python fluxsr.py --model mini  # CPU: the mini base
 
 What differs from the paper, and why:
 - Unknown in the paper, chosen here (`# ours` in Config): T_L, gamma, lambda, mu, the LoRA rank and targets, lr,
@@ -45,6 +45,10 @@ What differs from the paper, and why:
 - `--crop` smaller than the pair size trains on aligned random crops (offsets on the 16-px token grid) of eps, z_hr
   and x_hr; the default, like the paper, uses the whole 1024 px pair.
 - Sec. 5.3 trains ablations for 30k iterations; the main run's length is not given.
+- For the mini (ours): `--pairs_from sample` makes each pair from a photo: x_hr the photo crop, z_hr its latent and eps
+  the teacher's sampler run backwards from z_hr (`teacher_invert`), a pair on the teacher's flow as a generated one
+  is, with a photo at its end (a 2M teacher's own samples are not photos); `--zero_init` starts G(z_lr) at z_lr;
+  `--w_rec` weighs L_Rec (Alg. 1: 1), since L_FTD's gradient, mostly from t > T_L, otherwise drowns the generator's.
 - Pixel ranges: L_Rec's MSE (Eq. 21) is taken on [0, 1] images, the range every image has here outside the VAE and
   the one PSNR is measured on; the paper does not say. On [-1, 1] it would be 4x larger against L_FTD.
 """
@@ -67,15 +71,18 @@ class Config:
     out_dir: str = "out/fluxsr"   # checkpoints, log.txt, grids/
     make_pairs: int = 0           # > 0: write pairs 0..N-1 to --data and stop (Sec. 5.1: 2400)
     pair_batch: int = 1           # ours: pairs per teacher call in --make_pairs (the pairs do not depend on it)
+    pairs_from: str = ""          # paper: "" (the teacher samples noise); a data source: its photos inverted (ours)
     pair_size: int = 1024         # Sec. 5.1: 1024x1024 pairs
     teacher_steps: int = 28       # ours: FLUX.1-dev's usual Euler steps (paper: "multi-step")
     guidance: float = 3.5         # FLUX.1-dev's distilled guidance default, teacher and student
     T_L: float = 0.5              # ours: the time of the LR latent (Eqs. 13-18); see the docstring
     tv_gamma: float = 1.0         # ours: gamma, the TV term's weight in TV-LPIPS (Eq. 19)
     w_tv_lpips: float = 1.0       # ours: lambda, TV-LPIPS's weight in L_Rec (Eq. 21)
+    w_rec: float = 1.0            # Alg. 1 line 19: L_Rec's weight, 1
     w_adl: float = 0.01           # ours: mu, L_ADL's weight (Alg. 1 line 19); small, it acts on every block
     lpips_weights: str = ""       # a local torchvision VGG16 file for TV-LPIPS (default: torch hub's cache)
     train_base: str = "lora"      # paper: a LoRA on the DiT; full: every DiT weight trains (ours, the mini)
+    zero_init: bool = False       # ours: a new full fine-tuning zeroes the DiT's output layer: the step starts at z_lr
     lora_rank: int = 64           # ours
     lora_alpha: float = 64.0      # ours: alpha = rank, LoRA scale 1
     lr: float = 5e-5              # ours: AdamW (0.9, 0.999), no weight decay
@@ -104,11 +111,11 @@ class Config:
 # --model tiny / mini (ours): these values for every flag not given
 TINY = dict(max_steps=20, pair_size=64, crop=64, teacher_steps=4, lora_rank=8, lora_alpha=8.0, batch_size=2, tile=8,
             overlap=2)
-# mini: 2400 steps on 512 teacher pairs; the whole DiT trains (a LoRA on a 2M base stays below bicubic for hundreds
-# of steps); w_tv_lpips 0: offline the VGG of TV-LPIPS is random, not a perceptual loss, and most of a CPU step
-MINI = dict(max_steps=2400, pair_size=128, crop=128, train_base="full", w_tv_lpips=0.0, lr=1e-3, lr_decay=0.5,
-            batch_size=4, tile=32, overlap=8, grid_every=100, save_every=100, eval_heldout=True, degrade="bicubic",
-            pair_batch=16)
+# mini: pairs from the sample photos (a 2M teacher's samples are not photos); the whole DiT trains from G(z_lr) = z_lr;
+# L_Rec x30, else the generator barely moves; w_tv_lpips 0: offline TV-LPIPS's VGG is random, and most of a CPU step
+MINI = dict(max_steps=1200, pair_size=128, crop=128, pairs_from="sample", train_base="full", zero_init=True,
+            w_rec=30.0, w_tv_lpips=0.0, lr=5e-4, lr_decay=0.5, batch_size=4, micro_batch=4, tile=32, overlap=8,
+            grid_every=300, save_every=300, eval_heldout=True, degrade="bicubic", pair_batch=16)
 
 def resolve(cfg):
     """The concrete preset and tile; the flags checked."""
@@ -117,8 +124,8 @@ def resolve(cfg):
         raise SystemExit(f"--model {cfg.model}: FluxSR is defined on FLUX.1 (guidance-distilled, packed tokens)")
     common.check_choices(cfg, train_base=("lora", "full"))
     check_preset(cfg.degrade)
-    if cfg.fsdp and cfg.train_base == "full":
-        raise SystemExit("--fsdp shards the frozen base; with --train_base full none of it is frozen")
+    if cfg.fsdp and cfg.train_base == "full" or cfg.zero_init and cfg.train_base != "full":
+        raise SystemExit("--fsdp shards the frozen base, --zero_init changes it: --train_base lora and full resp.")
     if cfg.pair_size % 16 or cfg.crop % 16 or cfg.crop > cfg.pair_size:
         raise SystemExit(f"--crop {cfg.crop} and --pair_size {cfg.pair_size}: expected multiples of 16, crop <= "
                          f"pair_size")
@@ -231,7 +238,7 @@ def fluxsr_losses(dit, vae, lpips, feats, cond2, eps, z_hr, x_hr, cfg):
     l_rec, l_mse, l_tvl = rec_loss(lpips, x_sr.float(), x_hr, cfg.w_tv_lpips, cfg.tv_gamma)  # 15-16: Eqs. (19-21)
     n_img = z_lr.shape[-2] * z_lr.shape[-1] // 4  # 18: L_ADL over every block's image tokens of the generator pass
     l_adl = adl_loss([a[B:, -n_img:] for a in A]) if A else torch.zeros((), device=eps.device)
-    loss = l_ftd + l_rec + cfg.w_adl * l_adl  # 19
+    loss = l_ftd + cfg.w_rec * l_rec + cfg.w_adl * l_adl  # 19
     return loss, {"loss": loss, "ftd": l_ftd, "rec": l_rec, "mse": l_mse, "tv_lpips": l_tvl, "adl": l_adl}, (x_lr, x_sr)
 
 # ----------------------------------------------------------------------------- sampler
@@ -267,6 +274,16 @@ def teacher_sample(dit, eps, cond, steps, guidance):
         z = z - (t - s) * common.velocity("flux1", dit, z, t.view(1), cond, guidance)  # Euler, t -> s
     return z
 
+@torch.no_grad()
+def teacher_invert(dit, z_hr, cond, steps, guidance):
+    """The same sampler run backwards (--pairs_from): Euler from z_hr at t = 0 up the schedule to the eps at t = 1
+    whose trajectory ends at z_hr (up to the steps' error)."""
+    z, sigmas = z_hr, flux_sigmas(steps, z_hr.shape[-2] * z_hr.shape[-1] // 4).flip(0).to(z_hr.device)
+    cond = common.expand_cond(cond, z_hr.shape[0])
+    for s, t in zip(sigmas[:-1], sigmas[1:]):
+        z = z + (t - s) * common.velocity("flux1", dit, z, s.view(1), cond, guidance)  # Euler, s -> t
+    return z
+
 def pair_noise(seed, i, shape):
     """eps of pair i: seeded by the pair index, so pairs do not depend on the number of ranks."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
@@ -285,7 +302,7 @@ def write_pair(folder, i, eps, z_hr, x_hr, manifest):
 
 def pair_manifest(cfg):
     return {"preset": cfg.model, "pair_size": cfg.pair_size, "teacher_steps": cfg.teacher_steps,
-            "guidance": cfg.guidance, "seed": cfg.seed}
+            "guidance": cfg.guidance, "seed": cfg.seed, **({"pairs_from": cfg.pairs_from} if cfg.pairs_from else {})}
 
 def pair_damage(path):
     """Why a pair file cannot be read, or None: its safetensors header (8-byte length, JSON) must parse and name eps,
@@ -319,6 +336,7 @@ def make_pairs(cfg):
     skipped, so a killed run continues where it stopped, and a damaged pair or manifest is written again."""
     cfg = resolve(cfg)
     rank, world, device = common.compute_init(cfg.seed)
+    common.prepare_base(cfg.model)  # a mini base is pretrained first: it is the teacher
     os.makedirs(cfg.data, exist_ok=True)
     man_file, manifest = os.path.join(cfg.data, "pairs.json"), pair_manifest(cfg)
     if rank == 0 and common.read_json(man_file) is None:  # new or damaged: these settings (each pair holds its own)
@@ -339,15 +357,21 @@ def make_pairs(cfg):
     vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device)
     cond = common.fixed_prompt(cfg, dit, device, cfg.data)
     h, todo = cfg.pair_size // 8, [i for i in files if i not in good]
+    photos = ImageDataset(cfg.pairs_from, cfg.pair_size) if cfg.pairs_from else None
     print(f"rank {rank}: {len(todo)} of {len(files)} pairs to write", flush=True)
     from tqdm import tqdm
     bar = tqdm(total=len(todo), desc="pairs", disable=rank != 0)
     for k in range(0, len(todo), cfg.pair_batch):  # --pair_batch pairs per teacher call
         idx = todo[k:k + cfg.pair_batch]
-        eps = torch.cat([pair_noise(cfg.seed, i, (1, vae.config.latent_channels, h, h)) for i in idx]).to(device)
         with common.autocast(device):
-            z_hr = teacher_sample(dit, eps, cond, cfg.teacher_steps, cfg.guidance)
-            x_hr = common.decode(vae, "flux1", z_hr).clamp(0, 1)
+            if photos is None:  # the paper: noise -> the teacher's image
+                eps = torch.cat([pair_noise(cfg.seed, i, (1, vae.config.latent_channels, h, h)) for i in idx])
+                z_hr = teacher_sample(dit, eps.to(device), cond, cfg.teacher_steps, cfg.guidance)
+                x_hr = common.decode(vae, "flux1", z_hr).clamp(0, 1)
+            else:  # --pairs_from: a photo -> the noise the teacher's flow carries to it
+                x_hr = torch.stack([photos[(i % len(photos), cfg.seed * 1_000_003 + i)] for i in idx]).to(device)
+                z_hr = common.encode(vae, "flux1", x_hr)
+                eps = teacher_invert(dit, z_hr, cond, cfg.teacher_steps, cfg.guidance)
         for j, i in enumerate(idx):
             write_pair(cfg.data, i, eps[j:j + 1], z_hr[j:j + 1], x_hr[j:j + 1], manifest)
         bar.update(len(idx))
@@ -427,6 +451,9 @@ def train(cfg):
 
     # 3. resume; 4. the loader of teacher pairs, data position = step
     step, _ = common.resume(cfg.out_dir, {"dit": dit}, {"opt": opt}, log)
+    if step == 0 and cfg.zero_init:  # v = 0: the first step returns z_lr, bicubic (ours: the mini)
+        for p in dit.proj_out.parameters():
+            torch.nn.init.zeros_(p)
     loader, accum = make_loader(ds, cfg, rank, world, step)
     log(f"{len(ds)} teacher pairs, batch {cfg.batch_size} = {world} ranks x {accum} accum x {cfg.micro_batch}")
 

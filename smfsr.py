@@ -45,6 +45,8 @@ What differs from the paper, and why:
 - Captions optional (a TSV; the paper's: LLaVA; Table 8: the empty prompt does about as well); sampling: the empty one.
 - --start lr (ours): from z_t0 = (1 - t0) z_lr + t0 eps, t0 = --start_t, along u to 0; t0 = 1 is the paper's start.
 - --steps K on a teacher checkpoint takes K Euler steps (a teacher ignores r: u = v).
+- --zero_init (ours, the mini): u = (z_t - z_lr) + the DiT's output, that layer from zero: at t = 1 the jump of Eq. 14
+  lands on z_lr (bicubic) whatever eps, as StrSR's; the network learns the detail instead of cancelling eps exactly.
 """
 import contextlib, copy, dataclasses, os
 
@@ -77,6 +79,7 @@ class Config:
     lr_d: float = 5e-5            # ours: the discriminator heads (Eq. 18)
     grad_clip: float = 1.0        # ours
     lr_decay: float = 0.0         # ours: the lr falls on a half cosine to 0 over this last fraction; 0: constant
+    zero_init: bool = False       # ours: u = (z_t - z_lr) + the DiT, its output layer zeroed: Eq. 14 starts at z_lr
     p_boundary: float = 0.6       # Sec. 4: probability of the boundary branch
     teacher_cfg: float = 1.0      # Eq. 13: w for every teacher call; 1 = no CFG, the paper's choice (Table 6)
     p_drop: float = 0.2           # Sec. 4.4: caption dropout
@@ -120,11 +123,13 @@ class Config:
 STAGES = {"teacher": (80_000, 32), "isc": (40_000, 16), "gan": (10_000, 8)}  # Sec. 4: iterations, batch
 # --model tiny / mini (ours): these values for every flag not given; a dict holds them per --stage
 TINY = dict(crop=64, max_steps=4, batch_size=2, micro_batch=1, fake_rank=4, disc_width=16, tile=8, overlap=2)
-# mini: the base trains (frozen, 2M cannot undo the noise start); stage 2: MSE + L_ISC/10 (VSD, GAN, LPIPS cost PSNR)
-MINI = dict(crop=128, max_steps={"teacher": 1000, "isc": 200, "gan": 600}, batch_size=4, micro_batch=2,
+# mini: the base trains (frozen, 2M cannot undo the noise start), from z0_hat = z_lr (--zero_init); stage 2 is the MSE
+# alone: VSD, the GAN and LPIPS need real networks, and L_ISC keeps a 2M teacher's noise in the student
+MINI = dict(crop=128, max_steps={"teacher": 1000, "isc": 200, "gan": 1200}, batch_size=4, micro_batch=4,
             lr={"teacher": 3e-3, "isc": 3e-4, "gan": 3e-4}, lr_fake=3e-4, lr_d=1e-4, fake_rank=16, disc_width=32,
-            tile=32, overlap=8, grid_every=100, save_every=100, eval_heldout=True, degrade="bicubic",
-            train_base="full", w_isc={"gan": 0.1}, w_vsd={"gan": 0.0}, w_gan={"gan": 0.0}, w_lpips={"gan": 0.0})
+            tile=32, overlap=8, grid_every=300, save_every=300, eval_heldout=True, degrade="bicubic",
+            train_base="full", zero_init=True, w_isc={"gan": 0.0}, w_vsd={"gan": 0.0}, w_gan={"gan": 0.0},
+            w_lpips={"gan": 0.0})
 
 def resolve(cfg):
     """The concrete preset, and the stage's steps, batch and folder (0 defaults: Sec. 4); the flags checked."""
@@ -134,6 +139,8 @@ def resolve(cfg):
     common.check_choices(cfg, stage=tuple(STAGES), start=("noise", "lr"), train_base=("none", "lora", "full"),
                          teacher_t=("uniform", "logit-normal"))
     check_preset(cfg.degrade)
+    if cfg.zero_init and cfg.train_base != "full":
+        raise SystemExit("--zero_init zeroes the base's output layer: it needs --train_base full")
     if cfg.crop % 16 or cfg.steps < 1 or not 0 < cfg.start_t <= 1:
         raise SystemExit(f"--crop {cfg.crop} --steps {cfg.steps} --start_t {cfg.start_t}: expected a multiple of 16, "
                          f"at least one step, 0 < start_t <= 1")
@@ -228,10 +235,10 @@ class RTEmbed(nn.Module):
 class SRNet(nn.Module):
     """LRBranches (+ RTEmbed: the student) on an SD3 passed in, not owned: roles share it, checkpoints skip it."""
 
-    def __init__(self, dit, two_times):
+    def __init__(self, dit, two_times, skip=False):
         super().__init__()
         self.lr = nn.ModuleList(LRBranch(b.attn) for b in dit.transformer_blocks)
-        self.rt = RTEmbed(dit.inner_dim) if two_times else None
+        self.rt, self.skip = RTEmbed(dit.inner_dim) if two_times else None, skip
         self.requires_grad_(True)
 
     def forward(self, dit, z_t, r, t, z_lr, cond):
@@ -248,7 +255,8 @@ class SRNet(nn.Module):
         for block, lr in zip(dit.transformer_blocks, self.lr):
             c, x = run(block_forward, block, lr, x, c, x_lr, temb, m_lr)
         x = dit.proj_out(dit.norm_out(x, temb)).view(B, H // p, W // p, p, p, -1)  # (B, h, w, p, p, C)
-        return x.permute(0, 5, 1, 3, 2, 4).reshape(B, -1, H, W).float()  # unpatchify as diffusers does
+        x = x.permute(0, 5, 1, 3, 2, 4).reshape(B, -1, H, W).float()  # unpatchify as diffusers does
+        return x + (z_t - z_lr).float() if self.skip else x  # --zero_init: a residual on the straight path to z_lr
 
 def teacher_velocity(teacher, dit, z_lr, cond, null, w):
     """v_phi^w(z, t) of the frozen teacher (Eq. 13); w = 1: no CFG (Table 6), else one call with and without c."""
@@ -435,7 +443,7 @@ def build_sampler(flags, device=None):
     name = "teacher" if cfg.stage == "teacher" else "student"
     with torch.random.fork_rng(devices=[]):  # the init is overwritten; keep the caller's RNG as it was
         dit = load_base(cfg, dtype, cfg.train_base, cfg.lora_rank, path, name)
-        net = SRNet(dit, two_times=name == "student")
+        net = SRNet(dit, two_times=name == "student", skip=cfg.zero_init)
     state = load_net(path, name, net)
     dit, net = dit.to(device), net.to(device).eval()
     vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device, tiling=True)
@@ -488,6 +496,8 @@ def stage_inputs(cfg):
         raise SystemExit(f"--stage {cfg.stage}: no --stage {prev} checkpoint in {src!r}; run it or pass --init_ckpt")
     if (base := trained_base(init)) != (cfg.train_base, cfg.lora_rank):
         raise SystemExit(f"--train_base {cfg.train_base}: {init} trained with --train_base {base[0]} (rank {base[1]})")
+    if common.load_config(init).get("zero_init", False) != cfg.zero_init:  # it changes the network's form
+        raise SystemExit(f"--zero_init {cfg.zero_init}: {init} trained with --zero_init {not cfg.zero_init}")
     src = cfg.teacher_ckpt or (init if cfg.stage == "isc" else common.load_config(init).get("teacher_ckpt", ""))
     if not (teacher := common.latest_checkpoint(src)):
         raise SystemExit(f"--teacher_ckpt {src!r}: no stage-0 teacher checkpoint there")
@@ -501,10 +511,13 @@ def build_models(cfg, device):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         dit = load_base(cfg, dtype, cfg.train_base, cfg.lora_rank, init, src, train=True)
-        net = SRNet(dit, two_times=name == "student")
+        net = SRNet(dit, two_times=name == "student", skip=cfg.zero_init)
+        if cfg.zero_init and not init:  # v = z_t - z_lr: from eps at t = 1 the jump lands on z_lr
+            nn.init.zeros_(dit.proj_out.weight), nn.init.zeros_(dit.proj_out.bias)
         own = init and (cfg.train_base != "none" or trained_base(t_ckpt)[0] != "none")  # the teacher's own base
         t_dit = load_base(cfg, dtype, *trained_base(t_ckpt), t_ckpt, "teacher") if own else dit  # + the fake score's
-        teacher = SRNet(t_dit, two_times=False).requires_grad_(False) if init else None
+        skip = init and common.load_config(t_ckpt).get("zero_init", False)
+        teacher = SRNet(t_dit, two_times=False, skip=skip).requires_grad_(False) if init else None
         if gan and cfg.w_vsd:  # v_phi' = v_phi at init
             common.add_lora(t_dit, "lora", cfg.fake_rank, cfg.fake_rank, FAKE_LORA_TARGETS).disable_adapters()
         disc = Discriminator(random_nets, cfg.disc_model, cfg.disc_width) if gan and cfg.w_gan else None

@@ -61,6 +61,8 @@ What differs from the paper, and why:
 - --train_base full (ours, off by default; the mini's setting): the base's own weights train too, in fp32, so the
   noise branch is no longer frozen. On the 2M mini base a frozen noise branch cannot read the condition tokens
   (README, mini bases). The checkpoint then also holds the base (`dit.safetensors`).
+- --zero_init (ours, the mini): v = the DiT's output + (z_t - z_lr), that output layer zeroed, so the one step from
+  eps (Eq. 6) starts at z0_hat = z_lr, bicubic; the network learns the detail instead of first cancelling eps.
 """
 import copy, dataclasses
 
@@ -101,6 +103,7 @@ class Config:
     tar_min_s: float = 0.05       # ours: w(s) = (1 - s)^2 / max(s, tar_min_s); Eq. 14 is infinite at s = 0
     const_weight: bool = False    # Table 3 ablation: w(s) = 1 instead of TAR (Eq. 14)
     fused_t: bool = False         # Table 3 ablation: temb(t) + temb2(t_tar) for all tokens instead of DTC
+    zero_init: bool = False       # ours: v = DiT + z_t - z_lr with a zeroed output layer: the one step starts at z_lr
     prompt: str = ""              # Sec. 4.1: the empty prompt
     max_steps: int = 47000        # Sec. 4.1: ~47k steps
     batch_size: int = 4           # Sec. 4.1: 1 per GPU x 2 GPUs x 2 accumulation
@@ -123,12 +126,12 @@ class Config:
 
 # --model tiny / mini (ours): these values for every flag not given
 TINY = dict(max_steps=20, crop=64, lora_rank=8, lora_alpha=8.0, batch_size=2, tile=8, overlap=2)
-# mini: train_base full, the frozen 2M noise branch cannot read the condition tokens; w_data 30, the pixel MSE (~0.005)
-# against latent flow terms (~1); lr_decay 0.5, at a constant lr the result swings +-0.3 dB between checkpoints;
-# w_lpips 0, offline the VGG is random, not a perceptual loss, and over half of a CPU step; tile 16, the crop
-MINI = dict(max_steps=1200, crop=128, lora_rank=32, lora_alpha=32.0, lr=3e-3, lr_decay=0.5, w_data=30.0, w_lpips=0.0,
-            batch_size=4, tile=16, overlap=4, grid_every=100, save_every=100, eval_heldout=True, degrade="bicubic",
-            train_base="full")
+# mini: the whole base trains (a frozen 2M noise branch cannot read the condition tokens), from z0_hat = z_lr; w_data 300:
+# the pixel MSE (~0.002) must outweigh L_flow (~0.5), whose noisy targets otherwise leak eps into the one step; w_rect
+# 0.05: a 2M base's score difference (Eq. 10) is mostly noise; w_lpips 0: offline the VGG is random; tile 16, the crop
+MINI = dict(max_steps=1200, crop=128, lora_rank=32, lora_alpha=32.0, lr=1e-3, lr_decay=0.5, w_data=300.0, w_lpips=0.0,
+            w_rect=0.05, batch_size=4, micro_batch=4, tile=16, overlap=4, grid_every=300, save_every=300,
+            eval_heldout=True, degrade="bicubic", train_base="full", zero_init=True)
 
 def resolve(cfg):
     """The concrete preset and tile; the flags checked."""
@@ -137,6 +140,8 @@ def resolve(cfg):
         raise SystemExit(f"--model {cfg.model}: TEASR is built on Qwen-Image (dual-stream blocks, per-token "
                          f"modulation)")
     common.check_choices(cfg, train_base=("none", "full"))
+    if cfg.zero_init and cfg.train_base != "full":
+        raise SystemExit("--zero_init zeroes the base's output layer: it needs --train_base full")
     check_preset(cfg.degrade)
     cfg = dataclasses.replace(cfg, model=preset, tile=cfg.tile or 128, overlap=cfg.overlap or 32)
     if cfg.crop % 16 or cfg.steps < 1 or cfg.tile % 2 or cfg.overlap % 2 or not 2 <= cfg.overlap <= cfg.tile // 2:
@@ -177,9 +182,9 @@ class CondBranch(nn.Module):
     every target Linear, and the t_tar embedder (a copy of the base's timestep MLP, Sec. 3.3; zero-initialised and
     summed in for --fused_t)."""
 
-    def __init__(self, dit, rank, alpha, fused_t=False):
+    def __init__(self, dit, rank, alpha, fused_t=False, lr_skip=False):
         super().__init__()
-        self.fused_t = fused_t
+        self.fused_t, self.lr_skip = fused_t, lr_skip
         if dit.config.use_additional_t_cond:
             raise SystemExit("TEASR: a base with additional_t_cond (Qwen-Image-Layered) is not supported")
         dit.requires_grad_(False)  # the noise branch is the frozen base
@@ -225,7 +230,8 @@ def v_theta(dit, branch, z_t, t, z_lr, t_tar, cond):
         else:
             txt, x = block(*args)
     x = dit.norm_out(x[:, :n], temb_t)  # the velocity is read from the noise tokens
-    return common.unpack(dit.proj_out(x).float(), H, W)
+    v = common.unpack(dit.proj_out(x).float(), H, W)
+    return v + (z_t - z_lr) if branch is not None and branch.lr_skip else v  # --zero_init: at v = 0, z0_hat = z_lr
 
 def bind(dit, branch, z_lr, cond):
     """v(z, t, t_tar) for this batch's LR latent; z may stack k copies of the batch (one batched forward)."""
@@ -314,7 +320,7 @@ def build_sampler(flags, device=None):
     path, cfg, device, dtype = common.sampler_setup(flags, resolve, device)
     dit = common.load_dit(cfg.model, cfg.model_path or None, dtype).requires_grad_(False).eval()
     with torch.random.fork_rng(devices=[]):  # the LoRA init is overwritten; keep the caller's RNG as it was
-        branch = CondBranch(dit, cfg.lora_rank, cfg.lora_alpha, cfg.fused_t)
+        branch = CondBranch(dit, cfg.lora_rank, cfg.lora_alpha, cfg.fused_t, cfg.zero_init)
     state = common.load_checkpoint(path, {"cond_branch": branch, "dit": dit})  # dit: train_base
     dit, branch = dit.to(device), branch.to(device).eval()
     vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device, tiling=True)
@@ -338,9 +344,11 @@ def train(cfg):
     dit = common.load_dit(cfg.model, cfg.model_path or None, dtype).requires_grad_(False).eval()
     with torch.random.fork_rng(devices=[]):  # the same init on every rank
         torch.manual_seed(cfg.seed)
-        branch = CondBranch(dit, cfg.lora_rank, cfg.lora_alpha, cfg.fused_t)
+        branch = CondBranch(dit, cfg.lora_rank, cfg.lora_alpha, cfg.fused_t, cfg.zero_init)
         random_nets = common.PRESETS[cfg.model].hub is None
         lpips = common.load_lpips(device, "random" if random_nets else cfg.lpips_weights) if cfg.w_lpips else None
+    if cfg.zero_init:  # v = z_t - z_lr: the one step from noise returns z_lr, bicubic (a resumed run loads its own)
+        nn.init.zeros_(dit.proj_out.weight), nn.init.zeros_(dit.proj_out.bias)
     cond = common.fixed_prompt(cfg, dit, device, cfg.out_dir, cfg.prompt)  # the text encoder before the DiT, not with
     dit, branch = dit.to(device), branch.to(device).train()
     vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device)

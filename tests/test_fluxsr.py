@@ -1,6 +1,6 @@
 """fluxsr.py: the FTD algebra (Eqs. 13-18), TV-LPIPS, ADL and its hooks, the teacher sampler and its resumable pair
 writer, and pairs that do not depend on the number of ranks (torchrun)."""
-import dataclasses, glob, math, os, shutil, sys
+import dataclasses, glob, json, math, os, shutil, sys
 
 import numpy as np
 import pytest
@@ -185,6 +185,32 @@ def test_pairs_are_the_teachers_euler_samples(clean_pairs):
     x = C.decode(vae, "flux1", z).clamp(0, 1).mul(255).round()[0].detach()
     assert (p["x_0"].float() - x).abs().max() <= 1
     assert p["x_0"].dtype == torch.uint8 and p["x_0"].shape == (3, 64, 64)
+
+
+def test_inverting_the_sampler_then_sampling_returns_the_latent():
+    """teacher_invert runs the same Euler schedule backwards: sampling its eps returns z to first order in 1/steps."""
+    dit, z = C.load_dit("tiny-flux1"), torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = C.tiny_cond(dit, "flux1")
+    err = {}
+    for n in (8, 256):
+        eps = M.teacher_invert(dit, z, cond, n, 3.5)
+        err[n] = float((M.teacher_sample(dit, eps, cond, n, 3.5) - z).norm() / z.norm())
+    assert float((eps - z).norm() / z.norm()) > 0.3  # the flow moved: not a trivial round trip
+    assert err[256] < 0.005 and err[256] < err[8] / 10
+
+
+def test_pairs_from_photos_hold_the_photo_its_latent_and_the_inverted_noise(tmp_path):
+    M.make_pairs(_pairs_cfg(tmp_path, n=2, pairs_from="sample"))
+    p = load_file(os.path.join(tmp_path, "pair-000001.safetensors"))
+    from degrade import ImageDataset
+    x = ImageDataset("sample", 64)[(1, 1)]  # pair i: photo i, crop seed seed * 1_000_003 + i
+    assert torch.equal(p["x_0"], x.mul(255).round().to(torch.uint8))
+    dit, vae = C.load_dit("tiny-flux1"), C.load_vae("tiny-flux1")
+    z = C.encode(vae, "flux1", x[None])
+    torch.testing.assert_close(p["z_0"], z[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(p["eps"], M.teacher_invert(dit, z, C.tiny_cond(dit, "flux1"), 4, 3.5)[0], atol=1e-5,
+                               rtol=1e-5)
+    assert json.loads(open(os.path.join(tmp_path, "pairs.json")).read())["pairs_from"] == "sample"
 
 
 def test_make_pairs_resumes_after_kill_without_duplicates(tmp_path, monkeypatch, clean_pairs):

@@ -210,3 +210,20 @@ def test_train_then_sample_then_eval(method, trained, tmp_path):
                    "--out_dir", str(tmp_path / "eval"), "--metrics", "PSNR,SSIM"])
     assert rows[0]["method"] == method and 5 < rows[0]["PSNR"] < 60 and rows[0]["s/img"] > 0
     assert json.load(open(tmp_path / "eval" / "results.json"))[0]["dataset"] == "RealSR"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_zero_init_starts_at_the_vae_round_trip_of_bicubic(method, tmp_path, tmp_path_factory):
+    """--zero_init (the minis): before any update the one step returns z_lr, so the sampler's image is the VAE's round
+    trip of bicubic x4 (SMFSR's noise start included: its jump from eps lands on z_lr). lr 0 keeps the init."""
+    kw = dict(zero_init=True, train_base="full", lr=0.0, max_steps=1)
+    if method == "smfsr":
+        kw.update(stage="teacher", init_ckpt="")
+    out = train(method, tmp_path / "run", tmp_path_factory, **kw)
+    mod = importlib.import_module(method)
+    x_lr = torch.rand(1, 3, 24, 20, generator=torch.Generator().manual_seed(1))
+    sr = mod.build_sampler(C.configure(mod.Config, model="tiny", ckpt=str(out), steps=1), "cpu")(x_lr)
+    preset = C.resolve_preset("tiny", mod.Config.model)
+    vae, family = C.load_vae(preset, None, torch.float32, torch.device("cpu")), C.PRESETS[preset].family
+    g = torch.Generator().manual_seed(0) if method == "strsr" else None  # StrSR draws z_lr (seed 0)
+    torch.testing.assert_close(sr, C.super_resolve(vae, family, x_lr, lambda z: z, g), atol=1e-5, rtol=0)

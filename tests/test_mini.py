@@ -101,8 +101,8 @@ def test_mini_presets_per_method_and_stage():
     teacher, isc = cfg(smfsr, stage="teacher"), cfg(smfsr, stage="isc", max_steps=50)
     assert (teacher.max_steps, teacher.lr) == (1000, 3e-3) and (isc.max_steps, isc.lr) == (50, 3e-4)
     assert teacher.train_base == isc.train_base == "full" and smfsr.Config().train_base == "none"  # the mini trains it
-    gan = cfg(smfsr, stage="gan")  # stage 2 of the mini: MSE and a tenth of L_ISC; the paper's weights untouched
-    assert (gan.max_steps, gan.w_isc, gan.w_vsd, gan.w_gan, gan.w_lpips, gan.w_rec) == (600, 0.1, 0, 0, 0, 1.0)
+    gan = cfg(smfsr, stage="gan")  # stage 2 of the mini: the MSE alone; the paper's weights untouched
+    assert (gan.max_steps, gan.w_isc, gan.w_vsd, gan.w_gan, gan.w_lpips, gan.w_rec) == (1200, 0, 0, 0, 0, 1.0)
     assert (isc.w_isc, smfsr.Config().w_vsd, smfsr.Config().w_gan, smfsr.Config().w_lpips) == (1.0, 1.0, 0.5, 1.0)
     t = cfg(teasr, lr=2e-3)
     assert t.model == "mini-qwen" and t.lr == 2e-3 and t.max_steps == teasr.MINI["max_steps"] and t.eval_heldout
