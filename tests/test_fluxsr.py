@@ -300,3 +300,15 @@ def test_torchrun_writes_the_same_pairs(tmp_path, clean_pairs):
          "tiny", "--make_pairs", "4", "--data", str(tmp_path / "pairs")])
     a, b = _read_pairs(tmp_path / "pairs"), _read_pairs(clean_pairs)
     assert a.keys() == b.keys() and len(a) == 4 and all(torch.equal(a[k]["z_0"], b[k]["z_0"]) for k in a)
+
+
+def test_mini_pairs_from_a_fresh_clone_pretrain_the_teacher_first(tmp_path, monkeypatch, capsys):
+    """`--model mini --make_pairs N` is the first FluxSR command on a new machine: the base (the teacher) is pretrained
+    first, announced, then the pairs (from the sample photos, as MINI says) are written."""
+    monkeypatch.setattr(C, "MINI_DIR", str(tmp_path / "weights"))
+    monkeypatch.setitem(C.PRESETS, "mini-flux1", dataclasses.replace(C.PRESETS["mini-flux1"], vae_steps=2,
+                                                                     dit_steps=2))
+    M.make_pairs(C.configure(M.Config, model="mini", data=str(tmp_path / "pairs"), make_pairs=1, teacher_steps=2))
+    assert "pretraining it now" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "pairs" / "pairs.json"))["pairs_from"] == "sample"
+    assert load_file(str(tmp_path / "pairs" / "pair-000000.safetensors"))["x_0"].shape == (3, 128, 128)
