@@ -291,6 +291,11 @@ def load_lora_state(dit, sd):  # the inverse of lora_state
 def trainable(*modules):  # the parameters that train
     return [p for m in modules for p in m.parameters() if p.requires_grad]
 
+def zero_output(dit):  # --zero_init: the DiT's output layer (Z-Image's: per patch size) zeroed, its velocity 0
+    for layer in [dit.proj_out] if hasattr(dit, "proj_out") else [f.linear for f in dit.all_final_layer.values()]:
+        for p in layer.parameters():
+            torch.nn.init.zeros_(p)
+
 # ----------------------------------------------------------------------------- pretrained networks
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision's ImageNet VGG16: LPIPS
 VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"  # torchvision's ImageNet VGG19: StrSR's FDL

@@ -452,8 +452,7 @@ def train(cfg):
     # 3. resume; 4. the loader of teacher pairs, data position = step
     step, _ = common.resume(cfg.out_dir, {"dit": dit}, {"opt": opt}, log)
     if step == 0 and cfg.zero_init:  # v = 0: the first step returns z_lr, bicubic (ours: the mini)
-        for p in dit.proj_out.parameters():
-            torch.nn.init.zeros_(p)
+        common.zero_output(dit)
     loader, accum = make_loader(ds, cfg, rank, world, step)
     log(f"{len(ds)} teacher pairs, batch {cfg.batch_size} = {world} ranks x {accum} accum x {cfg.micro_batch}")
 

@@ -513,7 +513,7 @@ def build_models(cfg, device):
         dit = load_base(cfg, dtype, cfg.train_base, cfg.lora_rank, init, src, train=True)
         net = SRNet(dit, two_times=name == "student", skip=cfg.zero_init)
         if cfg.zero_init and not init:  # v = z_t - z_lr: from eps at t = 1 the jump lands on z_lr
-            nn.init.zeros_(dit.proj_out.weight), nn.init.zeros_(dit.proj_out.bias)
+            common.zero_output(dit)
         own = init and (cfg.train_base != "none" or trained_base(t_ckpt)[0] != "none")  # the teacher's own base
         t_dit = load_base(cfg, dtype, *trained_base(t_ckpt), t_ckpt, "teacher") if own else dit  # + the fake score's
         skip = init and common.load_config(t_ckpt).get("zero_init", False)

@@ -533,10 +533,7 @@ def resume(cfg, models, optimizers, log):
     elif cfg.stage == "2":
         raise SystemExit("--stage 2 starts from a stage-1 run: use its --out_dir, or --init_ckpt DIR")
     elif cfg.zero_init:  # v = 0: the first step returns z_lr, bicubic (ours: the mini)
-        dit = models["dit"]
-        for layer in [dit.proj_out] if hasattr(dit, "proj_out") else [f.linear for f in dit.all_final_layer.values()]:
-            for p in layer.parameters():
-                torch.nn.init.zeros_(p)
+        common.zero_output(models["dit"])
     return 0, 0
 
 def train(cfg):

@@ -348,7 +348,7 @@ def train(cfg):
         random_nets = common.PRESETS[cfg.model].hub is None
         lpips = common.load_lpips(device, "random" if random_nets else cfg.lpips_weights) if cfg.w_lpips else None
     if cfg.zero_init:  # v = z_t - z_lr: the one step from noise returns z_lr, bicubic (a resumed run loads its own)
-        nn.init.zeros_(dit.proj_out.weight), nn.init.zeros_(dit.proj_out.bias)
+        common.zero_output(dit)
     cond = common.fixed_prompt(cfg, dit, device, cfg.out_dir, cfg.prompt)  # the text encoder before the DiT, not with
     dit, branch = dit.to(device), branch.to(device).train()
     vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device)
