@@ -127,9 +127,10 @@ class Config:
 # --model tiny / mini (ours): these values for every flag not given
 TINY = dict(max_steps=20, crop=64, lora_rank=8, lora_alpha=8.0, batch_size=2, tile=8, overlap=2)
 # mini: the whole base trains (a frozen 2M noise branch cannot read the condition tokens), from z0_hat = z_lr;
-# w_data 30: the pixel MSE (~0.005) against latent flow terms (~1); w_rect 0.05: a 2M base's score difference (Eq. 10)
-# is mostly noise; w_lpips 0: offline the VGG is random, and over half of a CPU step; tile 16, the crop
-MINI = dict(max_steps=1200, crop=128, lora_rank=32, lora_alpha=32.0, lr=1e-3, lr_decay=0.5, w_data=30.0, w_lpips=0.0,
+# w_data 3000: the pixel MSE (~0.003) must lead the latent terms, or L_flow's gradient (20x L_data's at weight 30)
+# drowns the one step's reading of the condition tokens; w_rect 0.05: a 2M base's score difference (Eq. 10) is mostly
+# noise; w_lpips 0: offline the VGG is random, and over half of a CPU step; tile 16, the crop
+MINI = dict(max_steps=1200, crop=128, lora_rank=32, lora_alpha=32.0, lr=1e-3, lr_decay=0.5, w_data=3000.0, w_lpips=0.0,
             w_rect=0.05, batch_size=4, micro_batch=4, tile=16, overlap=4, grid_every=300, save_every=300,
             eval_heldout=True, degrade="bicubic", train_base="full", zero_init=True)
 
