@@ -46,9 +46,10 @@ What differs from the paper, and why:
   and x_hr; the default, like the paper, uses the whole 1024 px pair.
 - Sec. 5.3 trains ablations for 30k iterations; the main run's length is not given.
 - For the mini (ours): `--pairs_from sample` makes each pair from a photo: x_hr the photo crop, z_hr its latent and eps
-  the teacher's sampler run backwards from z_hr (`teacher_invert`), a pair on the teacher's flow as a generated one
-  is, with a photo at its end (a 2M teacher's own samples are not photos); `--zero_init` starts G(z_lr) at z_lr;
-  `--w_rec` weighs L_Rec (Alg. 1: 1), since L_FTD's gradient, mostly from t > T_L, otherwise drowns the generator's.
+  the teacher's sampler run backwards from z_hr (`teacher_sample(invert=True)`), a pair on the teacher's flow as a
+  generated one is, with a photo at its end (a 2M teacher's own samples are not photos); `--zero_init` starts G(z_lr)
+  at z_lr; `--w_rec` weighs L_Rec (Alg. 1: 1), since L_FTD's gradient, mostly from t > T_L, otherwise drowns the
+  generator's.
 - Pixel ranges: L_Rec's MSE (Eq. 21) is taken on [0, 1] images, the range every image has here outside the VAE and
   the one PSNR is measured on; the paper does not say. On [-1, 1] it would be 4x larger against L_FTD.
 """
@@ -124,8 +125,9 @@ def resolve(cfg):
         raise SystemExit(f"--model {cfg.model}: FluxSR is defined on FLUX.1 (guidance-distilled, packed tokens)")
     common.check_choices(cfg, train_base=("lora", "full"))
     check_preset(cfg.degrade)
-    if cfg.fsdp and cfg.train_base == "full" or cfg.zero_init and cfg.train_base != "full":
-        raise SystemExit("--fsdp shards the frozen base, --zero_init changes it: --train_base lora and full resp.")
+    if cfg.fsdp and cfg.train_base == "full":
+        raise SystemExit("--fsdp shards the frozen base; with --train_base full none of it is frozen")
+    common.check_zero_init(cfg)
     if cfg.pair_size % 16 or cfg.crop % 16 or cfg.crop > cfg.pair_size:
         raise SystemExit(f"--crop {cfg.crop} and --pair_size {cfg.pair_size}: expected multiples of 16, crop <= "
                          f"pair_size")
@@ -266,22 +268,14 @@ def flux_sigmas(steps, n_tokens):
     return torch.cat([s, s.new_zeros(1)]).float()
 
 @torch.no_grad()
-def teacher_sample(dit, eps, cond, steps, guidance):
-    """The frozen base's multi-step Euler sampler from noise eps (B, C, H, W): the T2I flow to distil."""
-    z, sigmas = eps, flux_sigmas(steps, eps.shape[-2] * eps.shape[-1] // 4).to(eps.device)
-    cond = common.expand_cond(cond, eps.shape[0])
+def teacher_sample(dit, z, cond, steps, guidance, invert=False):
+    """The frozen base's multi-step Euler sampler from noise z = eps (B, C, H, W): the T2I flow to distil. invert
+    (--pairs_from): the same steps backwards, from a latent z at t = 0 up to the eps at t = 1 whose trajectory ends
+    there (up to the steps' error)."""
+    sigmas = flux_sigmas(steps, z.shape[-2] * z.shape[-1] // 4).to(z.device)
+    sigmas, cond = sigmas.flip(0) if invert else sigmas, common.expand_cond(cond, z.shape[0])
     for t, s in zip(sigmas[:-1], sigmas[1:]):
         z = z - (t - s) * common.velocity("flux1", dit, z, t.view(1), cond, guidance)  # Euler, t -> s
-    return z
-
-@torch.no_grad()
-def teacher_invert(dit, z_hr, cond, steps, guidance):
-    """The same sampler run backwards (--pairs_from): Euler from z_hr at t = 0 up the schedule to the eps at t = 1
-    whose trajectory ends at z_hr (up to the steps' error)."""
-    z, sigmas = z_hr, flux_sigmas(steps, z_hr.shape[-2] * z_hr.shape[-1] // 4).flip(0).to(z_hr.device)
-    cond = common.expand_cond(cond, z_hr.shape[0])
-    for s, t in zip(sigmas[:-1], sigmas[1:]):
-        z = z + (t - s) * common.velocity("flux1", dit, z, s.view(1), cond, guidance)  # Euler, s -> t
     return z
 
 def pair_noise(seed, i, shape):
@@ -371,7 +365,7 @@ def make_pairs(cfg):
             else:  # --pairs_from: a photo -> the noise the teacher's flow carries to it
                 x_hr = torch.stack([photos[(i % len(photos), cfg.seed * 1_000_003 + i)] for i in idx]).to(device)
                 z_hr = common.encode(vae, "flux1", x_hr)
-                eps = teacher_invert(dit, z_hr, cond, cfg.teacher_steps, cfg.guidance)
+                eps = teacher_sample(dit, z_hr, cond, cfg.teacher_steps, cfg.guidance, invert=True)
         for j, i in enumerate(idx):
             write_pair(cfg.data, i, eps[j:j + 1], z_hr[j:j + 1], x_hr[j:j + 1], manifest)
         bar.update(len(idx))

@@ -188,12 +188,13 @@ def test_pairs_are_the_teachers_euler_samples(clean_pairs):
 
 
 def test_inverting_the_sampler_then_sampling_returns_the_latent():
-    """teacher_invert runs the same Euler schedule backwards: sampling its eps returns z to first order in 1/steps."""
+    """teacher_sample(invert=True) runs the same Euler schedule backwards: sampling its eps returns z to first order in
+    1/steps."""
     dit, z = C.load_dit("tiny-flux1"), torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     cond = C.tiny_cond(dit, "flux1")
     err = {}
     for n in (8, 256):
-        eps = M.teacher_invert(dit, z, cond, n, 3.5)
+        eps = M.teacher_sample(dit, z, cond, n, 3.5, invert=True)
         err[n] = float((M.teacher_sample(dit, eps, cond, n, 3.5) - z).norm() / z.norm())
     assert float((eps - z).norm() / z.norm()) > 0.3  # the flow moved: not a trivial round trip
     assert err[256] < 0.005 and err[256] < err[8] / 10
@@ -208,8 +209,8 @@ def test_pairs_from_photos_hold_the_photo_its_latent_and_the_inverted_noise(tmp_
     dit, vae = C.load_dit("tiny-flux1"), C.load_vae("tiny-flux1")
     z = C.encode(vae, "flux1", x[None])
     torch.testing.assert_close(p["z_0"], z[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(p["eps"], M.teacher_invert(dit, z, C.tiny_cond(dit, "flux1"), 4, 3.5)[0], atol=1e-5,
-                               rtol=1e-5)
+    eps = M.teacher_sample(dit, z, C.tiny_cond(dit, "flux1"), 4, 3.5, invert=True)
+    torch.testing.assert_close(p["eps"], eps[0], atol=1e-5, rtol=1e-5)
     assert json.loads(open(os.path.join(tmp_path, "pairs.json")).read())["pairs_from"] == "sample"
 
 
