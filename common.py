@@ -291,6 +291,10 @@ def load_lora_state(dit, sd):  # the inverse of lora_state
 def trainable(*modules):  # the parameters that train
     return [p for m in modules for p in m.parameters() if p.requires_grad]
 
+def check_zero_init(cfg):  # every method's --zero_init: a zeroed output layer is learned back only by a full base
+    if cfg.zero_init and cfg.train_base != "full":
+        raise SystemExit("--zero_init zeroes the base's output layer: it needs --train_base full")
+
 def zero_output(dit):  # --zero_init: the DiT's output layer (Z-Image's: per patch size) zeroed, its velocity 0
     for layer in [dit.proj_out] if hasattr(dit, "proj_out") else [f.linear for f in dit.all_final_layer.values()]:
         for p in layer.parameters():

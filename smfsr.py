@@ -139,8 +139,7 @@ def resolve(cfg):
     common.check_choices(cfg, stage=tuple(STAGES), start=("noise", "lr"), train_base=("none", "lora", "full"),
                          teacher_t=("uniform", "logit-normal"))
     check_preset(cfg.degrade)
-    if cfg.zero_init and cfg.train_base != "full":
-        raise SystemExit("--zero_init zeroes the base's output layer: it needs --train_base full")
+    common.check_zero_init(cfg)
     if cfg.crop % 16 or cfg.steps < 1 or not 0 < cfg.start_t <= 1:
         raise SystemExit(f"--crop {cfg.crop} --steps {cfg.steps} --start_t {cfg.start_t}: expected a multiple of 16, "
                          f"at least one step, 0 < start_t <= 1")
@@ -484,7 +483,8 @@ class Captions:
         return {k: torch.cat([c[k] for c in conds]) for k in self.empty}
 
 def trained_base(ckpt):  # (train_base, lora_rank) of a checkpoint
-    return common.load_config(ckpt)["train_base"], common.load_config(ckpt).get("lora_rank", 128)
+    c = common.load_config(ckpt)
+    return c["train_base"], c.get("lora_rank", 128)
 
 def stage_inputs(cfg):
     """cfg with its stage's inputs, checked: the previous stage's output and stage 1's teacher (in its config.json)."""
@@ -496,9 +496,9 @@ def stage_inputs(cfg):
         raise SystemExit(f"--stage {cfg.stage}: no --stage {prev} checkpoint in {src!r}; run it or pass --init_ckpt")
     if (base := trained_base(init)) != (cfg.train_base, cfg.lora_rank):
         raise SystemExit(f"--train_base {cfg.train_base}: {init} trained with --train_base {base[0]} (rank {base[1]})")
-    if common.load_config(init).get("zero_init", False) != cfg.zero_init:  # it changes the network's form
+    if (init_cfg := common.load_config(init)).get("zero_init", False) != cfg.zero_init:  # changes the network's form
         raise SystemExit(f"--zero_init {cfg.zero_init}: {init} trained with --zero_init {not cfg.zero_init}")
-    src = cfg.teacher_ckpt or (init if cfg.stage == "isc" else common.load_config(init).get("teacher_ckpt", ""))
+    src = cfg.teacher_ckpt or (init if cfg.stage == "isc" else init_cfg.get("teacher_ckpt", ""))
     if not (teacher := common.latest_checkpoint(src)):
         raise SystemExit(f"--teacher_ckpt {src!r}: no stage-0 teacher checkpoint there")
     return dataclasses.replace(cfg, init_ckpt=init, teacher_ckpt=teacher)

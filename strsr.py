@@ -141,8 +141,9 @@ def resolve(cfg):
     """The concrete preset, crop and step count (0 defaults: the paper's, per stage); the flags checked."""
     common.check_choices(cfg, stage=("1", "2"), cond=("vlm", "none", "text"), train_base=("lora", "full"))
     check_preset(cfg.degrade)
-    if cfg.fsdp and cfg.train_base == "full" or cfg.zero_init and cfg.train_base != "full":
-        raise SystemExit("--fsdp shards the frozen base, --zero_init changes it: --train_base lora and full resp.")
+    if cfg.fsdp and cfg.train_base == "full":
+        raise SystemExit("--fsdp shards the frozen base; with --train_base full none of it is frozen")
+    common.check_zero_init(cfg)
     preset = common.resolve_preset(cfg.model, Config.model)
     if common.PRESETS[preset].family not in ("flux2", "zimage"):
         raise SystemExit(f"--model {preset}: StrSR is defined on the flux2 and zimage families")

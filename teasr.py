@@ -141,8 +141,7 @@ def resolve(cfg):
         raise SystemExit(f"--model {cfg.model}: TEASR is built on Qwen-Image (dual-stream blocks, per-token "
                          f"modulation)")
     common.check_choices(cfg, train_base=("none", "full"))
-    if cfg.zero_init and cfg.train_base != "full":
-        raise SystemExit("--zero_init zeroes the base's output layer: it needs --train_base full")
+    common.check_zero_init(cfg)
     check_preset(cfg.degrade)
     cfg = dataclasses.replace(cfg, model=preset, tile=cfg.tile or 128, overlap=cfg.overlap or 32)
     if cfg.crop % 16 or cfg.steps < 1 or cfg.tile % 2 or cfg.overlap % 2 or not 2 <= cfg.overlap <= cfg.tile // 2:

@@ -227,3 +227,6 @@ def test_zero_init_starts_at_the_vae_round_trip_of_bicubic(method, tmp_path, tmp
     vae, family = C.load_vae(preset, None, torch.float32, torch.device("cpu")), C.PRESETS[preset].family
     g = torch.Generator().manual_seed(0) if method == "strsr" else None  # StrSR draws z_lr (seed 0)
     torch.testing.assert_close(sr, C.super_resolve(vae, family, x_lr, lambda z: z, g), atol=1e-5, rtol=0)
+    base = C.configure(mod.Config, model="tiny", **({"stage": "teacher"} if method == "smfsr" else {}))
+    with pytest.raises(SystemExit, match="--zero_init zeroes the base's output layer: it needs --train_base full"):
+        mod.resolve(dataclasses.replace(base, zero_init=True))  # each method's default base is not trained whole
