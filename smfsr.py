@@ -482,8 +482,7 @@ class Captions:
         conds = [self.encode(self.text[i]) if k and self.text[i] else self.empty for i, k in zip(idx, keep)]
         return {k: torch.cat([c[k] for c in conds]) for k in self.empty}
 
-def trained_base(ckpt):  # (train_base, lora_rank) of a checkpoint
-    c = common.load_config(ckpt)
+def trained_base(c):  # (train_base, lora_rank) of a checkpoint's config (common.load_config)
     return c["train_base"], c.get("lora_rank", 128)
 
 def stage_inputs(cfg):
@@ -494,9 +493,10 @@ def stage_inputs(cfg):
     src = cfg.init_ckpt or f"out/smfsr-{prev}"
     if not (init := common.latest_checkpoint(src)):
         raise SystemExit(f"--stage {cfg.stage}: no --stage {prev} checkpoint in {src!r}; run it or pass --init_ckpt")
-    if (base := trained_base(init)) != (cfg.train_base, cfg.lora_rank):
+    init_cfg = common.load_config(init)
+    if (base := trained_base(init_cfg)) != (cfg.train_base, cfg.lora_rank):
         raise SystemExit(f"--train_base {cfg.train_base}: {init} trained with --train_base {base[0]} (rank {base[1]})")
-    if (init_cfg := common.load_config(init)).get("zero_init", False) != cfg.zero_init:  # changes the network's form
+    if init_cfg.get("zero_init", False) != cfg.zero_init:  # changes the network's form
         raise SystemExit(f"--zero_init {cfg.zero_init}: {init} trained with --zero_init {not cfg.zero_init}")
     src = cfg.teacher_ckpt or (init if cfg.stage == "isc" else init_cfg.get("teacher_ckpt", ""))
     if not (teacher := common.latest_checkpoint(src)):
@@ -514,9 +514,10 @@ def build_models(cfg, device):
         net = SRNet(dit, two_times=name == "student", skip=cfg.zero_init)
         if cfg.zero_init and not init:  # v = z_t - z_lr: from eps at t = 1 the jump lands on z_lr
             common.zero_output(dit)
-        own = init and (cfg.train_base != "none" or trained_base(t_ckpt)[0] != "none")  # the teacher's own base
-        t_dit = load_base(cfg, dtype, *trained_base(t_ckpt), t_ckpt, "teacher") if own else dit  # + the fake score's
-        skip = init and common.load_config(t_ckpt).get("zero_init", False)
+        t_cfg = common.load_config(t_ckpt) if init else {}  # the teacher's run: its base and its form
+        own = init and (cfg.train_base != "none" or t_cfg["train_base"] != "none")  # the teacher's own base
+        t_dit = load_base(cfg, dtype, *trained_base(t_cfg), t_ckpt, "teacher") if own else dit  # + the fake score's
+        skip = t_cfg.get("zero_init", False)  # the teacher's form: its residual on the straight path to z_lr
         teacher = SRNet(t_dit, two_times=False, skip=skip).requires_grad_(False) if init else None
         if gan and cfg.w_vsd:  # v_phi' = v_phi at init
             common.add_lora(t_dit, "lora", cfg.fake_rank, cfg.fake_rank, FAKE_LORA_TARGETS).disable_adapters()
