@@ -278,9 +278,12 @@ def teacher_sample(dit, z, cond, steps, guidance, invert=False):
         z = z - (t - s) * common.velocity("flux1", dit, z, t.view(1), cond, guidance)  # Euler, t -> s
     return z
 
-def pair_noise(seed, i, shape):
-    """eps of pair i: seeded by the pair index, so pairs do not depend on the number of ranks."""
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+def pair_seed(seed, i):
+    """Pair i's seed (its eps, or its photo crop): from the pair index, so pairs do not depend on the ranks."""
+    return seed * 1_000_003 + i
+
+def pair_noise(seed, i, shape):  # eps of pair i
+    return torch.randn(shape, generator=torch.Generator().manual_seed(pair_seed(seed, i)))
 
 def write_pair(folder, i, eps, z_hr, x_hr, manifest):
     """Pair i = one safetensors file (eps, z_0, x_0 as 8-bit; the manifest in its metadata), written under a temp
@@ -363,7 +366,7 @@ def make_pairs(cfg):
                 z_hr = teacher_sample(dit, eps.to(device), cond, cfg.teacher_steps, cfg.guidance)
                 x_hr = common.decode(vae, "flux1", z_hr).clamp(0, 1)
             else:  # --pairs_from: a photo -> the noise the teacher's flow carries to it
-                x_hr = torch.stack([photos[(i % len(photos), cfg.seed * 1_000_003 + i)] for i in idx]).to(device)
+                x_hr = torch.stack([photos[(i % len(photos), pair_seed(cfg.seed, i))] for i in idx]).to(device)
                 z_hr = common.encode(vae, "flux1", x_hr)
                 eps = teacher_sample(dit, z_hr, cond, cfg.teacher_steps, cfg.guidance, invert=True)
         for j, i in enumerate(idx):
