@@ -399,7 +399,7 @@ class PairDataset(torch.utils.data.Dataset):
         size, c = x_hr.shape[-1], self.crop
         if c < size:  # aligned crop: pixel offsets on the 16-px token grid, latents at 1/8
             g = torch.Generator().manual_seed(seed)
-            top, left = (16 * torch.randint(0, (size - c) // 16 + 1, (2,))).tolist()
+            top, left = (16 * torch.randint(0, (size - c) // 16 + 1, (2,), generator=g)).tolist()
             x_hr = x_hr[:, top:top + c, left:left + c]
             eps, z_hr = (z[:, top // 8:(top + c) // 8, left // 8:(left + c) // 8] for z in (eps, z_hr))
         return eps, z_hr, x_hr

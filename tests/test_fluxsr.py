@@ -295,6 +295,17 @@ def test_aligned_crops_of_pairs(clean_pairs):
         assert torch.equal(full[1][:, i // 8:i // 8 + 4, j // 8:j // 8 + 4], z_0)
 
 
+def test_a_pair_crop_is_a_function_of_its_key_alone(clean_pairs):
+    """The same (index, seed) gives the same crop under any global RNG state (resume, another number of ranks)."""
+    data = M.PairDataset(str(clean_pairs), 16)
+    crops = []
+    for state in range(6):
+        torch.manual_seed(state)
+        crops.append(data[(0, 3)][2])
+    assert all(torch.equal(c, crops[0]) for c in crops)
+    assert any(not torch.equal(data[(0, s)][2], crops[0]) for s in range(8))  # the seed does move it
+
+
 def test_torchrun_writes_the_same_pairs(tmp_path, clean_pairs):
     """Pair i on rank i % 2 is the pair one process writes: it depends on its index only."""
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "fluxsr.py", "--model",
