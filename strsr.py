@@ -159,8 +159,9 @@ def pretrained(cfg):
     if cfg.cond == "vlm":
         needs.append(common.Weights("Qwen3-VL (E_vlm, Eq. 5)", cfg.vlm, "vlm", ("config.json", "tokenizer.json"),
                                     ("*.json", "*.safetensors", "*.txt")))
-    needs.append(common.Weights("CLIP ConvNeXt-XXLarge (C, Sec. 3.3)", cfg.disc_ckpt or CLIP_HUB, "disc_ckpt",
-                                ("open_clip_pytorch_model.bin",)))  # the release's file
+    if cfg.w_gan:  # Table 4's "w/o GAN": no discriminator
+        needs.append(common.Weights("CLIP ConvNeXt-XXLarge (C, Sec. 3.3)", cfg.disc_ckpt or CLIP_HUB, "disc_ckpt",
+                                    ("open_clip_pytorch_model.bin",)))  # the release's file
     if cfg.w_lpips:
         needs.append(common.lpips_weights(cfg))
     if cfg.stage == "2" and cfg.w_fdl:
@@ -542,26 +543,28 @@ def train(cfg):
     rank, world, device, log = common.setup(cfg, pretrained(cfg))
     family, random_nets = common.PRESETS[cfg.model].family, common.PRESETS[cfg.model].hub is None
 
-    # 1. models: LoRA generator + condition MLP train; VLM, VAE, D backbone, VGG, LPIPS frozen
+    # 1. models: LoRA generator + condition MLP train; VLM, VAE, D backbone, VGG, LPIPS frozen; no D with --w_gan 0
     with torch.random.fork_rng(devices=[]):  # the same initial weights on every rank
         torch.manual_seed(cfg.seed)
         dit, vae, cond = build_generator(cfg, device)
-        disc = Discriminator(random_nets, cfg.disc_width, cfg.disc_ckpt).to(device)
+        disc = Discriminator(random_nets, cfg.disc_width, cfg.disc_ckpt).to(device) if cfg.w_gan else None
         lpips = common.load_lpips(device, "random" if random_nets else cfg.lpips_weights) if cfg.w_lpips else None
         phi = FDLFeatures("random" if random_nets else cfg.fdl_weights, cfg.fdl_projections).to(device) \
             if cfg.stage == "2" else None
     common.checkpointing(cfg, device, dit, vae)
-    if cfg.grad_ckpt and device.type == "cuda":
+    if cfg.grad_ckpt and device.type == "cuda" and disc:
         disc.trunk.set_grad_checkpointing(True)
     if cfg.fsdp:
         dit = common.shard_fsdp2(dit, log)
 
     # 2. optimizers: AdamW with the default betas, separate learning rates (Sec. 4.1)
-    opts = {"g": torch.optim.AdamW(common.trainable(dit, cond), lr=cfg.lr, weight_decay=cfg.weight_decay),
-            "d": torch.optim.AdamW(disc.trainable(), lr=cfg.lr_d, weight_decay=cfg.weight_decay)}
+    opts = {"g": torch.optim.AdamW(common.trainable(dit, cond), lr=cfg.lr, weight_decay=cfg.weight_decay)}
+    models = {"dit": dit, "cond": cond}
+    if disc:
+        opts["d"] = torch.optim.AdamW(disc.trainable(), lr=cfg.lr_d, weight_decay=cfg.weight_decay)
+        models["disc"] = disc
 
     # 3. resume, or continue stage 1 into stage 2
-    models = {"dit": dit, "cond": cond, "disc": disc}
     step, first = resume(cfg, models, opts, log)
 
     # 4. data: HR crops; the LR made on the device by the degradation (Real-ESRGAN unless --degrade)
@@ -575,7 +578,8 @@ def train(cfg):
         (loss * scale).backward()
         return terms, lambda: (x_lr, x_sr, x_hr)
 
-    dit.train(), cond.train(), disc.train()
+    for m in models.values():
+        m.train()
     common.train_loop(cfg, log, loader, accum, micro_step, models, opts, step, first + cfg.max_steps, first,
                       extra=lambda: {"stage_start": first})
     if rank == 0 and cfg.eval_heldout:

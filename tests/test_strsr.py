@@ -237,6 +237,24 @@ def test_strsr_losses_without_lpips_need_no_vgg(tiny):
 
 
 # --------------------------------------------------------------------------- training and sampling
+def test_without_gan_no_discriminator_is_needed_or_built(tmp_path, monkeypatch):
+    """Table 4's "w/o GAN" (--w_gan 0): the CLIP-ConvNeXt is not among the weights a run needs, no discriminator is
+    built, and no optimizer for it is stepped or saved."""
+    names = lambda cfg: [w.name for w in S.pretrained(cfg)]
+    assert any("ConvNeXt" in n for n in names(S.Config()))
+    assert not any("ConvNeXt" in n for n in names(S.Config(w_gan=0.0)))
+
+    def no_disc(*a, **kw):
+        raise AssertionError("a discriminator was built")
+    monkeypatch.setattr(S, "Discriminator", no_disc)
+    out = tmp_path / "run"
+    S.train(C.configure(S.Config, model="tiny", out_dir=str(out), batch_size=2, num_workers=0, max_steps=1,
+                        w_gan=0.0))
+    ckpt = C.latest_checkpoint(str(out))
+    assert not (out / ckpt / "disc.safetensors").exists()
+    assert list(torch.load(f"{ckpt}/state.pt", weights_only=True)["optimizers"]) == ["g"]
+
+
 def test_stage_1_then_stage_2_in_one_folder_then_tiled_sampling(tmp_path):
     """Stage 2 continues stage 1's run in its out_dir (step count, optimizers) and adds FDL; the sampler tiles in
     latent space and runs the VLM once, on the whole LR image."""
