@@ -331,15 +331,16 @@ def prefetch():
 
 CROPS = [(64, 160), (336, 128), (128, 344)]  # (top, left) of 128 px crops of astronaut: face, badge, shuttle
 
-def heldout(method, build_sampler, out_dir, degrade="realesrgan"):
+def heldout(method, build_sampler, out_dir, degrade="realesrgan", data_root="data"):
     """The end of a mini run: bicubic and the method (the caller's `build_sampler`: no second import) on the held-out
     photo, its LR made by the run's degradation: the table, and out_dir/compare.png of the images it scored: 128 px
     crops (rows) of LR (nearest) | bicubic | method | HR, labelled, each pixel a 2x2 square."""
     from PIL import Image, ImageDraw
     ev = os.path.join(out_dir, "eval")
     rows = main(["--method", f"bicubic,{method}", "--ckpt", out_dir, "--bench", "sample", "--degrade", degrade,
-                 "--out_dir", ev, "--metrics", "PSNR,SSIM,LPIPS-rand,Blockiness"], {method: build_sampler})
-    k, lr, hr = load_bench("sample", "data", degrade=degrade)[0][0]  # the files the table scored
+                 "--data_root", data_root, "--out_dir", ev, "--metrics", "PSNR,SSIM,LPIPS-rand,Blockiness"],
+                {method: build_sampler})
+    k, lr, hr = load_bench("sample", data_root, degrade=degrade)[0][0]  # the files the table scored
     files = [lr] + [os.path.join(ev, m, "sample", k + ".png") for m in ("bicubic", method)] + [hr]
     ims = [Image.open(f).convert("RGB") for f in files]
     ims[0] = ims[0].resize((ims[0].width * 4, ims[0].height * 4), Image.NEAREST)

@@ -73,6 +73,7 @@ class Config:
     make_pairs: int = 0           # > 0: write pairs 0..N-1 to --data and stop (Sec. 5.1: 2400)
     pair_batch: int = 1           # ours: pairs per teacher call in --make_pairs (the pairs do not depend on it)
     pairs_from: str = ""          # paper: "" (the teacher samples noise); a data source: its photos inverted (ours)
+    data_root: str = "data"       # folder of the named datasets (--pairs_from) and of the held-out photo
     pair_size: int = 1024         # Sec. 5.1: 1024x1024 pairs
     teacher_steps: int = 28       # ours: FLUX.1-dev's usual Euler steps (paper: "multi-step")
     guidance: float = 3.5         # FLUX.1-dev's distilled guidance default, teacher and student
@@ -354,7 +355,7 @@ def make_pairs(cfg):
     vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device)
     cond = common.fixed_prompt(cfg, dit, device, cfg.data)
     h, todo = cfg.pair_size // 8, [i for i in files if i not in good]
-    photos = ImageDataset(cfg.pairs_from, cfg.pair_size) if cfg.pairs_from else None
+    photos = ImageDataset(cfg.pairs_from, cfg.pair_size, cfg.data_root) if cfg.pairs_from else None
     print(f"rank {rank}: {len(todo)} of {len(files)} pairs to write", flush=True)
     from tqdm import tqdm
     bar = tqdm(total=len(todo), desc="pairs", disable=rank != 0)
@@ -464,7 +465,7 @@ def train(cfg):
                       extra=lambda: {"cond": {k: v.detach().cpu() for k, v in cond.items()}})
     if rank == 0 and cfg.eval_heldout:
         import eval
-        eval.heldout("fluxsr", build_sampler, cfg.out_dir, cfg.degrade)
+        eval.heldout("fluxsr", build_sampler, cfg.out_dir, cfg.degrade, cfg.data_root)
 
 if __name__ == "__main__":
     cfg = common.parse_config(Config)

@@ -588,7 +588,7 @@ def train(cfg):
     common.train_loop(cfg, log, loader, accum, micro_step, models, opts, step, cfg.max_steps, extra=extra)
     if rank == 0 and cfg.eval_heldout:
         import eval
-        eval.heldout("smfsr", build_sampler, cfg.out_dir, cfg.degrade)
+        eval.heldout("smfsr", build_sampler, cfg.out_dir, cfg.degrade, cfg.data_root)
 
 if __name__ == "__main__":
     cfg = common.parse_config(Config)

@@ -584,7 +584,7 @@ def train(cfg):
                       extra=lambda: {"stage_start": first})
     if rank == 0 and cfg.eval_heldout:
         import eval
-        eval.heldout("strsr", build_sampler, cfg.out_dir, cfg.degrade)
+        eval.heldout("strsr", build_sampler, cfg.out_dir, cfg.degrade, cfg.data_root)
 
 if __name__ == "__main__":
     cfg = common.parse_config(Config)

@@ -383,7 +383,7 @@ def train(cfg):
                       extra=lambda: {"cond": {k: v.detach().cpu() for k, v in cond.items()}})
     if rank == 0 and cfg.eval_heldout:
         import eval
-        eval.heldout("teasr", build_sampler, cfg.out_dir, cfg.degrade)
+        eval.heldout("teasr", build_sampler, cfg.out_dir, cfg.degrade, cfg.data_root)
 
 if __name__ == "__main__":
     cfg = common.parse_config(Config)

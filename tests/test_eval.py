@@ -302,3 +302,6 @@ def test_heldout_table_and_compare_png(tmp_path, monkeypatch, capsys):
     first = open("run/compare.png", "rb").read()
     E.heldout("negsr", build_sampler, "run", "bicubic")
     assert open("run/compare.png", "rb").read() == first  # deterministic
+    E.heldout("negsr", build_sampler, "run2", "bicubic", data_root="photos")  # a run's --data_root
+    assert os.path.exists("photos/sample/HR/astronaut.png")
+    assert open("run2/compare.png", "rb").read() == first
