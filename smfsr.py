@@ -271,8 +271,10 @@ def teacher_velocity(teacher, dit, z_lr, cond, null, w):
 def fake_score(dit):
     """Inside: the fake score v_phi' = the teacher + its LoRA (trainable: peft ties requires_grad to the switch)."""
     dit.enable_adapters()
-    yield
-    dit.disable_adapters()
+    try:
+        yield
+    finally:  # an exception inside must not leave the teacher with the fake score's LoRA on
+        dit.disable_adapters()
 
 def load_base(cfg, dtype, train_base, rank, ckpt=None, name=None, train=False):
     """The SD3 a model runs on. `none`: the frozen base, one copy that teacher, student and fake score share. Else the

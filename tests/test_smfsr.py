@@ -240,6 +240,10 @@ def test_vsd_gradient_is_zero_when_the_fake_score_is_the_teacher():
         with M.fake_score(dit):
             assert not torch.equal(teacher(dit, z_hat_t, t, t, z_lr, cond), v_real)
         assert torch.equal(teacher(dit, z_hat_t, t, t, z_lr, cond), v_real)  # the teacher is the base + LR again
+        with pytest.raises(RuntimeError, match="inside"):
+            with M.fake_score(dit):
+                raise RuntimeError("inside")
+        assert torch.equal(teacher(dit, z_hat_t, t, t, z_lr, cond), v_real)  # adapters off after an exception
 
 
 def test_vsd_gradient_value_and_direction():
