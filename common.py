@@ -771,7 +771,7 @@ def save_grid(path, x_lr, out, x_hr):
 # Bases pretrained here, so that `--model mini` learns on a CPU: the family's DiT class at ~2M parameters and, as a
 # diffusers AutoencoderKL learns too slowly on two cores, a linear lapped autoencoder with the family's conventions.
 MINI_DIR = os.environ.get("MINI_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights"))
-MINI_VERSION = 4  # 1: 8x8 patches (a grid); 2: no constant-field projection nor pixel-step loss; 3: 16 channels
+MINI_VERSION = 4  # the recipe's version: a base pretrained by an older recipe is pretrained again
 
 @functools.cache
 def mini_vae_class():  # built on first use: `import common` stays free of diffusers

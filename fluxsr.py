@@ -435,10 +435,8 @@ def train(cfg):
     if cfg.fsdp:
         dit = common.shard_fsdp2(dit, log)
     feats = BlockFeatures(dit)
-    with torch.random.fork_rng(devices=[]):  # offline its backbone is random: the same on every rank
-        torch.manual_seed(cfg.seed)
-        random_nets = common.PRESETS[cfg.model].hub is None
-        lpips = common.load_lpips(device, "random" if random_nets else cfg.lpips_weights) if cfg.w_tv_lpips else None
+    random_nets = common.PRESETS[cfg.model].hub is None
+    lpips = common.load_lpips(device, "random" if random_nets else cfg.lpips_weights) if cfg.w_tv_lpips else None
     cond = common.fixed_prompt(cfg, dit, device, cfg.out_dir)
     cond2 = common.expand_cond(cond, 2 * cfg.micro_batch)
 

@@ -123,8 +123,8 @@ class Config:
 STAGES = {"teacher": (80_000, 32), "isc": (40_000, 16), "gan": (10_000, 8)}  # Sec. 4: iterations, batch
 # --model tiny / mini (ours): these values for every flag not given; a dict holds them per --stage
 TINY = dict(crop=64, max_steps=4, batch_size=2, micro_batch=1, fake_rank=4, disc_width=16, tile=8, overlap=2)
-# mini: the base trains (frozen, 2M cannot undo the noise start), from z0_hat = z_lr (--zero_init); stage 2 is the MSE
-# alone (VSD, the GAN and LPIPS need real networks; L_ISC keeps a 2M teacher's noise), its lr decaying to settle it
+# mini: the whole base trains (a frozen 2M base cannot undo the noise start), from z0_hat = z_lr (--zero_init); stage
+# 2 is the MSE alone (VSD, the GAN and LPIPS need real networks; L_ISC keeps a 2M teacher's noise), its lr decaying
 MINI = dict(crop=128, max_steps={"teacher": 1000, "isc": 200, "gan": 1200}, batch_size=4, micro_batch=4,
             lr={"teacher": 3e-3, "isc": 3e-4, "gan": 3e-4}, lr_fake=3e-4, lr_d=1e-4, fake_rank=16, disc_width=32,
             tile=32, overlap=8, grid_every=300, save_every=300, eval_heldout=True, degrade="bicubic",

@@ -15,8 +15,8 @@ at the current time t, condition tokens at the target time t_tar (Decoupled Time
     (2)  z_m = z_t - (t - s)/2 v(z_t, t, m),   m = (t + s)/2
     (3)  v2 = 1/2 v(z_t, t, m) + 1/2 v(z_m, m, s)               two half steps
     (4)  L_cons = || v1 - sg(v2) ||^2
+    (5)  L_base = L_flow + lambda_cons L_cons,
          L_flow = || v(z_t, t, t) - (eps - z_hr) ||^2            instantaneous velocity: t_tar = t
-    (5)  L_base = L_flow + lambda_cons L_cons
     (6)  z0_hat = eps - v(eps, 1, 0)                            the one-step estimate (the paper's z_fake)
     (7)  z'_fake = t' eps_fake + (1 - t') sg(z0_hat),   t' ~ U(0, 1)
     (8)  L_adv = || v(z'_fake, t', -t') - (eps_fake - sg(z0_hat)) ||^2    fake trajectory, t_tar = -t'

@@ -315,8 +315,8 @@ def isc_ckpt(tmp_path_factory):
 
 
 def test_gan_stage_skips_the_terms_of_weight_zero(tmp_path, isc_ckpt):
-    """w_vsd = w_gan = w_isc = w_lpips = 0 (the mini's stage 2 keeps L_Rec's MSE and, there, a tenth of
-    L_ISC): no fake score, no discriminator, no VGG is built, and the student still learns from L_Rec."""
+    """w_vsd = w_gan = w_isc = w_lpips = 0 (the mini's stage 2: L_Rec's MSE alone): no fake score, no discriminator,
+    no VGG is built, and the student still learns from L_Rec."""
     kw = dict(model="tiny", stage="gan", init_ckpt=str(isc_ckpt), num_workers=0, max_steps=2, lr=1e-2)
     M.train(C.configure(M.Config, out_dir=str(tmp_path / "g"), w_vsd=0.0, w_gan=0.0, w_isc=0.0, w_lpips=0.0, **kw))
     ckpt = C.latest_checkpoint(str(tmp_path / "g"))

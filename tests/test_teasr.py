@@ -22,7 +22,7 @@ def tiny_inputs(B=2, H=8, W=6, seed=0):
 
 
 def tiny_cond(dit):
-    return {"embeds": common.tiny_cond(dit, "qwen")["embeds"]}  # all-ones mask dropped, as teasr.empty_prompt
+    return {"embeds": common.tiny_cond(dit, "qwen")["embeds"]}  # all-ones mask dropped, as common.fixed_prompt
 
 
 # --------------------------------------------------------------------------- dual-branch DiT
