@@ -612,13 +612,21 @@ def load_config(ckpt):
     """A checkpoint's config.json as a dict, older flags translated to today's."""
     with open(os.path.join(ckpt, "config.json")) as f:
         c = {RENAMED.get(k, k): v for k, v in json.load(f).items()}
-    if "train_base" not in c:  # older flags: SMFSR --base_rank, TEASR --train_noise, the others --lora_rank 0
-        r, noise = c.pop("base_rank", None), c.pop("train_noise", None)
-        c["train_base"] = ({-1: "none", 0: "full"}.get(r, "lora") if r is not None else ("full" if noise else "none")
-                           if noise is not None else "full" if c.get("lora_rank") == 0 else "lora")
-        if r is not None and r > 0:
-            c["lora_rank"] = r
-    return c | ({"stage": str(c["stage"])} if "stage" in c else {})
+    if "stage" in c:  # StrSR's stages were numbers
+        c["stage"] = str(c["stage"])
+    if "train_base" in c:
+        return c
+    # older flags: SMFSR --base_rank (-1 frozen, 0 full, r a rank-r LoRA), TEASR --train_noise, --lora_rank 0 (full)
+    rank, noise = c.pop("base_rank", None), c.pop("train_noise", None)
+    if rank is not None:
+        c["train_base"] = {-1: "none", 0: "full"}.get(rank, "lora")
+        if rank > 0:
+            c["lora_rank"] = rank
+    elif noise is not None:
+        c["train_base"] = "full" if noise else "none"
+    else:
+        c["train_base"] = "full" if c.get("lora_rank") == 0 else "lora"
+    return c
 
 def checkpoint_config(ckpt, cls):
     """(folder, config as `cls`, fields it no longer has ignored) of the latest checkpoint under ckpt."""

@@ -1,5 +1,5 @@
 """common.py: presets, latent conventions, velocity calls, loading, data, the lr schedule, checkpoints, tiling."""
-import os, sys
+import json, os, sys
 
 import numpy as np
 import pytest
@@ -324,6 +324,25 @@ def test_checkpoint_keeps_only_trainable_state(tmp_path):
     keys = set(load_file(os.path.join(ck, "d.safetensors")))
     assert not any(k.startswith("0.") for k in keys)  # frozen weights are not stored
     assert "1.weight_u" in keys  # spectral-norm state is (exact resume needs it)
+
+
+@pytest.mark.parametrize("old, new", [
+    (dict(lr_g=1e-5, lam=2.0, gamma=0.5, mu=0.1, stage=2), dict(lr=1e-5, w_tv_lpips=2.0, tv_gamma=0.5, w_adl=0.1,
+                                                              stage="2", train_base="lora")),
+    (dict(lambda_cons=0.25, lambda_data=1.0, lambda_lpips=2.0, lambda_adv=0.3, lambda_rect=0.4, train_noise=False),
+     dict(w_cons=0.25, w_data=1.0, w_lpips=2.0, w_adv=0.3, w_rect=0.4, train_base="none")),
+    (dict(train_noise=True), dict(train_base="full")),
+    (dict(base_rank=-1), dict(train_base="none")),
+    (dict(base_rank=0), dict(train_base="full")),
+    (dict(base_rank=8, lora_rank=64), dict(train_base="lora", lora_rank=8)),
+    (dict(lora_rank=0), dict(train_base="full", lora_rank=0)),
+    (dict(lora_rank=16, train_base="lora"), dict(lora_rank=16, train_base="lora")),  # today's flags pass through
+])
+def test_an_old_checkpoint_config_loads_as_todays_flags(tmp_path, old, new):
+    """Checkpoints written before flags were renamed (the weights w_<term>, lr, --train_base) load with today's names:
+    SMFSR's --base_rank (-1 frozen, 0 full, r a rank-r LoRA), TEASR's --train_noise, --lora_rank 0 (full)."""
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert C.load_config(str(tmp_path)) == new
 
 
 # --------------------------------------------------------------------------- tiling
