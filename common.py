@@ -612,7 +612,7 @@ def load_config(ckpt):
     """A checkpoint's config.json as a dict, older flags translated to today's."""
     with open(os.path.join(ckpt, "config.json")) as f:
         c = {RENAMED.get(k, k): v for k, v in json.load(f).items()}
-    if "stage" in c:  # StrSR's stages were numbers
+    if "stage" in c:  # older runs saved it as a number
         c["stage"] = str(c["stage"])
     if "train_base" in c:
         return c
