@@ -291,6 +291,23 @@ def load_lora_state(dit, sd):  # the inverse of lora_state
 def trainable(*modules):  # the parameters that train
     return [p for m in modules for p in m.parameters() if p.requires_grad]
 
+@contextlib.contextmanager
+def frozen(module, eval_mode=False):
+    """Inside: the module's trained parameters take no gradient (a loss through it reaches only what feeds it) and,
+    with eval_mode, it runs in eval mode; both restored on exit."""
+    params, mode = trainable(module), module.training
+    for p in params:
+        p.requires_grad_(False)
+    if eval_mode:
+        module.eval()
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+        if eval_mode:
+            module.train(mode)
+
 def check_zero_init(cfg):  # every method's --zero_init: a zeroed output layer is learned back only by a full base
     if cfg.zero_init and cfg.train_base != "full":
         raise SystemExit("--zero_init zeroes the base's output layer: it needs --train_base full")

@@ -174,7 +174,7 @@ class BlockFeatures:
 def G(z_lr, v_theta, T_L):
     return z_lr - v_theta * T_L  # Eq. (18)
 
-def generator(dit, z_lr, T_L, cond, guidance):
+def one_step(dit, z_lr, T_L, cond, guidance):
     """The one-step generator G(z_lr): one DiT call at t = T_L on the LR latent."""
     t = torch.full((z_lr.shape[0],), T_L, device=z_lr.device)
     return G(z_lr, common.velocity("flux1", dit, z_lr, t, common.expand_cond(cond, z_lr.shape[0]), guidance), T_L)
@@ -255,7 +255,7 @@ def build_sampler(flags, device=None):
     dit = dit.to(device).eval()
     vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device, tiling=True)
     cond = {k: v.to(device) for k, v in state["cond"].items()}
-    latent = lambda z_lr: common.tiled(lambda z: generator(dit, z, cfg.T_L, cond, cfg.guidance), z_lr, cfg.tile,
+    latent = lambda z_lr: common.tiled(lambda z: one_step(dit, z, cfg.T_L, cond, cfg.guidance), z_lr, cfg.tile,
                                        cfg.overlap)
     return lambda x_lr: common.super_resolve(vae, "flux1", x_lr, latent)
 

@@ -48,7 +48,7 @@ What differs from the paper, and why:
 - --zero_init (ours, the mini): u = (z_t - z_lr) + the DiT's output, that layer from zero: at t = 1 the jump of Eq. 14
   lands on z_lr (bicubic) whatever eps, as StrSR's; the network learns the detail instead of cancelling eps exactly.
 """
-import contextlib, copy, dataclasses, os
+import contextlib, copy, dataclasses, os, types
 
 import torch
 import torch.nn as nn
@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 import common
 from common import bc
-from degrade import PRESETS as DEGRADE, ImageDataset, StepSampler, check_preset, degrade, make_loader
+from degrade import PRESETS as DEGRADE, ImageDataset, check_preset, degrade, make_loader
 
 UNSUPPORTED = {"fsdp": "SD3.5-M fits one GPU for all roles; its blocks run piece by piece, unseen by FSDP's hooks"}
 
@@ -396,8 +396,9 @@ def isc_losses(u, v_teacher, z_hr, eps, cfg, weight=1.0):
         l_isc = boundary_loss(u, v_teacher, z_t, t) if q < cfg.p_boundary else isc_loss(u, z_t, r, t, lam)
     return weight * l_isc, {"loss": weight * l_isc, "isc": l_isc}
 
-def gan_losses(u, v_teacher, teacher, t_dit, disc, vae, lpips, z_lr, x_hr, cond, cfg, scale):
-    """Stage 2's terms after L_ISC (Eq. 20) and D's (Eq. 18), weight 0 skipped; Eq. 16 is back-propagated inside."""
+def gan_losses(u, v_teacher, teacher, t_dit, disc, vae, lpips, z_lr, x_hr, cond, cfg):
+    """Stage 2's terms after L_ISC (Eq. 20) and D's (Eq. 18), weight 0 skipped. The fake score's own loss (Eq. 16) is
+    terms["fake"]: it is back-propagated apart, with the fake LoRA on (see fake_score)."""
     B, device = z_lr.shape[0], z_lr.device
     z0_hat = sample(u, torch.randn_like(z_lr), 1)  # Eq. (14): one jump from noise
     x_sr = common.decode(vae, "sd3", z0_hat).float()
@@ -411,14 +412,12 @@ def gan_losses(u, v_teacher, teacher, t_dit, disc, vae, lpips, z_lr, x_hr, cond,
             v_real = v_teacher(z0_hat_t, t_v)
         with fake_score(t_dit):  # one fake-score pass: detached for Eq. 15, through its LoRA for Eq. 16
             v_fake = teacher(t_dit, z0_hat_t, t_v, t_v, z_lr, cond)
-            l_fake = fake_score_loss(v_fake, eps_v, z0_hat)
-            (l_fake * scale).backward()
+        l_fake = fake_score_loss(v_fake, eps_v, z0_hat)
         l_vsd = vsd_loss(z0_hat, z0_hat_t, t_v, v_real, v_fake.detach())  # Eq. (15)
     if cfg.w_gan:
         f_fake, f_real = disc.features(x_sr), disc.features(x_hr)  # the frozen backbone: no graph for x_hr
-        disc.heads.requires_grad_(False)  # L_adv^G reaches the generator only
-        l_adv = adv_g_loss(disc(f_fake))
-        disc.heads.requires_grad_(True)
+        with common.frozen(disc.heads):  # L_adv^G reaches the generator only
+            l_adv = adv_g_loss(disc(f_fake))
         l_d = adv_d_loss(disc(f_real), disc([f.detach() for f in f_fake]))
     l_g = cfg.w_rec * l_rec + cfg.w_vsd * l_vsd + cfg.w_gan * l_adv  # Eq. (20), after L_ISC
     return l_g + l_d, dict(loss=l_g, mse=l_mse, lpips=l_lpips, vsd=l_vsd, adv=l_adv, fake=l_fake, d=l_d), x_sr
@@ -457,10 +456,16 @@ def build_sampler(flags, device=None):
     return lambda x_lr: common.super_resolve(vae, "sd3", x_lr, latent)
 
 # ----------------------------------------------------------------------------- training
-class Captions:
-    """Captions with dropout (Sec. 4.4), cached by rank 0; a twin of the loader's StepSampler names its images."""
+class IndexedImages(ImageDataset):
+    """The training crops with their index: a micro-batch's indices name its captions."""
 
-    def __init__(self, cfg, dit, device, rank, world, start_step):
+    def __getitem__(self, key):
+        return super().__getitem__(key), key[0]
+
+class Captions:
+    """Captions with dropout (Sec. 4.4), cached by rank 0, looked up by the images' indices in the dataset."""
+
+    def __init__(self, cfg, dit, device, rank):
         stand_in, self.cfg, self.text = common.random_prompt(cfg), cfg, []
         if cfg.captions:
             with open(cfg.captions) as f:
@@ -468,7 +473,6 @@ class Captions:
             names = (common.SAMPLE_PHOTOS if cfg.data == "sample" else
                      [os.path.splitext(os.path.basename(p))[0] for p in common.list_images(cfg.data, cfg.data_root)])
             self.text = [table.get(n, "").strip() for n in names]
-            self.keys = iter(StepSampler(len(names), cfg.batch_size, rank, world, cfg.seed, start_step))
         encode = lambda c: common.prompt_cond(cfg.model, c, cfg.cache_dir, device, cfg.model_path or None)
         for c in sorted(set(self.text) - {""}) if rank == 0 and not stand_in else ():  # cached before the barrier
             encode(c)
@@ -476,12 +480,13 @@ class Captions:
         self.empty = {k: torch.zeros_like(v) for k, v in self.prompt.items()} if stand_in else self.prompt
         self.encode = (lambda c: self.prompt) if stand_in else encode
 
-    def batch(self, B):
-        """The conditions of the loader's next micro-batch (B, ...)."""
+    def batch(self, idx):
+        """The conditions (B, ...) of the images with dataset indices idx (B,)."""
+        B = len(idx)
         if not self.text:
             return common.expand_cond(self.empty, B)
-        idx, keep = [next(self.keys)[0] for _ in range(B)], (torch.rand(B) >= self.cfg.p_drop).tolist()  # dropout
-        conds = [self.encode(self.text[i]) if k and self.text[i] else self.empty for i, k in zip(idx, keep)]
+        keep = (torch.rand(B) >= self.cfg.p_drop).tolist()  # caption dropout
+        conds = [self.encode(self.text[i]) if k and self.text[i] else self.empty for i, k in zip(idx.tolist(), keep)]
         return {k: torch.cat([c[k] for c in conds]) for k in self.empty}
 
 def trained_base(c):  # (train_base, lora_rank) of a checkpoint's config (common.load_config)
@@ -506,7 +511,8 @@ def stage_inputs(cfg):
     return dataclasses.replace(cfg, init_ckpt=init, teacher_ckpt=teacher)
 
 def build_models(cfg, device):
-    """The stage's (name, net, dit, teacher, t_dit, disc, lpips), the same init on every rank; t_dit carries v_phi'."""
+    """The stage's networks, the same init on every rank: name ("teacher" or "student"), net (the SRNet that trains)
+    on dit, the frozen teacher on t_dit (which also carries v_phi', the fake score's LoRA), disc, lpips."""
     dtype, gan, random_nets = common.weight_dtype(device), cfg.stage == "gan", common.PRESETS[cfg.model].hub is None
     init, t_ckpt = cfg.init_ckpt, cfg.teacher_ckpt
     name, src = "teacher" if cfg.stage == "teacher" else "student", {"isc": "teacher", "gan": "student"}.get(cfg.stage)
@@ -526,8 +532,11 @@ def build_models(cfg, device):
         disc = Discriminator(random_nets, cfg.disc_model, cfg.disc_width) if gan and cfg.w_gan else None
     lpips = common.load_lpips(device, "random" if random_nets else cfg.lpips_weights) if gan and cfg.w_lpips else None
     if init:
-        load_net(t_ckpt, "teacher", teacher), load_net(init, src, net)
-    return (name, *(m if m is None else m.to(device) for m in (net, dit, teacher, t_dit, disc)), lpips)
+        load_net(t_ckpt, "teacher", teacher)
+        load_net(init, src, net)
+    to = lambda m: m if m is None else m.to(device)
+    return types.SimpleNamespace(name=name, net=to(net), dit=to(dit), teacher=to(teacher), t_dit=to(t_dit),
+                                 disc=to(disc), lpips=lpips)
 
 def train(cfg):
     cfg = stage_inputs(resolve(cfg))  # config.json records the inputs: the gan stage reads isc's teacher from it
@@ -535,7 +544,8 @@ def train(cfg):
     gan = cfg.stage == "gan"
 
     # 1. models: with --train_base none one frozen SD3 (bf16 on GPU) serves teacher, student and fake score
-    name, net, dit, teacher, t_dit, disc, lpips = build_models(cfg, device)
+    m = build_models(cfg, device)
+    name, net, dit, t_dit = m.name, m.net, m.dit, m.t_dit
     vae = common.load_vae(cfg.model, cfg.model_path or None, common.weight_dtype(device), device)
     common.checkpointing(cfg, device, dit, t_dit)  # SRNet.forward checkpoints each block when this is on
 
@@ -546,7 +556,8 @@ def train(cfg):
     if gan and cfg.w_vsd:
         opts["opt_fake"] = adam([p for n, p in t_dit.named_parameters() if "lora_" in n], cfg.lr_fake)
     if gan and cfg.w_gan:
-        models["disc"], opts["opt_d"] = disc.heads, adam(disc.heads.parameters(), cfg.lr_d)
+        models["disc"] = m.disc.heads
+        opts["opt_d"] = adam(m.disc.heads.parameters(), cfg.lr_d)
     log(f"{cfg.model}: stage {cfg.stage}, {sum(p.numel() for p in params) / 1e6:.3g}M trainable ({name}); "
         f"init {cfg.init_ckpt or cfg.model}, teacher {cfg.teacher_ckpt or '-'}")
 
@@ -554,30 +565,34 @@ def train(cfg):
     step, state = common.resume(cfg.out_dir, models, opts, log)
     if state and gan and cfg.w_vsd:
         common.load_lora_state(t_dit, state["fake_lora"])
-    loader, accum = make_loader(ImageDataset(cfg.data, cfg.crop, cfg.data_root), cfg, rank, world, step)
-    captions = Captions(cfg, dit, device, rank, world, step)
+    loader, accum = make_loader(IndexedImages(cfg.data, cfg.crop, cfg.data_root), cfg, rank, world, step)
+    captions = Captions(cfg, dit, device, rank)
     log(f"batch {cfg.batch_size} = {world} ranks x {accum} accum x {cfg.micro_batch}, crop {cfg.crop}")
 
     # 5. loop; DiT passes per micro-batch: teacher 1, isc 2 (boundary) or 3 (split), gan isc + 1 + teacher + fake score
-    def micro_step(x, scale):
+    def micro_step(batch, scale):
+        x, idx = batch
         with torch.no_grad(), common.autocast(device):  # Alg. 1 line 6: z_lr, z_hr = E(x_lr), E(x_hr)
             x_lr, x_hr = degrade(x.to(device), 4, DEGRADE[cfg.degrade])
             z_hr, z_lr = common.encode(vae, "sd3", torch.cat([x_hr, common.upsample_lr(x_lr)])).chunk(2)
-        cond = captions.batch(z_hr.shape[0])
+        cond = captions.batch(idx)
         u, eps = (lambda z, r, t: net(dit, z, r, t, z_lr, cond)), torch.randn_like(z_hr)  # Alg. 1 line 5
         with common.autocast(device):
             if cfg.stage == "teacher":
                 loss, terms = teacher_losses(u, z_hr, eps, cfg)
             else:
-                v_teacher = teacher_velocity(teacher, t_dit, z_lr, cond, captions.empty, cfg.teacher_cfg)
+                v_teacher = teacher_velocity(m.teacher, t_dit, z_lr, cond, captions.empty, cfg.teacher_cfg)
                 loss, terms = isc_losses(u, v_teacher, z_hr, eps, cfg, cfg.w_isc if gan else 1.0)
         if gan:
             if loss.requires_grad:
                 (loss * scale).backward()  # the ISC graph is freed before the generator's is built
             with common.autocast(device):
-                loss, more, x_sr = gan_losses(u, v_teacher, teacher, t_dit, disc, vae, lpips, z_lr, x_hr, cond, cfg,
-                                              scale)
+                loss, more, x_sr = gan_losses(u, v_teacher, m.teacher, t_dit, m.disc, vae, m.lpips, z_lr, x_hr, cond,
+                                              cfg)
             terms = {"loss": terms["loss"] + more.pop("loss"), "isc": terms["isc"], **more}
+            if cfg.w_vsd:
+                with fake_score(t_dit):  # Eq. 16 reaches the fake LoRA only while it is on
+                    (terms["fake"] * scale).backward()
         (loss * scale).backward()
 
         def preview():  # stages 0-1: the current model's sample of this micro-batch, from fixed noise

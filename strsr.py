@@ -92,7 +92,7 @@ class Config:
     fsdp: bool = False            # ours: FSDP2 sharding of the frozen DiT over the ranks (4B/6B fit one GPU without)
     train_base: str = "lora"      # paper: a LoRA on the DiT; full: every DiT weight trains (ours, the mini)
     lora_rank: int = 256          # paper
-    lora_alpha: int = 256         # official
+    lora_alpha: float = 256.0     # official
     t_star: float = 0.8           # official: the fixed time of the one step
     cond: str = "vlm"             # vlm (Eq. 5) | none (Table 4 "w/o emb") | text (Table 4 "w/o VLM")
     vlm: str = "Qwen/Qwen3-VL-4B-Instruct"  # paper
@@ -175,7 +175,7 @@ LORA_TARGETS = {  # official target modules; FLUX.2 needs a regex (attn.to_out i
     "zimage": ["to_q", "to_k", "to_v", "to_out.0", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"],
 }
 
-def generator(dit, family, z_lr, c, t_star, steps=1):
+def one_step(dit, family, z_lr, c, t_star, steps=1):
     """z0_hat = z_lr - t* v_theta(z_lr, t*, c): one Euler step from t* to 0, starting at the clean LR latent (no noise
     added). steps > 1 walks the same straight path in K equal Euler steps."""
     z, ts = z_lr, torch.linspace(t_star, 0, steps + 1).tolist()
@@ -183,6 +183,19 @@ def generator(dit, family, z_lr, c, t_star, steps=1):
         v_theta = common.velocity(family, dit, z, torch.full((z.shape[0],), t, device=z.device), c)
         z = z - (t - s) * v_theta  # Sec. 3.1, Eq. (6)
     return z
+
+def lr_latent(vae, family, x_lr, rng=None):
+    """z_lr of Eq. 6: bicubic x4 of the LR, encoded by a draw of the VAE's latent distribution (official: sample(), not
+    the mode), from `rng` or the global RNG."""
+    return release_latent(vae, family, common.encode(vae, family, common.upsample_lr(x_lr), True, rng))
+
+def release_latent(vae, family, z_lr):
+    """StrSR-Z: the release feeds the raw Z-Image latent, without the VAE's shift and scale (it applies them only when
+    decoding); every other family's normalised latent as it is."""
+    if family != "zimage":
+        return z_lr
+    mean, std = common.latent_stats(vae, family, z_lr)
+    return z_lr * std + mean  # official != pipeline: the shift and scale only on the way out
 
 def tiny_vlm_config():
     """A Qwen3-VL with the real classes and layout (vision tower with deepstack, M-RoPE text model)."""
@@ -367,7 +380,7 @@ class Discriminator(nn.Module):
         return [p for m in (self.heads, self.pooled_head) for p in m.parameters()]
 
 # ----------------------------------------------------------------------------- losses
-def ragan_loss(d_real, d_fake, generator=False):
+def ragan_loss(d_real, d_fake, g_form=False):
     """Eq. (7): relativistic average GAN, D_Ra(a, b) = C(a) - mean_batch C(b), per level, summed over levels. The D
     form pushes real above the average fake and fake below the average real; the G form swaps."""
     bce = F.binary_cross_entropy_with_logits
@@ -375,7 +388,7 @@ def ragan_loss(d_real, d_fake, generator=False):
     for r, f in zip(d_real, d_fake):
         r, f = r.float(), f.float()
         ra_real, ra_fake = r - f.mean(0, keepdim=True), f - r.mean(0, keepdim=True)
-        if generator:
+        if g_form:
             loss = loss + 0.5 * (bce(ra_fake, torch.ones_like(ra_fake)) + bce(ra_real, torch.zeros_like(ra_real)))
         else:
             loss = loss + 0.5 * (bce(ra_real, torch.ones_like(ra_real)) + bce(ra_fake, torch.zeros_like(ra_fake)))
@@ -439,19 +452,6 @@ def fdl_loss(phi, x, y, phase_weight=1.0):
             Fx.angle(), Fy.angle(), k)  # Eq. (10)
     return loss.mean()
 
-def lr_latent(vae, family, x_lr, generator=None):
-    """z_lr of Eq. 6: bicubic x4 of the LR, encoded by a draw of the VAE's latent distribution (official: sample(), not
-    the mode), from `generator` or the global RNG."""
-    return release_latent(vae, family, common.encode(vae, family, common.upsample_lr(x_lr), True, generator))
-
-def release_latent(vae, family, z_lr):
-    """StrSR-Z: the release feeds the raw Z-Image latent, without the VAE's shift and scale (it applies them only when
-    decoding); every other family's normalised latent as it is."""
-    if family != "zimage":
-        return z_lr
-    mean, std = common.latent_stats(vae, family, z_lr)
-    return z_lr * std + mean  # official != pipeline: the shift and scale only on the way out
-
 def strsr_losses(dit, vae, cond, disc, lpips, phi, family, x_lr, x_hr, cfg):
     """One training step's terms: the generator's L_Gen (Eq. 11) and, on its detached output, the discriminator's
     L_Dis (Eq. 9). Their gradients reach disjoint parameters: D's heads are frozen (and in eval mode, official) during
@@ -459,7 +459,7 @@ def strsr_losses(dit, vae, cond, disc, lpips, phi, family, x_lr, x_hr, cfg):
     backbone features. Returns (L_Gen + L_Dis, the terms, x_sr)."""
     with torch.no_grad():
         z_lr = lr_latent(vae, family, x_lr)                           # Eq. (6)
-    z0_hat = generator(dit, family, z_lr, cond(x_lr), cfg.t_star)    # Eqs. (5), (6)
+    z0_hat = one_step(dit, family, z_lr, cond(x_lr), cfg.t_star)     # Eqs. (5), (6)
     x_sr = common.decode(vae, family, z0_hat)
     terms = {"l1": F.l1_loss(x_sr.float() * 2 - 1, x_hr * 2 - 1)}   # official: on [-1, 1] images
     if cfg.w_lpips:  # VGG is most of a small model's step: skipped when its weight is 0
@@ -468,23 +468,16 @@ def strsr_losses(dit, vae, cond, disc, lpips, phi, family, x_lr, x_hr, cfg):
     if w_fdl:  # official != FDL's convention: [-1, 1] images (--fdl_01: [0, 1])
         to = (lambda x: x) if cfg.fdl_01 else (lambda x: x * 2 - 1)
         terms["fdl"] = fdl_loss(phi, to(x_sr.float()), to(x_hr), cfg.fdl_phase)
-    if not cfg.w_gan:  # no adversarial term: no discriminator pass (the mini)
-        loss_g = cfg.w_l1 * terms["l1"] + cfg.w_lpips * terms.get("lpips", 0.0) + w_fdl * terms.get("fdl", 0.0)
-        return loss_g, {"loss": loss_g, **terms}, x_sr
-    with torch.no_grad():
-        feats_real = disc.features(x_hr)                              # frozen backbone, once per batch
-    mode = disc.training
-    disc.eval()                                                       # official: no power iteration in the G pass
-    for p in disc.trainable():                                        # L_G reaches the generator only
-        p.requires_grad_(False)
-    feats_fake = disc.features(x_sr)
-    d_real, d_fake = disc.logits(feats_real), disc.logits(feats_fake)
-    for p in disc.trainable():
-        p.requires_grad_(True)
-    disc.train(mode)
-    terms["gan"] = ragan_loss(d_real, d_fake, generator=True)        # Eq. (7), G form
-    loss_g = (cfg.w_l1 * terms["l1"] + cfg.w_lpips * terms.get("lpips", 0.0) + cfg.w_gan * terms["gan"]
+    if cfg.w_gan:
+        with torch.no_grad():
+            feats_real = disc.features(x_hr)                          # frozen backbone, once per batch
+        with common.frozen(disc, eval_mode=True):  # L_G reaches the generator only; official: no power iteration
+            feats_fake = disc.features(x_sr)
+            terms["gan"] = ragan_loss(disc.logits(feats_real), disc.logits(feats_fake), g_form=True)  # Eq. (7), G
+    loss_g = (cfg.w_l1 * terms["l1"] + cfg.w_lpips * terms.get("lpips", 0.0) + cfg.w_gan * terms.get("gan", 0.0)
               + w_fdl * terms.get("fdl", 0.0))  # Eq. (11)
+    if not cfg.w_gan:  # no discriminator (Table 4's w/o GAN; the mini)
+        return loss_g, {"loss": loss_g, **terms}, x_sr
     d_real = disc.logits(feats_real)
     d_gan = ragan_loss(d_real, disc.logits([f.detach() for f in feats_fake]))  # Eq. (7), D form
     r1 = r1_loss(disc, x_hr, d_real, cfg.r1_noise)                    # Eq. (8)
@@ -507,7 +500,7 @@ def build_sampler(flags, device=None):
     def sr(x_lr):
         def latent(z_lr):
             c = cond(x_lr.to(device).float())  # once, on the whole LR image
-            return common.tiled(lambda z: generator(dit, family, z, c, cfg.t_star, cfg.steps),
+            return common.tiled(lambda z: one_step(dit, family, z, c, cfg.t_star, cfg.steps),
                                 release_latent(vae, family, z_lr), tile, overlap)
         g = torch.Generator(device).manual_seed(cfg.seed)  # official: z_lr a draw of the latent distribution
         return common.super_resolve(vae, family, x_lr, latent, g)
@@ -515,7 +508,7 @@ def build_sampler(flags, device=None):
     return sr
 
 # ----------------------------------------------------------------------------- training
-def resume(cfg, models, optimizers, log):
+def resume_stage(cfg, models, optimizers, log):
     """(step, the step this stage started at): resume this run, continue a stage-1 run into stage 2 in the same
     out_dir, or start stage 2 from --init_ckpt."""
     ckpt = common.latest_checkpoint(cfg.out_dir)
@@ -565,7 +558,7 @@ def train(cfg):
         models["disc"] = disc
 
     # 3. resume, or continue stage 1 into stage 2
-    step, first = resume(cfg, models, opts, log)
+    step, first = resume_stage(cfg, models, opts, log)
 
     # 4. data: HR crops; the LR made on the device by the degradation (Real-ESRGAN unless --degrade)
     loader, accum = make_loader(ImageDataset(cfg.data, cfg.crop, cfg.data_root), cfg, rank, world, step)

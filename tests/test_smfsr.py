@@ -294,13 +294,14 @@ def test_captions_follow_the_loaders_images(tmp_path):
     (tmp_path / "cap.tsv").write_text("".join(f"{n}\tcaption {n}\n" for n in names[::2]))  # every other photo
     cfg = M.resolve(C.configure(M.Config, model="tiny", captions=str(tmp_path / "cap.tsv"), batch_size=4,
                                 micro_batch=2, crop=32, p_drop=0.0, num_workers=0))
-    loader, _ = D.make_loader(D.ImageDataset("sample", 32), cfg, 0, 1, 3)  # resumed at step 3
-    caps = M.Captions(cfg, C.load_dit("tiny-sd3"), torch.device("cpu"), 0, 1, 3)
+    loader, _ = D.make_loader(M.IndexedImages("sample", 32), cfg, 0, 1, 3)  # resumed at step 3
+    caps = M.Captions(cfg, C.load_dit("tiny-sd3"), torch.device("cpu"), 0)
     keys, ds = iter(D.StepSampler(len(names), 4, 0, 1, cfg.seed, 3)), D.ImageDataset("sample", 32)
     for _ in range(4):
         k = [next(keys) for _ in range(2)]
-        assert torch.equal(next(loader), torch.stack([ds[key] for key in k]))  # the loader follows its sampler
-        captioned = caps.batch(2)["embeds"].flatten(1).abs().sum(1) > 0  # the caption of that very image
+        x, idx = next(loader)
+        assert torch.equal(x, torch.stack([ds[key] for key in k])) and idx.tolist() == [i for i, _ in k]
+        captioned = caps.batch(idx)["embeds"].flatten(1).abs().sum(1) > 0  # the caption of that very image
         assert captioned.tolist() == [i % 2 == 0 for i, _ in k]
 
 

@@ -24,14 +24,14 @@ def tiny():
 def test_ragan_equal_logits_is_log2_and_pushes_real_up_fake_down():
     r = torch.full((4, 6), 1.3)  # D cannot tell real from fake: every logit the same
     assert S.ragan_loss([r], [r.clone()]).item() == pytest.approx(math.log(2), abs=1e-6)
-    assert S.ragan_loss([r], [r.clone()], generator=True).item() == pytest.approx(math.log(2), abs=1e-6)
+    assert S.ragan_loss([r], [r.clone()], g_form=True).item() == pytest.approx(math.log(2), abs=1e-6)
     c = torch.full((3, 5), 0.7)  # summed over levels: 2 levels -> 2 log 2
     assert S.ragan_loss([c, c[:, :1]], [c, c[:, :1]]).item() == pytest.approx(2 * math.log(2), abs=1e-6)
     real, fake = torch.randn(4, 6, requires_grad=True), torch.randn(4, 6, requires_grad=True)
     S.ragan_loss([real], [fake]).backward()
     assert (real.grad < 0).all() and (fake.grad > 0).all()  # descent raises real logits, lowers fake ones
     real.grad = fake.grad = None
-    S.ragan_loss([real], [fake], generator=True).backward()
+    S.ragan_loss([real], [fake], g_form=True).backward()
     assert (real.grad > 0).all() and (fake.grad < 0).all()  # G pulls the other way
 
 
@@ -42,7 +42,7 @@ def test_ragan_matches_the_sigmoid_formula():
     d = -0.5 * (torch.log(dra_rf).mean() + torch.log(1 - dra_fr).mean())
     g = -0.5 * (torch.log(dra_fr).mean() + torch.log(1 - dra_rf).mean())
     torch.testing.assert_close(S.ragan_loss([r], [f]), d)
-    torch.testing.assert_close(S.ragan_loss([r], [f], generator=True), g)
+    torch.testing.assert_close(S.ragan_loss([r], [f], g_form=True), g)
 
 
 def test_r1_is_zero_for_constant_d_and_the_release_noise_for_linear_d():
@@ -88,8 +88,8 @@ def test_lora_targets_and_one_step(preset, n_lora):
     cond = C.tiny_cond(base, fam)
     with torch.no_grad():
         v = C.velocity(fam, base, z, torch.tensor([0.8]), cond)
-        torch.testing.assert_close(S.generator(dit, fam, z, cond, 0.8), z - 0.8 * v, atol=1e-5, rtol=1e-5)
-        two = S.generator(base, fam, z, cond, 0.8, steps=2)
+        torch.testing.assert_close(S.one_step(dit, fam, z, cond, 0.8), z - 0.8 * v, atol=1e-5, rtol=1e-5)
+        two = S.one_step(base, fam, z, cond, 0.8, steps=2)
         z_mid = z - 0.4 * v
         torch.testing.assert_close(two, z_mid - 0.4 * C.velocity(fam, base, z_mid, torch.tensor([0.4]), cond))
 
