@@ -179,32 +179,48 @@ class CondLoRA(nn.Module):
 
 class CondBranch(nn.Module):
     """Everything TEASR trains, outside the frozen base (whose state dict stays untouched): the condition-token LoRA of
-    every target Linear, and the t_tar embedder (a copy of the base's timestep MLP, Sec. 3.3; zero-initialised and
-    summed in for --fused_t)."""
+    every target Linear of `dit`, and the t_tar embedder (a copy of the base's timestep MLP, Sec. 3.3; zero-initialised
+    and summed in for --fused_t). Built by attach_cond_branch, which hooks it onto the base."""
 
     def __init__(self, dit, rank, alpha, fused_t=False, lr_skip=False):
         super().__init__()
         self.fused_t, self.lr_skip = fused_t, lr_skip
-        if dit.config.use_additional_t_cond:
-            raise SystemExit("TEASR: a base with additional_t_cond (Qwen-Image-Layered) is not supported")
-        dit.requires_grad_(False)  # the noise branch is the frozen base
         mods = dict(dit.named_modules())
         last = len(dit.transformer_blocks) - 1
-        names = ["img_in"] + [f"transformer_blocks.{i}.{t}" for i in range(last + 1)
-                              for t in (LAST_TARGETS if i == last else LORA_TARGETS)]
-        self.lora = nn.ModuleDict({k.replace(".", "_"): CondLoRA(mods[k], rank, alpha) for k in names})
+        self.targets = ["img_in"] + [f"transformer_blocks.{i}.{t}" for i in range(last + 1)
+                                     for t in (LAST_TARGETS if i == last else LORA_TARGETS)]
+        self.lora = nn.ModuleDict({k.replace(".", "_"): CondLoRA(mods[k], rank, alpha) for k in self.targets})
         self.t_embedder = copy.deepcopy(dit.time_text_embed.timestep_embedder).float()
         if fused_t:
             nn.init.zeros_(self.t_embedder.linear_2.weight)
             nn.init.zeros_(self.t_embedder.linear_2.bias)
         self.requires_grad_(True)
-        self.handles = [mods[k].register_forward_hook(self.lora[k.replace(".", "_")]) for k in names]
+
+def split_modulation(dit):
+    """Switch dit's blocks to per-token modulation (diffusers' zero_cond_t): each token takes the half of temb that
+    v_theta's index names, the text the first half. Every DiT v_theta runs on is switched once."""
+    for block in dit.transformer_blocks:
+        block.zero_cond_t = True
+    return dit
+
+def attach_cond_branch(dit, rank, alpha, fused_t=False, lr_skip=False):
+    """Make `dit` the dual-branch DiT and return its condition branch: the base frozen (the noise branch), its
+    modulation split per token group, the branch's CondLoRA hooked on its target Linears."""
+    if dit.config.use_additional_t_cond:
+        raise SystemExit("TEASR: a base with additional_t_cond (Qwen-Image-Layered) is not supported")
+    dit.requires_grad_(False)  # the noise branch is the frozen base
+    branch = CondBranch(dit, rank, alpha, fused_t, lr_skip)
+    mods = dict(split_modulation(dit).named_modules())
+    for k in branch.targets:
+        mods[k].register_forward_hook(branch.lora[k.replace(".", "_")])
+    return branch
 
 def v_theta(dit, branch, z_t, t, z_lr, t_tar, cond):
     """Dual-branch velocity v_theta(z_t, t, z_lr, t_tar) -> (B, C, H, W), v = eps - z_0 (Fig. 2). z_t, z_lr
     (B, C, H, W); t, t_tar (B,). The base's own modules run in the base's order (as
     QwenImageTransformer2DModel.forward); what differs: the LR tokens join the image sequence at the same positions,
-    and each token group has its own time embedding. branch=None: the frozen base alone."""
+    and each token group has its own time embedding. branch=None: the condition tokens at the base's own time
+    embedding, for a DiT with no branch attached (switched by split_modulation)."""
     B, C, H, W = z_t.shape
     n = H * W // 4  # tokens per group (2x2 packing)
     # tokens [noise | condition]: the LR latent through the same patch embedding (its LoRA: the condition half)
@@ -223,7 +239,6 @@ def v_theta(dit, branch, z_t, t, z_lr, t_tar, cond):
     img_freqs, txt_freqs = dit.pos_embed([(1, H // 2, W // 2)], device=x.device, max_txt_seq_len=txt.shape[1])
     rope = (torch.cat([img_freqs, img_freqs]), txt_freqs)  # both groups at the same positions (OminiControl)
     for block in dit.transformer_blocks:
-        block.zero_cond_t = True  # diffusers' switch: temb's two halves picked per token by index; text takes the 1st
         args = (x, txt, mask, temb, rope, None, index)
         if torch.is_grad_enabled() and dit.gradient_checkpointing:
             txt, x = dit._gradient_checkpointing_func(block, *args)
@@ -320,7 +335,7 @@ def build_sampler(flags, device=None):
     path, cfg, device, dtype = common.sampler_setup(flags, resolve, device)
     dit = common.load_dit(cfg.model, cfg.model_path or None, dtype).requires_grad_(False).eval()
     with torch.random.fork_rng(devices=[]):  # the LoRA init is overwritten; keep the caller's RNG as it was
-        branch = CondBranch(dit, cfg.lora_rank, cfg.lora_alpha, cfg.fused_t, cfg.zero_init)
+        branch = attach_cond_branch(dit, cfg.lora_rank, cfg.lora_alpha, cfg.fused_t, cfg.zero_init)
     state = common.load_checkpoint(path, {"cond_branch": branch, "dit": dit})  # dit: train_base
     dit, branch = dit.to(device), branch.to(device).eval()
     vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device, tiling=True)
@@ -344,7 +359,7 @@ def train(cfg):
     dit = common.load_dit(cfg.model, cfg.model_path or None, dtype).requires_grad_(False).eval()
     with torch.random.fork_rng(devices=[]):  # the same init on every rank
         torch.manual_seed(cfg.seed)
-        branch = CondBranch(dit, cfg.lora_rank, cfg.lora_alpha, cfg.fused_t, cfg.zero_init)
+        branch = attach_cond_branch(dit, cfg.lora_rank, cfg.lora_alpha, cfg.fused_t, cfg.zero_init)
         random_nets = common.PRESETS[cfg.model].hub is None
         lpips = common.load_lpips(device, "random" if random_nets else cfg.lpips_weights) if cfg.w_lpips else None
     if cfg.zero_init:  # v = z_t - z_lr: the one step from noise returns z_lr, bicubic (a resumed run loads its own)

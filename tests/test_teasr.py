@@ -12,8 +12,8 @@ from PIL import Image
 from helpers import ROOT
 import common
 import teasr
-from teasr import (CondBranch, adv_loss, consistency_loss, flow_loss, one_step, rectify_loss, sample, tar_weight,
-                   v_theta)
+from teasr import (adv_loss, attach_cond_branch, consistency_loss, flow_loss, one_step, rectify_loss, sample,
+                   split_modulation, tar_weight, v_theta)
 
 def tiny_inputs(B=2, H=8, W=6, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -30,8 +30,8 @@ def tiny_cond(dit):
 def test_noise_branch_is_the_base_at_init(fused_t):
     """LoRA (up = 0) and the t_tar embedder (a copy; zero for --fused_t) at init: v_theta is bit-identical
     to the frozen base alone."""
-    base, dit = common.load_dit("tiny-qwen"), common.load_dit("tiny-qwen")
-    branch = CondBranch(dit, 8, 8.0, fused_t=fused_t)
+    base, dit = split_modulation(common.load_dit("tiny-qwen")), common.load_dit("tiny-qwen")
+    branch = attach_cond_branch(dit, 8, 8.0, fused_t=fused_t)
     z_t, z_lr, t, t_tar = tiny_inputs()
     cond = tiny_cond(dit)
     with torch.no_grad():
@@ -42,7 +42,7 @@ def test_noise_branch_is_the_base_at_init(fused_t):
 def test_dual_branch_matches_diffusers_forward():
     """The hand-written forward equals QwenImageTransformer2DModel.forward on the same [noise | LR] sequence,
     with its zero_cond_t (condition tokens at t = 0) and both token groups at the same RoPE positions."""
-    ours, ref = common.load_dit("tiny-qwen"), common.load_dit("tiny-qwen")
+    ours, ref = split_modulation(common.load_dit("tiny-qwen")), common.load_dit("tiny-qwen")
     ref.zero_cond_t = True
     for b in ref.transformer_blocks:
         b.zero_cond_t = True
@@ -66,9 +66,9 @@ def test_dual_branch_matches_diffusers_forward():
 def test_lora_acts_on_condition_tokens_only():
     """With a trained (non-zero) LoRA every hooked Linear gives the base's output, bit for bit, on the noise
     half of the tokens and a different one on the condition half; gradients reach the branch, never the base."""
-    base, dit = common.load_dit("tiny-qwen"), common.load_dit("tiny-qwen")
+    base, dit = split_modulation(common.load_dit("tiny-qwen")), common.load_dit("tiny-qwen")
     torch.manual_seed(0)
-    branch = CondBranch(dit, 4, 4.0)
+    branch = attach_cond_branch(dit, 4, 4.0)
     with torch.no_grad():
         for p in branch.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -93,7 +93,7 @@ def test_gradient_checkpointing_same_gradients():
     """The GPU path re-runs each block (and its LoRA hooks, which add in place) in backward: same gradients."""
     dit = common.load_dit("tiny-qwen")
     torch.manual_seed(0)
-    branch = CondBranch(dit, 4, 4.0)
+    branch = attach_cond_branch(dit, 4, 4.0)
     with torch.no_grad():
         for p in branch.lora.parameters():
             p.add_(0.1 * torch.randn_like(p))
