@@ -149,6 +149,9 @@ def latent_stats(vae, family, z):
         return col(vae.bn.running_mean), col((vae.bn.running_var + c.batch_norm_eps).sqrt())
     return col(c.shift_factor or 0.0), col(1 / c.scaling_factor)
 
+def encode_pair(vae, family, x_hr, x_lr):  # (z_hr, z_lr): the HR and its bicubic x4 LR in one encoder pass
+    return encode(vae, family, torch.cat([x_hr, upsample_lr(x_lr)])).chunk(2)
+
 def encode(vae, family, x, sample=False, generator=None):
     """Images in [0, 1] -> normalised latents (B, C, H/8, W/8) (FLUX.2: (B, 128, H/16, W/16)): the mode, or a draw."""
     x = (x * 2 - 1).to(vae.dtype)
@@ -467,7 +470,7 @@ def compute_init(seed=0):
         torch.cuda.set_device(device)
     if ddp and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    torch.manual_seed(seed)  # train_loop seeds each micro-batch's draws; this, the rest (model init)
+    torch.manual_seed(seed)  # the loops seed each micro-batch's draws (micro_batch_seed); this, the rest (model init)
     return (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device) if ddp else (0, 1, device)
 
 def setup(cfg, needs=()):
@@ -541,26 +544,8 @@ def micro_batch_seed(seed, step, position):
     steps draw the same numbers, and checkpoints need no RNG state."""
     return ((seed * 1_000_003 + step) * 1_000_003 + position) % 2**62
 
-def train_loop(cfg, log, loader, accum, micro_step, models, optimizers, step, end, first=0, extra=None):
-    """Steps step+1..end: `accum` calls of micro_step(batch, scale), which back-propagates loss * scale and returns
-    (its terms, the first the headline; a function giving (x_lr, x_sr, x_hr)); an update, a log line; at intervals a
-    grid and a checkpoint (with extra()). `first`: the step the lr schedule counts from (StrSR's stage 2)."""
-    opts, log.t0 = list(optimizers.values()), time.time()
-    while step < end:
-        sums = {}
-        for j in range(accum):
-            torch.manual_seed(micro_batch_seed(cfg.seed, step + 1, rank() * accum + j))
-            terms, images = micro_step(next(loader), 1 / accum)
-            sums = {k: sums.get(k, 0) + v.detach() / accum for k, v in terms.items()}
-        set_lr(opts, step + 1 - first, end - first, cfg.lr_decay)
-        optimizer_step(opts, cfg.grad_clip)
-        step += 1
-        log.step(step, end, sums, cfg.log_every)
-        if log.master and (step % cfg.grid_every == 0 or step == end):
-            save_grid(os.path.join(cfg.out_dir, "grids", f"step-{step:07d}.png"), *images())
-        if step % cfg.save_every == 0 or step == end:
-            save_checkpoint(cfg.out_dir, step, cfg, models, optimizers, extra and extra())
-    return step
+def due(step, every, end):  # an interval's work (grid, checkpoint) at this step: every `every` steps and at the end
+    return step % every == 0 or step == end
 
 # ----------------------------------------------------------------------------- checkpoints
 def _lora_file(name):  # the dit's LoRA under the name pipe.load_lora_weights looks for
@@ -764,6 +749,9 @@ class Logger:
             with open(self.file, "a") as f:
                 f.write(msg + "\n")
 
+    def start_clock(self):  # the first interval's ms/step counts from here
+        self.t0, self.steps = time.time(), 0
+
     def step(self, step, max_steps, losses, every):
         """Every rank, after each update; each `every` steps: losses averaged over ranks, ms per step, peak memory."""
         self.t0, self.steps = self.t0 or time.time(), self.steps + 1
@@ -784,9 +772,10 @@ def peak_rss_gb():  # this process's peak resident memory
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
-def save_grid(path, x_lr, out, x_hr):
-    """One row per image (at most 4): LR (bicubic-upsampled) | output | HR."""
+def save_grid(out_dir, step, x_lr, out, x_hr):
+    """out_dir/grids/step-<step>.png, one row per image (at most 4): LR (bicubic-upsampled) | output | HR."""
     import torchvision
+    path = os.path.join(out_dir, "grids", f"step-{step:07d}.png")
     up = F.interpolate(x_lr[:4].float(), size=out.shape[-2:], mode="bicubic", align_corners=False)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torchvision.utils.save_image(torch.cat([up, out[:4].detach().float(), x_hr[:4].float()], -1).clamp(0, 1), path,

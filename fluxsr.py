@@ -442,25 +442,38 @@ def train(cfg):
 
     # 2. optimizer on the LoRA, gradient clipping
     params = common.trainable(dit)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    opts = {"opt": torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)}
     log(f"{cfg.model}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
 
     # 3. resume; 4. the loader of teacher pairs, data position = step
-    step, _ = common.resume(cfg.out_dir, {"dit": dit}, {"opt": opt}, log)
+    models = {"dit": dit}
+    step, _ = common.resume(cfg.out_dir, models, opts, log)
     if step == 0 and cfg.zero_init:  # v = 0: the first step returns z_lr, bicubic (ours: the mini)
         common.zero_output(dit)
     loader, accum = make_loader(ds, cfg, rank, world, step)
     log(f"{len(ds)} teacher pairs, batch {cfg.batch_size} = {world} ranks x {accum} accum x {cfg.micro_batch}")
 
-    # 5. loop (Alg. 1 lines 4-21); line 20 updates v_theta (its LoRA)
-    def micro_step(batch, scale):
-        eps, z_hr, x_hr = (x.to(device, non_blocking=True) for x in batch)
-        loss, terms, (x_lr, x_sr) = fluxsr_losses(dit, vae, lpips, feats, cond2, eps, z_hr, x_hr, cfg)
-        (loss * scale).backward()
-        return terms, lambda: (x_lr, x_sr, x_hr)
-
-    common.train_loop(cfg, log, loader, accum, micro_step, {"dit": dit}, {"opt": opt}, step, cfg.max_steps,
-                      extra=lambda: {"cond": {k: v.detach().cpu() for k, v in cond.items()}})
+    # 5. loop (Alg. 1 lines 4-21): per micro-batch, seeded by its place in the run (a resume or any number of ranks
+    #    draws the same numbers), a batch of pairs, Alg. 1's losses, backward; line 20 updates v_theta (its LoRA)
+    scale = 1 / accum
+    saved = {"cond": {k: v.detach().cpu() for k, v in cond.items()}}  # the prompt the sampler uses
+    log.start_clock()
+    while step < cfg.max_steps:
+        sums = {}
+        for j in range(accum):
+            torch.manual_seed(common.micro_batch_seed(cfg.seed, step + 1, rank * accum + j))
+            eps, z_hr, x_hr = (x.to(device, non_blocking=True) for x in next(loader))
+            loss, terms, (x_lr, x_sr) = fluxsr_losses(dit, vae, lpips, feats, cond2, eps, z_hr, x_hr, cfg)
+            (loss * scale).backward()
+            sums = {k: sums.get(k, 0) + v.detach() / accum for k, v in terms.items()}
+        common.set_lr(opts.values(), step + 1, cfg.max_steps, cfg.lr_decay)
+        common.optimizer_step(opts.values(), cfg.grad_clip)
+        step += 1
+        log.step(step, cfg.max_steps, sums, cfg.log_every)
+        if log.master and common.due(step, cfg.grid_every, cfg.max_steps):
+            common.save_grid(cfg.out_dir, step, x_lr, x_sr, x_hr)
+        if common.due(step, cfg.save_every, cfg.max_steps):
+            common.save_checkpoint(cfg.out_dir, step, cfg, models, opts, saved)
     if rank == 0 and cfg.eval_heldout:
         import eval
         eval.heldout("fluxsr", build_sampler, cfg.out_dir, cfg.degrade, cfg.data_root)

@@ -571,10 +571,12 @@ def train(cfg):
 
     # 5. loop; DiT passes per micro-batch: teacher 1, isc 2 (boundary) or 3 (split), gan isc + 1 + teacher + fake score
     def micro_step(batch, scale):
+        """One micro-batch's stage losses, back-propagated (the gan stage in three passes: L_ISC, freeing its graph;
+        the fake score's Eq. 16 with its LoRA on; the rest); returns (terms, a function giving the grid's images)."""
         x, idx = batch
         with torch.no_grad(), common.autocast(device):  # Alg. 1 line 6: z_lr, z_hr = E(x_lr), E(x_hr)
             x_lr, x_hr = degrade(x.to(device), 4, DEGRADE[cfg.degrade])
-            z_hr, z_lr = common.encode(vae, "sd3", torch.cat([x_hr, common.upsample_lr(x_lr)])).chunk(2)
+            z_hr, z_lr = common.encode_pair(vae, "sd3", x_hr, x_lr)
         cond = captions.batch(idx)
         u, eps = (lambda z, r, t: net(dit, z, r, t, z_lr, cond)), torch.randn_like(z_hr)  # Alg. 1 line 5
         with common.autocast(device):
@@ -600,9 +602,25 @@ def train(cfg):
                 return x_lr, common.decode(vae, "sd3", sample(u, seeded_noise(z_lr, cfg.seed), cfg.steps)), x_hr
         return terms, (lambda: (x_lr, x_sr, x_hr)) if gan else preview
 
-    extra = lambda: {"cond": {k: v[:1].detach().cpu() for k, v in captions.empty.items()},
-                     **({"fake_lora": common.lora_state(t_dit)} if gan and cfg.w_vsd else {})}
-    common.train_loop(cfg, log, loader, accum, micro_step, models, opts, step, cfg.max_steps, extra=extra)
+    saved = {"cond": {k: v[:1].detach().cpu() for k, v in captions.empty.items()}}  # the prompt the sampler uses
+    scale = 1 / accum
+    log.start_clock()
+    while step < cfg.max_steps:  # per micro-batch: seeded by its place in the run, so a resume draws the same numbers
+        sums = {}
+        for j in range(accum):
+            torch.manual_seed(common.micro_batch_seed(cfg.seed, step + 1, rank * accum + j))
+            terms, images = micro_step(next(loader), scale)
+            sums = {k: sums.get(k, 0) + v.detach() / accum for k, v in terms.items()}
+        common.set_lr(opts.values(), step + 1, cfg.max_steps, cfg.lr_decay)
+        common.optimizer_step(opts.values(), cfg.grad_clip)
+        step += 1
+        log.step(step, cfg.max_steps, sums, cfg.log_every)
+        if log.master and common.due(step, cfg.grid_every, cfg.max_steps):
+            common.save_grid(cfg.out_dir, step, *images())
+        if common.due(step, cfg.save_every, cfg.max_steps):
+            if gan and cfg.w_vsd:  # the fake score's LoRA sits on the teacher's base, outside `models`
+                saved["fake_lora"] = common.lora_state(t_dit)
+            common.save_checkpoint(cfg.out_dir, step, cfg, models, opts, saved)
     if rank == 0 and cfg.eval_heldout:
         import eval
         eval.heldout("smfsr", build_sampler, cfg.out_dir, cfg.degrade, cfg.data_root)

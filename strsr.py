@@ -563,18 +563,29 @@ def train(cfg):
     # 4. data: HR crops; the LR made on the device by the degradation (Real-ESRGAN unless --degrade)
     loader, accum = make_loader(ImageDataset(cfg.data, cfg.crop, cfg.data_root), cfg, rank, world, step)
 
-    # 5. loop: per micro-batch the G step (Eq. 11) then the D step (Eq. 9); both optimizers step per step
-    def micro_step(x, scale):
-        x_lr, x_hr = degrade(x.to(device), 4, DEGRADE[cfg.degrade])
-        with common.autocast(device):
-            loss, terms, x_sr = strsr_losses(dit, vae, cond, disc, lpips, phi, family, x_lr, x_hr, cfg)
-        (loss * scale).backward()
-        return terms, lambda: (x_lr, x_sr, x_hr)
-
+    # 5. loop: per micro-batch, seeded by its place in the run (a resume or any number of ranks draws the same
+    #    numbers), L_Gen (Eq. 11) and L_Dis (Eq. 9) back-propagated together; then both optimizers step
     for m in models.values():
         m.train()
-    common.train_loop(cfg, log, loader, accum, micro_step, models, opts, step, first + cfg.max_steps, first,
-                      extra=lambda: {"stage_start": first})
+    end, scale = first + cfg.max_steps, 1 / accum
+    log.start_clock()
+    while step < end:
+        sums = {}
+        for j in range(accum):
+            torch.manual_seed(common.micro_batch_seed(cfg.seed, step + 1, rank * accum + j))
+            x_lr, x_hr = degrade(next(loader).to(device), 4, DEGRADE[cfg.degrade])
+            with common.autocast(device):
+                loss, terms, x_sr = strsr_losses(dit, vae, cond, disc, lpips, phi, family, x_lr, x_hr, cfg)
+            (loss * scale).backward()
+            sums = {k: sums.get(k, 0) + v.detach() / accum for k, v in terms.items()}
+        common.set_lr(opts.values(), step + 1 - first, end - first, cfg.lr_decay)  # the schedule counts this stage
+        common.optimizer_step(opts.values(), cfg.grad_clip)
+        step += 1
+        log.step(step, end, sums, cfg.log_every)
+        if log.master and common.due(step, cfg.grid_every, end):
+            common.save_grid(cfg.out_dir, step, x_lr, x_sr, x_hr)
+        if common.due(step, cfg.save_every, end):
+            common.save_checkpoint(cfg.out_dir, step, cfg, models, opts, {"stage_start": first})
     if rank == 0 and cfg.eval_heldout:
         import eval
         eval.heldout("strsr", build_sampler, cfg.out_dir, cfg.degrade, cfg.data_root)

@@ -372,30 +372,42 @@ def train(cfg):
     # 2. optimizer on the condition branch only (--train_base full: and the base), gradient clipping
     params = list(branch.parameters()) + (list(dit.requires_grad_(True).parameters()) if cfg.train_base == "full"
                                           else [])
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=0.0)
+    opts = {"opt": torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=0.0)}
     log(f"{cfg.model}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters (condition LoRA + t_tar "
         f"embedder" + (" + the base)" if cfg.train_base == "full" else
                        f"), {sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M frozen"))
     models = {"cond_branch": branch, "dit": dit}  # a frozen dit saves nothing (common.save_checkpoint)
 
     # 3. resume; 4. the loader, data position = step
-    step, _ = common.resume(cfg.out_dir, models, {"opt": opt}, log)
+    step, _ = common.resume(cfg.out_dir, models, opts, log)
     loader, accum = make_loader(ImageDataset(cfg.data, cfg.crop, cfg.data_root), cfg, rank, world, step)
     log(f"batch {cfg.batch_size} = {world} ranks x {accum} accum x {cfg.micro_batch}, crop {cfg.crop}")
 
-    # 5. loop
-    def micro_step(x, scale):
-        with torch.no_grad():  # the degradation in fp32 (outside autocast), then one encode for HR and LR
-            x_lr, x_hr = degrade(x.to(device), 4, DEGRADE[cfg.degrade])
+    # 5. loop: per micro-batch, seeded by its place in the run (a resume or any number of ranks draws the same
+    #    numbers), the HR crops, the LR made by the degradation (fp32, outside autocast), every term, backward
+    scale = 1 / accum
+    saved = {"cond": {k: v.detach().cpu() for k, v in cond.items()}}  # the prompt the sampler uses
+    log.start_clock()
+    while step < cfg.max_steps:
+        sums = {}
+        for j in range(accum):
+            torch.manual_seed(common.micro_batch_seed(cfg.seed, step + 1, rank * accum + j))
+            with torch.no_grad():
+                x_lr, x_hr = degrade(next(loader).to(device), 4, DEGRADE[cfg.degrade])
+                with common.autocast(device):
+                    z_hr, z_lr = common.encode_pair(vae, "qwen", x_hr, x_lr)
             with common.autocast(device):
-                z_hr, z_lr = common.encode(vae, "qwen", torch.cat([x_hr, common.upsample_lr(x_lr)])).chunk(2)
-        with common.autocast(device):
-            loss, terms, x_sr = teasr_losses(bind(dit, branch, z_lr, cond), vae, lpips, z_hr, x_hr, cfg)
-        (loss * scale).backward()
-        return terms, lambda: (x_lr, x_sr, x_hr)
-
-    common.train_loop(cfg, log, loader, accum, micro_step, models, {"opt": opt}, step, cfg.max_steps,
-                      extra=lambda: {"cond": {k: v.detach().cpu() for k, v in cond.items()}})
+                loss, terms, x_sr = teasr_losses(bind(dit, branch, z_lr, cond), vae, lpips, z_hr, x_hr, cfg)
+            (loss * scale).backward()
+            sums = {k: sums.get(k, 0) + v.detach() / accum for k, v in terms.items()}
+        common.set_lr(opts.values(), step + 1, cfg.max_steps, cfg.lr_decay)
+        common.optimizer_step(opts.values(), cfg.grad_clip)
+        step += 1
+        log.step(step, cfg.max_steps, sums, cfg.log_every)
+        if log.master and common.due(step, cfg.grid_every, cfg.max_steps):
+            common.save_grid(cfg.out_dir, step, x_lr, x_sr, x_hr)
+        if common.due(step, cfg.save_every, cfg.max_steps):
+            common.save_checkpoint(cfg.out_dir, step, cfg, models, opts, saved)
     if rank == 0 and cfg.eval_heldout:
         import eval
         eval.heldout("teasr", build_sampler, cfg.out_dir, cfg.degrade, cfg.data_root)
