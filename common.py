@@ -182,10 +182,13 @@ def grid_ids(h, w, ndim, device):
     return ids
 
 def velocity(family, dit, z, t, cond, guidance=3.5):
-    """v(z_t, t) = eps - z_0 for z_t (B, C, H, W), t (B,) in [0, 1]; t goes in as fp32, as the pipelines give it."""
+    """v(z_t, t) = eps - z_0 for z_t (B, C, H, W), t (B,) in [0, 1]; the transformer gets the timestep in its family's
+    pipeline arithmetic from the scheduler's fp32 1000 t: FLUX.1, FLUX.2, Qwen-Image round it to the latents' dtype
+    and divide by 1000, Z-Image takes (1000 - 1000 t) / 1000 in fp32, SD3 1000 t in fp32."""
     B, C, H, W = z.shape
-    t = (t.expand(B) if t.numel() == 1 else t).float()
+    t1000 = (t.expand(B) if t.numel() == 1 else t).float() * 1000  # the scheduler's timesteps
     dt, emb, dev = dit.dtype, cond["embeds"].to(dit.dtype), z.device
+    t = t1000.to(dt) / 1000  # FLUX.1, FLUX.2, Qwen-Image: rounded twice, as their pipelines
     g = torch.full((B,), guidance, device=dev) if getattr(dit.config, "guidance_embeds", False) else None
     if family == "flux1":
         out = dit(hidden_states=pack(z).to(dt), encoder_hidden_states=emb, pooled_projections=cond["pooled"].to(dt),
@@ -199,11 +202,12 @@ def velocity(family, dit, z, t, cond, guidance=3.5):
                   img_ids=grid_ids(H, W, 4, dev).expand(B, -1, -1), txt_ids=txt_ids, guidance=g, return_dict=False)[0]
         return out.float().transpose(1, 2).reshape(B, C, H, W)
     if family == "zimage":  # takes 1 - sigma, a list of (C, 1, H, W), and returns -v
-        out = dit(list(z.to(dt).unsqueeze(2).unbind(0)), 1 - t, list(emb.unbind(0)), return_dict=False)[0]
+        out = dit(list(z.to(dt).unsqueeze(2).unbind(0)), (1000 - t1000) / 1000, list(emb.unbind(0)),
+                  return_dict=False)[0]
         return -torch.stack(out)[:, :, 0].float()
     if family == "sd3":  # takes sigma * 1000
         return dit(hidden_states=z.to(dt), encoder_hidden_states=emb, pooled_projections=cond["pooled"].to(dt),
-                   timestep=t * 1000, return_dict=False)[0].float()
+                   timestep=t1000, return_dict=False)[0].float()
     out = dit(hidden_states=pack(z).to(dt), encoder_hidden_states=emb, encoder_hidden_states_mask=cond.get("mask"),
               timestep=t, img_shapes=[[(1, H // 2, W // 2)]] * B, return_dict=False)[0]  # qwen
     return unpack(out.float(), H, W)

@@ -66,51 +66,92 @@ def test_patchify_roundtrip_and_pack_matches_pipelines():
     assert torch.equal(C.unpack(C.pack(z), 6, 8), z)
 
 
+class _Stop(Exception):
+    pass
+
+
+def pipeline_call(fam, dit, vae, z, sigma, cond):
+    """The transformer's call inside the family's own diffusers pipeline at sigma (one step, prompt embeddings given,
+    no guidance): its keyword arguments and its output, captured by hooks (the run stops there)."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, QwenImagePipeline
+    B, Cz, h, w = z.shape
+    px = h * 16 if fam == "flux2" else h * 8
+    sched = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)  # sigmas used as given
+    n = {"flux1": 2, "sd3": 3}.get(fam, 1)  # the pipeline's text encoders: none needed, embeddings given
+    text = {f"{k}{s}": None for s in ("", "_2", "_3")[:n] for k in ("text_encoder", "tokenizer")}
+    pipe = getattr(diffusers, C.FAMILIES[fam][2])(scheduler=sched, vae=vae, transformer=dit, **text)
+    e, dt = cond["embeds"].to(dit.dtype), dit.dtype
+    kw = dict(height=px, width=px, num_inference_steps=1, sigmas=[sigma], output_type="latent")
+    if fam == "flux1":
+        kw.update(prompt_embeds=e, pooled_prompt_embeds=cond["pooled"].to(dt), guidance_scale=3.5,
+                  latents=FluxPipeline._pack_latents(z, B, Cz, h, w).to(dt))
+    elif fam == "flux2":
+        kw.update(prompt_embeds=e, guidance_scale=1.0, latents=z.to(dt))
+    elif fam == "zimage":
+        kw.update(prompt_embeds=list(e.unbind(0)), guidance_scale=0.0, latents=z.to(dt))
+    elif fam == "sd3":
+        kw.update(prompt_embeds=e, pooled_prompt_embeds=cond["pooled"].to(dt), guidance_scale=1.0, latents=z.to(dt))
+    else:
+        kw.update(prompt_embeds=e, prompt_embeds_mask=cond["mask"], true_cfg_scale=1.0,
+                  latents=QwenImagePipeline._pack_latents(z, B, Cz, h, w).to(dt))
+    seen = {}
+
+    def out_hook(m, args, kwargs, out):
+        seen.update(kwargs=kwargs, args=args, out=out)
+        raise _Stop
+    h_ = dit.register_forward_hook(out_hook, with_kwargs=True)
+    try:
+        pipe(**kw)
+    except _Stop:
+        pass
+    finally:
+        h_.remove()
+    return seen
+
+
+def _timestep(call):  # the transformer's timestep argument (Z-Image's is its second positional one)
+    return call["kwargs"]["timestep"] if "timestep" in call["kwargs"] else call["args"][1]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("preset", TINY)
 def test_velocity_matches_the_pipelines_call(tiny_models, preset, dtype):
-    """common.velocity against the call each diffusers pipeline makes (its own packing, ids, timestep convention and
-    timestep dtype), written out independently here. In bf16 the timestep stays fp32 where the pipeline keeps it
-    (Z-Image, SD3): at these times bf16 would round it (251.3 -> 251, 0.7487 -> 0.75)."""
-    from diffusers import Flux2KleinPipeline, FluxPipeline, QwenImagePipeline
+    """common.velocity gives the transformer what the family's own diffusers pipeline gives it (hooks capture both
+    calls): the same timestep tensor, dtype and bits (FLUX.1, FLUX.2, Qwen-Image: 1000 t rounded to the latents' dtype,
+    then / 1000; Z-Image: (1000 - 1000 t) / 1000; SD3: 1000 t), the same output, and it returns the velocity the
+    pipeline reads from that output (unpacked; Z-Image's negated). The times include ones where bf16 rounding of 1000 t
+    and the Z-Image subtraction differ from the naive t and 1 - t."""
+    from diffusers import FluxPipeline, QwenImagePipeline
     fam = C.PRESETS[preset].family
-    dit = tiny_models[preset][0].to(dtype)
-    B, (H, W) = 2, ((4, 6) if fam == "flux2" else (8, 12))
+    dit, vae = (m.to(dtype) for m in tiny_models[preset])
     Cz = 128 if fam == "flux2" else 16
-    z, t = torch.randn(B, Cz, H, W), torch.tensor([0.2513, 0.8377])
-    cond = C.expand_cond(C.tiny_cond(dit, fam), B)
-    e = cond["embeds"].to(dtype)
-    lat = lambda x: x.to(dtype)  # the pipelines' latents are in the transformer's dtype (FLUX, Qwen)
+    z, cond = torch.randn(1, Cz, 4, 4, generator=torch.Generator().manual_seed(0)), C.tiny_cond(dit, fam)
+    px = 64 if fam == "flux2" else 32
     try:
-        with torch.no_grad():
-            v = C.velocity(fam, dit, z, t, cond)
+        for sigma in (0.3, 0.5371, 0.8, 0.8137, 0.85):
+            ref = pipeline_call(fam, dit, vae, z, sigma, cond)
+            ours = {}
+            h = dit.register_forward_hook(lambda m, a, kw, o: ours.update(args=a, kwargs=kw, out=o), with_kwargs=True)
+            with torch.no_grad():
+                v = C.velocity(fam, dit, z, torch.tensor([sigma]), cond)
+            h.remove()
+            t_ref, t_ours = _timestep(ref), _timestep(ours)
+            assert t_ours.dtype == t_ref.dtype and torch.equal(t_ours, t_ref), (sigma, t_ours, t_ref)
+            out = ref["out"][0]
             if fam == "flux1":
-                out = dit(hidden_states=lat(FluxPipeline._pack_latents(z, B, Cz, H, W)), encoder_hidden_states=e,
-                          pooled_projections=cond["pooled"].to(dtype), timestep=lat(t),
-                          img_ids=FluxPipeline._prepare_latent_image_ids(B, H // 2, W // 2, "cpu", torch.float32),
-                          txt_ids=torch.zeros(e.shape[1], 3), guidance=torch.full((B,), 3.5)).sample
-                ref = FluxPipeline._unpack_latents(out.float(), H * 8, W * 8, 8)
+                want = FluxPipeline._unpack_latents(out, px, px, 8)
             elif fam == "flux2":
-                out = dit(hidden_states=lat(Flux2KleinPipeline._pack_latents(z)), encoder_hidden_states=e,
-                          timestep=lat(t), img_ids=Flux2KleinPipeline._prepare_latent_ids(z),
-                          txt_ids=Flux2KleinPipeline._prepare_text_ids(e)).sample
-                ref = out.float().transpose(1, 2).reshape(B, Cz, H, W)
-            elif fam == "zimage":  # pipeline: timestep (1000 - t)/1000 in fp32, prediction = -output
-                out = dit(list(lat(z).unsqueeze(2).unbind(0)), 1 - t, list(e.unbind(0))).sample
-                ref = -torch.stack(out)[:, :, 0].float()
-            elif fam == "sd3":  # pipeline: the scheduler's fp32 timesteps
-                ref = dit(hidden_states=lat(z), encoder_hidden_states=e, pooled_projections=cond["pooled"].to(dtype),
-                          timestep=t * 1000).sample.float()
+                want = out.transpose(1, 2).reshape(1, Cz, 4, 4)
+            elif fam == "zimage":
+                want = -torch.stack(out)[:, :, 0]
+            elif fam == "sd3":
+                want = out
             else:
-                out = dit(hidden_states=lat(QwenImagePipeline._pack_latents(z, B, Cz, H, W)), encoder_hidden_states=e,
-                          encoder_hidden_states_mask=cond["mask"], timestep=lat(t),
-                          img_shapes=[[(1, H // 2, W // 2)]] * B).sample
-                ref = QwenImagePipeline._unpack_latents(out.float(), H * 8, W * 8, 8)[:, :, 0]
+                want = QwenImagePipeline._unpack_latents(out, px, px, 8)[:, :, 0]
+            assert torch.equal(v, want.float()), sigma
     finally:
-        dit.float()
-    assert v.shape == z.shape
-    tol = 1e-5 if dtype == torch.float32 else 0
-    torch.testing.assert_close(v, ref, atol=tol, rtol=tol)
+        dit.float(), vae.float()
 
 
 def test_sigma_convention_euler_lands_on_data():
