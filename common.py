@@ -308,27 +308,75 @@ def zero_output(dit):  # --zero_init: the DiT's output layer (Z-Image's: per pat
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision's ImageNet VGG16: LPIPS
 VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"  # torchvision's ImageNet VGG19: StrSR's FDL
 
+WEIGHT_EXTS = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
+
 @dataclasses.dataclass(frozen=True)
 class Weights:
     """A pretrained network a real-preset run loads."""
     name: str
-    source: str        # a hub repo id, a URL (torch hub's cache) or a local path
+    source: str        # a hub repo id, a URL (torch hub's cache), a local path, or "random" (tiny and mini only)
     flag: str          # the flag that gives a local copy
-    files: tuple = ()  # hub: the files that must be in the Hugging Face cache
+    files: tuple = ()  # hub or folder: the files that must be there (beside each config.json: its weights)
     fetch: tuple = ()  # hub: the patterns prefetch downloads (default: files)
+    sample: bool = False  # the sampler loads it too (beside the base's transformer and VAE)
 
-    def where(self):
-        local = self.source.startswith(("/", ".", "~")) or os.path.exists(self.source)
-        return "local" if local else "url" if self.source.startswith("http") else "hub"
+    def where(self):  # "random", "url", "local" or "hub": a path never passes for a hub id ("org/name")
+        s = self.source
+        if s == "random" or s.startswith(("http://", "https://")):
+            return "random" if s == "random" else "url"
+        path = s.startswith(("/", ".", "~")) or s.count("/") != 1 or s.endswith(WEIGHT_EXTS) or os.path.exists(s)
+        return "local" if path else "hub"
 
-    def found(self):  # there to load, nothing downloaded
-        if self.where() != "hub":
-            return os.path.exists(os.path.expanduser(self.source) if self.where() == "local" else hub_file(self.source))
-        from huggingface_hub import try_to_load_from_cache
-        return all(isinstance(try_to_load_from_cache(self.source, f), str) for f in self.files)
+    def problem(self):
+        """Why it cannot be loaded from disk as it is (None: it can); nothing is downloaded."""
+        where = self.where()
+        if where == "random":
+            return "(a random network) stands in only on the tiny and mini presets"
+        if where == "url" and not os.path.exists(hub_file(self.source)):
+            return f"is not in torch hub's cache ({torch.hub.get_dir()})"
+        if where == "url":
+            return None
+        path = os.path.expanduser(self.source) if where == "local" else hub_snapshot(self.source)
+        if path is None:
+            return "is not in the Hugging Face cache" + ("" if is_repo_id(self.source) else " (nor a valid hub id)")
+        if not os.path.exists(path):
+            return "does not exist"
+        if os.path.isfile(path) or not self.files:
+            return None if os.path.isfile(path) else "is a folder, not a weights file"
+        lacking = [f for f in self.files if not os.path.exists(os.path.join(path, f))]
+        lacking += [os.path.join(os.path.dirname(f), "weights") for f in self.files
+                    if os.path.basename(f) == "config.json" and f not in lacking and not has_weights(path, f)]
+        return f"lacks {', '.join(lacking)} (in {path})" if lacking else None
 
 def hub_file(url):  # where torch hub keeps a URL's download
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+
+def hub_snapshot(repo):
+    """A hub repo's snapshot folder in the Hugging Face cache, read without the network; None where it is not there."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    try:
+        return snapshot_download(repo, local_files_only=True)
+    except (HFValidationError, LocalEntryNotFoundError):
+        return None
+
+def is_repo_id(s):
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+    try:
+        validate_repo_id(s)
+        return True
+    except HFValidationError:
+        return False
+
+def has_weights(root, config):
+    """The folder of `config` (relative to root) holds weights: a weights file, or every shard an index names."""
+    folder = os.path.join(root, os.path.dirname(config))
+    indexes = glob.glob(os.path.join(folder, "*.index.json"))
+    if indexes:
+        shards = [set((read_json(i) or {}).get("weight_map", {}).values()) for i in indexes]
+        return any(s and all(os.path.exists(os.path.join(folder, f)) for f in s) for s in shards)
+    return any(f.endswith(WEIGHT_EXTS) and os.path.exists(os.path.join(folder, f)) for f in os.listdir(folder))
 
 def base_weights(cfg, text=False):
     """cfg.model's pipeline (hub id or --model_path): transformer and VAE, with `text` its text encoders too."""
@@ -342,16 +390,15 @@ def lpips_weights(cfg):
     return Weights("VGG16 of LPIPS", cfg.lpips_weights or VGG16_URL, "lpips_weights")
 
 def check_weights(cfg, needs):
-    """A real preset's networks must all be there before anything is built (never a download or a random stand-in):
-    else an exit that lists each missing one and how to fetch it."""
-    missing = [w for w in needs if not w.found()] if PRESETS[cfg.model].hub else []
-    where = {"local": "there", "url": f"torch hub's cache ({torch.hub.get_dir()})", "hub": "the Hugging Face cache"}
+    """A real preset's networks must all be on disk before anything is built or written (never a download, never a
+    random stand-in): else an exit that lists each missing one, why, and how to fetch it."""
+    missing = [(w, why) for w in needs if (why := w.problem())] if PRESETS[cfg.model].hub else []
     if missing:
         method = os.path.splitext(os.path.basename(sys.modules[type(cfg).__module__].__file__))[0]
         raise SystemExit("missing pretrained weights (nothing was built or downloaded):\n" + "".join(
-            f"  - {w.name}: {w.source} is not in {where[w.where()]}; or give a local copy: --{w.flag} PATH\n"
-            for w in missing) + "fetch them on a machine with internet (the same HF_HOME and TORCH_HOME), then train "
-            f"with HF_HUB_OFFLINE=1:\n  python common.py prefetch --method {method} --model {cfg.model}")
+            f"  - {w.name}: {w.source} {why}; or give a local copy: --{w.flag} PATH\n" for w, why in missing)
+            + "fetch them on a machine with internet (the same HF_HOME and TORCH_HOME), then train with "
+            f"HF_HUB_OFFLINE=1:\n  python common.py prefetch --method {method} --model {cfg.model}")
 
 def prefetch(needs):
     """Download `needs` into the standard caches, each printed with its size; returns the failures."""
@@ -633,12 +680,16 @@ def checkpoint_config(ckpt, cls):
 
 # ----------------------------------------------------------------------------- sampling
 def sampler_setup(flags, resolve, device=None):
-    """A sampler's (checkpoint, its training config with the sampling flags of `flags`, resolved, device, dtype)."""
+    """A sampler's (checkpoint, its training config with the sampling flags of `flags`, resolved, device, dtype), its
+    pretrained networks checked before anything is built."""
     path, cfg = checkpoint_config(flags.ckpt or flags.out_dir, type(flags))
     given = {k: getattr(flags, k) for k in ("steps", "seed", "start", "start_t") if hasattr(flags, k)}
     given.update({k: getattr(flags, k) for k in ("tile", "overlap") if getattr(flags, k)})
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return path, resolve(dataclasses.replace(cfg, **given)), device, weight_dtype(device)
+    cfg = resolve(dataclasses.replace(cfg, **given))
+    pretrained = sys.modules[type(cfg).__module__].pretrained  # the method's list: what its sampler loads of it
+    check_weights(cfg, [base_weights(cfg)] + [w for w in pretrained(cfg) if w.sample])
+    return path, cfg, device, weight_dtype(device)
 
 def pad_to_multiple(x, m=PIXEL_MULTIPLE):
     """Reflect-pad right/bottom to a multiple of m; returns (padded, (H, W)) to crop back."""

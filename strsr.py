@@ -158,7 +158,7 @@ def pretrained(cfg):
     needs = [common.base_weights(cfg, text=cfg.cond == "text")]
     if cfg.cond == "vlm":
         needs.append(common.Weights("Qwen3-VL (E_vlm, Eq. 5)", cfg.vlm, "vlm", ("config.json", "tokenizer.json"),
-                                    ("*.json", "*.safetensors", "*.txt")))
+                                    ("*.json", "*.safetensors", "*.txt"), sample=True))
     needs.append(common.Weights("CLIP ConvNeXt-XXLarge (C, Sec. 3.3)", cfg.disc_ckpt or CLIP_HUB, "disc_ckpt",
                                 ("open_clip_pytorch_model.bin",)))  # the release's file
     if cfg.w_lpips:

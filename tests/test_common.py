@@ -1,5 +1,5 @@
 """common.py: presets, latent conventions, velocity calls, loading, data, the lr schedule, checkpoints, tiling."""
-import os, sys
+import json, os, sys
 
 import numpy as np
 import pytest
@@ -443,3 +443,55 @@ def test_prefetch_without_internet_says_so(tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "could not be downloaded (this needs the internet)" in r.stderr
     assert "Qwen/Qwen-Image-2512" in r.stderr and "VGG16 of LPIPS" in r.stderr and "NIQE" in r.stderr
+
+
+def hub_repo(cache, repo, files, sha="0123456789abcdef0123456789abcdef01234567"):
+    """A repo in a Hugging Face cache laid out as a download leaves it: refs/main -> snapshots/<sha>/..., each file a
+    link to its blob. `files`: {path in the repo: bytes}; returns the snapshot folder."""
+    import hashlib
+    root = cache / ("models--" + repo.replace("/", "--"))
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(sha)
+    for path, data in files.items():
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = root / "snapshots" / sha / path
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return root / "snapshots" / sha
+
+
+def test_weights_check_names_each_way_a_network_is_missing(tmp_path, monkeypatch):
+    """Weights.problem, the one check of training, pair making and sampling: a path that does not exist is named and
+    never taken for a hub id; a hub id neither cached nor valid is reported, not raised; a folder or a cached repo
+    without its weights (or with a shard of an index missing) is reported; "random" is refused (the check runs on real
+    presets only); a complete folder or cached repo passes."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    problem = lambda source, files=("config.json",): C.Weights("net", str(source), "flag", files).problem()
+    for path in (tmp_path / "nope", "models/qwen/qwen3-vl", "vgg16.pth", "./org/name"):
+        assert problem(path) == "does not exist", path
+    assert problem("bad id!/x") == "is not in the Hugging Face cache (nor a valid hub id)"
+    assert problem("org/not-cached") == "is not in the Hugging Face cache"
+    assert "stands in only on the tiny and mini presets" in problem("random", ())
+    folder = tmp_path / "vlm"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert problem(folder, ("config.json", "tokenizer.json")) == f"lacks tokenizer.json, weights (in {folder})"
+    assert problem(folder, ()) == "is a folder, not a weights file"
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "model-00001-of-00002.safetensors").write_bytes(b"x")
+    assert problem(folder) == f"lacks weights (in {folder})"  # one shard of two
+    (folder / "model-00002-of-00002.safetensors").write_bytes(b"x")
+    assert problem(folder) is None
+    files = {"model_index.json": b"{}", "transformer/config.json": b"{}", "vae/config.json": b"{}",
+             "vae/diffusion_pytorch_model.safetensors": b"v", "transformer/diffusion_pytorch_model.safetensors."
+             "index.json": json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}).encode(),
+             "transformer/s1.safetensors": b"1"}
+    snap = hub_repo(tmp_path / "hub", "org/pipe", files)
+    need = ("model_index.json", "transformer/config.json", "vae/config.json")
+    assert problem("org/pipe", need) == f"lacks transformer/weights (in {snap})"
+    hub_repo(tmp_path / "hub", "org/pipe", {"transformer/s2.safetensors": b"2"})
+    assert problem("org/pipe", need) is None

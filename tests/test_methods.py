@@ -90,26 +90,73 @@ EXPECTED = {"strsr": ["flux2-klein", "Qwen3-VL", "CLIP ConvNeXt-XXLarge", "VGG16
             "teasr": ["qwen-image (transformer, vae, text_encoder)", "VGG16 of LPIPS"]}
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_a_real_preset_without_its_weights_stops_at_once(method, tmp_path):
-    """`python M.py` (the paper's base) offline with empty caches: a non-zero exit within a minute, before any model is
-    built, listing every missing network with where it was looked for and the prefetch command; no traceback."""
+def local_copy(w, root):
+    """A stand-in on disk for Weights w: a weights file, or a folder with its files and, beside each config.json, a
+    weights file."""
+    if not w.files:
+        (root / f"{w.flag}.pth").write_bytes(b"x")
+        return str(root / f"{w.flag}.pth")
+    for f in w.files:
+        (root / w.flag / f).parent.mkdir(parents=True, exist_ok=True)
+        (root / w.flag / f).write_text("{}")
+        if os.path.basename(f) == "config.json":
+            (root / w.flag / f).with_name("model.safetensors").write_bytes(b"x")
+    return str(root / w.flag)
+
+
+@pytest.mark.parametrize("argv", METHODS + ["fluxsr --make_pairs 1"])
+def test_a_real_preset_without_its_weights_stops_at_once(argv, tmp_path):
+    """`python M.py` (the paper's base; FluxSR's pair making too) offline with empty caches: a non-zero exit within a
+    minute, before anything is built or written, listing every missing network with where it was looked for and the
+    prefetch command; no traceback. Then the check's other ways: a missing local path is named, `random` is refused on
+    a real preset and accepted on tiny, and local copies pass."""
     import subprocess, time
     from helpers import ENV
+    method, *rest = argv.split()
     env = {**ENV, "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch"), "HF_HUB_OFFLINE": "1"}
     t0 = time.time()
-    r = subprocess.run([sys.executable, f"{method}.py", "--out_dir", str(tmp_path / "out")], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=120)
+    rest += ["--data", str(tmp_path / "out")] if rest else []  # the pairs' folder
+    r = subprocess.run([sys.executable, f"{method}.py", "--out_dir", str(tmp_path / "out"), *rest], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and time.time() - t0 < 60
     assert "Traceback" not in r.stderr and "missing pretrained weights" in r.stderr, r.stderr[-2000:]
-    assert all(name in r.stderr for name in EXPECTED[method]), r.stderr
+    assert all(name in r.stderr for name in EXPECTED[method][:1 if rest else None]), r.stderr  # pairs: the teacher
     assert f"python common.py prefetch --method {method}" in r.stderr and "not in the Hugging Face cache" in r.stderr
     assert not (tmp_path / "out").exists()  # nothing was started
-    mod = importlib.import_module(method)  # with local copies given, the check passes
+    mod = importlib.import_module(method)
     cfg = mod.resolve(C.configure(mod.Config))
-    local = {w.flag: str(tmp_path) for w in mod.pretrained(cfg)}
-    cfg = dataclasses.replace(cfg, **{("model_path" if k == "model_path" else k): v for k, v in local.items()})
+    gone = str(tmp_path / "gone" / "vgg16.pth")
+    lpips = any(w.flag == "lpips_weights" for w in mod.pretrained(cfg))
+    refused = {"lpips_weights": "random"} if lpips else {"model_path": gone}
+    with pytest.raises(SystemExit) as e:
+        C.check_weights(bad := dataclasses.replace(cfg, **refused), mod.pretrained(bad))
+    why = "random (a random network) stands in only" if lpips else f"{gone} does not exist"
+    assert why in str(e.value)
+    tiny = mod.resolve(C.configure(mod.Config, model="tiny", **{k: "random" for k in refused if k != "model_path"}))
+    C.check_weights(tiny, mod.pretrained(tiny))  # tiny presets: random stand-ins
+    local = {w.flag: local_copy(w, tmp_path) for w in mod.pretrained(cfg)}  # with local copies given, the check passes
+    cfg = dataclasses.replace(cfg, **local)
     C.check_weights(cfg, mod.pretrained(cfg))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sampling_checks_the_weights_first(method, tmp_path, monkeypatch):
+    """--sample (and eval.py, the same sampler) from a real-preset checkpoint whose networks are not on disk: the
+    missing list before anything is built (StrSR: its VLM folder too), no traceback."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    mod = importlib.import_module(method)
+    cfg = C.configure(mod.Config, **({"stage": "teacher"} if method == "smfsr" else {}))
+    if method == "strsr":
+        cfg = dataclasses.replace(cfg, vlm=str(tmp_path / "qwen3-vl"))
+    (tmp_path / "ckpt-0000001").mkdir()
+    (tmp_path / "ckpt-0000001" / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    with pytest.raises(SystemExit) as e:
+        mod.build_sampler(C.configure(mod.Config, ckpt=str(tmp_path)), "cpu")
+    text = str(e.value)
+    assert text.startswith("missing pretrained weights") and "not in the Hugging Face cache" in text, text
+    assert f"  - {cfg.model} (transformer, vae): {C.PRESETS[cfg.model].hub} is not" in text  # no text encoders
+    assert (f"{tmp_path / 'qwen3-vl'} does not exist" in text) == (method == "strsr")
 
 
 # ----------------------------------------------------------------------------- training
