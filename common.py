@@ -400,8 +400,22 @@ def check_weights(cfg, needs):
             + "fetch them on a machine with internet (the same HF_HOME and TORCH_HOME), then train with "
             f"HF_HUB_OFFLINE=1:\n  python common.py prefetch --method {method} --model {cfg.model}")
 
+def size_text(n):  # bytes, in the unit that shows them
+    return next(f"{n / 10**e:.2f} {u}" for e, u in ((9, "GB"), (6, "MB"), (3, "kB"), (0, "B")) if n >= 10**e or not e)
+
+def disk_size(path, patterns=()):
+    """Bytes on disk of a file, or of a folder's files matching `patterns` (all if none), each blob counted once."""
+    import fnmatch
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    files = {os.path.realpath(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs
+             if not patterns or any(fnmatch.fnmatch(os.path.relpath(os.path.join(d, f), path), p) for p in patterns)}
+    return sum(os.path.getsize(f) for f in files if os.path.exists(f))
+
 def prefetch(needs):
-    """Download `needs` into the standard caches, each printed with its size; returns the failures."""
+    """Download `needs` into the standard caches, each printed with the size on disk of what is there; returns the
+    failures, each one whole reason (wrapped)."""
+    import textwrap
     from huggingface_hub import snapshot_download
     failed = []
     for w in needs:
@@ -411,11 +425,10 @@ def prefetch(needs):
                 torch.hub.download_url_to_file(w.source, hub_file(w.source))
             path = {"local": w.source, "url": hub_file(w.source)}.get(w.where()) or snapshot_download(
                 w.source, allow_patterns=list(w.fetch or w.files))
-            size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) \
-                if os.path.isdir(path) else os.path.getsize(path)
-            print(f"{w.name}: {w.source} ({size / 1e9:.2f} GB)")
+            print(f"{w.name}: {w.source} ({size_text(disk_size(path, w.fetch or w.files))} in {path})")
         except Exception as e:
-            failed.append(f"{w.name}: {w.source}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}")
+            why = " ".join(f"{w.name}: {w.source}: {type(e).__name__}: {e}".split())
+            failed.append(textwrap.fill(why, 116, subsequent_indent="    "))
             print("failed: " + failed[-1])
     return failed
 

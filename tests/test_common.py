@@ -495,3 +495,25 @@ def test_weights_check_names_each_way_a_network_is_missing(tmp_path, monkeypatch
     assert problem("org/pipe", need) == f"lacks transformer/weights (in {snap})"
     hub_repo(tmp_path / "hub", "org/pipe", {"transformer/s2.safetensors": b"2"})
     assert problem("org/pipe", need) is None
+
+
+def test_prefetch_prints_whole_reasons_and_the_size_on_disk(tmp_path, monkeypatch, capsys):
+    """A failure's whole reason on lines of at most 120 columns; a cached repo's size: the bytes of the files prefetch
+    asked for, each blob once (two links to one blob), in a unit that shows them."""
+    import huggingface_hub
+    reason = "the hub could not be reached: " + " ".join(f"detail-{i}" for i in range(40)) + " (the end)."
+    snap = hub_repo(tmp_path / "hub", "org/pipe", {"vae/a.safetensors": b"x" * 12000, "vae/config.json": b"y" * 340,
+                                                    "text_encoder/big.bin": b"z" * 10**6})
+    (snap / "vae" / "same.safetensors").symlink_to(os.readlink(snap / "vae" / "a.safetensors"))
+
+    def download(repo, allow_patterns=()):
+        if repo == "org/pipe":
+            return str(snap)
+        raise OSError(reason)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    failed = C.prefetch([C.Weights("base", "org/pipe", "model_path", ("vae/config.json",), ("vae/*",)),
+                         C.Weights("other", "org/gone", "model_path", ("config.json",))])
+    out = capsys.readouterr().out
+    assert f"base: org/pipe (12.34 kB in {snap})" in out
+    assert len(failed) == 1 and all(len(line) <= 120 for line in failed[0].splitlines())
+    assert " ".join(failed[0].split()) == f"other: org/gone: OSError: {reason}"
