@@ -112,9 +112,16 @@ def _load(cls_name, preset, path, sub, config, dtype):
             torch.manual_seed(0)
             model = cls(**config)
             return model if dtype == torch.float32 else model.to(dtype)
-    src = path or p.hub  # a pipeline folder (or the hub repo) keeps each model in a subfolder
+    src = local_copy(path or p.hub)  # a pipeline folder (or the hub repo) keeps each model in a subfolder
     sub = sub if path is None or os.path.isdir(os.path.join(src, sub)) else None
     return cls.from_pretrained(src, subfolder=sub, torch_dtype=dtype)
+
+def local_copy(source):
+    """A hub repo id -> its snapshot folder in the Hugging Face cache, so that loading reads files and never asks the
+    hub (diffusers asks it for a sharded model's files even when they are cached); anything else as given."""
+    if not source or os.path.exists(source) or source.startswith(("/", ".", "~", "http")):
+        return source
+    return hub_snapshot(source) or source  # not cached: from_pretrained downloads it (or says why not)
 
 def load_dit(preset, path=None, dtype=torch.float32):
     """The family's transformer: hub weights, a local folder (`path`), tiny random or the mini pretrained here."""
@@ -237,7 +244,7 @@ def prompt_cond(preset, prompt, cache_dir, device, path=None):
     if not os.path.exists(file):
         import diffusers
         pipe = getattr(diffusers, FAMILIES[family][2]).from_pretrained(
-            path or PRESETS[preset].hub, transformer=None, vae=None, torch_dtype=torch.bfloat16).to(device)
+            local_copy(path or PRESETS[preset].hub), transformer=None, vae=None, torch_dtype=torch.bfloat16).to(device)
         with torch.no_grad():
             if family in ("flux1", "sd3"):
                 out = (pipe.encode_prompt(prompt, prompt_2=None, device=device) if family == "flux1" else

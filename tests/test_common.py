@@ -9,7 +9,7 @@ from PIL import Image
 import common as C
 import degrade as D
 
-from helpers import run
+from helpers import hub_repo, run
 TINY = ["tiny-flux1", "tiny-flux2", "tiny-zimage", "tiny-sd3", "tiny-qwen"]
 
 
@@ -443,23 +443,6 @@ def test_prefetch_without_internet_says_so(tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "could not be downloaded (this needs the internet)" in r.stderr
     assert "Qwen/Qwen-Image-2512" in r.stderr and "VGG16 of LPIPS" in r.stderr and "NIQE" in r.stderr
-
-
-def hub_repo(cache, repo, files, sha="0123456789abcdef0123456789abcdef01234567"):
-    """A repo in a Hugging Face cache laid out as a download leaves it: refs/main -> snapshots/<sha>/..., each file a
-    link to its blob. `files`: {path in the repo: bytes}; returns the snapshot folder."""
-    import hashlib
-    root = cache / ("models--" + repo.replace("/", "--"))
-    (root / "refs").mkdir(parents=True, exist_ok=True)
-    (root / "refs" / "main").write_text(sha)
-    for path, data in files.items():
-        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = root / "snapshots" / sha / path
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    return root / "snapshots" / sha
 
 
 def test_weights_check_names_each_way_a_network_is_missing(tmp_path, monkeypatch):

@@ -159,6 +159,106 @@ def test_sampling_checks_the_weights_first(method, tmp_path, monkeypatch):
     assert (f"{tmp_path / 'qwen3-vl'} does not exist" in text) == (method == "strsr")
 
 
+# ----------------------------------------------------------------------------- real presets offline, from the cache
+@pytest.fixture(scope="module")
+def hub_cache(tmp_path_factory):
+    """A Hugging Face cache in the hub's layout holding, under the real hub ids, tiny copies of the four methods'
+    default bases with every transformer (and VAE) in shards, as the real FLUX.1-dev and Qwen-Image are: FLUX.2's
+    with a tiny Qwen3 text encoder and its tokenizer (prompt_cond runs on it; the transformer reads its 3 x 8 wide
+    embeddings), the others' text encoders stand-in files (their prompts: tiny_cond); and StrSR's CLIP file."""
+    import diffusers, tokenizers
+    from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
+    from helpers import hub_repo
+    cache, work, embeds = tmp_path_factory.mktemp("hf-hub"), tmp_path_factory.mktemp("pipes"), None
+    for method in METHODS:
+        preset = importlib.import_module(method).Config.model
+        tiny = C.resolve_preset("tiny", preset)
+        fam, n = C.PRESETS[tiny].family, {"flux1": 2, "sd3": 3}.get(C.PRESETS[tiny].family, 1)
+        text = {f"{k}{s}": None for s in ("", "_2", "_3")[:n] for k in ("text_encoder", "tokenizer")}
+        dit = C.load_dit(tiny)
+        if fam == "flux2":
+            vocab = {w: i for i, w in enumerate(["<|endoftext|>", "<unk>", "user", "assistant"])}
+            tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+            tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+            text["tokenizer"] = Qwen2TokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>")
+            text["tokenizer"].chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)  # 27 layers: the pipeline reads hidden states 9, 18 and 27
+                text["text_encoder"] = Qwen3ForCausalLM(Qwen3Config(vocab_size=4, hidden_size=8, intermediate_size=16,
+                    num_hidden_layers=27, num_attention_heads=2, num_key_value_heads=1, head_dim=4))
+                dit = diffusers.Flux2Transformer2DModel(**{**C.PRESETS[tiny].dit, "joint_attention_dim": 24})
+        pipe = getattr(diffusers, C.FAMILIES[fam][2])(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+                                                     vae=C.load_vae(tiny), transformer=dit, **text)
+        pipe.save_pretrained(work / fam, max_shard_size="40KB")
+        if fam == "flux2":  # the pipeline's own encoding, read from these files
+            with torch.no_grad():
+                embeds = type(pipe).from_pretrained(work / fam, transformer=None, vae=None, torch_dtype=torch.bfloat16
+                                                    ).encode_prompt("", device="cpu")[0].float()
+        for part in (k for k, v in text.items() if k.startswith("text_encoder") and v is None):
+            (work / fam / part).mkdir()
+            (work / fam / part / "config.json").write_text("{}")
+            (work / fam / part / "model.safetensors").write_bytes(b"stand-in")
+        hub_repo(cache, C.PRESETS[preset].hub, {os.path.relpath(os.path.join(d, f), work / fam):
+                                               open(os.path.join(d, f), "rb").read()
+                                               for d, _, fs in os.walk(work / fam) for f in fs})
+    hub_repo(cache, importlib.import_module("strsr").CLIP_HUB, {"open_clip_pytorch_model.bin": b"stand-in"})
+    return cache, embeds
+
+
+@pytest.fixture
+def offline(hub_cache, monkeypatch):
+    """HF_HUB_OFFLINE=1 and the cache above, as the README's GPU workflow: any request to the hub raises."""
+    import huggingface_hub.constants
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache[0]))
+    return hub_cache
+
+
+def test_a_sharded_base_loads_offline_from_the_cache(offline, tmp_path):
+    """load_dit and load_vae read every shard of the cached repo (their weights equal the files'), and prompt_cond
+    encodes with the cached text encoder as the pipeline loaded from the same files does, offline."""
+    from safetensors.torch import load_file
+    from huggingface_hub import snapshot_download
+    snap = snapshot_download(C.PRESETS["flux2-klein-base"].hub, local_files_only=True)
+    for name, net in (("transformer", C.load_dit("flux2-klein-base")), ("vae", C.load_vae("flux2-klein-base"))):
+        shards = glob.glob(os.path.join(snap, name, "*.safetensors"))
+        files = {k: v for f in shards for k, v in load_file(f).items()}
+        assert len(shards) > 1 and files.keys() == net.state_dict().keys()
+        assert all(torch.equal(files[k], v) for k, v in net.state_dict().items()), name
+    cond = C.prompt_cond("flux2-klein-base", "", str(tmp_path), "cpu")
+    assert torch.equal(cond["embeds"], offline[1])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_real_preset_trains_and_samples_offline_from_the_cache(method, offline, tmp_path, monkeypatch):
+    """Each method's default base, as cached (sharded), offline: the weights check, one training step of its real-preset
+    code path (StrSR with its text condition; FluxSR makes a teacher pair from it first) and the sampler from the
+    checkpoint, which gives the same image twice. The other pretrained networks are off (LPIPS weights 0) or random
+    (StrSR's CLIP), and the families without a cached text encoder take tiny_cond."""
+    mod = importlib.import_module(method)
+    preset, real_prompt = mod.Config.model, C.prompt_cond
+    fake_prompt = lambda p, prompt, *a, **kw: real_prompt(p, prompt, *a, **kw) if C.PRESETS[p].family == "flux2" \
+        else C.tiny_cond(C.load_dit(p), C.PRESETS[p].family)
+    monkeypatch.setattr(C, "prompt_cond", fake_prompt)
+    kw = {k: v for k, v in mod.TINY.items() if not isinstance(v, dict)}
+    kw.update(model=preset, num_workers=0, log_every=1, save_every=1, max_steps=1, batch_size=1,
+              out_dir=str(tmp_path / "run"))
+    kw.update({"strsr": dict(cond="text", w_lpips=0.0), "teasr": dict(w_lpips=0.0),
+               "fluxsr": dict(w_tv_lpips=0.0, data=str(tmp_path / "pairs"), teacher_steps=1),
+               "smfsr": dict(stage="teacher", cache_dir=str(tmp_path / "cache"))}[method])
+    if method == "strsr":  # CLIP-ConvNeXt-XXLarge: the tiny presets' random stand-in
+        real_disc = mod.Discriminator
+        monkeypatch.setattr(mod, "Discriminator", lambda random_net, *a: real_disc(True, *a))
+    if method == "fluxsr":
+        mod.make_pairs(C.configure(mod.Config, **kw, make_pairs=1))
+    mod.train(C.configure(mod.Config, **kw))
+    assert steps_logged(tmp_path / "run")[0][0] == "step 1/1"
+    x_lr = torch.rand(1, 3, 12, 16, generator=torch.Generator().manual_seed(0))
+    sr = [mod.build_sampler(C.configure(mod.Config, ckpt=str(tmp_path / "run")), "cpu")(x_lr) for _ in range(2)]
+    assert sr[0].shape == (1, 3, 48, 64) and 0 <= sr[0].min() and sr[0].max() <= 1 and torch.equal(sr[0], sr[1])
+
+
 # ----------------------------------------------------------------------------- training
 @pytest.mark.parametrize("method", METHODS)
 def test_exact_resume(method, trained, tmp_path, tmp_path_factory):
