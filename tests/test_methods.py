@@ -205,19 +205,28 @@ def hub_cache(tmp_path_factory):
     return cache, embeds
 
 
-@pytest.fixture
-def offline(hub_cache, monkeypatch):
-    """HF_HUB_OFFLINE=1 and the cache above, as the README's GPU workflow: any request to the hub raises."""
+@pytest.fixture(params=["HF_HUB_OFFLINE=1"])
+def offline(request, hub_cache, monkeypatch):
+    """The cache above and either HF_HUB_OFFLINE=1, as the README's GPU workflow (any request to the hub raises), or
+    no network at all (every connection refused, the variable unset)."""
+    import socket
     import huggingface_hub.constants
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache[0]))
+    if request.param == "HF_HUB_OFFLINE=1":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(socket.socket, "connect", lambda *a: (_ for _ in ()).throw(OSError("no network")))
     return hub_cache
 
 
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE=1", "no network"], indirect=True)
 def test_a_sharded_base_loads_offline_from_the_cache(offline, tmp_path):
     """load_dit and load_vae read every shard of the cached repo (their weights equal the files'), and prompt_cond
-    encodes with the cached text encoder as the pipeline loaded from the same files does, offline."""
+    encodes with the cached text encoder as the pipeline loaded from the same files does: with HF_HUB_OFFLINE=1 and
+    with no network."""
     from safetensors.torch import load_file
     from huggingface_hub import snapshot_download
     snap = snapshot_download(C.PRESETS["flux2-klein-base"].hub, local_files_only=True)
