@@ -112,7 +112,7 @@ def _load(cls_name, preset, path, sub, config, dtype):
             torch.manual_seed(0)
             model = cls(**config)
             return model if dtype == torch.float32 else model.to(dtype)
-    src = local_copy(path or p.hub)  # a pipeline folder (or the hub repo) keeps each model in a subfolder
+    src = local_copy(path or p.hub)  # a pipeline folder keeps each model in a subfolder
     sub = sub if path is None or os.path.isdir(os.path.join(src, sub)) else None
     return cls.from_pretrained(src, subfolder=sub, torch_dtype=dtype)
 
@@ -121,7 +121,7 @@ def local_copy(source):
     hub (diffusers asks it for a sharded model's files even when they are cached); anything else as given."""
     if not source or os.path.exists(source) or source.startswith(("/", ".", "~", "http")):
         return source
-    return hub_snapshot(source) or source  # not cached: from_pretrained downloads it (or says why not)
+    return hub_snapshot(source) or source  # not cached: from_pretrained downloads it
 
 def load_dit(preset, path=None, dtype=torch.float32):
     """The family's transformer: hub weights, a local folder (`path`), tiny random or the mini pretrained here."""
@@ -321,13 +321,13 @@ WEIGHT_EXTS = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 class Weights:
     """A pretrained network a real-preset run loads."""
     name: str
-    source: str        # a hub repo id, a URL (torch hub's cache), a local path, or "random" (tiny and mini only)
+    source: str        # a hub repo id, a URL (torch hub's cache), a local path or "random"
     flag: str          # the flag that gives a local copy
-    files: tuple = ()  # hub or folder: the files that must be there (beside each config.json: its weights)
+    files: tuple = ()  # hub or folder: its files (and weights beside each config.json)
     fetch: tuple = ()  # hub: the patterns prefetch downloads (default: files)
     sample: bool = False  # the sampler loads it too (beside the base's transformer and VAE)
 
-    def where(self):  # "random", "url", "local" or "hub": a path never passes for a hub id ("org/name")
+    def where(self):  # random, url, local or hub: a path never passes for a hub id ("org/name")
         s = self.source
         if s == "random" or s.startswith(("http://", "https://")):
             return "random" if s == "random" else "url"
