@@ -90,7 +90,7 @@ EXPECTED = {"strsr": ["flux2-klein", "Qwen3-VL", "CLIP ConvNeXt-XXLarge", "VGG16
             "teasr": ["qwen-image (transformer, vae, text_encoder)", "VGG16 of LPIPS"]}
 
 
-def local_copy(w, root):
+def stand_in(w, root):
     """A stand-in on disk for Weights w: a weights file, or a folder with its files and, beside each config.json, a
     weights file."""
     if not w.files:
@@ -134,7 +134,7 @@ def test_a_real_preset_without_its_weights_stops_at_once(argv, tmp_path):
     assert why in str(e.value)
     tiny = mod.resolve(C.configure(mod.Config, model="tiny", **{k: "random" for k in refused if k != "model_path"}))
     C.check_weights(tiny, mod.pretrained(tiny))  # tiny presets: random stand-ins
-    local = {w.flag: local_copy(w, tmp_path) for w in mod.pretrained(cfg)}  # with local copies given, the check passes
+    local = {w.flag: stand_in(w, tmp_path) for w in mod.pretrained(cfg)}  # with local copies given, the check passes
     cfg = dataclasses.replace(cfg, **local)
     C.check_weights(cfg, mod.pretrained(cfg))
 
