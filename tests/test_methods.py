@@ -165,7 +165,8 @@ def hub_cache(tmp_path_factory):
     """A Hugging Face cache in the hub's layout holding, under the real hub ids, tiny copies of the four methods'
     default bases with every transformer (and VAE) in shards, as the real FLUX.1-dev and Qwen-Image are: FLUX.2's
     with a tiny Qwen3 text encoder and its tokenizer (prompt_cond runs on it; the transformer reads its 3 x 8 wide
-    embeddings), the others' text encoders stand-in files (their prompts: tiny_cond); and StrSR's CLIP file."""
+    embeddings), the others' text encoders stand-in files (their prompts: tiny_cond); StrSR's VLM and SMFSR's DINOv3,
+    tiny and sharded; and StrSR's CLIP file (a stand-in)."""
     import diffusers, tokenizers
     from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
     from helpers import hub_repo
@@ -201,8 +202,48 @@ def hub_cache(tmp_path_factory):
         hub_repo(cache, C.PRESETS[preset].hub, {os.path.relpath(os.path.join(d, f), work / fam):
                                                open(os.path.join(d, f), "rb").read()
                                                for d, _, fs in os.walk(work / fam) for f in fs})
-    hub_repo(cache, importlib.import_module("strsr").CLIP_HUB, {"open_clip_pytorch_model.bin": b"stand-in"})
-    return cache, embeds
+    strsr, smfsr = importlib.import_module("strsr"), importlib.import_module("smfsr")
+    hub_repo(cache, strsr.CLIP_HUB, {"open_clip_pytorch_model.bin": b"stand-in"})
+    vlm, dino = tiny_vlm(work / "vlm"), tiny_dino(work / "dino", smfsr.RANDOM_DINO)
+    for folder, repo in ((work / "vlm", strsr.Config.vlm), (work / "dino", smfsr.Config.disc_model)):
+        hub_repo(cache, repo, {f: (folder / f).read_bytes() for f in os.listdir(folder)})
+    return cache, {"embeds": embeds, "vlm": vlm, "dino": dino}
+
+
+def tiny_vlm(folder):
+    """StrSR's tiny Qwen3-VL saved in shards with a processor (a word-level tokenizer, the image tokens, a chat
+    template); returns its state dict."""
+    import tokenizers
+    from transformers import Qwen2TokenizerFast, Qwen2VLImageProcessor, Qwen3VLModel, Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+    specials = ["<|endoftext|>", "<unk>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(specials + ["user"])},
+                                                           unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok = Qwen2TokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": specials[2:]})
+    template = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|>"
+                "<|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}")
+    Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2),
+                     tokenizer=tok, video_processor=Qwen3VLVideoProcessor(), chat_template=template).save_pretrained(
+                         folder)
+    cfg = importlib.import_module("strsr").tiny_vlm_config()
+    cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id = 2, 4, 5
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen3VLModel(cfg)
+    model.save_pretrained(folder, max_shard_size="100KB")
+    return model.state_dict()
+
+
+def tiny_dino(folder, config):
+    """SMFSR's tiny DINOv3 saved in shards; returns its state dict."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = DINOv3ViTModel(DINOv3ViTConfig(**config))
+    model.save_pretrained(folder, max_shard_size="50KB")
+    return model.state_dict()
 
 
 @pytest.fixture(params=["HF_HUB_OFFLINE=1"])
@@ -224,9 +265,9 @@ def offline(request, hub_cache, monkeypatch):
 
 @pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE=1", "no network"], indirect=True)
 def test_a_sharded_base_loads_offline_from_the_cache(offline, tmp_path):
-    """load_dit and load_vae read every shard of the cached repo (their weights equal the files'), and prompt_cond
-    encodes with the cached text encoder as the pipeline loaded from the same files does: with HF_HUB_OFFLINE=1 and
-    with no network."""
+    """load_dit and load_vae read every shard of the cached repo (their weights equal the files'), prompt_cond encodes
+    with the cached text encoder as the pipeline loaded from the same files does, and StrSR's Qwen3-VL (with its
+    processor) and SMFSR's DINOv3 load their cached shards: with HF_HUB_OFFLINE=1 and with no network."""
     from safetensors.torch import load_file
     from huggingface_hub import snapshot_download
     snap = snapshot_download(C.PRESETS["flux2-klein-base"].hub, local_files_only=True)
@@ -236,7 +277,14 @@ def test_a_sharded_base_loads_offline_from_the_cache(offline, tmp_path):
         assert len(shards) > 1 and files.keys() == net.state_dict().keys()
         assert all(torch.equal(files[k], v) for k, v in net.state_dict().items()), name
     cond = C.prompt_cond("flux2-klein-base", "", str(tmp_path), "cpu")
-    assert torch.equal(cond["embeds"], offline[1])
+    assert torch.equal(cond["embeds"], offline[1]["embeds"])
+    strsr, smfsr = importlib.import_module("strsr"), importlib.import_module("smfsr")
+    vlm = strsr.VLMEncoder(strsr.Config.vlm, "describe", 64 * 64)  # the VLM and its processor
+    dino = smfsr.Discriminator(False, smfsr.Config.disc_model, 8).vit
+    for net, ref in ((vlm.model, offline[1]["vlm"]), (dino, offline[1]["dino"])):
+        sd = net.state_dict()
+        assert sd.keys() == ref.keys() and all(torch.equal(v, ref[k]) for k, v in sd.items())
+    assert vlm.pre[-1] == 4 and vlm.post[0] == 5  # the cached chat template around the image
 
 
 @pytest.mark.parametrize("method", METHODS)
