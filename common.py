@@ -112,9 +112,16 @@ def _load(cls_name, preset, path, sub, config, dtype):
             torch.manual_seed(0)
             model = cls(**config)
             return model if dtype == torch.float32 else model.to(dtype)
-    src = path or p.hub  # a pipeline folder (or the hub repo) keeps each model in a subfolder
+    src = local_copy(path or p.hub)  # a pipeline folder keeps each model in a subfolder
     sub = sub if path is None or os.path.isdir(os.path.join(src, sub)) else None
     return cls.from_pretrained(src, subfolder=sub, torch_dtype=dtype)
+
+def local_copy(source):
+    """A hub repo id -> its snapshot folder in the Hugging Face cache, so that loading reads files and never asks the
+    hub (diffusers asks it for a sharded model's files even when they are cached); anything else as given."""
+    if not source or os.path.exists(source) or source.startswith(("/", ".", "~", "http")):
+        return source
+    return hub_snapshot(source) or source  # not cached: from_pretrained downloads it
 
 def load_dit(preset, path=None, dtype=torch.float32):
     """The family's transformer: hub weights, a local folder (`path`), tiny random or the mini pretrained here."""
@@ -185,10 +192,13 @@ def grid_ids(h, w, ndim, device):
     return ids
 
 def velocity(family, dit, z, t, cond, guidance=3.5):
-    """v(z_t, t) = eps - z_0 for z_t (B, C, H, W), t (B,) in [0, 1]; t goes in as fp32, as the pipelines give it."""
+    """v(z_t, t) = eps - z_0 for z_t (B, C, H, W), t (B,) in [0, 1]; the transformer gets the timestep in its family's
+    pipeline arithmetic from the scheduler's fp32 1000 t: FLUX.1, FLUX.2, Qwen-Image round it to the latents' dtype
+    and divide by 1000, Z-Image takes (1000 - 1000 t) / 1000 in fp32, SD3 1000 t in fp32."""
     B, C, H, W = z.shape
-    t = (t.expand(B) if t.numel() == 1 else t).float()
+    t1000 = (t.expand(B) if t.numel() == 1 else t).float() * 1000  # the scheduler's timesteps
     dt, emb, dev = dit.dtype, cond["embeds"].to(dit.dtype), z.device
+    t = t1000.to(dt) / 1000  # FLUX.1, FLUX.2, Qwen-Image: rounded twice, as their pipelines
     g = torch.full((B,), guidance, device=dev) if getattr(dit.config, "guidance_embeds", False) else None
     if family == "flux1":
         out = dit(hidden_states=pack(z).to(dt), encoder_hidden_states=emb, pooled_projections=cond["pooled"].to(dt),
@@ -202,11 +212,12 @@ def velocity(family, dit, z, t, cond, guidance=3.5):
                   img_ids=grid_ids(H, W, 4, dev).expand(B, -1, -1), txt_ids=txt_ids, guidance=g, return_dict=False)[0]
         return out.float().transpose(1, 2).reshape(B, C, H, W)
     if family == "zimage":  # takes 1 - sigma, a list of (C, 1, H, W), and returns -v
-        out = dit(list(z.to(dt).unsqueeze(2).unbind(0)), 1 - t, list(emb.unbind(0)), return_dict=False)[0]
+        out = dit(list(z.to(dt).unsqueeze(2).unbind(0)), (1000 - t1000) / 1000, list(emb.unbind(0)),
+                  return_dict=False)[0]
         return -torch.stack(out)[:, :, 0].float()
     if family == "sd3":  # takes sigma * 1000
         return dit(hidden_states=z.to(dt), encoder_hidden_states=emb, pooled_projections=cond["pooled"].to(dt),
-                   timestep=t * 1000, return_dict=False)[0].float()
+                   timestep=t1000, return_dict=False)[0].float()
     out = dit(hidden_states=pack(z).to(dt), encoder_hidden_states=emb, encoder_hidden_states_mask=cond.get("mask"),
               timestep=t, img_shapes=[[(1, H // 2, W // 2)]] * B, return_dict=False)[0]  # qwen
     return unpack(out.float(), H, W)
@@ -236,7 +247,7 @@ def prompt_cond(preset, prompt, cache_dir, device, path=None):
     if not os.path.exists(file):
         import diffusers
         pipe = getattr(diffusers, FAMILIES[family][2]).from_pretrained(
-            path or PRESETS[preset].hub, transformer=None, vae=None, torch_dtype=torch.bfloat16).to(device)
+            local_copy(path or PRESETS[preset].hub), transformer=None, vae=None, torch_dtype=torch.bfloat16).to(device)
         with torch.no_grad():
             if family in ("flux1", "sd3"):
                 out = (pipe.encode_prompt(prompt, prompt_2=None, device=device) if family == "flux1" else
@@ -324,27 +335,75 @@ def zero_output(dit):  # --zero_init: the DiT's output layer (Z-Image's: per pat
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision's ImageNet VGG16: LPIPS
 VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"  # torchvision's ImageNet VGG19: StrSR's FDL
 
+WEIGHT_EXTS = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
+
 @dataclasses.dataclass(frozen=True)
 class Weights:
     """A pretrained network a real-preset run loads."""
     name: str
-    source: str        # a hub repo id, a URL (torch hub's cache) or a local path
+    source: str        # a hub repo id, a URL (torch hub's cache), a local path or "random"
     flag: str          # the flag that gives a local copy
-    files: tuple = ()  # hub: the files that must be in the Hugging Face cache
+    files: tuple = ()  # hub or folder: its files (and weights beside each config.json)
     fetch: tuple = ()  # hub: the patterns prefetch downloads (default: files)
+    sample: bool = False  # the sampler loads it too (beside the base's transformer and VAE)
 
-    def where(self):
-        local = self.source.startswith(("/", ".", "~")) or os.path.exists(self.source)
-        return "local" if local else "url" if self.source.startswith("http") else "hub"
+    def where(self):  # random, url, local or hub: a path never passes for a hub id ("org/name")
+        s = self.source
+        if s == "random" or s.startswith(("http://", "https://")):
+            return "random" if s == "random" else "url"
+        path = s.startswith(("/", ".", "~")) or s.count("/") != 1 or s.endswith(WEIGHT_EXTS) or os.path.exists(s)
+        return "local" if path else "hub"
 
-    def found(self):  # there to load, nothing downloaded
-        if self.where() != "hub":
-            return os.path.exists(os.path.expanduser(self.source) if self.where() == "local" else hub_file(self.source))
-        from huggingface_hub import try_to_load_from_cache
-        return all(isinstance(try_to_load_from_cache(self.source, f), str) for f in self.files)
+    def problem(self):
+        """Why it cannot be loaded from disk as it is (None: it can); nothing is downloaded."""
+        where = self.where()
+        if where == "random":
+            return "(a random network) stands in only on the tiny and mini presets"
+        if where == "url" and not os.path.exists(hub_file(self.source)):
+            return f"is not in torch hub's cache ({torch.hub.get_dir()})"
+        if where == "url":
+            return None
+        path = os.path.expanduser(self.source) if where == "local" else hub_snapshot(self.source)
+        if path is None:
+            return "is not in the Hugging Face cache" + ("" if is_repo_id(self.source) else " (nor a valid hub id)")
+        if not os.path.exists(path):
+            return "does not exist"
+        if os.path.isfile(path) or not self.files:
+            return None if os.path.isfile(path) else "is a folder, not a weights file"
+        lacking = [f for f in self.files if not os.path.exists(os.path.join(path, f))]
+        lacking += [os.path.join(os.path.dirname(f), "weights") for f in self.files
+                    if os.path.basename(f) == "config.json" and f not in lacking and not has_weights(path, f)]
+        return f"lacks {', '.join(lacking)} (in {path})" if lacking else None
 
 def hub_file(url):  # where torch hub keeps a URL's download
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+
+def hub_snapshot(repo):
+    """A hub repo's snapshot folder in the Hugging Face cache, read without the network; None where it is not there."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    try:
+        return snapshot_download(repo, local_files_only=True)
+    except (HFValidationError, LocalEntryNotFoundError):
+        return None
+
+def is_repo_id(s):
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+    try:
+        validate_repo_id(s)
+        return True
+    except HFValidationError:
+        return False
+
+def has_weights(root, config):
+    """The folder of `config` (relative to root) holds weights: a weights file, or every shard an index names."""
+    folder = os.path.join(root, os.path.dirname(config))
+    indexes = glob.glob(os.path.join(folder, "*.index.json"))
+    if indexes:
+        shards = [set((read_json(i) or {}).get("weight_map", {}).values()) for i in indexes]
+        return any(s and all(os.path.exists(os.path.join(folder, f)) for f in s) for s in shards)
+    return any(f.endswith(WEIGHT_EXTS) and os.path.exists(os.path.join(folder, f)) for f in os.listdir(folder))
 
 def base_weights(cfg, text=False):
     """cfg.model's pipeline (hub id or --model_path): transformer and VAE, with `text` its text encoders too."""
@@ -358,19 +417,32 @@ def lpips_weights(cfg):
     return Weights("VGG16 of LPIPS", cfg.lpips_weights or VGG16_URL, "lpips_weights")
 
 def check_weights(cfg, needs):
-    """A real preset's networks must all be there before anything is built (never a download or a random stand-in):
-    else an exit that lists each missing one and how to fetch it."""
-    missing = [w for w in needs if not w.found()] if PRESETS[cfg.model].hub else []
-    where = {"local": "there", "url": f"torch hub's cache ({torch.hub.get_dir()})", "hub": "the Hugging Face cache"}
+    """A real preset's networks must all be on disk before anything is built or written (never a download, never a
+    random stand-in): else an exit that lists each missing one, why, and how to fetch it."""
+    missing = [(w, why) for w in needs if (why := w.problem())] if PRESETS[cfg.model].hub else []
     if missing:
         method = os.path.splitext(os.path.basename(sys.modules[type(cfg).__module__].__file__))[0]
         raise SystemExit("missing pretrained weights (nothing was built or downloaded):\n" + "".join(
-            f"  - {w.name}: {w.source} is not in {where[w.where()]}; or give a local copy: --{w.flag} PATH\n"
-            for w in missing) + "fetch them on a machine with internet (the same HF_HOME and TORCH_HOME), then train "
-            f"with HF_HUB_OFFLINE=1:\n  python common.py prefetch --method {method} --model {cfg.model}")
+            f"  - {w.name}: {w.source} {why}; or give a local copy: --{w.flag} PATH\n" for w, why in missing)
+            + "fetch them on a machine with internet (the same HF_HOME and TORCH_HOME), then train with "
+            f"HF_HUB_OFFLINE=1:\n  python common.py prefetch --method {method} --model {cfg.model}")
+
+def size_text(n):  # bytes, in the unit that shows them
+    return next(f"{n / 10**e:.2f} {u}" for e, u in ((9, "GB"), (6, "MB"), (3, "kB"), (0, "B")) if n >= 10**e or not e)
+
+def disk_size(path, patterns=()):
+    """Bytes on disk of a file, or of a folder's files matching `patterns` (all if none), each blob counted once."""
+    import fnmatch
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    files = {os.path.realpath(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs
+             if not patterns or any(fnmatch.fnmatch(os.path.relpath(os.path.join(d, f), path), p) for p in patterns)}
+    return sum(os.path.getsize(f) for f in files if os.path.exists(f))
 
 def prefetch(needs):
-    """Download `needs` into the standard caches, each printed with its size; returns the failures."""
+    """Download `needs` into the standard caches, each printed with the size on disk of what is there; returns the
+    failures, each one whole reason (wrapped)."""
+    import textwrap
     from huggingface_hub import snapshot_download
     failed = []
     for w in needs:
@@ -380,11 +452,10 @@ def prefetch(needs):
                 torch.hub.download_url_to_file(w.source, hub_file(w.source))
             path = {"local": w.source, "url": hub_file(w.source)}.get(w.where()) or snapshot_download(
                 w.source, allow_patterns=list(w.fetch or w.files))
-            size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) \
-                if os.path.isdir(path) else os.path.getsize(path)
-            print(f"{w.name}: {w.source} ({size / 1e9:.2f} GB)")
+            print(f"{w.name}: {w.source} ({size_text(disk_size(path, w.fetch or w.files))} in {path})")
         except Exception as e:
-            failed.append(f"{w.name}: {w.source}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}")
+            why = " ".join(f"{w.name}: {w.source}: {type(e).__name__}: {e}".split())
+            failed.append(textwrap.fill(why, 116, subsequent_indent="    "))
             print("failed: " + failed[-1])
     return failed
 
@@ -639,12 +710,16 @@ def checkpoint_config(ckpt, cls):
 
 # ----------------------------------------------------------------------------- sampling
 def sampler_setup(flags, resolve, device=None):
-    """A sampler's (checkpoint, its training config with the sampling flags of `flags`, resolved, device, dtype)."""
+    """A sampler's (checkpoint, its training config with the sampling flags of `flags`, resolved, device, dtype), its
+    pretrained networks checked before anything is built."""
     path, cfg = checkpoint_config(flags.ckpt or flags.out_dir, type(flags))
     given = {k: getattr(flags, k) for k in ("steps", "seed", "start", "start_t") if hasattr(flags, k)}
     given.update({k: getattr(flags, k) for k in ("tile", "overlap") if getattr(flags, k)})
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return path, resolve(dataclasses.replace(cfg, **given)), device, weight_dtype(device)
+    cfg = resolve(dataclasses.replace(cfg, **given))
+    pretrained = sys.modules[type(cfg).__module__].pretrained  # the method's list: what its sampler loads of it
+    check_weights(cfg, [base_weights(cfg)] + [w for w in pretrained(cfg) if w.sample])
+    return path, cfg, device, weight_dtype(device)
 
 def pad_to_multiple(x, m=PIXEL_MULTIPLE):
     """Reflect-pad right/bottom to a multiple of m; returns (padded, (H, W)) to crop back."""

@@ -333,6 +333,7 @@ def make_pairs(cfg):
     """Sample the frozen teacher from stored noise; pair i on rank i % world. Pairs already on disk (and readable) are
     skipped, so a killed run continues where it stopped, and a damaged pair or manifest is written again."""
     cfg = resolve(cfg)
+    common.check_weights(cfg, [common.base_weights(cfg, text=True)])  # the teacher, before anything is written
     rank, world, device = common.compute_init(cfg.seed)
     common.prepare_base(cfg.model)  # a mini base is pretrained first: it is the teacher
     os.makedirs(cfg.data, exist_ok=True)

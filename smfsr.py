@@ -310,7 +310,8 @@ class Discriminator(nn.Module):
     def __init__(self, random_net, hub, width):
         super().__init__()
         from transformers import DINOv3ViTConfig, DINOv3ViTModel
-        vit = DINOv3ViTModel(DINOv3ViTConfig(**RANDOM_DINO)) if random_net else DINOv3ViTModel.from_pretrained(hub)
+        vit = DINOv3ViTModel(DINOv3ViTConfig(**RANDOM_DINO)) if random_net else DINOv3ViTModel.from_pretrained(
+            common.local_copy(hub))
         self.vit = vit.requires_grad_(False).eval()  # for good: DINOv3 jitters its positions in training mode
         n, d, sn = vit.config.num_hidden_layers, vit.config.hidden_size, nn.utils.parametrizations.spectral_norm
         self.levels = [n * (i + 1) // 4 for i in range(4)]

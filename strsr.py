@@ -158,7 +158,7 @@ def pretrained(cfg):
     needs = [common.base_weights(cfg, text=cfg.cond == "text")]
     if cfg.cond == "vlm":
         needs.append(common.Weights("Qwen3-VL (E_vlm, Eq. 5)", cfg.vlm, "vlm", ("config.json", "tokenizer.json"),
-                                    ("*.json", "*.safetensors", "*.txt")))
+                                    ("*.json", "*.safetensors", "*.txt"), sample=True))
     if cfg.w_gan:  # Table 4's "w/o GAN": no discriminator
         needs.append(common.Weights("CLIP ConvNeXt-XXLarge (C, Sec. 3.3)", cfg.disc_ckpt or CLIP_HUB, "disc_ckpt",
                                     ("open_clip_pytorch_model.bin",)))  # the release's file
@@ -227,6 +227,7 @@ class VLMEncoder(nn.Module):
             self.min_pixels, self.max_pixels = 8 * 8, max_pixels
         else:
             from transformers import AutoProcessor
+            path = common.local_copy(path)  # a cached hub repo: its files, no hub request
             self.model = Qwen3VLModel.from_pretrained(path, dtype=dtype)
             cfg, proc = self.model.config, AutoProcessor.from_pretrained(path)
             msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
@@ -344,7 +345,8 @@ class Discriminator(nn.Module):
                 trunk = timm.create_model("convnext_xxlarge", pretrained=False, num_classes=0, **RANDOM_TRUNK[0])
                 proj = nn.Linear(RANDOM_TRUNK[0]["dims"][-1], RANDOM_TRUNK[1], bias=False)
         else:  # paper: CLIP-ConvNeXt-XXLarge, LAION-2B (dims 384/768/1536/3072, embedding 1024)
-            clip = open_clip.create_model("convnext_xxlarge", pretrained=ckpt or "laion2b_s34b_b82k_augreg_soup")
+            ckpt = ckpt or os.path.join(common.hub_snapshot(CLIP_HUB), "open_clip_pytorch_model.bin")  # checked
+            clip = open_clip.create_model("convnext_xxlarge", pretrained=ckpt)
             trunk, proj = clip.visual.trunk, clip.visual.head.proj
         self.trunk, self.proj = trunk.requires_grad_(False).eval(), proj.requires_grad_(False).eval()
         self.heads = nn.ModuleList(head(f["num_chs"], width) for f in trunk.feature_info[:3])

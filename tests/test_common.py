@@ -9,7 +9,7 @@ from PIL import Image
 import common as C
 import degrade as D
 
-from helpers import run
+from helpers import hub_repo, run
 TINY = ["tiny-flux1", "tiny-flux2", "tiny-zimage", "tiny-sd3", "tiny-qwen"]
 
 
@@ -66,51 +66,92 @@ def test_patchify_roundtrip_and_pack_matches_pipelines():
     assert torch.equal(C.unpack(C.pack(z), 6, 8), z)
 
 
+class _Stop(Exception):
+    pass
+
+
+def pipeline_call(fam, dit, vae, z, sigma, cond):
+    """The transformer's call inside the family's own diffusers pipeline at sigma (one step, prompt embeddings given,
+    no guidance): its keyword arguments and its output, captured by hooks (the run stops there)."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, QwenImagePipeline
+    B, Cz, h, w = z.shape
+    px = h * 16 if fam == "flux2" else h * 8
+    sched = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)  # sigmas used as given
+    n = {"flux1": 2, "sd3": 3}.get(fam, 1)  # the pipeline's text encoders: none needed, embeddings given
+    text = {f"{k}{s}": None for s in ("", "_2", "_3")[:n] for k in ("text_encoder", "tokenizer")}
+    pipe = getattr(diffusers, C.FAMILIES[fam][2])(scheduler=sched, vae=vae, transformer=dit, **text)
+    e, dt = cond["embeds"].to(dit.dtype), dit.dtype
+    kw = dict(height=px, width=px, num_inference_steps=1, sigmas=[sigma], output_type="latent")
+    if fam == "flux1":
+        kw.update(prompt_embeds=e, pooled_prompt_embeds=cond["pooled"].to(dt), guidance_scale=3.5,
+                  latents=FluxPipeline._pack_latents(z, B, Cz, h, w).to(dt))
+    elif fam == "flux2":
+        kw.update(prompt_embeds=e, guidance_scale=1.0, latents=z.to(dt))
+    elif fam == "zimage":
+        kw.update(prompt_embeds=list(e.unbind(0)), guidance_scale=0.0, latents=z.to(dt))
+    elif fam == "sd3":
+        kw.update(prompt_embeds=e, pooled_prompt_embeds=cond["pooled"].to(dt), guidance_scale=1.0, latents=z.to(dt))
+    else:
+        kw.update(prompt_embeds=e, prompt_embeds_mask=cond["mask"], true_cfg_scale=1.0,
+                  latents=QwenImagePipeline._pack_latents(z, B, Cz, h, w).to(dt))
+    seen = {}
+
+    def out_hook(m, args, kwargs, out):
+        seen.update(kwargs=kwargs, args=args, out=out)
+        raise _Stop
+    h_ = dit.register_forward_hook(out_hook, with_kwargs=True)
+    try:
+        pipe(**kw)
+    except _Stop:
+        pass
+    finally:
+        h_.remove()
+    return seen
+
+
+def _timestep(call):  # the transformer's timestep argument (Z-Image's is its second positional one)
+    return call["kwargs"]["timestep"] if "timestep" in call["kwargs"] else call["args"][1]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("preset", TINY)
 def test_velocity_matches_the_pipelines_call(tiny_models, preset, dtype):
-    """common.velocity against the call each diffusers pipeline makes (its own packing, ids, timestep convention and
-    timestep dtype), written out independently here. In bf16 the timestep stays fp32 where the pipeline keeps it
-    (Z-Image, SD3): at these times bf16 would round it (251.3 -> 251, 0.7487 -> 0.75)."""
-    from diffusers import Flux2KleinPipeline, FluxPipeline, QwenImagePipeline
+    """common.velocity gives the transformer what the family's own diffusers pipeline gives it (hooks capture both
+    calls): the same timestep tensor, dtype and bits (FLUX.1, FLUX.2, Qwen-Image: 1000 t rounded to the latents' dtype,
+    then / 1000; Z-Image: (1000 - 1000 t) / 1000; SD3: 1000 t), the same output, and it returns the velocity the
+    pipeline reads from that output (unpacked; Z-Image's negated). The times include ones where bf16 rounding of 1000 t
+    and the Z-Image subtraction differ from the naive t and 1 - t."""
+    from diffusers import FluxPipeline, QwenImagePipeline
     fam = C.PRESETS[preset].family
-    dit = tiny_models[preset][0].to(dtype)
-    B, (H, W) = 2, ((4, 6) if fam == "flux2" else (8, 12))
+    dit, vae = (m.to(dtype) for m in tiny_models[preset])
     Cz = 128 if fam == "flux2" else 16
-    z, t = torch.randn(B, Cz, H, W), torch.tensor([0.2513, 0.8377])
-    cond = C.expand_cond(C.tiny_cond(dit, fam), B)
-    e = cond["embeds"].to(dtype)
-    lat = lambda x: x.to(dtype)  # the pipelines' latents are in the transformer's dtype (FLUX, Qwen)
+    z, cond = torch.randn(1, Cz, 4, 4, generator=torch.Generator().manual_seed(0)), C.tiny_cond(dit, fam)
+    px = 64 if fam == "flux2" else 32
     try:
-        with torch.no_grad():
-            v = C.velocity(fam, dit, z, t, cond)
+        for sigma in (0.3, 0.5371, 0.8, 0.8137, 0.85):
+            ref = pipeline_call(fam, dit, vae, z, sigma, cond)
+            ours = {}
+            h = dit.register_forward_hook(lambda m, a, kw, o: ours.update(args=a, kwargs=kw, out=o), with_kwargs=True)
+            with torch.no_grad():
+                v = C.velocity(fam, dit, z, torch.tensor([sigma]), cond)
+            h.remove()
+            t_ref, t_ours = _timestep(ref), _timestep(ours)
+            assert t_ours.dtype == t_ref.dtype and torch.equal(t_ours, t_ref), (sigma, t_ours, t_ref)
+            out = ref["out"][0]
             if fam == "flux1":
-                out = dit(hidden_states=lat(FluxPipeline._pack_latents(z, B, Cz, H, W)), encoder_hidden_states=e,
-                          pooled_projections=cond["pooled"].to(dtype), timestep=lat(t),
-                          img_ids=FluxPipeline._prepare_latent_image_ids(B, H // 2, W // 2, "cpu", torch.float32),
-                          txt_ids=torch.zeros(e.shape[1], 3), guidance=torch.full((B,), 3.5)).sample
-                ref = FluxPipeline._unpack_latents(out.float(), H * 8, W * 8, 8)
+                want = FluxPipeline._unpack_latents(out, px, px, 8)
             elif fam == "flux2":
-                out = dit(hidden_states=lat(Flux2KleinPipeline._pack_latents(z)), encoder_hidden_states=e,
-                          timestep=lat(t), img_ids=Flux2KleinPipeline._prepare_latent_ids(z),
-                          txt_ids=Flux2KleinPipeline._prepare_text_ids(e)).sample
-                ref = out.float().transpose(1, 2).reshape(B, Cz, H, W)
-            elif fam == "zimage":  # pipeline: timestep (1000 - t)/1000 in fp32, prediction = -output
-                out = dit(list(lat(z).unsqueeze(2).unbind(0)), 1 - t, list(e.unbind(0))).sample
-                ref = -torch.stack(out)[:, :, 0].float()
-            elif fam == "sd3":  # pipeline: the scheduler's fp32 timesteps
-                ref = dit(hidden_states=lat(z), encoder_hidden_states=e, pooled_projections=cond["pooled"].to(dtype),
-                          timestep=t * 1000).sample.float()
+                want = out.transpose(1, 2).reshape(1, Cz, 4, 4)
+            elif fam == "zimage":
+                want = -torch.stack(out)[:, :, 0]
+            elif fam == "sd3":
+                want = out
             else:
-                out = dit(hidden_states=lat(QwenImagePipeline._pack_latents(z, B, Cz, H, W)), encoder_hidden_states=e,
-                          encoder_hidden_states_mask=cond["mask"], timestep=lat(t),
-                          img_shapes=[[(1, H // 2, W // 2)]] * B).sample
-                ref = QwenImagePipeline._unpack_latents(out.float(), H * 8, W * 8, 8)[:, :, 0]
+                want = QwenImagePipeline._unpack_latents(out, px, px, 8)[:, :, 0]
+            assert torch.equal(v, want.float()), sigma
     finally:
-        dit.float()
-    assert v.shape == z.shape
-    tol = 1e-5 if dtype == torch.float32 else 0
-    torch.testing.assert_close(v, ref, atol=tol, rtol=tol)
+        dit.float(), vae.float()
 
 
 def test_sigma_convention_euler_lands_on_data():
@@ -421,3 +462,60 @@ def test_prefetch_without_internet_says_so(tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "could not be downloaded (this needs the internet)" in r.stderr
     assert "Qwen/Qwen-Image-2512" in r.stderr and "VGG16 of LPIPS" in r.stderr and "NIQE" in r.stderr
+
+
+def test_weights_check_names_each_way_a_network_is_missing(tmp_path, monkeypatch):
+    """Weights.problem, the one check of training, pair making and sampling: a path that does not exist is named and
+    never taken for a hub id; a hub id neither cached nor valid is reported, not raised; a folder or a cached repo
+    without its weights (or with a shard of an index missing) is reported; "random" is refused (the check runs on real
+    presets only); a complete folder or cached repo passes."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    problem = lambda source, files=("config.json",): C.Weights("net", str(source), "flag", files).problem()
+    for path in (tmp_path / "nope", "models/qwen/qwen3-vl", "vgg16.pth", "./org/name"):
+        assert problem(path) == "does not exist", path
+    assert problem("bad id!/x") == "is not in the Hugging Face cache (nor a valid hub id)"
+    assert problem("org/not-cached") == "is not in the Hugging Face cache"
+    assert "stands in only on the tiny and mini presets" in problem("random", ())
+    folder = tmp_path / "vlm"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert problem(folder, ("config.json", "tokenizer.json")) == f"lacks tokenizer.json, weights (in {folder})"
+    assert problem(folder, ()) == "is a folder, not a weights file"
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "model-00001-of-00002.safetensors").write_bytes(b"x")
+    assert problem(folder) == f"lacks weights (in {folder})"  # one shard of two
+    (folder / "model-00002-of-00002.safetensors").write_bytes(b"x")
+    assert problem(folder) is None
+    files = {"model_index.json": b"{}", "transformer/config.json": b"{}", "vae/config.json": b"{}",
+             "vae/diffusion_pytorch_model.safetensors": b"v", "transformer/diffusion_pytorch_model.safetensors."
+             "index.json": json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}).encode(),
+             "transformer/s1.safetensors": b"1"}
+    snap = hub_repo(tmp_path / "hub", "org/pipe", files)
+    need = ("model_index.json", "transformer/config.json", "vae/config.json")
+    assert problem("org/pipe", need) == f"lacks transformer/weights (in {snap})"
+    hub_repo(tmp_path / "hub", "org/pipe", {"transformer/s2.safetensors": b"2"})
+    assert problem("org/pipe", need) is None
+
+
+def test_prefetch_prints_whole_reasons_and_the_size_on_disk(tmp_path, monkeypatch, capsys):
+    """A failure's whole reason on lines of at most 120 columns; a cached repo's size: the bytes of the files prefetch
+    asked for, each blob once (two links to one blob), in a unit that shows them."""
+    import huggingface_hub
+    reason = "the hub could not be reached: " + " ".join(f"detail-{i}" for i in range(40)) + " (the end)."
+    snap = hub_repo(tmp_path / "hub", "org/pipe", {"vae/a.safetensors": b"x" * 12000, "vae/config.json": b"y" * 340,
+                                                    "text_encoder/big.bin": b"z" * 10**6})
+    (snap / "vae" / "same.safetensors").symlink_to(os.readlink(snap / "vae" / "a.safetensors"))
+
+    def download(repo, allow_patterns=()):
+        if repo == "org/pipe":
+            return str(snap)
+        raise OSError(reason)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    failed = C.prefetch([C.Weights("base", "org/pipe", "model_path", ("vae/config.json",), ("vae/*",)),
+                         C.Weights("other", "org/gone", "model_path", ("config.json",))])
+    out = capsys.readouterr().out
+    assert f"base: org/pipe (12.34 kB in {snap})" in out
+    assert len(failed) == 1 and all(len(line) <= 120 for line in failed[0].splitlines())
+    assert " ".join(failed[0].split()) == f"other: org/gone: OSError: {reason}"

@@ -90,26 +90,230 @@ EXPECTED = {"strsr": ["flux2-klein", "Qwen3-VL", "CLIP ConvNeXt-XXLarge", "VGG16
             "teasr": ["qwen-image (transformer, vae, text_encoder)", "VGG16 of LPIPS"]}
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_a_real_preset_without_its_weights_stops_at_once(method, tmp_path):
-    """`python M.py` (the paper's base) offline with empty caches: a non-zero exit within a minute, before any model is
-    built, listing every missing network with where it was looked for and the prefetch command; no traceback."""
+def stand_in(w, root):
+    """A stand-in on disk for Weights w: a weights file, or a folder with its files and, beside each config.json, a
+    weights file."""
+    if not w.files:
+        (root / f"{w.flag}.pth").write_bytes(b"x")
+        return str(root / f"{w.flag}.pth")
+    for f in w.files:
+        (root / w.flag / f).parent.mkdir(parents=True, exist_ok=True)
+        (root / w.flag / f).write_text("{}")
+        if os.path.basename(f) == "config.json":
+            (root / w.flag / f).with_name("model.safetensors").write_bytes(b"x")
+    return str(root / w.flag)
+
+
+@pytest.mark.parametrize("argv", METHODS + ["fluxsr --make_pairs 1"])
+def test_a_real_preset_without_its_weights_stops_at_once(argv, tmp_path):
+    """`python M.py` (the paper's base; FluxSR's pair making too) offline with empty caches: a non-zero exit within a
+    minute, before anything is built or written, listing every missing network with where it was looked for and the
+    prefetch command; no traceback. Then the check's other ways: a missing local path is named, `random` is refused on
+    a real preset and accepted on tiny, and local copies pass."""
     import subprocess, time
     from helpers import ENV
+    method, *rest = argv.split()
     env = {**ENV, "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch"), "HF_HUB_OFFLINE": "1"}
     t0 = time.time()
-    r = subprocess.run([sys.executable, f"{method}.py", "--out_dir", str(tmp_path / "out")], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=120)
+    rest += ["--data", str(tmp_path / "out")] if rest else []  # the pairs' folder
+    r = subprocess.run([sys.executable, f"{method}.py", "--out_dir", str(tmp_path / "out"), *rest], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and time.time() - t0 < 60
     assert "Traceback" not in r.stderr and "missing pretrained weights" in r.stderr, r.stderr[-2000:]
-    assert all(name in r.stderr for name in EXPECTED[method]), r.stderr
+    assert all(name in r.stderr for name in EXPECTED[method][:1 if rest else None]), r.stderr  # pairs: the teacher
     assert f"python common.py prefetch --method {method}" in r.stderr and "not in the Hugging Face cache" in r.stderr
     assert not (tmp_path / "out").exists()  # nothing was started
-    mod = importlib.import_module(method)  # with local copies given, the check passes
+    mod = importlib.import_module(method)
     cfg = mod.resolve(C.configure(mod.Config))
-    local = {w.flag: str(tmp_path) for w in mod.pretrained(cfg)}
-    cfg = dataclasses.replace(cfg, **{("model_path" if k == "model_path" else k): v for k, v in local.items()})
+    gone = str(tmp_path / "gone" / "vgg16.pth")
+    lpips = any(w.flag == "lpips_weights" for w in mod.pretrained(cfg))
+    refused = {"lpips_weights": "random"} if lpips else {"model_path": gone}
+    with pytest.raises(SystemExit) as e:
+        C.check_weights(bad := dataclasses.replace(cfg, **refused), mod.pretrained(bad))
+    why = "random (a random network) stands in only" if lpips else f"{gone} does not exist"
+    assert why in str(e.value)
+    tiny = mod.resolve(C.configure(mod.Config, model="tiny", **{k: "random" for k in refused if k != "model_path"}))
+    C.check_weights(tiny, mod.pretrained(tiny))  # tiny presets: random stand-ins
+    local = {w.flag: stand_in(w, tmp_path) for w in mod.pretrained(cfg)}  # with local copies given, the check passes
+    cfg = dataclasses.replace(cfg, **local)
     C.check_weights(cfg, mod.pretrained(cfg))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sampling_checks_the_weights_first(method, tmp_path, monkeypatch):
+    """--sample (and eval.py, the same sampler) from a real-preset checkpoint whose networks are not on disk: the
+    missing list before anything is built (StrSR: its VLM folder too), no traceback."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    mod = importlib.import_module(method)
+    cfg = C.configure(mod.Config, **({"stage": "teacher"} if method == "smfsr" else {}))
+    if method == "strsr":
+        cfg = dataclasses.replace(cfg, vlm=str(tmp_path / "qwen3-vl"))
+    (tmp_path / "ckpt-0000001").mkdir()
+    (tmp_path / "ckpt-0000001" / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    with pytest.raises(SystemExit) as e:
+        mod.build_sampler(C.configure(mod.Config, ckpt=str(tmp_path)), "cpu")
+    text = str(e.value)
+    assert text.startswith("missing pretrained weights") and "not in the Hugging Face cache" in text, text
+    assert f"  - {cfg.model} (transformer, vae): {C.PRESETS[cfg.model].hub} is not" in text  # no text encoders
+    assert (f"{tmp_path / 'qwen3-vl'} does not exist" in text) == (method == "strsr")
+
+
+# ----------------------------------------------------------------------------- real presets offline, from the cache
+@pytest.fixture(scope="module")
+def hub_cache(tmp_path_factory):
+    """A Hugging Face cache in the hub's layout holding, under the real hub ids, tiny copies of the four methods'
+    default bases with every transformer (and VAE) in shards, as the real FLUX.1-dev and Qwen-Image are: FLUX.2's
+    with a tiny Qwen3 text encoder and its tokenizer (prompt_cond runs on it; the transformer reads its 3 x 8 wide
+    embeddings), the others' text encoders stand-in files (their prompts: tiny_cond); StrSR's VLM and SMFSR's DINOv3,
+    tiny and sharded; and StrSR's CLIP file (a stand-in)."""
+    import diffusers, tokenizers
+    from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
+    from helpers import hub_repo
+    cache, work, embeds = tmp_path_factory.mktemp("hf-hub"), tmp_path_factory.mktemp("pipes"), None
+    for method in METHODS:
+        preset = importlib.import_module(method).Config.model
+        tiny = C.resolve_preset("tiny", preset)
+        fam, n = C.PRESETS[tiny].family, {"flux1": 2, "sd3": 3}.get(C.PRESETS[tiny].family, 1)
+        text = {f"{k}{s}": None for s in ("", "_2", "_3")[:n] for k in ("text_encoder", "tokenizer")}
+        dit = C.load_dit(tiny)
+        if fam == "flux2":
+            vocab = {w: i for i, w in enumerate(["<|endoftext|>", "<unk>", "user", "assistant"])}
+            tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+            tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+            text["tokenizer"] = Qwen2TokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>")
+            text["tokenizer"].chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)  # 27 layers: the pipeline reads hidden states 9, 18 and 27
+                text["text_encoder"] = Qwen3ForCausalLM(Qwen3Config(vocab_size=4, hidden_size=8, intermediate_size=16,
+                    num_hidden_layers=27, num_attention_heads=2, num_key_value_heads=1, head_dim=4))
+                dit = diffusers.Flux2Transformer2DModel(**{**C.PRESETS[tiny].dit, "joint_attention_dim": 24})
+        pipe = getattr(diffusers, C.FAMILIES[fam][2])(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+                                                     vae=C.load_vae(tiny), transformer=dit, **text)
+        pipe.save_pretrained(work / fam, max_shard_size="40KB")
+        if fam == "flux2":  # the pipeline's own encoding, read from these files
+            with torch.no_grad():
+                embeds = type(pipe).from_pretrained(work / fam, transformer=None, vae=None, torch_dtype=torch.bfloat16
+                                                    ).encode_prompt("", device="cpu")[0].float()
+        for part in (k for k, v in text.items() if k.startswith("text_encoder") and v is None):
+            (work / fam / part).mkdir()
+            (work / fam / part / "config.json").write_text("{}")
+            (work / fam / part / "model.safetensors").write_bytes(b"stand-in")
+        hub_repo(cache, C.PRESETS[preset].hub, {os.path.relpath(os.path.join(d, f), work / fam):
+                                               open(os.path.join(d, f), "rb").read()
+                                               for d, _, fs in os.walk(work / fam) for f in fs})
+    strsr, smfsr = importlib.import_module("strsr"), importlib.import_module("smfsr")
+    hub_repo(cache, strsr.CLIP_HUB, {"open_clip_pytorch_model.bin": b"stand-in"})
+    vlm, dino = tiny_vlm(work / "vlm"), tiny_dino(work / "dino", smfsr.RANDOM_DINO)
+    for folder, repo in ((work / "vlm", strsr.Config.vlm), (work / "dino", smfsr.Config.disc_model)):
+        hub_repo(cache, repo, {f: (folder / f).read_bytes() for f in os.listdir(folder)})
+    return cache, {"embeds": embeds, "vlm": vlm, "dino": dino}
+
+
+def tiny_vlm(folder):
+    """StrSR's tiny Qwen3-VL saved in shards with a processor (a word-level tokenizer, the image tokens, a chat
+    template); returns its state dict."""
+    import tokenizers
+    from transformers import Qwen2TokenizerFast, Qwen2VLImageProcessor, Qwen3VLModel, Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+    specials = ["<|endoftext|>", "<unk>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(specials + ["user"])},
+                                                           unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok = Qwen2TokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": specials[2:]})
+    template = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|>"
+                "<|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}")
+    Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2),
+                     tokenizer=tok, video_processor=Qwen3VLVideoProcessor(), chat_template=template).save_pretrained(
+                         folder)
+    cfg = importlib.import_module("strsr").tiny_vlm_config()
+    cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id = 2, 4, 5
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen3VLModel(cfg)
+    model.save_pretrained(folder, max_shard_size="100KB")
+    return model.state_dict()
+
+
+def tiny_dino(folder, config):
+    """SMFSR's tiny DINOv3 saved in shards; returns its state dict."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = DINOv3ViTModel(DINOv3ViTConfig(**config))
+    model.save_pretrained(folder, max_shard_size="50KB")
+    return model.state_dict()
+
+
+@pytest.fixture(params=["HF_HUB_OFFLINE=1"])
+def offline(request, hub_cache, monkeypatch):
+    """The cache above and either HF_HUB_OFFLINE=1, as the README's GPU workflow (any request to the hub raises), or
+    no network at all (every connection refused, the variable unset)."""
+    import socket
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache[0]))
+    if request.param == "HF_HUB_OFFLINE=1":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(socket.socket, "connect", lambda *a: (_ for _ in ()).throw(OSError("no network")))
+    return hub_cache
+
+
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE=1", "no network"], indirect=True)
+def test_a_sharded_base_loads_offline_from_the_cache(offline, tmp_path):
+    """load_dit and load_vae read every shard of the cached repo (their weights equal the files'), prompt_cond encodes
+    with the cached text encoder as the pipeline loaded from the same files does, and StrSR's Qwen3-VL (with its
+    processor) and SMFSR's DINOv3 load their cached shards: with HF_HUB_OFFLINE=1 and with no network."""
+    from safetensors.torch import load_file
+    from huggingface_hub import snapshot_download
+    snap = snapshot_download(C.PRESETS["flux2-klein-base"].hub, local_files_only=True)
+    for name, net in (("transformer", C.load_dit("flux2-klein-base")), ("vae", C.load_vae("flux2-klein-base"))):
+        shards = glob.glob(os.path.join(snap, name, "*.safetensors"))
+        files = {k: v for f in shards for k, v in load_file(f).items()}
+        assert len(shards) > 1 and files.keys() == net.state_dict().keys()
+        assert all(torch.equal(files[k], v) for k, v in net.state_dict().items()), name
+    cond = C.prompt_cond("flux2-klein-base", "", str(tmp_path), "cpu")
+    assert torch.equal(cond["embeds"], offline[1]["embeds"])
+    strsr, smfsr = importlib.import_module("strsr"), importlib.import_module("smfsr")
+    vlm = strsr.VLMEncoder(strsr.Config.vlm, "describe", 64 * 64)  # the VLM and its processor
+    dino = smfsr.Discriminator(False, smfsr.Config.disc_model, 8).vit
+    for net, ref in ((vlm.model, offline[1]["vlm"]), (dino, offline[1]["dino"])):
+        sd = net.state_dict()
+        assert sd.keys() == ref.keys() and all(torch.equal(v, ref[k]) for k, v in sd.items())
+    assert vlm.pre[-1] == 4 and vlm.post[0] == 5  # the cached chat template around the image
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_real_preset_trains_and_samples_offline_from_the_cache(method, offline, tmp_path, monkeypatch):
+    """Each method's default base, as cached (sharded), offline: the weights check, one training step of its real-preset
+    code path (StrSR with its text condition; FluxSR makes a teacher pair from it first) and the sampler from the
+    checkpoint, which gives the same image twice. The other pretrained networks are off (LPIPS weights 0) or random
+    (StrSR's CLIP), and the families without a cached text encoder take tiny_cond."""
+    mod = importlib.import_module(method)
+    preset, real_prompt = mod.Config.model, C.prompt_cond
+    fake_prompt = lambda p, prompt, *a, **kw: real_prompt(p, prompt, *a, **kw) if C.PRESETS[p].family == "flux2" \
+        else C.tiny_cond(C.load_dit(p), C.PRESETS[p].family)
+    monkeypatch.setattr(C, "prompt_cond", fake_prompt)
+    kw = {k: v for k, v in mod.TINY.items() if not isinstance(v, dict)}
+    kw.update(model=preset, num_workers=0, log_every=1, save_every=1, max_steps=1, batch_size=1,
+              out_dir=str(tmp_path / "run"))
+    kw.update({"strsr": dict(cond="text", w_lpips=0.0), "teasr": dict(w_lpips=0.0),
+               "fluxsr": dict(w_tv_lpips=0.0, data=str(tmp_path / "pairs"), teacher_steps=1),
+               "smfsr": dict(stage="teacher", cache_dir=str(tmp_path / "cache"))}[method])
+    if method == "strsr":  # CLIP-ConvNeXt-XXLarge: the tiny presets' random stand-in
+        real_disc = mod.Discriminator
+        monkeypatch.setattr(mod, "Discriminator", lambda random_net, *a: real_disc(True, *a))
+    if method == "fluxsr":
+        mod.make_pairs(C.configure(mod.Config, **kw, make_pairs=1))
+    mod.train(C.configure(mod.Config, **kw))
+    assert steps_logged(tmp_path / "run")[0][0] == "step 1/1"
+    x_lr = torch.rand(1, 3, 12, 16, generator=torch.Generator().manual_seed(0))
+    sr = [mod.build_sampler(C.configure(mod.Config, ckpt=str(tmp_path / "run")), "cpu")(x_lr) for _ in range(2)]
+    assert sr[0].shape == (1, 3, 48, 64) and 0 <= sr[0].min() and sr[0].max() <= 1 and torch.equal(sr[0], sr[1])
 
 
 # ----------------------------------------------------------------------------- training
