@@ -346,6 +346,53 @@ def test_pad_to_multiple_and_crop_back():
     assert C.pad_to_multiple(tiny, 16)[0].shape[-2:] == (16, 16)
 
 
+# --------------------------------------------------------------------------- sampling flags
+def _smooth_photo(size=64):  # a photo, low-passed so that the test images stay inside (0, 1) after a shift
+    x = C.sample_photos(["astronaut"])[0][None, :, ::4, ::4][..., :size, :size]
+    return 0.25 + 0.5 * C.wavelet_low(x, 2)
+
+
+def test_wavelet_color_fix_keeps_the_sr_high_band_and_the_lr_low_band():
+    """x_sr = photo + a colour cast + a checkerboard (pure high band: its low band is exactly 0): the fix returns the
+    photo + the checkerboard, its low band that of the reference, its high band that of x_sr."""
+    ref = _smooth_photo()
+    checker = 0.05 * (-1.0) ** (torch.arange(64)[:, None] + torch.arange(64)[None])  # (64, 64)
+    x_sr = ref + torch.tensor([0.08, -0.05, 0.03]).view(1, 3, 1, 1) + checker
+    assert C.wavelet_low(checker.expand(1, 3, 64, 64)).abs().max() < 1e-6
+    out = C.color_fix(x_sr, ref, "wavelet")
+    torch.testing.assert_close(out, ref + checker, atol=1e-5, rtol=0)
+    torch.testing.assert_close(C.wavelet_low(out), C.wavelet_low(ref), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out - C.wavelet_low(out), x_sr - C.wavelet_low(x_sr), atol=1e-5, rtol=0)
+    flat = torch.full((1, 3, 64, 64), 0.3)
+    torch.testing.assert_close(C.wavelet_low(flat), flat)  # a constant is all low band
+
+
+def test_adain_color_fix_has_the_reference_statistics_and_the_sr_shape():
+    ref, x_sr = _smooth_photo(), torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    out = C.color_fix(x_sr, ref, "adain")
+    for stat in (torch.mean, torch.std):
+        torch.testing.assert_close(stat(out, (-2, -1)), stat(ref, (-2, -1)), atol=1e-5, rtol=0)
+    for c in range(3):  # per channel an increasing affine map of x_sr: the same image, recoloured
+        a = np.polyfit(x_sr[0, c].flatten().numpy(), out[0, c].flatten().numpy(), 1)[0]
+        torch.testing.assert_close(out[0, c], a * (x_sr[0, c] - x_sr[0, c].mean()) + ref[0, c].mean(), atol=1e-5,
+                                   rtol=0)
+    assert torch.equal(C.color_fix(x_sr, ref, "none"), x_sr)
+
+
+@pytest.mark.parametrize("scale", [2, 3, 3.5, 8])
+def test_finish_sampler_scales_any_factor_and_fixes_against_bicubic(scale):
+    """A stand-in x4 sampler (bicubic x4 + a colour cast): the output is round(S x side); wavelet takes the cast out, so
+    the output is the bicubic LR at that size."""
+    x_lr = _smooth_photo(21)[..., :17, :]  # (1, 3, 17, 21): odd sides
+    x_ref = torch.nn.functional.interpolate(x_lr, size=(round(17 * scale), round(21 * scale)), mode="bicubic")
+    cast = lambda x: (C.upsample_lr(x) + 0.05).clamp(0, 1)
+    flags = C.SampleFlags(scale=scale, color_fix="wavelet")
+    out = C.finish_sampler(cast, flags)(x_lr)
+    assert out.shape[-2:] == (round(17 * scale), round(21 * scale))
+    assert (C.finish_sampler(cast, C.SampleFlags(scale=scale))(x_lr) - x_ref).mean() > 0.04
+    assert (out - x_ref.clamp(0, 1)).abs().mean() < 0.01
+
+
 def test_parse_config_flags_are_field_names():
     import teasr
     c = C.parse_config(teasr.Config, ["--lr", "1e-5", "--sample", "--steps", "4", "--model", "zimage"])
