@@ -709,17 +709,41 @@ def checkpoint_config(ckpt, cls):
     return found, cls(**{k: v for k, v in load_config(found).items() if k in names})
 
 # ----------------------------------------------------------------------------- sampling
+@dataclasses.dataclass
+class SampleFlags:
+    """The sampling flags every method's Config inherits; finish_sampler and sampling_weights apply them alike."""
+    color_fix: str = "none"       # paper: none; ours: wavelet (the bicubic LR's low band) or adain (its mean and std)
+    scale: float = 4.0            # ours: output side / input side, any S >= 1 (the x4 model's output resized)
+    dtype: str = ""               # ours: sampling precision bf16 | fp16 | fp32; "": bf16 on GPU, fp32 on CPU
+    fuse_lora: bool = False       # ours: the LoRA merged into the base before sampling (peft's merge)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
 def sampler_setup(flags, resolve, device=None):
     """A sampler's (checkpoint, its training config with the sampling flags of `flags`, resolved, device, dtype), its
     pretrained networks checked before anything is built."""
     path, cfg = checkpoint_config(flags.ckpt or flags.out_dir, type(flags))
     given = {k: getattr(flags, k) for k in ("steps", "seed", "start", "start_t") if hasattr(flags, k)}
     given.update({k: getattr(flags, k) for k in ("tile", "overlap") if getattr(flags, k)})
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    given.update({f.name: getattr(flags, f.name) for f in dataclasses.fields(SampleFlags)})
     cfg = resolve(dataclasses.replace(cfg, **given))
+    check_choices(cfg, color_fix=("none", "wavelet", "adain"), dtype=("", *DTYPES))
+    if not cfg.scale >= 1:
+        raise SystemExit(f"--scale {cfg.scale}: expected S >= 1 (the output is round(S x input) on each side)")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pretrained = sys.modules[type(cfg).__module__].pretrained  # the method's list: what its sampler loads of it
     check_weights(cfg, [base_weights(cfg)] + [w for w in pretrained(cfg) if w.sample])
-    return path, cfg, device, weight_dtype(device)
+    return path, cfg, device, DTYPES[cfg.dtype] if cfg.dtype else weight_dtype(device)
+
+def sampling_weights(cfg, dtype, dit):
+    """--fuse_lora, then --dtype on a sampler's DiT: the LoRA merged into the base and dropped; a dtype given casts
+    every weight (a trained fp32 part too); none leaves them as trained (LoRA fp32 under autocast)."""
+    if cfg.fuse_lora and getattr(dit, "peft_config", None):
+        dit.fuse_lora()
+        dit.unload_lora()
+    if cfg.dtype:
+        torch.nn.Module.to(dit, dtype)  # not diffusers' .to, which warns at every cast
+    return dit
 
 def pad_to_multiple(x, m=PIXEL_MULTIPLE):
     """Reflect-pad right/bottom to a multiple of m; returns (padded, (H, W)) to crop back."""
@@ -760,15 +784,58 @@ def upsample_lr(x_lr, scale=4):
     """The papers' LR input: bicubic upsampling to the HR size."""
     return F.interpolate(x_lr, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
 
+def resize(x, size):
+    """Bicubic to size (H, W), antialiased when it shrinks."""
+    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=shrink)
+
 @torch.no_grad()
 def super_resolve(vae, family, x_lr, latent_fn, generator=None):
     """Every sampler's frame: x_lr (1, 3, h, w) -> bicubic x4, padded, encoded (a draw from `generator` if given, else
-    the mode) -> latent_fn(z_lr) = z0_hat (the method) -> decoded, cropped to (1, 3, 4h, 4w)."""
-    device = next(vae.parameters()).device
-    x, (H, W) = pad_to_multiple(upsample_lr(x_lr.to(device).float()))
-    with autocast(device):
+    the mode) -> latent_fn(z_lr) = z0_hat (the method) -> decoded, cropped to (1, 3, 4h, 4w). Autocast to the VAE's
+    dtype (--dtype; full precision for fp32)."""
+    p = next(vae.parameters())
+    x, (H, W) = pad_to_multiple(upsample_lr(x_lr.to(p.device).float()))
+    with torch.autocast(p.device.type, p.dtype, enabled=p.dtype != torch.float32):
         z0_hat = latent_fn(encode(vae, family, x, generator is not None, generator))
         return decode(vae, family, z0_hat)[..., :H, :W].clamp(0, 1).float().cpu()
+
+def _blur(x, d):  # the [1, 2, 1] / 4 binomial in both axes, taps d apart (a trous), reflected at the borders
+    k = x.new_tensor([1.0, 2.0, 1.0]) / 4
+    k = (k[:, None] * k[None]).expand(x.shape[1], 1, 3, 3)
+    mode = "reflect" if d < min(x.shape[-2:]) else "replicate"  # reflect needs the pad smaller than the image
+    return F.conv2d(F.pad(x, (d, d, d, d), mode=mode), k, dilation=d, groups=x.shape[1])
+
+def wavelet_low(x, levels=5):
+    """The low band of an a trous wavelet decomposition: `levels` binomial blurs, their taps 1, 2, 4, ... apart
+    (the high band is x minus it): a checkerboard's low band is 0, a constant's itself."""
+    for i in range(levels):
+        x = _blur(x, 2**i)
+    return x
+
+def color_fix(x_sr, x_ref, how):
+    """--color_fix: `wavelet` x_sr's high band + x_ref's low band; `adain` x_sr with x_ref's per-channel mean and std
+    (over H, W); `none` x_sr. x_ref: the bicubic LR at x_sr's size. Not clamped."""
+    if how == "wavelet":
+        return x_sr - wavelet_low(x_sr) + wavelet_low(x_ref)
+    if how == "adain":
+        mu, sd = x_sr.mean((-2, -1), keepdim=True), x_sr.std((-2, -1), keepdim=True)
+        return (x_sr - mu) / sd.clamp_min(1e-6) * x_ref.std((-2, -1), keepdim=True) + x_ref.mean((-2, -1), True)
+    return x_sr
+
+def finish_sampler(sr, cfg):
+    """A method's x4 sampler with --scale and --color_fix: x_lr (1, 3, h, w) -> its x4 output resized to round(scale
+    * h) x round(scale * w) (x4: untouched), colour-fixed against the bicubic LR at that size, clamped to [0, 1]."""
+    @functools.wraps(sr)  # keeps what the method hangs on it (StrSR's .cond)
+    def fn(x_lr):
+        size = (int(cfg.scale * x_lr.shape[-2] + 0.5), int(cfg.scale * x_lr.shape[-1] + 0.5))  # halves up
+        x_sr = sr(x_lr)
+        if x_sr.shape[-2:] != size:
+            x_sr = resize(x_sr, size)
+        if cfg.color_fix == "none":
+            return x_sr.clamp(0, 1)
+        return color_fix(x_sr, resize(x_lr.float(), size).clamp(0, 1), cfg.color_fix).clamp(0, 1)
+    return fn
 
 # ----------------------------------------------------------------------------- configuration and logging
 def configure(cls, **given):
@@ -791,7 +858,8 @@ def check_choices(cfg, **allowed):
 def _comments(cls):
     """{field: the source comment on its line} of a Config dataclass."""
     import inspect
-    return dict(re.findall(r"^\s+(\w+):[^=\n]+=[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
+    src = "".join(inspect.getsource(c) for c in cls.__mro__ if dataclasses.is_dataclass(c))  # SampleFlags' too
+    return dict(re.findall(r"^\s+(\w+):[^=\n]+=[^#\n]*#\s*(.*)$", src, re.M))
 
 def parse_config(cls, argv=None):
     """The command line: flags are the Config's fields (`--lr 1e-5`, `--fsdp true`); --help shows defaults, sources."""

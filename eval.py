@@ -8,12 +8,15 @@ TEASR, and merge one row per (method, dataset) into --out_dir/results.{md,csv,js
 
 Benchmarks under --data_root (data/), LR and HR paired by file stem (a _LR/_LR4/_HR/_SR/_x4 tag ignored): RealSR and
 DRealSR: LR/ + HR/; RealLQ250 and RealSet65: LR/ only (no-reference metrics); DIV2K-val: HR/ (or a released LR/ + HR/);
-sample: the held-out scikit-image photo. Without LR/, each HR (cropped to a multiple of 4; the reference, not its USM
+sample: the held-out scikit-image photo. --protocol stablesr (OSEDiff's, TEASR's and TSD-SR's tables): RealSR and
+DRealSR as StableSR's 512 px HR crops with their 128 px LR, under --data_root/StableSR/<bench>/LR + HR; full (StrSR's,
+FluxSR's): the whole images. Without LR/, each HR (cropped to a multiple of 4; the reference, not its USM
 copy) gets its LR once from degrade.make_lr with the --degrade preset and --degrade_seed, in LR[_<preset>]_seed{S}/.
 
 Metrics in the papers' order. PSNR and SSIM on Y of YCbCr BT.601 (Y = 16 + 65.481 R + 128.553 G + 24.966 B, RGB in
 [0, 1]): pyiqa's test_y_channel=True, color_space="ycbcr", as OSEDiff's script (pyiqa's default Y is YIQ's); LPIPS
-(AlexNet), DISTS, FID, NIQE, MUSIQ, MANIQA (PIPAL), CLIPIQA, TOPIQ (topiq_nr), Q-Align from pyiqa. Ours, no download:
+(AlexNet), DISTS, FID, NIQE, MUSIQ, MANIQA (PIPAL), CLIPIQA, TOPIQ (topiq_nr), Q-Align, QualiCLIP from pyiqa;
+--crop_border N: PSNR and SSIM without N pixels at each border, as BasicSR. Ours, no download:
 LPIPS-rand, the lpips package's VGG heads on a seed-0 random VGG: the offline runs' training loss, not comparable with
 the papers' LPIPS (PSNR is the independent check); Blockiness (see blockiness). A metric that cannot load is n/a with
 its reason, never a number; a mean only when every image was scored. Outputs are kept in --out_dir/<name>/<bench>/,
@@ -41,21 +44,29 @@ METRICS = [  # column, pyiqa name, options, kind (fr: per image with HR, nr: per
     ("CLIPIQA", "clipiqa", {}, "nr", True),
     ("TOPIQ", "topiq_nr", {}, "nr", True),
     ("Q-Align", "qalign", {}, "nr", True),
+    ("QualiCLIP", "qualiclip", {}, "nr", True),  # StrSR's table
     ("LPIPS-rand", None, {}, "fr", False),  # ours: VGG LPIPS with a fixed random backbone (offline stand-in)
     ("Blockiness", None, {}, "nr", False),  # ours: the 8-px grid a patch decoder or JPEG prints
 ]
 COLS, KIND = [m[0] for m in METRICS], {m[0]: m[3] for m in METRICS}
 FMT = {"PSNR": ".2f", "FID": ".2f", "MUSIQ": ".2f", "s/img": ".3f", "mem_GB": ".2f"}
 
-def blockiness(x):
-    """Mean |luma step| across the 8-px grid lines (column 8k-1 to 8k, k >= 1, and rows alike) over the mean |step|
-    everywhere else, horizontal and vertical steps pooled: 1.0 = no grid. x (B, 3, H, W) in [0, 1] -> (B,)."""
+def step_ratio(x, lines):
+    """Mean |luma step| across the given lines (between pixel i and i + 1, for columns and rows alike) over the mean
+    |step| everywhere else, horizontal and vertical steps pooled: 1.0 = no edge there. x (B, 3, H, W) in [0, 1] ->
+    (B,)."""
     y = (x.double() * x.new_tensor([65.481, 128.553, 24.966], dtype=torch.float64).view(3, 1, 1) / 255).sum(-3)
     dh, dv = y.diff(dim=-1).abs(), y.diff(dim=-2).abs()  # BT.601 Y less its offset 16/255, which cancels
-    gh, gv = (torch.arange(n, device=x.device) % 8 == 7 for n in (dh.shape[-1], dv.shape[-2]))
+    gh, gv = (torch.isin(torch.arange(n, device=x.device), torch.tensor(lines, device=x.device, dtype=torch.long))
+              for n in (dh.shape[-1], dv.shape[-2]))
     grid = torch.cat([dh[..., gh].flatten(1), dv[..., gv, :].flatten(1)], 1)
     rest = torch.cat([dh[..., ~gh].flatten(1), dv[..., ~gv, :].flatten(1)], 1)
     return grid.mean(1) / rest.mean(1)
+
+def blockiness(x):
+    """step_ratio across the 8-px grid lines (column 8k-1 to 8k, k >= 1, and rows alike): the grid a patch decoder or
+    JPEG prints. x (B, 3, H, W) in [0, 1] -> (B,)."""
+    return step_ratio(x, list(range(7, max(x.shape[-2:]), 8)))
 
 def _online():  # one 3 s probe of the hub (or HF_ENDPOINT's mirror): offline, each download retries for minutes
     u = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
@@ -66,8 +77,9 @@ def _online():  # one 3 s probe of the hub (or HF_ENDPOINT's mirror): offline, e
 class Scorer:
     """Metrics made on first use; one that fails to load or to score is unavailable for the rest of the run."""
 
-    def __init__(self, cols, device):
+    def __init__(self, cols, device, crop_border=0):
         self.cols, self.device, self.models, self.unavailable = cols, device, {}, {}
+        self.crop_border = crop_border  # PSNR and SSIM on the image less this many pixels at each border (BasicSR)
 
     def _fail(self, col, e):
         offline = any(k in type(e).__name__ for k in ("URLError", "LocalEntry", "Connection", "Timeout"))
@@ -103,6 +115,8 @@ class Scorer:
         """x_sr (1, 3, H, W) in [0, 1] on self.device (and x_hr), or (sr_dir, hr_dir) for FID -> a float or None."""
         if (m := self.get(col)) is None:
             return None
+        if (c := self.crop_border) and col in ("PSNR", "SSIM"):
+            inputs = [x[..., c:-c, c:-c] for x in inputs]
         try:
             with torch.no_grad(), warnings.catch_warnings(action="ignore"), contextlib.redirect_stdout(io.StringIO()):
                 v = m(*inputs, num_workers=0, verbose=False) if col == "FID" else m(*inputs)
@@ -115,6 +129,7 @@ class Scorer:
 # --------------------------------------------------------------------------- benchmarks
 BENCHES = {"DIV2K-val": "synthetic", "RealSR": "paired", "DRealSR": "paired", "RealLQ250": "lr", "RealSet65": "lr",
            "sample": "synthetic"}
+STABLESR = ("RealSR", "DRealSR")  # the sets StableSR cropped (OSEDiff's, TEASR's and TSD-SR's tables)
 _TAG = re.compile(r"(?:[_-](?:hr|lr\d*|sr|x\d)|(?<=\d)x\d)$", re.IGNORECASE)  # Canon_001_LR4, 0801x4
 
 def stem_key(path):
@@ -146,11 +161,14 @@ def report_unpaired(what_a, only_a, what_b, only_b):
         if keys:
             print(f"unpaired: {len(keys)} {what}: {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}")
 
-def load_bench(bench, data_root, degrade_seed=0, limit=0, degrade="realesrgan"):
-    """[(key, lr_path, hr_path or None)] of a benchmark (the first `limit`), and its HR folder (or None)."""
+def load_bench(bench, data_root, degrade_seed=0, limit=0, degrade="realesrgan", protocol="full"):
+    """[(key, lr_path, hr_path or None)] of a benchmark (the first `limit`), and its HR folder (or None). protocol
+    stablesr: StableSR's 512 px HR crops and their 128 px LR, under data_root/StableSR/<bench>/."""
     if bench not in BENCHES:
         raise SystemExit(f"unknown --bench {bench!r}; choose from {', '.join(BENCHES)}")
-    root = os.path.join(data_root, bench)
+    if protocol == "stablesr" and bench not in STABLESR:
+        raise SystemExit(f"--protocol stablesr: StableSR's test crops are of {' and '.join(STABLESR)}, not {bench}")
+    root = os.path.join(data_root, *["StableSR"] * (protocol == "stablesr"), bench)
     hr_dir, lr_dir, kind = os.path.join(root, "HR"), os.path.join(root, "LR"), BENCHES[bench]
     for name in common.SAMPLE_HELDOUT if bench == "sample" else []:  # the held-out photos as an HR folder
         if not os.path.exists(f := os.path.join(hr_dir, name + ".png")):
@@ -173,8 +191,9 @@ def load_bench(bench, data_root, degrade_seed=0, limit=0, degrade="realesrgan"):
     return pairs[: limit or None], hr_dir
 
 # --------------------------------------------------------------------------- running a method
-def build_fn(method, ckpt, device, steps, seed, samplers=None):
-    """The SR function of a method: bicubic, or a method script's build_sampler on the checkpoint `ckpt`."""
+def build_fn(method, ckpt, device, steps, seed, samplers=None, **flags):
+    """The SR function of a method: bicubic, or a method script's build_sampler on the checkpoint `ckpt` (with the
+    sampling `flags`: color_fix, dtype)."""
     if method == "bicubic":
         return common.upsample_lr
     if not ckpt:
@@ -185,7 +204,7 @@ def build_fn(method, ckpt, device, steps, seed, samplers=None):
         build = samplers.get(method) or mod.build_sampler
     except (ImportError, AttributeError) as e:
         raise SystemExit(f"--method {method}: no build_sampler ({e}); choose bicubic, strsr, fluxsr, smfsr or teasr")
-    return build(mod.Config(ckpt=ckpt, steps=steps, seed=seed), str(device))
+    return build(mod.Config(ckpt=ckpt, steps=steps, seed=seed, **flags), str(device))
 
 def _append(path, rec):
     with open(path, "a") as f:
@@ -259,7 +278,8 @@ def score(pairs, run_dir, scorer, sr_dir, hr_dir):
     has_hr, haves = all(hr for _, _, hr in pairs), []  # haves: each image's scores
     per_image = [c for c in scorer.cols if KIND[c] == "nr" or (KIND[c] == "fr" and has_hr)]
     for k, sr, hr in tqdm(pairs, desc="score", disable=len(pairs) < 2):
-        haves.append(have := done.setdefault((k, key := _hash(sr, hr)), {}))
+        key = _hash(sr, hr) + (f"-crop{scorer.crop_border}" if scorer.crop_border else "")
+        haves.append(have := done.setdefault((k, key), {}))
         if todo := [c for c in per_image if c not in have and c not in scorer.unavailable]:
             x_sr = common.load_image(sr)[None].to(scorer.device)  # (1, 3, H, W)
             x_hr = _match(x_sr, common.load_image(hr)[None].to(scorer.device), k) if hr else None
@@ -303,21 +323,27 @@ def write_tables(rows, out_dir):
     json.dump(rows, open(path, "w"), indent=1)
     return md
 
+def crop_label(a):  # a row scored with --crop_border is another row
+    return f"-crop{a.crop_border}" if a.crop_border else ""
+
 def run_method(a, method, scorer, device, samplers=None):
     """One row per benchmark for `method` (outputs cached, see the module docstring)."""
-    name, rows = a.name or (method + (f"-{a.steps}step" if a.steps > 1 else "")), []
+    fix = f"+{a.color_fix}" if a.color_fix != "none" and method != "bicubic" else ""
+    name, rows = a.name or (method + (f"-{a.steps}step" if a.steps > 1 else "") + fix), []
     ckpt_arg = "" if method == "bicubic" else a.ckpt
     ckpt = os.path.abspath(common.latest_checkpoint(ckpt_arg) or ckpt_arg) if ckpt_arg else ""  # a newer ckpt-*: rerun
-    run = dict(method=method, ckpt=ckpt, steps=a.steps, seed=a.seed)  # the outputs' origin: a change makes them anew
+    flags = {} if method == "bicubic" else dict(color_fix=a.color_fix, dtype=a.dtype)
+    run = dict(method=method, ckpt=ckpt, steps=a.steps, seed=a.seed, **flags)  # the outputs' origin: a change remakes
     # built on first need: a resumed run with all outputs on disk loads no model
-    make_fn = functools.cache(lambda: build_fn(method, ckpt_arg, device, a.steps, a.seed, samplers))
+    make_fn = functools.cache(lambda: build_fn(method, ckpt_arg, device, a.steps, a.seed, samplers, **flags))
     for bench in [b.strip() for b in a.bench.split(",") if b.strip()]:
-        items, hr_dir = load_bench(bench, a.data_root, a.degrade_seed, a.limit, a.degrade)
-        run_dir = os.path.join(a.out_dir, name, bench)
+        items, hr_dir = load_bench(bench, a.data_root, a.degrade_seed, a.limit, a.degrade, a.protocol)
+        label = bench + ("-stablesr" if a.protocol == "stablesr" else "")
+        run_dir = os.path.join(a.out_dir, name, label)
         write_outputs(items, run_dir, make_fn, device, {**run, "lr": os.path.abspath(os.path.dirname(items[0][1]))})
         pairs = [(k, os.path.join(run_dir, k + ".png"), hr) for k, _, hr in items]
         row = score(pairs, run_dir, scorer, run_dir, hr_dir)
-        rows.append({"method": name, "dataset": bench, "n": len(items), **row})
+        rows.append({"method": name, "dataset": label + crop_label(a), "n": len(items), **row})
     return rows
 
 # --------------------------------------------------------------------------- main
@@ -359,9 +385,14 @@ def main(argv=None, samplers=None):
     p.add_argument("--ckpt", default="", help="checkpoint folder, or a training out_dir (latest ckpt-*)")
     p.add_argument("--bench", default="sample", help=f"comma-separated: {', '.join(BENCHES)}")
     p.add_argument("--data_root", default="data")
+    p.add_argument("--protocol", default="full", choices=["full", "stablesr"],
+                   help="RealSR, DRealSR: full-size images (StrSR, FluxSR) or StableSR's 512 px crops (OSEDiff, TEASR)")
+    p.add_argument("--crop_border", type=int, default=0, help="PSNR, SSIM without this many pixels at each border")
     p.add_argument("--out_dir", default="out/eval")
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
+    p.add_argument("--color_fix", default="none", help="the samplers' --color_fix: none, wavelet, adain")
+    p.add_argument("--dtype", default="", help="the samplers' --dtype: bf16, fp16, fp32 (default: bf16 on GPU)")
     p.add_argument("--degrade_seed", type=int, default=0, help="seed of the DIV2K-val / sample LR images")
     p.add_argument("--degrade", default="realesrgan", help="degrade.PRESETS name of those LR images (mini: bicubic)")
     p.add_argument("--sr", default="", help="score this folder of outputs instead of running a method")
@@ -375,7 +406,7 @@ def main(argv=None, samplers=None):
     cols = [c.strip() for c in a.metrics.split(",") if c.strip()]
     if bad := [c for c in cols if c not in COLS]:
         raise SystemExit(f"--metrics: unknown {bad}; choose from {', '.join(COLS)}")
-    scorer, rows = Scorer([c for c in COLS if c in cols], torch.device(a.device)), []
+    scorer, rows = Scorer([c for c in COLS if c in cols], torch.device(a.device), a.crop_border), []
     if a.sr:  # outputs on disk: paired with --hr by stem, or no-reference only
         if not os.path.isdir(a.sr) or (a.hr and not os.path.isdir(a.hr)):
             raise SystemExit(f"--sr {a.sr!r} / --hr {a.hr!r}: expected folders of images")
@@ -388,7 +419,7 @@ def main(argv=None, samplers=None):
         dataset = os.path.basename(os.path.dirname(hr) if os.path.basename(hr) == "HR" else hr)  # data/RealSR/HR
         name = a.name or os.path.basename(os.path.dirname(sr) if os.path.basename(sr) == dataset else sr)  # M/RealSR
         row = score(pairs, os.path.join(a.out_dir, "scored", name, dataset), scorer, a.sr, a.hr or None)
-        rows.append({"method": name, "dataset": dataset, "n": len(pairs), **row})
+        rows.append({"method": name, "dataset": dataset + crop_label(a), "n": len(pairs), **row})
     else:
         if not (methods := [m.strip() for m in a.method.split(",") if m.strip()]):
             raise SystemExit("give --method (bicubic, strsr, fluxsr, smfsr, teasr) or --sr DIR [--hr DIR]")

@@ -64,7 +64,7 @@ from degrade import PRESETS as DEGRADE, ImageDataset, check_preset, degrade, mak
 
 # ----------------------------------------------------------------------------- config
 @dataclasses.dataclass
-class Config:
+class Config(common.SampleFlags):  # + the shared sampling flags
     model: str = "flux1-dev"      # Sec. 4: FLUX.1-dev is base and teacher
     model_path: str = ""          # local folder of the base (else the preset's hub id)
     data: str = "out/fluxsr/pairs"  # Sec. 5.1: teacher pairs, no real images; --make_pairs writes them here
@@ -252,12 +252,12 @@ def build_sampler(flags, device=None):
     dit = common.add_lora(common.load_dit(cfg.model, cfg.model_path or None, dtype), cfg.train_base, cfg.lora_rank,
                           cfg.lora_alpha, LORA_TARGETS)
     state = common.load_checkpoint(path, {"dit": dit})
-    dit = dit.to(device).eval()
+    dit = common.sampling_weights(cfg, dtype, dit).to(device).eval()
     vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device, tiling=True)
     cond = {k: v.to(device) for k, v in state["cond"].items()}
     latent = lambda z_lr: common.tiled(lambda z: one_step(dit, z, cfg.T_L, cond, cfg.guidance), z_lr, cfg.tile,
                                        cfg.overlap)
-    return lambda x_lr: common.super_resolve(vae, "flux1", x_lr, latent)
+    return common.finish_sampler(lambda x_lr: common.super_resolve(vae, "flux1", x_lr, latent), cfg)
 
 # ----------------------------------------------------------------------------- data: teacher pairs (Secs. 4.2, 5.1)
 def flux_sigmas(steps, n_tokens):

@@ -62,7 +62,7 @@ UNSUPPORTED = {"fsdp": "SD3.5-M fits one GPU for all roles; its blocks run piece
 
 # ----------------------------------------------------------------------------- config
 @dataclasses.dataclass
-class Config:
+class Config(common.SampleFlags):  # + the shared sampling flags
     model: str = "sd35-medium"    # Sec. 4: SD3.5-Medium
     model_path: str = ""          # local folder of the base (else the preset's hub id)
     stage: str = "teacher"        # Sec. 4: teacher (stage 0) -> isc (stage 1, Alg. 1) -> gan (stage 2, Eq. 20)
@@ -276,7 +276,7 @@ def fake_score(dit):
     finally:  # an exception inside must not leave the teacher with the fake score's LoRA on
         dit.disable_adapters()
 
-def load_base(cfg, dtype, train_base, rank, ckpt=None, name=None, train=False):
+def load_base(cfg, dtype, train_base, rank, ckpt=None, name=None, train=False, fuse=True):
     """The SD3 a model runs on. `none`: the frozen base, one copy that teacher, student and fake score share. Else the
     base with the model's own weights on it (a rank-r LoRA, or all of them), from `<name>_base` in ckpt when given."""
     dit = common.load_dit(cfg.model, cfg.model_path or None, dtype).requires_grad_(False).eval()
@@ -289,7 +289,7 @@ def load_base(cfg, dtype, train_base, rank, ckpt=None, name=None, train=False):
             raise SystemExit(f"{ckpt}: no {file} (expected a checkpoint trained with --train_base {train_base})")
         common.load_checkpoint(ckpt, {f"{name}_base": dit})
     if not train:  # frozen (a teacher): the LoRA merged, the fake score's goes on top; full: its fp32 back to dtype
-        if train_base == "lora":
+        if train_base == "lora" and fuse:  # a sampler: its --fuse_lora
             dit.fuse_lora(), dit.unload_lora()
         if dit.requires_grad_(False).dtype != dtype:  # cast only if needed: diffusers warns at any .to(dtype)
             dit.to(dtype)
@@ -443,10 +443,10 @@ def build_sampler(flags, device=None):
     path, cfg, device, dtype = common.sampler_setup(flags, resolve, device)
     name = "teacher" if cfg.stage == "teacher" else "student"
     with torch.random.fork_rng(devices=[]):  # the init is overwritten; keep the caller's RNG as it was
-        dit = load_base(cfg, dtype, cfg.train_base, cfg.lora_rank, path, name)
+        dit = load_base(cfg, dtype, cfg.train_base, cfg.lora_rank, path, name, fuse=False)
         net = SRNet(dit, two_times=name == "student", skip=cfg.zero_init)
     state = load_net(path, name, net)
-    dit, net = dit.to(device), net.to(device).eval()
+    dit, net = common.sampling_weights(cfg, dtype, dit).to(device), net.to(device).eval()
     vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device, tiling=True)
     cond = {k: v.to(device) for k, v in state["cond"].items()}  # the empty prompt: no text encoder needed
 
@@ -454,7 +454,7 @@ def build_sampler(flags, device=None):
         u = lambda z, r, t: common.tiled_pair(lambda zz, ll: net(dit, zz, r, t, ll, cond), z, z_lr, cfg.tile,
                                               cfg.overlap)
         return sample(u, seeded_noise(z_lr, cfg.seed), cfg.steps, z_lr if cfg.start == "lr" else None, cfg.start_t)
-    return lambda x_lr: common.super_resolve(vae, "sd3", x_lr, latent)
+    return common.finish_sampler(lambda x_lr: common.super_resolve(vae, "sd3", x_lr, latent), cfg)
 
 # ----------------------------------------------------------------------------- training
 class IndexedImages(ImageDataset):

@@ -70,7 +70,7 @@ OFFICIAL_PROMPT = ("Descibe this image in detail, especially the text in image. 
                    "32k, Color. Grading, ultra HD, extreme meticulous detailing, skin pore detailing")  # typo theirs
 
 @dataclasses.dataclass
-class Config:
+class Config(common.SampleFlags):  # + the shared sampling flags
     model: str = "flux2-klein-base"  # official != paper: FLUX.2-klein-base-4B (paper: -4B), StrSR-F; zimage: StrSR-Z
     model_path: str = ""          # local folder of the base pipeline (else the preset's hub id)
     data: str = "sample"          # paper: LSDIR + Aesthetic-4K; official config: Aesthetic-Train-V2 (first 50k)
@@ -292,10 +292,10 @@ class Condition(nn.Module):
             return {"embeds": self.embeds.expand(x_lr.shape[0], -1, -1)}
         return {"embeds": self.mlp(self.vlm(x_lr))}  # Eq. (5); the VLM runs once per batch, no grad
 
-def build_generator(cfg, device, ckpt=None):
+def build_generator(cfg, device, ckpt=None, dtype=None):
     """Base DiT + LoRA, VAE and the condition, on `device`. Frozen weights in bf16 on GPU."""
     family, random_nets = common.PRESETS[cfg.model].family, common.PRESETS[cfg.model].hub is None
-    dtype, path = common.weight_dtype(device), cfg.model_path or None
+    dtype, path = dtype or common.weight_dtype(device), cfg.model_path or None  # a sampler's --dtype
     dit = common.add_lora(common.load_dit(cfg.model, path, dtype), cfg.train_base, cfg.lora_rank, cfg.lora_alpha,
                           LORA_TARGETS[family])
     vae = common.load_vae(cfg.model, path, dtype, device, tiling=ckpt is not None)
@@ -491,9 +491,10 @@ def build_sampler(flags, device=None):
     """fn(x_lr (1, 3, h, w) in [0, 1]) -> (1, 3, 4h, 4w) of the checkpoint flags.ckpt: bicubic x4, pad to 16, one step
     (tiled in latent space for large inputs, the VLM condition computed once on the whole LR), crop back. The only
     randomness, the draw of z_lr from the VAE's latent distribution, is seeded by flags.seed."""
-    path, cfg, device, _ = common.sampler_setup(flags, resolve, device)
-    dit, vae, cond = build_generator(cfg, device, ckpt=path)
+    path, cfg, device, dtype = common.sampler_setup(flags, resolve, device)
+    dit, vae, cond = build_generator(cfg, device, ckpt=path, dtype=dtype)
     common.load_checkpoint(path, {"dit": dit, "cond": cond})
+    dit = common.sampling_weights(cfg, dtype, dit)
     dit.eval(), cond.eval()
     family = common.PRESETS[cfg.model].family
     f = 16 if family == "flux2" else 8  # pixels per latent cell: VAE x8, FLUX.2 patchified x2
@@ -507,7 +508,7 @@ def build_sampler(flags, device=None):
         g = torch.Generator(device).manual_seed(cfg.seed)  # official: z_lr a draw of the latent distribution
         return common.super_resolve(vae, family, x_lr, latent, g)
     sr.cond = cond  # for inspection (tests: the VLM runs once per image)
-    return sr
+    return common.finish_sampler(sr, cfg)
 
 # ----------------------------------------------------------------------------- training
 def resume_stage(cfg, models, optimizers, log):

@@ -76,11 +76,13 @@ from degrade import PRESETS as DEGRADE, ImageDataset, check_preset, degrade, mak
 
 UNSUPPORTED = {"fsdp": "the paper trains the 20B base on one GPU (a frozen bf16 base, a LoRA on the condition branch, "
                        "gradient checkpointing), and the dual-branch forward calls the base's modules one by one, "
-                       "which FSDP's per-module hooks do not see"}
+                       "which FSDP's per-module hooks do not see",
+               "fuse_lora": "the condition LoRA acts on the LR tokens only, and the noise tokens run the bare base in "
+                            "the same pass: no merged base computes both"}
 
 # ----------------------------------------------------------------------------- config
 @dataclasses.dataclass
-class Config:
+class Config(common.SampleFlags):  # + the shared sampling flags
     model: str = "qwen-image"     # Sec. 4.1: Qwen-Image-2512
     model_path: str = ""          # local folder of the base (else the preset's hub id)
     data: str = "sample"          # Sec. 4.1: LSDIR + the first 10k FFHQ (a folder or a file list)
@@ -337,7 +339,7 @@ def build_sampler(flags, device=None):
     with torch.random.fork_rng(devices=[]):  # the LoRA init is overwritten; keep the caller's RNG as it was
         branch = attach_cond_branch(dit, cfg.lora_rank, cfg.lora_alpha, cfg.fused_t, cfg.zero_init)
     state = common.load_checkpoint(path, {"cond_branch": branch, "dit": dit})  # dit: train_base
-    dit, branch = dit.to(device), branch.to(device).eval()
+    dit, branch = common.sampling_weights(cfg, dtype, dit).to(device), branch.to(device).eval()
     vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device, tiling=True)
     cond = {k: v.to(device) for k, v in state["cond"].items()}
 
@@ -346,7 +348,7 @@ def build_sampler(flags, device=None):
         v = lambda z, t, t_tar: common.tiled_pair(lambda zz, ll: v_theta(dit, branch, zz, t, ll, t_tar, cond),
                                                   z, z_lr, cfg.tile, cfg.overlap)
         return sample(v, eps, cfg.steps)
-    return lambda x_lr: common.super_resolve(vae, "qwen", x_lr, latent)
+    return common.finish_sampler(lambda x_lr: common.super_resolve(vae, "qwen", x_lr, latent), cfg)
 
 # ----------------------------------------------------------------------------- training
 def train(cfg):

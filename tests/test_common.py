@@ -398,12 +398,88 @@ def test_tiled_equals_untiled_for_local_function():
         assert not torch.allclose(C.tiled(lambda x: x * x.mean(), z, 16, 4), z * z.mean())  # non-local: differs
 
 
+def test_tiled_sampling_leaves_no_seam():
+    """The samplers' frame (super_resolve) on a photo 32 latent cells wide, a lapped autoencoder fitted to it, and a
+    stand-in DiT that mixes every cell of its tile by attention (non-local, as a DiT): tiles of 12 cells overlapping by
+    4 stay within 28 dB of the untiled output; across the tiles' edges and overlap centres the output steps no more
+    than the untiled one, and the tiling's error has no step at the centres (where a hard cut would be: overlap 2,
+    whose ramp is a cut, is the control). Steps as eval.blockiness, pixel to pixel."""
+    import eval as E
+    photo = C.sample_photos(["astronaut"])[0][None]
+    vae, x_lr = C.mini_vae_class()(latent_channels=32), C.resize(photo, (64, 64)).clamp(0, 1)  # -> 256 px, 32 cells
+    C.pca_init(vae, photo * 2 - 1)
+
+    def attention(z):  # every cell moves halfway to the attention-weighted mean of its tile's cells
+        t = z.flatten(2).transpose(1, 2)  # (B, N, C)
+        mixed = torch.softmax(t @ t.transpose(1, 2) / t.shape[-1] ** 0.5, -1) @ t
+        return z + 0.5 * (mixed.transpose(1, 2).view_as(z) - z)
+    untiled = C.super_resolve(vae, "flux1", x_lr, attention)
+    seams = {}
+    for overlap in (4, 2):
+        tiled = C.super_resolve(vae, "flux1", x_lr, lambda z: C.tiled(attention, z, 12, overlap))
+        starts = sorted(set(range(0, 32 - 12, 12 - overlap)) | {32 - 12})
+        centres = [(b + a + 12) * 8 // 2 - 1 for a, b in zip(starts, starts[1:])]  # pixel lines, 8 px per cell
+        seams[overlap] = float(E.step_ratio(0.5 + tiled - untiled, centres))
+        if overlap == 4:
+            assert 10 * torch.log10(1 / (tiled - untiled).pow(2).mean()) > 28
+            edges = centres + [s * 8 - 1 for s in starts[1:]] + [(s + 12) * 8 - 1 for s in starts[:-1]]
+            assert float(E.step_ratio(tiled, edges)) < float(E.step_ratio(untiled, edges)) + 0.03
+    assert seams[4] < 1.2 and seams[2] > 1.5, seams
+
+
 def test_pad_to_multiple_and_crop_back():
     x = torch.rand(1, 3, 37, 50)
     p, (H, W) = C.pad_to_multiple(x, 16)
     assert p.shape[-2:] == (48, 64) and torch.equal(p[..., :H, :W], x)
     tiny = torch.rand(1, 3, 5, 3)
     assert C.pad_to_multiple(tiny, 16)[0].shape[-2:] == (16, 16)
+
+
+# --------------------------------------------------------------------------- sampling flags
+def _smooth_photo(size=64):  # a photo, low-passed so that the test images stay inside (0, 1) after a shift
+    x = C.sample_photos(["astronaut"])[0][None, :, ::4, ::4][..., :size, :size]
+    return 0.25 + 0.5 * C.wavelet_low(x, 2)
+
+
+def test_wavelet_color_fix_keeps_the_sr_high_band_and_the_lr_low_band():
+    """x_sr = photo + a colour cast + a checkerboard (pure high band: its low band is exactly 0): the fix returns the
+    photo + the checkerboard, its low band that of the reference, its high band that of x_sr."""
+    ref = _smooth_photo()
+    checker = 0.05 * (-1.0) ** (torch.arange(64)[:, None] + torch.arange(64)[None])  # (64, 64)
+    x_sr = ref + torch.tensor([0.08, -0.05, 0.03]).view(1, 3, 1, 1) + checker
+    assert C.wavelet_low(checker.expand(1, 3, 64, 64)).abs().max() < 1e-6
+    out = C.color_fix(x_sr, ref, "wavelet")
+    torch.testing.assert_close(out, ref + checker, atol=1e-5, rtol=0)
+    torch.testing.assert_close(C.wavelet_low(out), C.wavelet_low(ref), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out - C.wavelet_low(out), x_sr - C.wavelet_low(x_sr), atol=1e-5, rtol=0)
+    flat = torch.full((1, 3, 64, 64), 0.3)
+    torch.testing.assert_close(C.wavelet_low(flat), flat)  # a constant is all low band
+
+
+def test_adain_color_fix_has_the_reference_statistics_and_the_sr_shape():
+    ref, x_sr = _smooth_photo(), torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    out = C.color_fix(x_sr, ref, "adain")
+    for stat in (torch.mean, torch.std):
+        torch.testing.assert_close(stat(out, (-2, -1)), stat(ref, (-2, -1)), atol=1e-5, rtol=0)
+    for c in range(3):  # per channel an increasing affine map of x_sr: the same image, recoloured
+        a = np.polyfit(x_sr[0, c].flatten().numpy(), out[0, c].flatten().numpy(), 1)[0]
+        torch.testing.assert_close(out[0, c], a * (x_sr[0, c] - x_sr[0, c].mean()) + ref[0, c].mean(), atol=1e-5,
+                                   rtol=0)
+    assert torch.equal(C.color_fix(x_sr, ref, "none"), x_sr)
+
+
+@pytest.mark.parametrize("scale", [2, 3, 3.5, 8])
+def test_finish_sampler_scales_any_factor_and_fixes_against_bicubic(scale):
+    """A stand-in x4 sampler (bicubic x4 + a colour cast): the output is round(S x side); wavelet takes the cast out, so
+    the output is the bicubic LR at that size."""
+    x_lr = _smooth_photo(21)[..., :17, :]  # (1, 3, 17, 21): odd sides
+    x_ref = torch.nn.functional.interpolate(x_lr, size=(round(17 * scale), round(21 * scale)), mode="bicubic")
+    cast = lambda x: (C.upsample_lr(x) + 0.05).clamp(0, 1)
+    flags = C.SampleFlags(scale=scale, color_fix="wavelet")
+    out = C.finish_sampler(cast, flags)(x_lr)
+    assert out.shape[-2:] == (round(17 * scale), round(21 * scale))
+    assert (C.finish_sampler(cast, C.SampleFlags(scale=scale))(x_lr) - x_ref).mean() > 0.04
+    assert (out - x_ref.clamp(0, 1)).abs().mean() < 0.01
 
 
 def test_parse_config_flags_are_field_names():

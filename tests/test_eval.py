@@ -99,6 +99,49 @@ def test_blockiness(photo):
     assert float(E.blockiness(C.upsample_lr(x_lr))) == pytest.approx(0.960, abs=0.01)
 
 
+def test_crop_border_scores_psnr_ssim_on_the_inner_image(photo):
+    """--crop_border 4, as BasicSR: PSNR and SSIM of the images less 4 px at each border (numpy on the crops), so an
+    error confined to the border changes nothing; without it the same error costs dB."""
+    a = crops(photo, 1, 96)[0]
+    b = q8((a + 0.02 * torch.randn(a.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1))
+    bad = b.clone()
+    bad[:, :4], bad[:, :, -4:] = 1 - bad[:, :4], 0.0  # the top rows inverted, the right columns black
+    sc = E.Scorer(["PSNR", "SSIM"], torch.device("cpu"), crop_border=4)
+    inner = (slice(None), slice(4, -4), slice(4, -4))
+    assert sc.compute("PSNR", bad[None], a[None]) == pytest.approx(psnr_np(b[inner], a[inner]), abs=2e-3)
+    assert sc.compute("SSIM", bad[None], a[None]) == pytest.approx(ssim_np(b[inner], a[inner]), abs=2e-4)
+    assert E.Scorer(["PSNR"], torch.device("cpu")).compute("PSNR", bad[None], a[None]) < psnr_np(b, a) - 5
+
+
+def test_stablesr_protocol_reads_the_crops_and_labels_its_rows(tmp_path, photo, monkeypatch):
+    """--protocol stablesr scores data_root/StableSR/RealSR (the 512 px crops), a row apart from the full-size set's;
+    QualiCLIP (pyiqa's qualiclip) offline is n/a with the download reason, as the other downloaded metrics."""
+    import pyiqa, urllib.error
+    real = pyiqa.create_metric
+
+    def offline(name, **kw):
+        if name == "qualiclip":
+            raise urllib.error.URLError("qualiclip weights: Name or service not known")
+        return real(name, **kw)
+    monkeypatch.setattr(pyiqa, "create_metric", offline)
+    make_paired(str(tmp_path / "StableSR" / "RealSR"), photo, n=1, hr=128)
+    make_paired(str(tmp_path / "RealSR"), photo[:, 200:], n=1, hr=64)
+    argv = ["--method", "bicubic", "--bench", "RealSR", "--data_root", str(tmp_path), "--out_dir", str(tmp_path / "o"),
+            "--metrics", "PSNR,QualiCLIP"]
+    crop, full = E.main(argv + ["--protocol", "stablesr", "--crop_border", "4"])[0], E.main(argv)[0]
+    assert (crop["dataset"], full["dataset"]) == ("RealSR-stablesr-crop4", "RealSR")
+    x_lr, x_hr = (C.load_image(str(tmp_path / "StableSR" / "RealSR" / d / f)) for d, f in (("LR", "img0_LR4.png"),
+                                                                                         ("HR", "img0_HR.png")))
+    inner = (slice(None), slice(4, -4), slice(4, -4))
+    assert crop["PSNR"] == pytest.approx(psnr_np(q8(C.upsample_lr(x_lr[None]))[0][inner], x_hr[inner]), abs=2e-3)
+    assert crop["QualiCLIP"] is None and "weights not downloadable" in crop["unavailable"]["QualiCLIP"]
+    assert {r["dataset"] for r in json.load(open(tmp_path / "o" / "results.json"))} == {crop["dataset"], "RealSR"}
+    with pytest.raises(SystemExit, match="StableSR's test crops are of RealSR and DRealSR, not DIV2K-val"):
+        E.load_bench("DIV2K-val", str(tmp_path), protocol="stablesr")
+    with pytest.raises(SystemExit, match="StableSR/DRealSR/LR"):
+        E.load_bench("DRealSR", str(tmp_path), protocol="stablesr")
+
+
 def test_pair_by_stem_reports_missing(tmp_path, photo, capsys):
     names = {"sr": ["Canon_001_LR4.png", "Canon_002_LR4.png", "x.png"],
              "hr": ["Canon_001_HR.png", "Canon_003_HR.png", "x.png"]}

@@ -416,6 +416,49 @@ def test_train_then_sample_then_eval(method, trained, tmp_path):
     assert json.load(open(tmp_path / "eval" / "results.json"))[0]["dataset"] == "RealSR"
 
 
+def _sampler(method, ckpt, **flags):
+    mod = importlib.import_module(method)
+    return mod.build_sampler(C.configure(mod.Config, model="tiny", ckpt=str(ckpt), **flags), "cpu")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sampling_flags_scale_color_fix_dtype(method, trained):
+    """--scale 3 --color_fix adain is the x4 output resized to 3x, then given the bicubic LR's channel statistics;
+    --dtype bf16 really samples in bf16: near the fp32 output, not equal to it."""
+    out, x_lr = trained(method), torch.rand(1, 3, 20, 24, generator=torch.Generator().manual_seed(3))
+    x4 = _sampler(method, out)(x_lr)
+    got = _sampler(method, out, scale=3, color_fix="adain")(x_lr)
+    want = C.color_fix(C.resize(x4, (60, 72)), C.resize(x_lr, (60, 72)).clamp(0, 1), "adain").clamp(0, 1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    err = (_sampler(method, out, dtype="bf16")(x_lr) - x4).abs()
+    assert 1e-4 < err.mean() < 0.05, err.mean()
+
+
+@pytest.mark.parametrize("method", ["strsr", "fluxsr", "smfsr"])
+def test_fuse_lora_equals_the_unmerged_lora(method, trained, tmp_path, tmp_path_factory):
+    """--fuse_lora merges the LoRA into the base: the same output to float tolerance, on a LoRA made large enough to
+    matter (random B; SMFSR's on its teacher). TEASR's condition LoRA cannot merge: the flag is refused."""
+    ckpt = C.latest_checkpoint(str(trained(method)))
+    if method == "smfsr":
+        run_dir = train(method, tmp_path / "run", tmp_path_factory, stage="teacher", init_ckpt="", train_base="lora",
+                        lora_rank=4, max_steps=1)
+        ckpt = C.latest_checkpoint(str(run_dir))
+    shutil.copytree(ckpt, tmp_path / "ckpt")
+    from safetensors.torch import save_file
+    g, x_lr = torch.Generator().manual_seed(0), torch.rand(1, 3, 20, 24, generator=torch.Generator().manual_seed(4))
+    outs = {}
+    for scale in (0.0, 2.0):  # LoRA off (B = 0), then a random LoRA
+        for f in glob.glob(str(tmp_path / "ckpt" / "*lora*.safetensors")):
+            sd = load_file(f)
+            save_file({k: scale * torch.randn(v.shape, generator=g) if "lora_B" in k else v for k, v in sd.items()}, f)
+        outs[scale] = [_sampler(method, tmp_path / "ckpt", fuse_lora=fuse)(x_lr) for fuse in (False, True)]
+    torch.testing.assert_close(outs[2.0][1], outs[2.0][0], atol=1e-4, rtol=0)
+    assert (outs[2.0][0] - outs[0.0][0]).abs().max() > 1e-2  # the LoRA changes the image: merging is not a no-op
+    mod = importlib.import_module("teasr")
+    with pytest.raises(SystemExit, match="fuse_lora: teasr.py does not support it"):
+        C.parse_config(mod.Config, ["--fuse_lora", "true"])
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_zero_init_starts_at_the_vae_round_trip_of_bicubic(method, tmp_path, tmp_path_factory):
     """--zero_init (the minis): before any update the one step returns z_lr, so the sampler's image is the VAE's round
