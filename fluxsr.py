@@ -108,6 +108,10 @@ class Config:
     tile: int = 0                 # latent tile; 0: ours, 128 (1024 px, the training size)
     overlap: int = 0              # latent overlap; 0: ours, 32 (256 px)
     eval_heldout: bool = False    # ours: at the end, eval.py on the held-out sample photo against bicubic
+    ema_decay: float = 0.0        # paper: no EMA (0: off); ours: e.g. 0.999, an EMA of the trained weights
+    ema: bool = True              # ours: --sample uses the checkpoint's EMA weights when saved
+    val_every: int = 0            # ours: validate every N steps on --val (0: never)
+    val: str = ""                 # ours: HR image or folder to validate on; "": the held-out sample photo
 
 # --model tiny / mini (ours): these values for every flag not given
 TINY = dict(max_steps=20, pair_size=64, crop=64, teacher_steps=4, lora_rank=8, lora_alpha=8.0, batch_size=2, tile=8,
@@ -250,7 +254,7 @@ def build_sampler(flags, device=None):
     path, cfg, device, dtype = common.sampler_setup(flags, resolve, device)
     dit = common.add_lora(common.load_dit(cfg.model, cfg.model_path or None, dtype), cfg.train_base, cfg.lora_rank,
                           cfg.lora_alpha, LORA_TARGETS)
-    state = common.load_checkpoint(path, {"dit": dit})
+    state = common.load_checkpoint(path, {"dit": dit}, ema=cfg.ema)
     dit = dit.to(device).eval()
     vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device, tiling=True)
     cond = {k: v.to(device) for k, v in state["cond"].items()}
@@ -460,10 +464,11 @@ def train(cfg):
         (loss * scale).backward()
         return terms, lambda: (x_lr, x_sr, x_hr)
 
+    import eval  # the held-out scores: --val_every, and --eval_heldout at the end
+    val = eval.validation("fluxsr", build_sampler, cfg, device) if rank == 0 and cfg.val_every else None
     common.train_loop(cfg, log, loader, accum, micro_step, {"dit": dit}, {"opt": opt}, step, cfg.max_steps,
-                      extra=lambda: {"cond": {k: v.detach().cpu() for k, v in cond.items()}})
+                      extra=lambda: {"cond": {k: v.detach().cpu() for k, v in cond.items()}}, val=val)
     if rank == 0 and cfg.eval_heldout:
-        import eval
         eval.heldout("fluxsr", build_sampler, cfg.out_dir, cfg.degrade)
 
 if __name__ == "__main__":

@@ -125,6 +125,10 @@ class Config:
     tile: int = 0                 # latent tile; 0: the paper's 1024 px in this family's latent units
     overlap: int = 0              # latent overlap; 0: the paper's 64 px
     eval_heldout: bool = False    # ours: at the end, eval.py on the held-out sample photo against bicubic
+    ema_decay: float = 0.0        # paper: no EMA (0: off); ours: e.g. 0.999, an EMA of the trained weights
+    ema: bool = True              # ours: --sample uses the checkpoint's EMA weights when saved
+    val_every: int = 0            # ours: validate every N steps on --val (0: never)
+    val: str = ""                 # ours: HR image or folder to validate on; "": the held-out sample photo
 
 # --model tiny / mini (ours): these values for every flag not given; a dict holds one per --stage
 TINY = dict(crop=64, max_steps={"1": 20, "2": 10}, disc_width=32, fdl_projections=32)
@@ -133,7 +137,7 @@ TINY = dict(crop=64, max_steps={"1": 20, "2": 10}, disc_width=32, fdl_projection
 # cost most of a step; micro_batch 4: the paper's batch in one pass
 MINI = dict(max_steps=1200, crop=128, train_base="full", lr=5e-4, lr_decay=0.5, zero_init=True, micro_batch=4,
             w_gan=0.0, w_lpips=0.0, disc_width=32, fdl_projections=32, tile=16, overlap=4, grid_every=300,
-            save_every=300, eval_heldout=True, degrade="bicubic")
+            save_every=300, eval_heldout=True, degrade="bicubic", val_every=100)
 
 STAGES = ("1", "2")
 
@@ -497,7 +501,7 @@ def build_sampler(flags, device=None):
     randomness, the draw of z_lr from the VAE's latent distribution, is seeded by flags.seed."""
     path, cfg, device, _ = common.sampler_setup(flags, resolve, device)
     dit, vae, cond = build_generator(cfg, device, ckpt=path)
-    common.load_checkpoint(path, {"dit": dit, "cond": cond})
+    common.load_checkpoint(path, {"dit": dit, "cond": cond}, ema=cfg.ema)
     dit.eval(), cond.eval()
     family = common.PRESETS[cfg.model].family
     f = 16 if family == "flux2" else 8  # pixels per latent cell: VAE x8, FLUX.2 patchified x2
@@ -576,10 +580,11 @@ def train(cfg):
         return terms, lambda: (x_lr, x_sr, x_hr)
 
     dit.train(), cond.train(), disc.train()
+    import eval  # the held-out scores: --val_every, and --eval_heldout at the end
+    val = eval.validation("strsr", build_sampler, cfg, device) if rank == 0 and cfg.val_every else None
     common.train_loop(cfg, log, loader, accum, micro_step, models, opts, step, first + cfg.max_steps, first,
-                      extra=lambda: {"stage_start": first})
+                      extra=lambda: {"stage_start": first}, val=val)
     if rank == 0 and cfg.eval_heldout:
-        import eval
         eval.heldout("strsr", build_sampler, cfg.out_dir, cfg.degrade)
 
 if __name__ == "__main__":

@@ -123,6 +123,10 @@ class Config:
     tile: int = 0                 # latent tile; 0: ours, 128 (1024 px)
     overlap: int = 0              # latent overlap; 0: ours, 32 (256 px)
     eval_heldout: bool = False    # ours: at the end, eval.py on the held-out sample photo against bicubic
+    ema_decay: float = 0.0        # paper: no EMA (0: off); ours: e.g. 0.999, an EMA of the trained weights
+    ema: bool = True              # ours: --sample uses the checkpoint's EMA weights when saved
+    val_every: int = 0            # ours: validate every N steps on --val (0: never)
+    val: str = ""                 # ours: HR image or folder to validate on; "": the held-out sample photo
 
 # --model tiny / mini (ours): these values for every flag not given
 TINY = dict(max_steps=20, crop=64, lora_rank=8, lora_alpha=8.0, batch_size=2, tile=8, overlap=2)
@@ -321,7 +325,7 @@ def build_sampler(flags, device=None):
     dit = common.load_dit(cfg.model, cfg.model_path or None, dtype).requires_grad_(False).eval()
     with torch.random.fork_rng(devices=[]):  # the LoRA init is overwritten; keep the caller's RNG as it was
         branch = CondBranch(dit, cfg.lora_rank, cfg.lora_alpha, cfg.fused_t, cfg.zero_init)
-    state = common.load_checkpoint(path, {"cond_branch": branch, "dit": dit})  # dit: train_base
+    state = common.load_checkpoint(path, {"cond_branch": branch, "dit": dit}, ema=cfg.ema)  # dit: train_base
     dit, branch = dit.to(device), branch.to(device).eval()
     vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device, tiling=True)
     cond = {k: v.to(device) for k, v in state["cond"].items()}
@@ -379,10 +383,11 @@ def train(cfg):
         (loss * scale).backward()
         return terms, lambda: (x_lr, x_sr, x_hr)
 
+    import eval  # the held-out scores: --val_every, and --eval_heldout at the end
+    val = eval.validation("teasr", build_sampler, cfg, device) if rank == 0 and cfg.val_every else None
     common.train_loop(cfg, log, loader, accum, micro_step, models, {"opt": opt}, step, cfg.max_steps,
-                      extra=lambda: {"cond": {k: v.detach().cpu() for k, v in cond.items()}})
+                      extra=lambda: {"cond": {k: v.detach().cpu() for k, v in cond.items()}}, val=val)
     if rank == 0 and cfg.eval_heldout:
-        import eval
         eval.heldout("teasr", build_sampler, cfg.out_dir, cfg.degrade)
 
 if __name__ == "__main__":
