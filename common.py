@@ -574,7 +574,7 @@ def set_lr(optimizers, step, max_steps, decay):
 
 def optimizer_step(optimizers, clip):
     """One update: gradients averaged over ranks (one all-reduce, not DDP's reducer: the methods call a model several
-    times per step, in different roles), clipped to norm `clip` per optimizer, stepped, cleared."""
+    times per step, in different roles), clipped to norm `clip` per optimizer, stepped, cleared. Returns the norms."""
     groups = [[p for g in opt.param_groups for p in g["params"]] for opt in optimizers]
     grads = [p.grad for group in groups for p in group if p.grad is not None and type(p.grad) is torch.Tensor]
     if dist.is_initialized() and dist.get_world_size() > 1 and grads:  # (FSDP's sharded gradients are FSDP's)
@@ -582,10 +582,12 @@ def optimizer_step(optimizers, clip):
         dist.all_reduce(flat)
         for g, f in zip(grads, torch.split(flat / dist.get_world_size(), [g.numel() for g in grads])):
             g.copy_(f.view_as(g))
+    norms = []  # each optimizer's gradient norm before clipping, for the log
     for group, opt in zip(groups, optimizers):
-        torch.nn.utils.clip_grad_norm_(group, clip)
+        norms.append(torch.nn.utils.clip_grad_norm_(group, clip))
         opt.step()
         opt.zero_grad(set_to_none=True)
+    return norms
 
 def shard_fsdp2(dit, log):
     """FSDP2 for bases too big for one GPU: each block, then the root, sharded over the ranks; the trained weights (the
@@ -618,13 +620,64 @@ def micro_batch_seed(seed, step, position):
 def due(step, every, end):  # an interval's work (grid, checkpoint) at this step: every `every` steps and at the end
     return step % every == 0 or step == end
 
+class EMA:
+    """--ema_decay d: an exponential moving average of the trained weights, after each update
+    w_ema = d w_ema + (1 - d) w (fp32); the discriminator's left out (it never samples). Saved as ema.safetensors."""
+
+    def __init__(self, models, decay):
+        self.decay = decay
+        self.params = {f"{name}.{k}": p for name, m in models.items() if name != "disc"
+                       for k, p in m.named_parameters() if p.requires_grad}
+        self.shadow = {k: p.detach().float().clone() for k, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self):
+        for k, p in self.params.items():
+            self.shadow[k].lerp_(p.detach().float(), 1 - self.decay)
+
+    def state_dict(self):
+        return {k: v.contiguous() for k, v in self.shadow.items()}
+
+    def load_state_dict(self, sd):
+        if missing := self.shadow.keys() - sd.keys():
+            raise KeyError(f"ema.safetensors lacks {sorted(missing)[:5]}: trained with other models or --train_base?")
+        for k, v in self.shadow.items():
+            v.copy_(sd[k])
+
+def start_ema(cfg, models):
+    """The run's EMA (None for --ema_decay 0): the one saved in out_dir's latest checkpoint, else the weights now."""
+    if not 0 <= cfg.ema_decay <= 1:
+        raise SystemExit(f"--ema_decay {cfg.ema_decay}: expected 0 (off) to 1")
+    if not cfg.ema_decay:
+        return None
+    from safetensors.torch import load_file
+    ema, ckpt = EMA(models, cfg.ema_decay), latest_checkpoint(cfg.out_dir)
+    if ckpt and os.path.exists(file := os.path.join(ckpt, "ema.safetensors")):
+        ema.load_state_dict(load_file(file))
+    return ema
+
+def validate(cfg, step, models, saved, ema, val, log):
+    """--val_every: the trained weights (and EMA) to out_dir/val/ckpt-*, which val(ckpt), rank 0's scorer (the
+    method's sampler on the validation images), turns into ({metric: score}, {metric: bicubic's}) for the log."""
+    t0 = time.time()
+    ckpt = save_checkpoint(os.path.join(cfg.out_dir, "val"), step, cfg, models, {}, saved, keep=1, ema=ema)
+    if val:
+        scores, bicubic = val(ckpt)
+        log(f"val step {step} | " + " ".join(f"{k} {v:.4g}" for k, v in scores.items()) + " | bicubic: " +
+            " ".join(f"{k} {v:.4g}" for k, v in bicubic.items()) + f" | {time.time() - t0:.1f} s")
+        log.scalars(step, {f"val/{k}": v for k, v in scores.items()})
+        log.scalars(step, {f"val/bicubic_{k}": v for k, v in bicubic.items()})
+        plot_curves(cfg.out_dir)
+    log.t0 += time.time() - t0  # not a training step's time
+
 # ----------------------------------------------------------------------------- checkpoints
 def _lora_file(name):  # the dit's LoRA under the name pipe.load_lora_weights looks for
     return "pytorch_lora_weights.safetensors" if name == "dit" else f"{name}_lora.safetensors"
 
-def save_checkpoint(out_dir, step, config, models, optimizers, extra=None, keep=2):
-    """What each model learns (trainable weights and buffers; LoRA in the diffusers format), optimizers and config,
-    written to a temp folder renamed when complete; older ones beyond `keep` go. Every rank calls, rank 0 writes."""
+def save_checkpoint(out_dir, step, config, models, optimizers, extra=None, keep=2, ema=None):
+    """What each model learns (trainable weights and buffers; LoRA in the diffusers format), the EMA, optimizers and
+    config, written to a temp folder renamed when complete; older ones beyond `keep` go. Every rank calls, rank 0
+    writes."""
     from safetensors.torch import save_file
     final, tmp = os.path.join(out_dir, f"ckpt-{step:07d}"), os.path.join(out_dir, f".tmp-ckpt-{step:07d}")
     if rank() == 0:
@@ -639,6 +692,8 @@ def save_checkpoint(out_dir, step, config, models, optimizers, extra=None, keep=
             sd = {k: v.detach().contiguous() for k, v in m.state_dict().items() if k not in frozen and "lora_" not in k}
             if sd:
                 save_file(sd, os.path.join(tmp, f"{name}.safetensors"))
+        if ema:
+            save_file(ema.state_dict(), os.path.join(tmp, "ema.safetensors"))
         torch.save({"step": step, "optimizers": {k: o.state_dict() for k, o in optimizers.items()}, **(extra or {})},
                    os.path.join(tmp, "state.pt"))
         with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -656,14 +711,19 @@ def latest_checkpoint(path):
         glob.glob(os.path.join(path, "ckpt-*")))
     return found[-1] if found else None
 
-def load_checkpoint(ckpt, models, optimizers=None):
-    """Load what save_checkpoint wrote and return its state; never code execution (safetensors, weights_only)."""
+def load_checkpoint(ckpt, models, optimizers=None, ema=False):
+    """Load what save_checkpoint wrote and return its state; never code execution (safetensors, weights_only). ema:
+    the trained weights replaced by their EMA where the checkpoint has one (the samplers' --ema)."""
     from safetensors.torch import load_file
     for name, m in models.items():
         if os.path.exists(os.path.join(ckpt, _lora_file(name))):
             load_lora_state(m, load_file(os.path.join(ckpt, _lora_file(name))))
         if os.path.exists(file := os.path.join(ckpt, f"{name}.safetensors")):
             if unexpected := m.load_state_dict(load_file(file), strict=False).unexpected_keys:
+                raise KeyError(f"{file}: keys that match nothing in {name}: {unexpected[:5]}")
+        if ema and os.path.exists(file := os.path.join(ckpt, "ema.safetensors")):
+            sd = {k[len(name) + 1:]: v for k, v in load_file(file).items() if k.startswith(name + ".")}
+            if unexpected := m.load_state_dict(sd, strict=False).unexpected_keys:
                 raise KeyError(f"{file}: keys that match nothing in {name}: {unexpected[:5]}")
     state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)
     for k, o in (optimizers or {}).items():
@@ -723,7 +783,7 @@ def sampler_setup(flags, resolve, device=None):
     """A sampler's (checkpoint, its training config with the sampling flags of `flags`, resolved, device, dtype), its
     pretrained networks checked before anything is built."""
     path, cfg = checkpoint_config(flags.ckpt or flags.out_dir, type(flags))
-    given = {k: getattr(flags, k) for k in ("steps", "seed", "start", "start_t") if hasattr(flags, k)}
+    given = {k: getattr(flags, k) for k in ("steps", "seed", "start", "start_t", "ema") if hasattr(flags, k)}
     given.update({k: getattr(flags, k) for k in ("tile", "overlap") if getattr(flags, k)})
     given.update({f.name: getattr(flags, f.name) for f in dataclasses.fields(SampleFlags)})
     cfg = resolve(dataclasses.replace(cfg, **given))
@@ -879,11 +939,12 @@ def parse_config(cls, argv=None):
     return configure(cls, **vars(p.parse_args(argv)))
 
 class Logger:
-    """Rank-0 lines to the console and out_dir/log.txt; step() writes one line per interval."""
+    """Rank-0 lines to the console and out_dir/log.txt, scalars and images to TensorBoard in out_dir/tb (opened on first
+    use); step() writes one line per interval."""
 
     def __init__(self, out_dir, master, device=torch.device("cpu")):
         self.master, self.file, self.device = master, os.path.join(out_dir, "log.txt"), device
-        self.t0, self.steps = 0, 0
+        self.t0, self.steps, self.tb, self.board = 0, 0, os.path.join(out_dir, "tb"), None
         os.makedirs(out_dir, exist_ok=True)
 
     def __call__(self, msg):
@@ -895,8 +956,26 @@ class Logger:
     def start_clock(self):  # the first interval's ms/step counts from here
         self.t0, self.steps = time.time(), 0
 
-    def step(self, step, max_steps, losses, every):
-        """Every rank, after each update; each `every` steps: losses averaged over ranks, ms per step, peak memory."""
+    def writer(self):
+        if self.board is None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.board = SummaryWriter(self.tb)
+        return self.board
+
+    def scalars(self, step, values):
+        if self.master:
+            for k, v in values.items():
+                self.writer().add_scalar(k, v, step)
+            self.board.flush()
+
+    def image(self, tag, x, step):  # x (3, H, W) in [0, 1]
+        if self.master:
+            self.writer().add_image(tag, x.clamp(0, 1), step)
+            self.board.flush()
+
+    def step(self, step, max_steps, losses, every, optimizers=None, norms=()):
+        """Every rank, after each update; each `every` steps: losses averaged over ranks, ms per step, peak memory; to
+        TensorBoard also each optimizer's lr and gradient norm."""
         self.t0, self.steps = self.t0 or time.time(), self.steps + 1
         if step % every and step != max_steps:
             return
@@ -910,19 +989,86 @@ class Logger:
         mem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else peak_rss_gb()
         self(f"step {step}/{max_steps} | {next(iter(losses))} {values[0]:.4g} ({terms}) | {ms:.0f} ms/step | "
              f"mem {mem:.2f} GB")
+        board = {f"loss/{k}": v for k, v in zip(losses, values)} | {"time/s_per_step": ms / 1000, "memory/peak_GB": mem}
+        for (name, opt), norm in zip((optimizers or {}).items(), norms):
+            board |= {f"lr/{name}": opt.param_groups[0]["lr"], f"grad_norm/{name}": float(norm)}
+        self.scalars(step, board)
 
 def peak_rss_gb():  # this process's peak resident memory
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 def save_grid(out_dir, step, x_lr, out, x_hr):
-    """out_dir/grids/step-<step>.png, one row per image (at most 4): LR (bicubic-upsampled) | output | HR."""
+    """out_dir/grids/step-<step>.png, one row per image (at most 4): LR (bicubic-upsampled) | output | HR; returns the
+    grid (3, H, W)."""
     import torchvision
     path = os.path.join(out_dir, "grids", f"step-{step:07d}.png")
     up = F.interpolate(x_lr[:4].float(), size=out.shape[-2:], mode="bicubic", align_corners=False)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torchvision.utils.save_image(torch.cat([up, out[:4].detach().float(), x_hr[:4].float()], -1).clamp(0, 1), path,
-                                 nrow=1, padding=2)
+    grid = torchvision.utils.make_grid(torch.cat([up, out[:4].detach().float(), x_hr[:4].float()], -1).clamp(0, 1),
+                                       nrow=1, padding=2)
+    torchvision.utils.save_image(grid, path)
+    return grid.cpu()
+
+def read_log(out_dir):
+    """(losses, val, bicubic) from out_dir/log.txt: {term: {step: value}} of the step lines, {metric: {step: value}} of
+    the val lines and bicubic's {metric: value}; a step logged twice (a resumed run) keeps its last value."""
+    losses, val, bicubic = {}, {}, {}
+    pairs = lambda text: zip(text.split()[::2], map(float, text.split()[1::2]))
+    for line in open(os.path.join(out_dir, "log.txt")):
+        if m := re.match(r"step (\d+)/\d+ \| (\S+ \S+) \((.*)\) \|", line):
+            for k, v in pairs(m[2] + " " + m[3]):
+                losses.setdefault(k, {})[int(m[1])] = v
+        elif m := re.match(r"val step (\d+) \| (.*) \| bicubic: (.*) \|", line):
+            for k, v in pairs(m[2]):
+                val.setdefault(k, {})[int(m[1])] = v
+            bicubic.update(pairs(m[3]))
+    return losses, val, bicubic
+
+def smooth(values, weight=0.9):
+    """TensorBoard's smoothing: an exponential moving average, debiased at the start."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight ** (i + 1)))
+    return out
+
+def plot_curves(out_dir):
+    """out_dir/curves.png: each loss term over steps (raw, faint; smoothed) and each validation score, with bicubic's
+    as a dashed line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    losses, val, bicubic = read_log(out_dir)
+    if not losses:
+        return None
+    pad = [None] * (-len(losses) % 4)  # the scores start a row of their own
+    panels = [("loss", k, v) for k, v in losses.items()] + pad + [("val", k, v) for k, v in val.items()]
+    rows = math.ceil(len(panels) / 4)
+    fig, axes = plt.subplots(rows, 4, figsize=(12.8, 2.4 * rows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels + [None] * (axes.size - len(panels))):
+        if panel is None:
+            ax.axis("off")
+            continue
+        kind, name, series = panel
+        x = sorted(series)
+        y = [series[i] for i in x]
+        if kind == "loss":
+            ax.plot(x, y, color="C0", alpha=0.25, lw=0.8)
+            ax.plot(x, smooth(y), color="C0", lw=1.5)
+            ax.set_yscale("log" if min(y) > 0 and max(y) > 20 * min(y) else "linear")
+        else:
+            ax.plot(x, y, "o-", color="C1", ms=3, label="model")
+            if name in bicubic:
+                ax.axhline(bicubic[name], color="gray", ls="--", label="bicubic")
+            ax.legend(fontsize=7)
+        ax.set_title(f"{kind}: {name}", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("step", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path := os.path.join(out_dir, "curves.png"), dpi=80)
+    plt.close(fig)
+    return path
 
 # ----------------------------------------------------------------------------- mini bases
 # Bases pretrained here, so that `--model mini` learns on a CPU: the family's DiT class at ~2M parameters and, as a

@@ -22,8 +22,8 @@ the papers' LPIPS (PSNR is the independent check); Blockiness (see blockiness). 
 its reason, never a number; a mean only when every image was scored. Outputs are kept in --out_dir/<name>/<bench>/,
 with per-image scores and timings (s/img: the sampler call; mem_GB: peak CUDA or RSS) in scores.jsonl, so runs resume.
 """
-import argparse, contextlib, csv, functools, glob, hashlib, importlib, io, json, math, os, re, socket, sys, time
-import urllib.parse, warnings
+import argparse, contextlib, csv, dataclasses, functools, glob, hashlib, importlib, io, json, math, os, re, socket, sys
+import time, urllib.parse, warnings
 
 import torch
 from tqdm import tqdm
@@ -378,6 +378,37 @@ def heldout(method, build_sampler, out_dir, degrade="realesrgan", data_root="dat
     sheet.save(path := os.path.join(out_dir, "compare.png"))
     print(f"written: {path} ({k}: LR nearest | bicubic | {method} | HR)")
     return rows
+
+VAL_COLS = ["PSNR", "SSIM", "LPIPS-rand", "Blockiness"]  # offline, cheap: the held-out table's columns
+
+def validation(method, build_sampler, cfg, device):
+    """--val_every's scorer (common.validate): fn(ckpt) -> ({metric: mean}, {metric: bicubic's mean}) of the method's
+    sampler (the caller's build_sampler) from `ckpt` on --val's HR images (default: the held-out sample photo), their
+    LR made once by the run's degradation (seed 0, as heldout), outputs in 8 bits like the files heldout scores."""
+    if cfg.val:
+        hr = common.list_images(cfg.val)
+        make_lr(hr, lr_dir := os.path.join(cfg.out_dir, "val", f"LR_{cfg.degrade}"), 0, PRESETS[cfg.degrade])
+        pairs = [(stem_key(f), os.path.join(lr_dir, os.path.splitext(os.path.basename(f))[0] + ".png"), f) for f in hr]
+    else:
+        pairs = load_bench("sample", "data", degrade=cfg.degrade)[0]
+    scorer, device = Scorer(VAL_COLS, device), torch.device(device)
+    images = [(k, common.load_image(lr)[None], common.load_image(hr)[None].to(device)) for k, lr, hr in pairs]
+
+    def scores(sr):
+        rows = []
+        for k, x_lr, x_hr in images:
+            with torch.no_grad():
+                x_sr = sr(x_lr).clamp(0, 1).mul(255).round().div(255).to(device)
+            x_hr = _match(x_sr, x_hr, k)
+            rows.append({c: scorer.compute(c, *((x_sr, x_hr) if KIND[c] == "fr" else (x_sr,))) for c in VAL_COLS})
+        return {c: sum(r[c] for r in rows) / len(rows) for c in VAL_COLS if None not in (r[c] for r in rows)}
+
+    bicubic = scores(common.upsample_lr)
+
+    def val(ckpt):
+        with torch.random.fork_rng(devices=[]):  # a sampler's init draws leave the run's untouched
+            return scores(build_sampler(dataclasses.replace(cfg, ckpt=ckpt), str(device))), bicubic
+    return val
 
 def main(argv=None, samplers=None):
     p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])

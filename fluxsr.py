@@ -109,6 +109,10 @@ class Config(common.SampleFlags):  # + the shared sampling flags
     tile: int = 0                 # latent tile; 0: ours, 128 (1024 px, the training size)
     overlap: int = 0              # latent overlap; 0: ours, 32 (256 px)
     eval_heldout: bool = False    # ours: at the end, eval.py on the held-out sample photo against bicubic
+    ema_decay: float = 0.0        # paper: no EMA (0: off); ours: e.g. 0.999, an EMA of the trained weights
+    ema: bool = True              # ours: --sample uses the checkpoint's EMA weights when saved
+    val_every: int = 0            # ours: validate every N steps on --val (0: never)
+    val: str = ""                 # ours: HR image or folder to validate on; "": the held-out sample photo
 
 # --model tiny / mini (ours): these values for every flag not given
 TINY = dict(max_steps=20, pair_size=64, crop=64, teacher_steps=4, lora_rank=8, lora_alpha=8.0, batch_size=2, tile=8,
@@ -251,7 +255,7 @@ def build_sampler(flags, device=None):
     path, cfg, device, dtype = common.sampler_setup(flags, resolve, device)
     dit = common.add_lora(common.load_dit(cfg.model, cfg.model_path or None, dtype), cfg.train_base, cfg.lora_rank,
                           cfg.lora_alpha, LORA_TARGETS)
-    state = common.load_checkpoint(path, {"dit": dit})
+    state = common.load_checkpoint(path, {"dit": dit}, ema=cfg.ema)
     dit = common.sampling_weights(cfg, dtype, dit).to(device).eval()
     vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device, tiling=True)
     cond = {k: v.to(device) for k, v in state["cond"].items()}
@@ -458,6 +462,9 @@ def train(cfg):
     #    draws the same numbers), a batch of pairs, Alg. 1's losses, backward; line 20 updates v_theta (its LoRA)
     scale = 1 / accum
     saved = {"cond": {k: v.detach().cpu() for k, v in cond.items()}}  # the prompt the sampler uses
+    import eval  # the held-out scores: --val_every, and --eval_heldout at the end
+    val = eval.validation("fluxsr", build_sampler, cfg, device) if rank == 0 and cfg.val_every else None
+    ema = common.start_ema(cfg, models)
     log.start_clock()
     while step < cfg.max_steps:
         sums = {}
@@ -468,15 +475,20 @@ def train(cfg):
             (loss * scale).backward()
             sums = {k: sums.get(k, 0) + v.detach() / accum for k, v in terms.items()}
         common.set_lr(opts.values(), step + 1, cfg.max_steps, cfg.lr_decay)
-        common.optimizer_step(opts.values(), cfg.grad_clip)
+        norms = common.optimizer_step(opts.values(), cfg.grad_clip)
+        if ema:
+            ema.update()
         step += 1
-        log.step(step, cfg.max_steps, sums, cfg.log_every)
+        log.step(step, cfg.max_steps, sums, cfg.log_every, opts, norms)
         if log.master and common.due(step, cfg.grid_every, cfg.max_steps):
-            common.save_grid(cfg.out_dir, step, x_lr, x_sr, x_hr)
+            log.image("grid", common.save_grid(cfg.out_dir, step, x_lr, x_sr, x_hr), step)
         if common.due(step, cfg.save_every, cfg.max_steps):
-            common.save_checkpoint(cfg.out_dir, step, cfg, models, opts, saved)
+            common.save_checkpoint(cfg.out_dir, step, cfg, models, opts, saved, ema=ema)
+        if cfg.val_every and step % cfg.val_every == 0:
+            common.validate(cfg, step, models, saved, ema, val, log)
+    if log.master:
+        common.plot_curves(cfg.out_dir)
     if rank == 0 and cfg.eval_heldout:
-        import eval
         eval.heldout("fluxsr", build_sampler, cfg.out_dir, cfg.degrade, cfg.data_root)
 
 if __name__ == "__main__":

@@ -119,6 +119,10 @@ class Config(common.SampleFlags):  # + the shared sampling flags
     tile: int = 0                 # latent tile; 0: ours, 64 (512 px, the training crop)
     overlap: int = 0              # latent overlap; 0: ours, 16 (128 px)
     eval_heldout: bool = False    # ours: at the end, eval.py on the held-out sample photo against bicubic
+    ema_decay: float = 0.0        # paper: no EMA (0: off); ours: e.g. 0.999, an EMA of the trained weights
+    ema: bool = True              # ours: --sample uses the checkpoint's EMA weights when saved
+    val_every: int = 0            # ours: validate every N steps on --val (0: never)
+    val: str = ""                 # ours: HR image or folder to validate on; "": the held-out sample photo
 
 STAGES = {"teacher": (80_000, 32), "isc": (40_000, 16), "gan": (10_000, 8)}  # Sec. 4: iterations, batch
 # --model tiny / mini (ours): these values for every flag not given; a dict holds them per --stage
@@ -276,9 +280,10 @@ def fake_score(dit):
     finally:  # an exception inside must not leave the teacher with the fake score's LoRA on
         dit.disable_adapters()
 
-def load_base(cfg, dtype, train_base, rank, ckpt=None, name=None, train=False, fuse=True):
+def load_base(cfg, dtype, train_base, rank, ckpt=None, name=None, train=False, fuse=True, ema=False):
     """The SD3 a model runs on. `none`: the frozen base, one copy that teacher, student and fake score share. Else the
-    base with the model's own weights on it (a rank-r LoRA, or all of them), from `<name>_base` in ckpt when given."""
+    base with the model's own weights on it (a rank-r LoRA, or all of them), from `<name>_base` in ckpt when given
+    (ema: their EMA where saved)."""
     dit = common.load_dit(cfg.model, cfg.model_path or None, dtype).requires_grad_(False).eval()
     if train_base == "none":
         return dit
@@ -287,7 +292,7 @@ def load_base(cfg, dtype, train_base, rank, ckpt=None, name=None, train=False, f
         file = f"{name}_base{'_lora' if train_base == 'lora' else ''}.safetensors"
         if not os.path.exists(os.path.join(ckpt, file)):
             raise SystemExit(f"{ckpt}: no {file} (expected a checkpoint trained with --train_base {train_base})")
-        common.load_checkpoint(ckpt, {f"{name}_base": dit})
+        common.load_checkpoint(ckpt, {f"{name}_base": dit}, ema=ema)
     if not train:  # frozen (a teacher): the LoRA merged, the fake score's goes on top; full: its fp32 back to dtype
         if train_base == "lora" and fuse:  # a sampler: its --fuse_lora
             dit.fuse_lora(), dit.unload_lora()
@@ -295,11 +300,12 @@ def load_base(cfg, dtype, train_base, rank, ckpt=None, name=None, train=False, f
             dit.to(dtype)
     return dit
 
-def load_net(ckpt, name, net):
-    """The trained part of a stage (`teacher` or `student`) from its checkpoint folder; returns the folder's state."""
+def load_net(ckpt, name, net, ema=False):
+    """The trained part of a stage (`teacher` or `student`) from its checkpoint folder (ema: its EMA where saved);
+    returns the folder's state."""
     if not os.path.exists(os.path.join(ckpt, f"{name}.safetensors")):
         raise SystemExit(f"{ckpt}: no {name}.safetensors (expected a checkpoint of the {name})")
-    return common.load_checkpoint(ckpt, {name: net})
+    return common.load_checkpoint(ckpt, {name: net}, ema=ema)
 
 RANDOM_DINO = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
                    num_register_tokens=4)  # tiny/mini: a small random DINOv3
@@ -443,9 +449,9 @@ def build_sampler(flags, device=None):
     path, cfg, device, dtype = common.sampler_setup(flags, resolve, device)
     name = "teacher" if cfg.stage == "teacher" else "student"
     with torch.random.fork_rng(devices=[]):  # the init is overwritten; keep the caller's RNG as it was
-        dit = load_base(cfg, dtype, cfg.train_base, cfg.lora_rank, path, name, fuse=False)
+        dit = load_base(cfg, dtype, cfg.train_base, cfg.lora_rank, path, name, fuse=False, ema=cfg.ema)
         net = SRNet(dit, two_times=name == "student", skip=cfg.zero_init)
-    state = load_net(path, name, net)
+    state = load_net(path, name, net, ema=cfg.ema)
     dit, net = common.sampling_weights(cfg, dtype, dit).to(device), net.to(device).eval()
     vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device, tiling=True)
     cond = {k: v.to(device) for k, v in state["cond"].items()}  # the empty prompt: no text encoder needed
@@ -605,6 +611,9 @@ def train(cfg):
 
     saved = {"cond": {k: v[:1].detach().cpu() for k, v in captions.empty.items()}}  # the prompt the sampler uses
     scale = 1 / accum
+    import eval  # the held-out scores: --val_every, and --eval_heldout at the end
+    val = eval.validation("smfsr", build_sampler, cfg, device) if rank == 0 and cfg.val_every else None
+    ema = common.start_ema(cfg, models)
     log.start_clock()
     while step < cfg.max_steps:  # per micro-batch: seeded by its place in the run, so a resume draws the same numbers
         sums = {}
@@ -613,17 +622,22 @@ def train(cfg):
             terms, images = micro_step(next(loader), scale)
             sums = {k: sums.get(k, 0) + v.detach() / accum for k, v in terms.items()}
         common.set_lr(opts.values(), step + 1, cfg.max_steps, cfg.lr_decay)
-        common.optimizer_step(opts.values(), cfg.grad_clip)
+        norms = common.optimizer_step(opts.values(), cfg.grad_clip)
+        if ema:
+            ema.update()
         step += 1
-        log.step(step, cfg.max_steps, sums, cfg.log_every)
+        log.step(step, cfg.max_steps, sums, cfg.log_every, opts, norms)
         if log.master and common.due(step, cfg.grid_every, cfg.max_steps):
-            common.save_grid(cfg.out_dir, step, *images())
+            log.image("grid", common.save_grid(cfg.out_dir, step, *images()), step)
         if common.due(step, cfg.save_every, cfg.max_steps):
             if gan and cfg.w_vsd:  # the fake score's LoRA sits on the teacher's base, outside `models`
                 saved["fake_lora"] = common.lora_state(t_dit)
-            common.save_checkpoint(cfg.out_dir, step, cfg, models, opts, saved)
+            common.save_checkpoint(cfg.out_dir, step, cfg, models, opts, saved, ema=ema)
+        if cfg.val_every and step % cfg.val_every == 0:
+            common.validate(cfg, step, models, saved, ema, val, log)
+    if log.master:
+        common.plot_curves(cfg.out_dir)
     if rank == 0 and cfg.eval_heldout:
-        import eval
         eval.heldout("smfsr", build_sampler, cfg.out_dir, cfg.degrade, cfg.data_root)
 
 if __name__ == "__main__":

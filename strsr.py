@@ -125,6 +125,10 @@ class Config(common.SampleFlags):  # + the shared sampling flags
     tile: int = 0                 # latent tile; 0: the paper's 1024 px in this family's latent units
     overlap: int = 0              # latent overlap; 0: the paper's 64 px
     eval_heldout: bool = False    # ours: at the end, eval.py on the held-out sample photo against bicubic
+    ema_decay: float = 0.0        # paper: no EMA (0: off); ours: e.g. 0.999, an EMA of the trained weights
+    ema: bool = True              # ours: --sample uses the checkpoint's EMA weights when saved
+    val_every: int = 0            # ours: validate every N steps on --val (0: never)
+    val: str = ""                 # ours: HR image or folder to validate on; "": the held-out sample photo
 
 # --model tiny / mini (ours): these values for every flag not given; a dict holds one per --stage
 TINY = dict(crop=64, max_steps={"1": 20, "2": 10}, disc_width=32, fdl_projections=32)
@@ -133,7 +137,7 @@ TINY = dict(crop=64, max_steps={"1": 20, "2": 10}, disc_width=32, fdl_projection
 # cost most of a step; micro_batch 4: the paper's batch in one pass
 MINI = dict(max_steps=1200, crop=128, train_base="full", lr=5e-4, lr_decay=0.5, zero_init=True, micro_batch=4,
             w_gan=0.0, w_lpips=0.0, disc_width=32, fdl_projections=32, tile=16, overlap=4, grid_every=300,
-            save_every=300, eval_heldout=True, degrade="bicubic")
+            save_every=300, eval_heldout=True, degrade="bicubic", val_every=100)
 
 STAGES = ("1", "2")
 
@@ -493,7 +497,7 @@ def build_sampler(flags, device=None):
     randomness, the draw of z_lr from the VAE's latent distribution, is seeded by flags.seed."""
     path, cfg, device, dtype = common.sampler_setup(flags, resolve, device)
     dit, vae, cond = build_generator(cfg, device, ckpt=path, dtype=dtype)
-    common.load_checkpoint(path, {"dit": dit, "cond": cond})
+    common.load_checkpoint(path, {"dit": dit, "cond": cond}, ema=cfg.ema)
     dit = common.sampling_weights(cfg, dtype, dit)
     dit.eval(), cond.eval()
     family = common.PRESETS[cfg.model].family
@@ -570,7 +574,11 @@ def train(cfg):
     #    numbers), L_Gen (Eq. 11) and L_Dis (Eq. 9) back-propagated together; then both optimizers step
     for m in models.values():
         m.train()
+    saved = {"stage_start": first}  # where this stage began: its lr schedule, after a resume
     end, scale = first + cfg.max_steps, 1 / accum
+    import eval  # the held-out scores: --val_every, and --eval_heldout at the end
+    val = eval.validation("strsr", build_sampler, cfg, device) if rank == 0 and cfg.val_every else None
+    ema = common.start_ema(cfg, models)
     log.start_clock()
     while step < end:
         sums = {}
@@ -582,15 +590,20 @@ def train(cfg):
             (loss * scale).backward()
             sums = {k: sums.get(k, 0) + v.detach() / accum for k, v in terms.items()}
         common.set_lr(opts.values(), step + 1 - first, end - first, cfg.lr_decay)  # the schedule counts this stage
-        common.optimizer_step(opts.values(), cfg.grad_clip)
+        norms = common.optimizer_step(opts.values(), cfg.grad_clip)
+        if ema:
+            ema.update()
         step += 1
-        log.step(step, end, sums, cfg.log_every)
+        log.step(step, end, sums, cfg.log_every, opts, norms)
         if log.master and common.due(step, cfg.grid_every, end):
-            common.save_grid(cfg.out_dir, step, x_lr, x_sr, x_hr)
+            log.image("grid", common.save_grid(cfg.out_dir, step, x_lr, x_sr, x_hr), step)
         if common.due(step, cfg.save_every, end):
-            common.save_checkpoint(cfg.out_dir, step, cfg, models, opts, {"stage_start": first})
+            common.save_checkpoint(cfg.out_dir, step, cfg, models, opts, saved, ema=ema)
+        if cfg.val_every and step % cfg.val_every == 0:
+            common.validate(cfg, step, models, saved, ema, val, log)
+    if log.master:
+        common.plot_curves(cfg.out_dir)
     if rank == 0 and cfg.eval_heldout:
-        import eval
         eval.heldout("strsr", build_sampler, cfg.out_dir, cfg.degrade, cfg.data_root)
 
 if __name__ == "__main__":

@@ -386,6 +386,48 @@ def test_an_old_checkpoint_config_loads_as_todays_flags(tmp_path, old, new):
     assert C.load_config(str(tmp_path)) == new
 
 
+def test_ema_is_the_weighted_sum_of_every_past_weight(tmp_path):
+    """After n updates w_ema = d^n w_0 + sum_k (1 - d) d^(n-k) w_k (float64 here); the discriminator is left out,
+    frozen weights too; save -> load_checkpoint(ema=True) puts the average into the model, without it the raw."""
+    d, net, disc = 0.8, torch.nn.Linear(3, 2), torch.nn.Linear(2, 1)
+    net.bias.requires_grad_(False)
+    ema = C.EMA({"net": net, "disc": disc}, d)
+    assert list(ema.shadow) == ["net.weight"]
+    seen = [net.weight.detach().double().clone()]
+    for _ in range(5):
+        with torch.no_grad():
+            net.weight.add_(torch.randn_like(net.weight))
+        ema.update()
+        seen.append(net.weight.detach().double().clone())
+    n = len(seen) - 1
+    want = d ** n * seen[0] + sum((1 - d) * d ** (n - k) * w for k, w in enumerate(seen) if k > 0)
+    torch.testing.assert_close(ema.shadow["net.weight"].double(), want, atol=1e-6, rtol=0)
+    ck = C.save_checkpoint(str(tmp_path), 5, {}, {"net": net}, {}, ema=ema)
+    raw, avg = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    C.load_checkpoint(ck, {"net": raw})
+    C.load_checkpoint(ck, {"net": avg}, ema=True)
+    assert torch.equal(raw.weight, net.weight) and torch.equal(avg.weight, ema.shadow["net.weight"])
+    again = C.EMA({"net": net}, d)
+    again.load_state_dict(ema.state_dict())
+    assert torch.equal(again.shadow["net.weight"], ema.shadow["net.weight"])
+
+
+def test_curves_read_the_log_and_smooth_as_tensorboard(tmp_path):
+    """plot_curves reads log.txt's step and val lines (a step logged again after a resume keeps its last value) and
+    draws curves.png; smooth() is TensorBoard's debiased exponential average."""
+    lines = ["{}", "step 1/3 | loss 2 (l1 1.5 gan -0.5) | 10 ms/step | mem 1 GB",
+             "step 2/3 | loss 1 (l1 0.5 gan 0.5) | 10 ms/step | mem 1 GB", "resumed from x at step 1",
+             "step 2/3 | loss 0.9 (l1 0.4 gan 0.5) | 10 ms/step | mem 1 GB",
+             "val step 2 | PSNR 27.5 SSIM 0.85 | bicubic: PSNR 27.08 SSIM 0.84 | 1.0 s"]
+    (tmp_path / "log.txt").write_text("\n".join(lines) + "\n")
+    losses, val, bicubic = C.read_log(str(tmp_path))
+    assert losses == {"loss": {1: 2.0, 2: 0.9}, "l1": {1: 1.5, 2: 0.4}, "gan": {1: -0.5, 2: 0.5}}
+    assert val == {"PSNR": {2: 27.5}, "SSIM": {2: 0.85}} and bicubic == {"PSNR": 27.08, "SSIM": 0.84}
+    assert Image.open(C.plot_curves(str(tmp_path))).size[0] > 400
+    y = [1.0, 3.0, 2.0]
+    assert C.smooth(y, 0.5) == pytest.approx([1.0, (0.25 * 1 + 0.5 * 3) / 0.75, (0.125 + 0.75 + 1) / 0.875])
+
+
 # --------------------------------------------------------------------------- tiling
 def test_tiled_equals_untiled_for_local_function():
     torch.manual_seed(0)

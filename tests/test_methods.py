@@ -2,7 +2,7 @@
 over a preset, --help), exact resume, two ranks under torchrun equal to one process, and train -> sample (the CLI) ->
 eval.py. FluxSR runs on four tiny teacher pairs; SMFSR's checks use its gan stage (the most state) on a tiny teacher
 -> isc chain."""
-import dataclasses, glob, importlib, json, os, shutil, sys
+import dataclasses, glob, importlib, json, math, os, shutil, sys
 
 import pytest
 import torch
@@ -34,6 +34,13 @@ def flags(method, tmp_path_factory):
     return dict(_prepared[method])
 
 
+def watched(tmp_path_factory):
+    """The flags of a run that is watched: an EMA, and a validation at step 2 on a 64 px crop of the held-out photo."""
+    if not (hr := tmp_path_factory.getbasetemp() / "val-hr.png").exists():
+        C.save_image(C.sample_photos(["astronaut"])[0][:, 100:164, 200:264], str(hr))
+    return dict(ema_decay=0.9, val_every=2, val=str(hr))
+
+
 def train(method, out, tmp_path_factory, **kw):
     mod = importlib.import_module(method)
     mod.train(C.configure(mod.Config, **{**flags(method, tmp_path_factory), **kw}, out_dir=str(out)))
@@ -42,12 +49,13 @@ def train(method, out, tmp_path_factory, **kw):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny 2-step run of each method (checkpoints at steps 1 and 2), made on first use."""
+    """A tiny 2-step run of each method (checkpoints at steps 1 and 2), watched, made on first use."""
     runs = {}
 
     def get(method):
         if method not in runs:
-            runs[method] = train(method, tmp_path_factory.mktemp(f"{method}-run"), tmp_path_factory)
+            runs[method] = train(method, tmp_path_factory.mktemp(f"{method}-run"), tmp_path_factory,
+                                 **watched(tmp_path_factory))
         return runs[method]
     return get
 
@@ -82,6 +90,13 @@ def test_help_lists_every_flag_with_its_default_and_source(method):
         assert f"--{f.name}" in text and f.name in comments, f.name
         assert f"(default: {f.default})" in text, f.name
     assert "paper" in text and "ours" in text
+
+
+def test_the_watching_flags_are_one_flag_in_every_method():
+    """--ema_decay, --ema, --val_every and --val: the same default and the same comment in the four Configs."""
+    mods = [importlib.import_module(m) for m in METHODS]
+    for k in ("ema_decay", "ema", "val_every", "val"):
+        assert len({(getattr(m.Config, k), C._comments(m.Config)[k]) for m in mods}) == 1, k
 
 
 EXPECTED = {"strsr": ["flux2-klein", "Qwen3-VL", "CLIP ConvNeXt-XXLarge", "VGG16 of LPIPS"],
@@ -320,10 +335,10 @@ def test_a_real_preset_trains_and_samples_offline_from_the_cache(method, offline
 @pytest.mark.parametrize("method", METHODS)
 def test_exact_resume(method, trained, tmp_path, tmp_path_factory):
     """Resuming the run's step-1 checkpoint for one more step gives its step-2 checkpoint: every weight file, every
-    optimizer state and the logged losses of step 2."""
+    optimizer state, the EMA bit for bit, and the logged losses of step 2."""
     out = trained(method)
     shutil.copytree(out / "ckpt-0000001", tmp_path / "ckpt-0000001")
-    train(method, tmp_path, tmp_path_factory)
+    train(method, tmp_path, tmp_path_factory, **watched(tmp_path_factory))
     a, b = out / "ckpt-0000002", tmp_path / "ckpt-0000002"
     files = sorted(os.path.basename(f) for f in glob.glob(str(a / "*.safetensors")))
     assert files and files == sorted(os.path.basename(f) for f in glob.glob(str(b / "*.safetensors")))
@@ -334,6 +349,9 @@ def test_exact_resume(method, trained, tmp_path, tmp_path_factory):
     trained_anything = any(not torch.equal(v, load_file(str(out / "ckpt-0000001" / f))[k])
                            for f in files for k, v in load_file(str(a / f)).items())
     assert trained_anything  # step 2 changed the weights: the comparison is not vacuous
+    ema, resumed_ema = load_file(str(a / "ema.safetensors")), load_file(str(b / "ema.safetensors"))
+    assert ema.keys() == resumed_ema.keys() and all(torch.equal(ema[k], resumed_ema[k]) for k in ema)
+    assert any(not torch.equal(v, load_file(str(out / "ckpt-0000001" / "ema.safetensors"))[k]) for k, v in ema.items())
     sa, sb = (torch.load(c / "state.pt", weights_only=True) for c in (a, b))
     for name, opt in sa["optimizers"].items():
         for i, st in opt["state"].items():
@@ -388,6 +406,37 @@ def test_two_ranks_equal_one_process(method, tmp_path, tmp_path_factory):
         for f in glob.glob(str(tmp_path / "two" / "ckpt-0000002" / "*.safetensors")):
             a, b = load_file(f), load_file(str(tmp_path / "resumed" / "ckpt-0000002" / os.path.basename(f)))
             assert all(torch.equal(a[k], b[k]) for k in a), f
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_run_is_watched_in_tensorboard_curves_and_validation(method, trained):
+    """out_dir/tb holds each logged loss term, each optimizer's lr (the config's) and gradient norm, s/step, peak
+    memory, the grids and the validation scores; the validation's PSNR is the sampler's, on Y, computed here; the
+    run ends with curves.png."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = trained(method)
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    head = open(out / "log.txt").read().split("\nstep 2/2 | ")[1].split(" | ")[0]
+    names = head.replace("(", " ").replace(")", " ").split()[::2]
+    state = torch.load(out / "ckpt-0000002" / "state.pt", weights_only=True)
+    opts, cfg = list(state["optimizers"]), json.load(open(out / "ckpt-0000002" / "config.json"))
+    want = {f"loss/{n}" for n in names} | {f"lr/{o}" for o in opts} | {f"grad_norm/{o}" for o in opts}
+    want |= {"time/s_per_step", "memory/peak_GB"} | {f"val/{c}" for c in E.VAL_COLS} | {"val/bicubic_PSNR"}
+    assert want <= set(acc.Tags()["scalars"]) and "grid" in acc.Tags()["images"]
+    assert acc.Scalars(f"lr/{opts[0]}")[0].value == pytest.approx(cfg["lr"], rel=1e-6)
+    assert all(e.value > 0 for o in opts for e in acc.Scalars(f"grad_norm/{o}"))
+    logged = dict(zip(names, map(float, head.replace("(", " ").replace(")", " ").split()[1::2])))
+    assert acc.Scalars(f"loss/{names[0]}")[-1].value == pytest.approx(logged[names[0]], rel=1e-3)
+    psnr = float(open(out / "log.txt").read().split("val step 2 | PSNR ")[1].split()[0])
+    mod = importlib.import_module(method)
+    sr = mod.build_sampler(C.configure(mod.Config, model="tiny", ckpt=str(out / "ckpt-0000002")), "cpu")
+    x_lr = C.load_image(str(out / "val" / f"LR_{cfg['degrade']}" / "val-hr.png"))[None]
+    y = lambda x: (16 + (x.double() * 255).round() @ torch.tensor([65.481, 128.553, 24.966], dtype=torch.float64)
+                   / 255) / 255  # BT.601 Y of an 8-bit image, in [0, 1]
+    x_sr, x_hr = sr(x_lr)[0].permute(1, 2, 0), C.load_image(cfg["val"]).permute(1, 2, 0)
+    assert psnr == pytest.approx(10 * math.log10(1 / (y(x_sr) - y(x_hr)).pow(2).mean().item()), abs=0.01)
+    assert Image.open(out / "curves.png").size[0] > 400
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -462,8 +511,9 @@ def test_fuse_lora_equals_the_unmerged_lora(method, trained, tmp_path, tmp_path_
 @pytest.mark.parametrize("method", METHODS)
 def test_zero_init_starts_at_the_vae_round_trip_of_bicubic(method, tmp_path, tmp_path_factory):
     """--zero_init (the minis): before any update the one step returns z_lr, so the sampler's image is the VAE's round
-    trip of bicubic x4 (SMFSR's noise start included: its jump from eps lands on z_lr). lr 0 keeps the init."""
-    kw = dict(zero_init=True, train_base="full", lr=0.0, max_steps=1)
+    trip of bicubic x4 (SMFSR's noise start included: its jump from eps lands on z_lr). --ema_decay 1 keeps the init
+    as the EMA, which --sample uses; --ema false samples the updated weights."""
+    kw = dict(zero_init=True, train_base="full", lr=1e-2, max_steps=1, ema_decay=1.0)
     if method == "smfsr":
         kw.update(stage="teacher", init_ckpt="")
     out = train(method, tmp_path / "run", tmp_path_factory, **kw)
@@ -474,6 +524,8 @@ def test_zero_init_starts_at_the_vae_round_trip_of_bicubic(method, tmp_path, tmp
     vae, family = C.load_vae(preset, None, torch.float32, torch.device("cpu")), C.PRESETS[preset].family
     g = torch.Generator().manual_seed(0) if method == "strsr" else None  # StrSR draws z_lr (seed 0)
     torch.testing.assert_close(sr, C.super_resolve(vae, family, x_lr, lambda z: z, g), atol=1e-5, rtol=0)
+    raw = mod.build_sampler(C.configure(mod.Config, model="tiny", ckpt=str(out), steps=1, ema=False), "cpu")(x_lr)
+    assert (raw - sr).abs().max() > 1e-3
     base = C.configure(mod.Config, model="tiny", **({"stage": "teacher"} if method == "smfsr" else {}))
     with pytest.raises(SystemExit, match="--zero_init zeroes the base's output layer: it needs --train_base full"):
         mod.resolve(dataclasses.replace(base, zero_init=True))  # each method's default base is not trained whole
