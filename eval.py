@@ -1,26 +1,32 @@
 """
-Paper-style evaluation: run methods over benchmarks, score their outputs with the metrics of StrSR, FluxSR, SMFSR and
-TEASR, and merge one row per (method, dataset) into --out_dir/results.{md,csv,json}.
+Paper-style evaluation: run methods over benchmarks, score their outputs with the metrics of
+StrSR, FluxSR, SMFSR and TEASR, and merge one row per (method, dataset) into
+--out_dir/results.{md,csv,json}.
 
   python eval.py --method bicubic --bench sample                      # offline, out of the box
   python eval.py --method bicubic,strsr --ckpt out/strsr --bench RealSR,DRealSR [--steps K] [--seed S]
   python eval.py --sr out/eval/strsr/RealSR --hr data/RealSR/HR        # score existing outputs
 
-Benchmarks under --data_root (data/), LR and HR paired by file stem (a _LR/_LR4/_HR/_SR/_x4 tag ignored): RealSR and
-DRealSR: LR/ + HR/; RealLQ250 and RealSet65: LR/ only (no-reference metrics); DIV2K-val: HR/ (or a released LR/ + HR/);
-sample: the held-out scikit-image photo. --protocol stablesr (OSEDiff's, TEASR's and TSD-SR's tables): RealSR and
-DRealSR as StableSR's 512 px HR crops with their 128 px LR, under --data_root/StableSR/<bench>/LR + HR; full (StrSR's,
-FluxSR's): the whole images. Without LR/, each HR (cropped to a multiple of 4; the reference, not its USM
-copy) gets its LR once from degrade.make_lr with the --degrade preset and --degrade_seed, in LR[_<preset>]_seed{S}/.
+Benchmarks under --data_root (data/), LR and HR paired by file stem (a _LR/_LR4/_HR/_SR/_x4 tag
+ignored): RealSR and
+DRealSR: LR/ + HR/; RealLQ250 and RealSet65: LR/ only (no-reference metrics); DIV2K-val: HR/ (or a
+released LR/ + HR/);
+sample: the held-out scikit-image photo. --protocol stablesr (OSEDiff's, TEASR's and TSD-SR's
+tables): RealSR and DRealSR as StableSR's 512 px HR crops with their 128 px LR, under
+--data_root/StableSR/<bench>/LR + HR; full (StrSR's, FluxSR's): the whole images. Without LR/, each
+HR (cropped to a multiple of 4; the reference, not its USM copy) gets its LR once from
+degrade.make_lr with the --degrade preset and --degrade_seed, in LR[_<preset>]_seed{S}/.
 
-Metrics in the papers' order. PSNR and SSIM on Y of YCbCr BT.601 (Y = 16 + 65.481 R + 128.553 G + 24.966 B, RGB in
-[0, 1]): pyiqa's test_y_channel=True, color_space="ycbcr", as OSEDiff's script (pyiqa's default Y is YIQ's); LPIPS
-(AlexNet), DISTS, FID, NIQE, MUSIQ, MANIQA (PIPAL), CLIPIQA, TOPIQ (topiq_nr), Q-Align, QualiCLIP from pyiqa;
---crop_border N: PSNR and SSIM without N pixels at each border, as BasicSR. Ours, no download:
-LPIPS-rand, the lpips package's VGG heads on a seed-0 random VGG: the offline runs' training loss, not comparable with
-the papers' LPIPS (PSNR is the independent check); Blockiness (see blockiness). A metric that cannot load is n/a with
-its reason, never a number; a mean only when every image was scored. Outputs are kept in --out_dir/<name>/<bench>/,
-with per-image scores and timings (s/img: the sampler call; mem_GB: peak CUDA or RSS) in scores.jsonl, so runs resume.
+Metrics in the papers' order. PSNR and SSIM on Y of YCbCr BT.601 (Y = 16 + 65.481 R + 128.553 G +
+24.966 B, RGB in [0, 1]): pyiqa's test_y_channel=True, color_space="ycbcr", as OSEDiff's script
+(pyiqa's default Y is YIQ's); LPIPS (AlexNet), DISTS, FID, NIQE, MUSIQ, MANIQA (PIPAL), CLIPIQA,
+TOPIQ (topiq_nr), Q-Align, QualiCLIP from pyiqa; --crop_border N: PSNR and SSIM without N pixels at
+each border, as BasicSR. Ours, no download: LPIPS-rand, the lpips package's VGG heads on a seed-0
+random VGG: the offline runs' training loss, not comparable with the papers' LPIPS (PSNR is the
+independent check); Blockiness (see blockiness). A metric that cannot load is n/a with its reason,
+never a number; a mean only when every image was scored. Outputs are kept in
+--out_dir/<name>/<bench>/, with per-image scores and timings (s/img: the sampler call; mem_GB: peak
+CUDA or RSS) in scores.jsonl, so runs resume.
 """
 import argparse, contextlib, csv, dataclasses, functools, glob, hashlib, importlib, io, json, math, os, re, socket, sys
 import time, urllib.parse, warnings
@@ -31,7 +37,7 @@ from tqdm import tqdm
 import common
 from degrade import PRESETS, check_preset, make_lr
 
-# --------------------------------------------------------------------------- metrics
+# ------------------------------------------------------------ metrics
 METRICS = [  # column, pyiqa name, options, kind (fr: per image with HR, nr: per image, fid: per folder), higher better
     ("PSNR", "psnr", dict(test_y_channel=True, color_space="ycbcr"), "fr", True),  # Y of YCbCr (all four papers)
     ("SSIM", "ssim", dict(test_y_channel=True, color_space="ycbcr"), "fr", True),
@@ -52,11 +58,12 @@ COLS, KIND = [m[0] for m in METRICS], {m[0]: m[3] for m in METRICS}
 FMT = {"PSNR": ".2f", "FID": ".2f", "MUSIQ": ".2f", "s/img": ".3f", "mem_GB": ".2f"}
 
 def step_ratio(x, lines):
-    """Mean |luma step| across the given lines (between pixel i and i + 1, for columns and rows alike) over the mean
-    |step| everywhere else, horizontal and vertical steps pooled: 1.0 = no edge there. x (B, 3, H, W) in [0, 1] ->
-    (B,)."""
+    """Mean |luma step| across the given lines (between pixel i and i + 1, for columns and rows
+    alike) over the mean |step| everywhere else, horizontal and vertical steps pooled: 1.0 = no edge
+    there. x (B, 3, H, W) in [0, 1] -> (B,)."""
     y = (x.double() * x.new_tensor([65.481, 128.553, 24.966], dtype=torch.float64).view(3, 1, 1) / 255).sum(-3)
-    dh, dv = y.diff(dim=-1).abs(), y.diff(dim=-2).abs()  # BT.601 Y less its offset 16/255, which cancels
+    # BT.601 Y less its offset 16/255, which cancels
+    dh, dv = y.diff(dim=-1).abs(), y.diff(dim=-2).abs()
     gh, gv = (torch.isin(torch.arange(n, device=x.device), torch.tensor(lines, device=x.device, dtype=torch.long))
               for n in (dh.shape[-1], dv.shape[-2]))
     grid = torch.cat([dh[..., gh].flatten(1), dv[..., gv, :].flatten(1)], 1)
@@ -64,22 +71,25 @@ def step_ratio(x, lines):
     return grid.mean(1) / rest.mean(1)
 
 def blockiness(x):
-    """step_ratio across the 8-px grid lines (column 8k-1 to 8k, k >= 1, and rows alike): the grid a patch decoder or
-    JPEG prints. x (B, 3, H, W) in [0, 1] -> (B,)."""
+    """step_ratio across the 8-px grid lines (column 8k-1 to 8k, k >= 1, and rows alike): the grid a
+    patch decoder or JPEG prints. x (B, 3, H, W) in [0, 1] -> (B,)."""
     return step_ratio(x, list(range(7, max(x.shape[-2:]), 8)))
 
-def _online():  # one 3 s probe of the hub (or HF_ENDPOINT's mirror): offline, each download retries for minutes
+# one 3 s probe of the hub (or HF_ENDPOINT's mirror): offline, each download retries for minutes
+def _online():
     u = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     with contextlib.suppress(OSError), socket.create_connection((u.hostname, u.port or 443), timeout=3):
         return True
     return False
 
 class Scorer:
-    """Metrics made on first use; one that fails to load or to score is unavailable for the rest of the run."""
+    """Metrics made on first use; one that fails to load or to score is unavailable for the rest of
+    the run."""
 
     def __init__(self, cols, device, crop_border=0):
         self.cols, self.device, self.models, self.unavailable = cols, device, {}, {}
-        self.crop_border = crop_border  # PSNR and SSIM on the image less this many pixels at each border (BasicSR)
+        # PSNR and SSIM on the image less this many pixels at each border (BasicSR)
+        self.crop_border = crop_border
 
     def _fail(self, col, e):
         offline = any(k in type(e).__name__ for k in ("URLError", "LocalEntry", "Connection", "Timeout"))
@@ -96,8 +106,10 @@ class Scorer:
                 self.models[col] = blockiness if col == "Blockiness" else common.load_lpips(self.device, "random")
             return self.models[col]
         if "HF_HUB_OFFLINE" not in os.environ and not _online():
-            os.environ["HF_HUB_OFFLINE"] = "1"  # the hub answers from its local cache at once, no retries
-            if "huggingface_hub" in sys.modules:  # already imported (by a method): it read the variable then
+            # the hub answers from its local cache at once, no retries
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            # already imported (by a method): it read the variable then
+            if "huggingface_hub" in sys.modules:
                 sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = True
         old = socket.getdefaulttimeout()
         socket.setdefaulttimeout(30)  # torch.hub downloads have no timeout of their own
@@ -112,7 +124,8 @@ class Scorer:
         return self.models.get(col)
 
     def compute(self, col, *inputs):
-        """x_sr (1, 3, H, W) in [0, 1] on self.device (and x_hr), or (sr_dir, hr_dir) for FID -> a float or None."""
+        """x_sr (1, 3, H, W) in [0, 1] on self.device (and x_hr), or (sr_dir, hr_dir) for FID -> a
+        float or None."""
         if (m := self.get(col)) is None:
             return None
         if (c := self.crop_border) and col in ("PSNR", "SSIM"):
@@ -126,11 +139,13 @@ class Scorer:
         except Exception as e:
             self._fail(col, e)
 
-# --------------------------------------------------------------------------- benchmarks
+# ------------------------------------------------------------ benchmarks
 BENCHES = {"DIV2K-val": "synthetic", "RealSR": "paired", "DRealSR": "paired", "RealLQ250": "lr", "RealSet65": "lr",
            "sample": "synthetic"}
-STABLESR = ("RealSR", "DRealSR")  # the sets StableSR cropped (OSEDiff's, TEASR's and TSD-SR's tables)
-_TAG = re.compile(r"(?:[_-](?:hr|lr\d*|sr|x\d)|(?<=\d)x\d)$", re.IGNORECASE)  # Canon_001_LR4, 0801x4
+# the sets StableSR cropped (OSEDiff's, TEASR's and TSD-SR's tables)
+STABLESR = ("RealSR", "DRealSR")
+# Canon_001_LR4, 0801x4
+_TAG = re.compile(r"(?:[_-](?:hr|lr\d*|sr|x\d)|(?<=\d)x\d)$", re.IGNORECASE)
 
 def stem_key(path):
     stem = os.path.splitext(os.path.basename(path))[0]
@@ -162,7 +177,8 @@ def report_unpaired(what_a, only_a, what_b, only_b):
             print(f"unpaired: {len(keys)} {what}: {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}")
 
 def load_bench(bench, data_root, degrade_seed=0, limit=0, degrade="realesrgan", protocol="full"):
-    """[(key, lr_path, hr_path or None)] of a benchmark (the first `limit`), and its HR folder (or None). protocol
+    """[(key, lr_path, hr_path or None)] of a benchmark (the first `limit`), and its HR folder (or
+    None). protocol
     stablesr: StableSR's 512 px HR crops and their 128 px LR, under data_root/StableSR/<bench>/."""
     if bench not in BENCHES:
         raise SystemExit(f"unknown --bench {bench!r}; choose from {', '.join(BENCHES)}")
@@ -170,7 +186,8 @@ def load_bench(bench, data_root, degrade_seed=0, limit=0, degrade="realesrgan", 
         raise SystemExit(f"--protocol stablesr: StableSR's test crops are of {' and '.join(STABLESR)}, not {bench}")
     root = os.path.join(data_root, *["StableSR"] * (protocol == "stablesr"), bench)
     hr_dir, lr_dir, kind = os.path.join(root, "HR"), os.path.join(root, "LR"), BENCHES[bench]
-    for name in common.SAMPLE_HELDOUT if bench == "sample" else []:  # the held-out photos as an HR folder
+    # the held-out photos as an HR folder
+    for name in common.SAMPLE_HELDOUT if bench == "sample" else []:
         if not os.path.exists(f := os.path.join(hr_dir, name + ".png")):
             common.save_image(common.sample_photos([name])[0], f)
     if not os.path.isdir(root):
@@ -190,10 +207,10 @@ def load_bench(bench, data_root, degrade_seed=0, limit=0, degrade="realesrgan", 
         raise _layout_error(bench, root, "no LR/HR pair with the same file stem")
     return pairs[: limit or None], hr_dir
 
-# --------------------------------------------------------------------------- running a method
+# ------------------------------------------------------------ running a method
 def build_fn(method, ckpt, device, steps, seed, samplers=None, **flags):
-    """The SR function of a method: bicubic, or a method script's build_sampler on the checkpoint `ckpt` (with the
-    sampling `flags`: color_fix, dtype)."""
+    """The SR function of a method: bicubic, or a method script's build_sampler on the checkpoint
+    `ckpt` (with the sampling `flags`: color_fix, dtype)."""
     if method == "bicubic":
         return common.upsample_lr
     if not ckpt:
@@ -243,7 +260,8 @@ def write_outputs(items, run_dir, make_fn, device, run_info):
         _append(cache, {"image": k, "set": "gen", "sec": sec, "mem_GB": mem})
 
 def sample_files(sr_fn, inp, output):
-    """--sample: run `sr_fn(x_lr (1,3,h,w)) -> (1,3,4h,4w)` over an image or a folder; write PNGs."""
+    """--sample: run `sr_fn(x_lr (1,3,h,w)) -> (1,3,4h,4w)` over an image or a folder; write PNGs.
+    """
     if not inp or not os.path.exists(inp):
         raise SystemExit(f"--sample needs --input: an LR image or a folder of them (got {inp!r})")
     files = common.list_images(inp) if os.path.isdir(inp) else [inp]
@@ -254,14 +272,15 @@ def sample_files(sr_fn, inp, output):
     print(f"{len(files)} images -> {output}")
     return len(files)
 
-# --------------------------------------------------------------------------- scoring and tables
+# ------------------------------------------------------------ scoring and tables
 def _hash(*paths):  # of the files' bytes: a changed output or HR is scored again
     h = hashlib.sha1()
     for p in filter(None, paths):
         h.update(open(p, "rb").read())
     return h.hexdigest()[:16]
 
-def _match(x_sr, x_hr, key):  # HR cropped to the SR size when larger by less than the scale (not a multiple of 4)
+# HR cropped to the SR size when larger by less than the scale (not a multiple of 4)
+def _match(x_sr, x_hr, key):
     (h, w), (H, W) = x_sr.shape[-2:], x_hr.shape[-2:]
     if not (0 <= H - h < 4 and 0 <= W - w < 4):
         raise SystemExit(f"{key}: output {w}x{h} vs HR {W}x{H}: not a x4 output of this HR")
@@ -295,18 +314,21 @@ def score(pairs, run_dir, scorer, sr_dir, hr_dir):
             if (hit := scorer.compute("FID", sr_dir, hr_dir)) is not None:
                 _append(cache, {"image": "*", "key": fkey, "set": "fid", "FID": hit})
         row["FID"] = hit
-    if timed := [gen[k] for k, _, _ in pairs if k in gen]:  # none when scoring outputs made elsewhere: "-"
+    # none when scoring outputs made elsewhere: "-"
+    if timed := [gen[k] for k, _, _ in pairs if k in gen]:
         row["s/img"], row["mem_GB"] = sum(r["sec"] for r in timed) / len(timed), max(r["mem_GB"] for r in timed)
     row["unavailable"] = {c: scorer.unavailable.get(c, "not computed for every image") for c in row if row[c] is None}
     return row
 
 def write_tables(rows, out_dir):
-    """Merge rows into out_dir/results.json by (method, dataset); rewrite results.md/.csv; return the markdown."""
+    """Merge rows into out_dir/results.json by (method, dataset); rewrite results.md/.csv; return
+    the markdown."""
     os.makedirs(out_dir, exist_ok=True)
     path, new = os.path.join(out_dir, "results.json"), {(r["method"], r["dataset"]) for r in rows}
     old = json.load(open(path)) if os.path.exists(path) else []
     rows = [r for r in old if (r["method"], r["dataset"]) not in new] + rows
-    cols = [c for c in COLS if any(c in r for r in rows)] + ["s/img", "mem_GB"]  # metrics never requested: no column
+    # metrics never requested: no column
+    cols = [c for c in COLS if any(c in r for r in rows)] + ["s/img", "mem_GB"]
     arrow = {m[0]: " ↑" if m[4] else " ↓" for m in METRICS}
     line = lambda cells: "| " + " | ".join(map(str, cells)) + " |\n"
     cell = lambda r, c: "-" if c not in r else "n/a" if r[c] is None else format(r[c], FMT.get(c, ".4f"))  # -: no HR
@@ -331,9 +353,11 @@ def run_method(a, method, scorer, device, samplers=None):
     fix = f"+{a.color_fix}" if a.color_fix != "none" and method != "bicubic" else ""
     name, rows = a.name or (method + (f"-{a.steps}step" if a.steps > 1 else "") + fix), []
     ckpt_arg = "" if method == "bicubic" else a.ckpt
-    ckpt = os.path.abspath(common.latest_checkpoint(ckpt_arg) or ckpt_arg) if ckpt_arg else ""  # a newer ckpt-*: rerun
+    # a newer ckpt-*: rerun
+    ckpt = os.path.abspath(common.latest_checkpoint(ckpt_arg) or ckpt_arg) if ckpt_arg else ""
     flags = {} if method == "bicubic" else dict(color_fix=a.color_fix, dtype=a.dtype)
-    run = dict(method=method, ckpt=ckpt, steps=a.steps, seed=a.seed, **flags)  # the outputs' origin: a change remakes
+    # the outputs' origin: a change remakes
+    run = dict(method=method, ckpt=ckpt, steps=a.steps, seed=a.seed, **flags)
     # built on first need: a resumed run with all outputs on disk loads no model
     make_fn = functools.cache(lambda: build_fn(method, ckpt_arg, device, a.steps, a.seed, samplers, **flags))
     for bench in [b.strip() for b in a.bench.split(",") if b.strip()]:
@@ -346,21 +370,24 @@ def run_method(a, method, scorer, device, samplers=None):
         rows.append({"method": name, "dataset": label + crop_label(a), "n": len(items), **row})
     return rows
 
-# --------------------------------------------------------------------------- main
+# ------------------------------------------------------------ main
 def prefetch():
-    """`python common.py prefetch`: every pyiqa metric's weights into its cache, each said; the failures."""
+    """`python common.py prefetch`: every pyiqa metric's weights into its cache, each said; the
+    failures."""
     scorer = Scorer([m[0] for m in METRICS if m[1]], torch.device("cpu"))
     for col in scorer.cols:
         if scorer.get(col) is not None:  # a failure prints its reason
             print(f"{col}: ready")
     return [f"{col}: {why}" for col, why in scorer.unavailable.items()]
 
-CROPS = [(64, 160), (336, 128), (128, 344)]  # (top, left) of 128 px crops of astronaut: face, badge, shuttle
+# (top, left) of 128 px crops of astronaut: face, badge, shuttle
+CROPS = [(64, 160), (336, 128), (128, 344)]
 
 def heldout(method, build_sampler, out_dir, degrade="realesrgan", data_root="data"):
-    """The end of a mini run: bicubic and the method (the caller's `build_sampler`: no second import) on the held-out
-    photo, its LR made by the run's degradation: the table, and out_dir/compare.png of the images it scored: 128 px
-    crops (rows) of LR (nearest) | bicubic | method | HR, labelled, each pixel a 2x2 square."""
+    """The end of a mini run: bicubic and the method (the caller's `build_sampler`: no second
+    import) on the held-out photo, its LR made by the run's degradation: the table, and
+    out_dir/compare.png of the images it scored: 128 px crops (rows) of LR (nearest) | bicubic |
+    method | HR, labelled, each pixel a 2x2 square."""
     from PIL import Image, ImageDraw
     ev = os.path.join(out_dir, "eval")
     rows = main(["--method", f"bicubic,{method}", "--ckpt", out_dir, "--bench", "sample", "--degrade", degrade,
@@ -370,7 +397,8 @@ def heldout(method, build_sampler, out_dir, degrade="realesrgan", data_root="dat
     files = [lr] + [os.path.join(ev, m, "sample", k + ".png") for m in ("bicubic", method)] + [hr]
     ims = [Image.open(f).convert("RGB") for f in files]
     ims[0] = ims[0].resize((ims[0].width * 4, ims[0].height * 4), Image.NEAREST)
-    sheet = Image.new("RGB", (4 * 260 - 4, 16 + len(CROPS) * 260 - 4), "white")  # 256 px cells, 4 px apart
+    # 256 px cells, 4 px apart
+    sheet = Image.new("RGB", (4 * 260 - 4, 16 + len(CROPS) * 260 - 4), "white")
     for j, (im, label) in enumerate(zip(ims, ["LR (nearest)", "bicubic", method, "HR"])):
         ImageDraw.Draw(sheet).text((j * 260 + 2, 2), label, fill="black")
         for i, (t, l) in enumerate(CROPS):
@@ -379,12 +407,14 @@ def heldout(method, build_sampler, out_dir, degrade="realesrgan", data_root="dat
     print(f"written: {path} ({k}: LR nearest | bicubic | {method} | HR)")
     return rows
 
-VAL_COLS = ["PSNR", "SSIM", "LPIPS-rand", "Blockiness"]  # offline, cheap: the held-out table's columns
+# offline, cheap: the held-out table's columns
+VAL_COLS = ["PSNR", "SSIM", "LPIPS-rand", "Blockiness"]
 
 def validation(method, build_sampler, cfg, device):
-    """--val_every's scorer (common.validate): fn(ckpt) -> ({metric: mean}, {metric: bicubic's mean}) of the method's
-    sampler (the caller's build_sampler) from `ckpt` on --val's HR images (default: the held-out sample photo), their
-    LR made once by the run's degradation (seed 0, as heldout), outputs in 8 bits like the files heldout scores."""
+    """--val_every's scorer (common.validate): fn(ckpt) -> ({metric: mean}, {metric: bicubic's
+    mean}) of the method's sampler (the caller's build_sampler) from `ckpt` on --val's HR images
+    (default: the held-out sample photo), their LR made once by the run's degradation (seed 0, as
+    heldout), outputs in 8 bits like the files heldout scores."""
     if cfg.val:
         hr = common.list_images(cfg.val)
         make_lr(hr, lr_dir := os.path.join(cfg.out_dir, "val", f"LR_{cfg.degrade}"), 0, PRESETS[cfg.degrade])
@@ -447,7 +477,8 @@ def main(argv=None, samplers=None):
         if not pairs:
             raise SystemExit(f"--sr {a.sr}: no images{' paired by stem with --hr ' + a.hr if a.hr else ''}")
         hr, sr = os.path.normpath(a.hr or "custom"), os.path.normpath(a.sr)
-        dataset = os.path.basename(os.path.dirname(hr) if os.path.basename(hr) == "HR" else hr)  # data/RealSR/HR
+        # data/RealSR/HR
+        dataset = os.path.basename(os.path.dirname(hr) if os.path.basename(hr) == "HR" else hr)
         name = a.name or os.path.basename(os.path.dirname(sr) if os.path.basename(sr) == dataset else sr)  # M/RealSR
         row = score(pairs, os.path.join(a.out_dir, "scored", name, dataset), scorer, a.sr, a.hr or None)
         rows.append({"method": name, "dataset": dataset + crop_label(a), "n": len(pairs), **row})

@@ -1,15 +1,16 @@
 """
-FluxSR: One Diffusion Step to Real-World Super-Resolution via Flow Trajectory Distillation
-(Li, Cao, Guo, Li, Zhang; ICML 2025, arXiv:2502.01993). The authors released no code: this file implements
-Algorithm 1 from the paper.
+FluxSR: One Diffusion Step to Real-World Super-Resolution via Flow Trajectory Distillation (Li,
+Cao, Guo, Li, Zhang; ICML 2025, arXiv:2502.01993). The authors released no code: this file
+implements Algorithm 1 from the paper.
 
-A one-step x4 SR model distilled from FLUX.1-dev, which is both the base and the teacher. The teacher never runs
-during training: it first writes (eps, z_hr) noise-image pairs to disk (`--make_pairs`), and training needs only
-those pairs, the base with a LoRA and the VAE.
+A one-step x4 SR model distilled from FLUX.1-dev, which is both the base and the teacher. The
+teacher never runs during training: it first writes (eps, z_hr) noise-image pairs to disk
+(`--make_pairs`), and training needs only those pairs, the base with a LoRA and the VAE.
 
-Notation (rectified flow, t = 1 is noise): z_hr (the paper's z_0) the teacher's latent for noise eps, x_hr its
-decoded image, x_lr its Real-ESRGAN degradation, z_lr (the paper's z_L) the latent of bicubic x4 of x_lr. v_theta(z, t)
-is the base's velocity with the LoRA; T_L the time the LR latent sits at.
+Notation (rectified flow, t = 1 is noise): z_hr (the paper's z_0) the teacher's latent for noise
+eps, x_hr its decoded image, x_lr its Real-ESRGAN degradation, z_lr (the paper's z_L) the latent of
+bicubic x4 of x_lr. v_theta(z, t) is the base's velocity with the LoRA; T_L the time the LR latent
+sits at.
     (13)  z_hr = eps - u_t,   z_lr = eps - (1 - T_L) u^L_t,   z_lr - z_hr = u^SR T_L
     (14)  u^L_t = (u_t - u^SR T_L) / (1 - T_L),   t in [T_L, 1]
     (15)  v_phi(z_t, t) = (u_t - v_theta(z_t, t) T_L) / (1 - T_L)            (the LR flow, implied)
@@ -22,9 +23,9 @@ is the base's velocity with the LoRA; T_L the time the LR latent sits at.
     (21)  L_Rec = MSE(x_sr, x_hr) + lambda TV-LPIPS(x_sr, x_hr),   x_sr = VAE-decode(G(z_lr))
     (22-23) A_bar = mean_i A_i;  L_ADL = mean_l mean_i cos(A_i^(l), A_bar^(l))   (every block l)
     Alg. 1 line 19:  L = L_FTD + L_Rec + mu L_ADL
-Checking Eq. 17: u_t - (eps - z_lr) = z_lr - z_hr, so L_FTD = || (z_lr - z_hr) - T_L v_theta(z_t, t) ||^2: it is zero
-exactly when v_theta(z_t, t) = (z_lr - z_hr) / T_L = u^SR (Eq. 13) at every point of the segment, which is what makes
-the generator of Eq. 18 land on z_hr from z_lr.
+Checking Eq. 17: u_t - (eps - z_lr) = z_lr - z_hr, so L_FTD = || (z_lr - z_hr) - T_L v_theta(z_t, t)
+||^2: it is zero exactly when v_theta(z_t, t) = (z_lr - z_hr) / T_L = u^SR (Eq. 13) at every point
+of the segment, which is what makes the generator of Eq. 18 land on z_hr from z_lr.
 
     python fluxsr.py --make_pairs 2400                           # teacher pairs into --data (once)
     torchrun --nproc_per_node=8 fluxsr.py --make_pairs 2400      # the same, pair i on rank i % 8
@@ -33,25 +34,26 @@ the generator of Eq. 18 land on z_hr from z_lr.
     python fluxsr.py --model mini --make_pairs 2048 && python fluxsr.py --model mini  # CPU: the mini base
 
 What differs from the paper, and why:
-- Unknown in the paper, chosen here (`# ours` in Config): T_L, gamma, lambda, mu, the LoRA rank and targets, lr,
-  batch, teacher steps. T_L should be the base's time whose states z_t look most like z_lr; a data-driven estimate
-  is ||z_lr - z_hr|| / ||eps - z_hr|| over the pairs.
-- The LR is degraded from x_hr without USM sharpening: the FTD target is the teacher latent z_hr, so the
-  reconstruction target is the teacher image itself, not a sharpened copy.
-- ADL is taken on the generator's forward pass (Alg. 1 computes it after line 13; the paper does not say which
-  pass), on image tokens only.
-- The FTD and generator passes go through the DiT as one batch of 2B (one call, one backward): the same math as two
-  calls, one launch, one FSDP all-gather.
-- `--crop` smaller than the pair size trains on aligned random crops (offsets on the 16-px token grid) of eps, z_hr
-  and x_hr; the default, like the paper, uses the whole 1024 px pair.
+- Unknown in the paper, chosen here (`# ours` in Config): T_L, gamma, lambda, mu, the LoRA rank and
+  targets, lr, batch, teacher steps. T_L should be the base's time whose states z_t look most like
+  z_lr; a data-driven estimate is ||z_lr - z_hr|| / ||eps - z_hr|| over the pairs.
+- The LR is degraded from x_hr without USM sharpening: the FTD target is the teacher latent z_hr, so
+  the reconstruction target is the teacher image itself, not a sharpened copy.
+- ADL is taken on the generator's forward pass (Alg. 1 computes it after line 13; the paper does not
+  say which pass), on image tokens only.
+- The FTD and generator passes go through the DiT as one batch of 2B (one call, one backward): the
+  same math as two calls, one launch, one FSDP all-gather.
+- `--crop` smaller than the pair size trains on aligned random crops (offsets on the 16-px token
+  grid) of eps, z_hr and x_hr; the default, like the paper, uses the whole 1024 px pair.
 - Sec. 5.3 trains ablations for 30k iterations; the main run's length is not given.
-- For the mini (ours): `--pairs_from sample` makes each pair from a photo: x_hr the photo crop, z_hr its latent and eps
-  the teacher's sampler run backwards from z_hr (`teacher_sample(invert=True)`), a pair on the teacher's flow as a
-  generated one is, with a photo at its end (a 2M teacher's own samples are not photos); `--zero_init` starts G(z_lr)
-  at z_lr; `--w_rec` weighs L_Rec (Alg. 1: 1), since L_FTD's gradient, mostly from t > T_L, otherwise drowns the
-  generator's.
-- Pixel ranges: L_Rec's MSE (Eq. 21) is taken on [0, 1] images, the range every image has here outside the VAE and
-  the one PSNR is measured on; the paper does not say. On [-1, 1] it would be 4x larger against L_FTD.
+- For the mini (ours): `--pairs_from sample` makes each pair from a photo: x_hr the photo crop, z_hr
+  its latent and eps the teacher's sampler run backwards from z_hr (`teacher_sample(invert=True)`),
+  a pair on the teacher's flow as a generated one is, with a photo at its end (a 2M teacher's own
+  samples are not photos); `--zero_init` starts G(z_lr) at z_lr; `--w_rec` weighs L_Rec (Alg. 1: 1),
+  since L_FTD's gradient, mostly from t > T_L, otherwise drowns the generator's.
+- Pixel ranges: L_Rec's MSE (Eq. 21) is taken on [0, 1] images, the range every image has here
+  outside the VAE and the one PSNR is measured on; the paper does not say. On [-1, 1] it would be 4x
+  larger against L_FTD.
 """
 import contextlib, dataclasses, glob, json, math, os
 
@@ -62,7 +64,7 @@ import torch.nn.functional as F
 import common
 from degrade import PRESETS as DEGRADE, ImageDataset, check_preset, degrade, make_loader
 
-# ----------------------------------------------------------------------------- config
+# ------------------------------------------------------------ config
 @dataclasses.dataclass
 class Config(common.SampleFlags):  # + the shared sampling flags
     model: str = "flux1-dev"      # Sec. 4: FLUX.1-dev is base and teacher
@@ -117,8 +119,9 @@ class Config(common.SampleFlags):  # + the shared sampling flags
 # --model tiny / mini (ours): these values for every flag not given
 TINY = dict(max_steps=20, pair_size=64, crop=64, teacher_steps=4, lora_rank=8, lora_alpha=8.0, batch_size=2, tile=8,
             overlap=2)
-# mini: pairs from the sample photos (a 2M teacher's samples are not photos); the whole DiT trains from G(z_lr) = z_lr;
-# L_Rec x30, else the generator barely moves; w_tv_lpips 0: offline TV-LPIPS's VGG is random, and most of a CPU step
+# mini: pairs from the sample photos (a 2M teacher's samples are not photos); the whole DiT trains
+# from G(z_lr) = z_lr; L_Rec x30, else the generator barely moves; w_tv_lpips 0: offline TV-LPIPS's
+# VGG is random, and most of a CPU step
 MINI = dict(max_steps=1200, pair_size=128, crop=128, pairs_from="sample", train_base="full", zero_init=True,
             w_rec=30.0, w_tv_lpips=0.0, lr=5e-4, lr_decay=0.5, batch_size=4, micro_batch=4, tile=32, overlap=8,
             grid_every=300, save_every=300, eval_heldout=True, degrade="bicubic", pair_batch=16)
@@ -142,21 +145,22 @@ def resolve(cfg):
     return dataclasses.replace(cfg, model=preset, tile=cfg.tile or 128, overlap=cfg.overlap or 32)
 
 def pretrained(cfg):
-    """Every pretrained network a run of cfg loads: checked before anything is built, fetched by `python common.py
-    prefetch --method fluxsr`. The text encoders encode the empty prompt once."""
+    """Every pretrained network a run of cfg loads: checked before anything is built, fetched by
+    `python common.py prefetch --method fluxsr`. The text encoders encode the empty prompt once."""
     return [common.base_weights(cfg, text=True)] + ([common.lpips_weights(cfg)] if cfg.w_tv_lpips else [])
 
-# ----------------------------------------------------------------------------- model
-# a LoRA on every linear of the attention and MLPs of both block types (a regex, matched against whole module names;
-# the double blocks' attn.to_out is a ModuleList, so its Linear is to_out.0)
+# ------------------------------------------------------------ model
+# a LoRA on every linear of the attention and MLPs of both block types (a regex, matched against
+# whole module names; the double blocks' attn.to_out is a ModuleList, so its Linear is to_out.0)
 LORA_TARGETS = (r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
                 r"to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|proj_mlp|proj_out)")
 
 class BlockFeatures:
-    """Image-token outputs A^(l) of every transformer block (Eqs. 22-23), through forward hooks. In diffusers 0.42
-    both FluxTransformerBlock and FluxSingleTransformerBlock return (txt, img); older versions returned the
-    concatenated [txt, img] from single blocks, so the caller keeps the last N tokens. Hooks record only inside
-    `record()`: gradient checkpointing re-runs each block (and its hooks) during backward, when recording is off."""
+    """Image-token outputs A^(l) of every transformer block (Eqs. 22-23), through forward hooks. In
+    diffusers 0.42 both FluxTransformerBlock and FluxSingleTransformerBlock return (txt, img); older
+    versions returned the concatenated [txt, img] from single blocks, so the caller keeps the last N
+    tokens. Hooks record only inside `record()`: gradient checkpointing re-runs each block (and its
+    hooks) during backward, when recording is off."""
 
     def __init__(self, dit):
         self.on, self.feats = False, []
@@ -183,15 +187,15 @@ def one_step(dit, z_lr, T_L, cond, guidance):
     t = torch.full((z_lr.shape[0],), T_L, device=z_lr.device)
     return G(z_lr, common.velocity("flux1", dit, z_lr, t, common.expand_cond(cond, z_lr.shape[0]), guidance), T_L)
 
-# ----------------------------------------------------------------------------- losses
+# ------------------------------------------------------------ losses
 def ftd_z_t(z_lr, eps, t, T_L):
     """The LR-to-noise segment: z_lr at t = T_L, eps at t = 1."""
     t = t.view(-1, 1, 1, 1)
     return (1 - t) / (1 - T_L) * z_lr + (t - T_L) / (1 - T_L) * eps  # Eq. (16)
 
 def ftd_loss(u_t, v_theta, eps, z_lr, T_L):
-    """Flow Trajectory Distillation (Eq. 17), mean over elements. (1 - T_L) v_phi of Eq. 15 is written out as
-    u_t - v_theta T_L (Eq. 17, second line): no division by 1 - T_L."""
+    """Flow Trajectory Distillation (Eq. 17), mean over elements. (1 - T_L) v_phi of Eq. 15 is
+    written out as u_t - v_theta T_L (Eq. 17, second line): no division by 1 - T_L."""
     return ((u_t - v_theta * T_L) - (eps - z_lr)).pow(2).mean()  # Eq. (17)
 
 def tv(img):
@@ -206,13 +210,14 @@ def tv_lpips(lpips, img, img0, gamma):
 def rec_loss(lpips, x_sr, x_hr, w_tv_lpips, gamma):
     """Eq. 21 on images in [0, 1]; returns (L_Rec, MSE, TV-LPIPS)."""
     mse = F.mse_loss(x_sr, x_hr)
-    tvl = tv_lpips(lpips, x_sr, x_hr, gamma) if w_tv_lpips else mse.new_zeros(())  # weight 0: no VGG pass at all
+    # weight 0: no VGG pass at all
+    tvl = tv_lpips(lpips, x_sr, x_hr, gamma) if w_tv_lpips else mse.new_zeros(())
     return mse + w_tv_lpips * tvl, mse, tvl  # Eq. (21)
 
 def adl_loss(feats):
-    """Attention Diversification Loss: feats is a list over blocks of (B, N, D) token features. Per image and block,
-    the mean cosine of each token to the mean token (Eqs. 22-23), averaged over images and blocks. 1 when all tokens
-    are equal, 1/sqrt(N) for N orthonormal tokens."""
+    """Attention Diversification Loss: feats is a list over blocks of (B, N, D) token features. Per
+    image and block, the mean cosine of each token to the mean token (Eqs. 22-23), averaged over
+    images and blocks. 1 when all tokens are equal, 1/sqrt(N) for N orthonormal tokens."""
     per_block = []
     for A in feats:
         A = A.float()
@@ -221,8 +226,8 @@ def adl_loss(feats):
     return torch.stack(per_block).mean()  # Eq. (23), mean over l
 
 def fluxsr_losses(dit, vae, lpips, feats, cond2, eps, z_hr, x_hr, cfg):
-    """Algorithm 1, lines 5-19, on one micro-batch of teacher pairs; cond2 is the prompt for 2B. Returns (L, the
-    terms, (x_lr, x_sr))."""
+    """Algorithm 1, lines 5-19, on one micro-batch of teacher pairs; cond2 is the prompt for 2B.
+    Returns (L, the terms, (x_lr, x_sr))."""
     B, T_L = eps.shape[0], cfg.T_L
     # 5: (eps, x_hr, z_hr) ~ D; the LR side is made here: degrade x_hr, bicubic x4, encode -> z_lr
     with torch.no_grad():
@@ -231,9 +236,10 @@ def fluxsr_losses(dit, vae, lpips, feats, cond2, eps, z_hr, x_hr, cfg):
             z_lr = common.encode(vae, "flux1", common.upsample_lr(x_lr))
     u_t = eps - z_hr  # 6: the teacher's exact velocity, from the stored pair
     t = T_L + (1 - T_L) * torch.rand(B, device=eps.device)  # 8: t ~ U[T_L, 1]
-    z_t = ftd_z_t(z_lr, eps, t, T_L)  # 9: on the segment from z_lr (t = T_L) to eps (t = 1), Eq. (16)
-    # 10 + 13: v_theta(z_t, t) for FTD and v_theta(z_lr, T_L) for the generator in one batched call; ADL features
-    # are recorded on this call (the generator half is used, line 18)
+    # 9: on the segment from z_lr (t = T_L) to eps (t = 1), Eq. (16)
+    z_t = ftd_z_t(z_lr, eps, t, T_L)
+    # 10 + 13: v_theta(z_t, t) for FTD and v_theta(z_lr, T_L) for the generator in one batched call;
+    # ADL features are recorded on this call (the generator half is used, line 18)
     with common.autocast(eps.device), feats.record(enabled=cfg.w_adl > 0) as A:
         v = common.velocity("flux1", dit, torch.cat([z_t, z_lr]), torch.cat([t, torch.full_like(t, T_L)]), cond2,
                             cfg.guidance)
@@ -242,16 +248,18 @@ def fluxsr_losses(dit, vae, lpips, feats, cond2, eps, z_hr, x_hr, cfg):
     z0_hat = G(z_lr, v_lr, T_L)  # 13: Eq. (18)
     with common.autocast(eps.device):
         x_sr = common.decode(vae, "flux1", z0_hat)  # 14
-    l_rec, l_mse, l_tvl = rec_loss(lpips, x_sr.float(), x_hr, cfg.w_tv_lpips, cfg.tv_gamma)  # 15-16: Eqs. (19-21)
-    n_img = z_lr.shape[-2] * z_lr.shape[-1] // 4  # 18: L_ADL over every block's image tokens of the generator pass
+    # 15-16: Eqs. (19-21)
+    l_rec, l_mse, l_tvl = rec_loss(lpips, x_sr.float(), x_hr, cfg.w_tv_lpips, cfg.tv_gamma)
+    # 18: L_ADL over every block's image tokens of the generator pass
+    n_img = z_lr.shape[-2] * z_lr.shape[-1] // 4
     l_adl = adl_loss([a[B:, -n_img:] for a in A]) if A else torch.zeros((), device=eps.device)
     loss = l_ftd + cfg.w_rec * l_rec + cfg.w_adl * l_adl  # 19
     return loss, {"loss": loss, "ftd": l_ftd, "rec": l_rec, "mse": l_mse, "tv_lpips": l_tvl, "adl": l_adl}, (x_lr, x_sr)
 
-# ----------------------------------------------------------------------------- sampler
+# ------------------------------------------------------------ sampler
 def build_sampler(flags, device=None):
-    """fn(x_lr (1, 3, h, w) in [0, 1]) -> (1, 3, 4h, 4w) of the checkpoint flags.ckpt: bicubic x4, encode, one step of
-    Eq. 18 over latent tiles, decode. Deterministic (no noise)."""
+    """fn(x_lr (1, 3, h, w) in [0, 1]) -> (1, 3, 4h, 4w) of the checkpoint flags.ckpt: bicubic x4,
+    encode, one step of Eq. 18 over latent tiles, decode. Deterministic (no noise)."""
     path, cfg, device, dtype = common.sampler_setup(flags, resolve, device)
     dit = common.add_lora(common.load_dit(cfg.model, cfg.model_path or None, dtype), cfg.train_base, cfg.lora_rank,
                           cfg.lora_alpha, LORA_TARGETS)
@@ -263,7 +271,7 @@ def build_sampler(flags, device=None):
                                        cfg.overlap)
     return common.finish_sampler(lambda x_lr: common.super_resolve(vae, "flux1", x_lr, latent), cfg)
 
-# ----------------------------------------------------------------------------- data: teacher pairs (Secs. 4.2, 5.1)
+# ------------------------------------------------------------ data: teacher pairs (Secs. 4.2, 5.1)
 def flux_sigmas(steps, n_tokens):
     """FLUX.1-dev's sampling schedule: linear sigmas from 1 to 1/steps, shifted towards noise by a
     resolution-dependent mu (0.5 at 256 tokens to 1.15 at 4096), then a final 0."""
@@ -274,25 +282,28 @@ def flux_sigmas(steps, n_tokens):
 
 @torch.no_grad()
 def teacher_sample(dit, z, cond, steps, guidance, invert=False):
-    """The frozen base's multi-step Euler sampler from noise z = eps (B, C, H, W): the T2I flow to distil. invert
-    (--pairs_from): the same steps backwards, from a latent z at t = 0 up to the eps at t = 1 whose trajectory ends
-    there (up to the steps' error)."""
+    """The frozen base's multi-step Euler sampler from noise z = eps (B, C, H, W): the T2I flow to
+    distil. invert (--pairs_from): the same steps backwards, from a latent z at t = 0 up to the eps
+    at t = 1 whose trajectory ends there (up to the steps' error)."""
     sigmas = flux_sigmas(steps, z.shape[-2] * z.shape[-1] // 4).to(z.device)
     sigmas, cond = sigmas.flip(0) if invert else sigmas, common.expand_cond(cond, z.shape[0])
     for t, s in zip(sigmas[:-1], sigmas[1:]):
-        z = z - (t - s) * common.velocity("flux1", dit, z, t.view(1), cond, guidance)  # Euler, t -> s
+        # Euler, t -> s
+        z = z - (t - s) * common.velocity("flux1", dit, z, t.view(1), cond, guidance)
     return z
 
 def pair_seed(seed, i):
-    """Pair i's seed (its eps, or its photo crop): from the pair index, so pairs do not depend on the ranks."""
+    """Pair i's seed (its eps, or its photo crop): from the pair index, so pairs do not depend on
+    the ranks."""
     return seed * 1_000_003 + i
 
 def pair_noise(seed, i, shape):  # eps of pair i
     return torch.randn(shape, generator=torch.Generator().manual_seed(pair_seed(seed, i)))
 
 def write_pair(folder, i, eps, z_hr, x_hr, manifest):
-    """Pair i = one safetensors file (eps, z_0, x_0 as 8-bit; the manifest in its metadata), written under a temp
-    name and renamed, so a killed run leaves the whole pair or none; a PNG of x_0 first, for people."""
+    """Pair i = one safetensors file (eps, z_0, x_0 as 8-bit; the manifest in its metadata), written
+    under a temp name and renamed, so a killed run leaves the whole pair or none; a PNG of x_0
+    first, for people."""
     from safetensors.torch import save_file
     name, tmp = os.path.join(folder, f"pair-{i:06d}"), os.path.join(folder, f".tmp-pair-{i:06d}")
     common.save_image(x_hr, tmp + ".png")
@@ -307,8 +318,9 @@ def pair_manifest(cfg):
             "guidance": cfg.guidance, "seed": cfg.seed, **({"pairs_from": cfg.pairs_from} if cfg.pairs_from else {})}
 
 def pair_damage(path):
-    """Why a pair file cannot be read, or None: its safetensors header (8-byte length, JSON) must parse and name eps,
-    z_0 and x_0, and the data it describes must fill the file (a truncated copy does not)."""
+    """Why a pair file cannot be read, or None: its safetensors header (8-byte length, JSON) must
+    parse and name eps, z_0 and x_0, and the data it describes must fill the file (a truncated copy
+    does not)."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
@@ -324,7 +336,8 @@ def pair_damage(path):
     return None if end == size else f"truncated: {size} of {end} bytes"
 
 def damaged_pairs(folder):
-    """[(file, why)] of a pairs folder that cannot be read: the manifest, and every pair file (header and size)."""
+    """[(file, why)] of a pairs folder that cannot be read: the manifest, and every pair file
+    (header and size)."""
     bad = [] if common.read_json(os.path.join(folder, "pairs.json")) is not None or not os.path.exists(
         os.path.join(folder, "pairs.json")) else [("pairs.json", "not a JSON manifest")]
     for f in sorted(glob.glob(os.path.join(folder, "pair-*.safetensors"))):
@@ -334,15 +347,18 @@ def damaged_pairs(folder):
     return bad
 
 def make_pairs(cfg):
-    """Sample the frozen teacher from stored noise; pair i on rank i % world. Pairs already on disk (and readable) are
-    skipped, so a killed run continues where it stopped, and a damaged pair or manifest is written again."""
+    """Sample the frozen teacher from stored noise; pair i on rank i % world. Pairs already on disk
+    (and readable) are skipped, so a killed run continues where it stopped, and a damaged pair or
+    manifest is written again."""
     cfg = resolve(cfg)
-    common.check_weights(cfg, [common.base_weights(cfg, text=True)])  # the teacher, before anything is written
+    # the teacher, before anything is written
+    common.check_weights(cfg, [common.base_weights(cfg, text=True)])
     rank, world, device = common.compute_init(cfg.seed)
     common.prepare_base(cfg.model)  # a mini base is pretrained first: it is the teacher
     os.makedirs(cfg.data, exist_ok=True)
     man_file, manifest = os.path.join(cfg.data, "pairs.json"), pair_manifest(cfg)
-    if rank == 0 and common.read_json(man_file) is None:  # new or damaged: these settings (each pair holds its own)
+    # new or damaged: these settings (each pair holds its own)
+    if rank == 0 and common.read_json(man_file) is None:
         with open(man_file + ".tmp", "w") as f:
             json.dump(manifest, f, indent=1)
         os.replace(man_file + ".tmp", man_file)
@@ -385,8 +401,8 @@ def make_pairs(cfg):
         print(f"{len(glob.glob(os.path.join(cfg.data, 'pair-*.safetensors')))} pairs in {cfg.data}", flush=True)
 
 class PairDataset(torch.utils.data.Dataset):
-    """Teacher pairs (eps, z_hr, x_hr). Items are keyed by (index, seed) like degrade.ImageDataset, so a crop is a pure
-    function of the data position (exact resume, any number of ranks)."""
+    """Teacher pairs (eps, z_hr, x_hr). Items are keyed by (index, seed) like degrade.ImageDataset,
+    so a crop is a pure function of the data position (exact resume, any number of ranks)."""
 
     def __init__(self, folder, crop):
         from safetensors.torch import load_file
@@ -410,13 +426,15 @@ class PairDataset(torch.utils.data.Dataset):
             eps, z_hr = (z[:, top // 8:(top + c) // 8, left // 8:(left + c) // 8] for z in (eps, z_hr))
         return eps, z_hr, x_hr
 
-# ----------------------------------------------------------------------------- training
+# ------------------------------------------------------------ training
 def train(cfg):
-    """--make_pairs N: write the teacher pairs and stop; otherwise Algorithm 1 on the pairs in --data."""
+    """--make_pairs N: write the teacher pairs and stop; otherwise Algorithm 1 on the pairs in
+    --data."""
     cfg = resolve(cfg)
     if cfg.make_pairs:
         return make_pairs(cfg)
-    bad = damaged_pairs(cfg.data)  # before anything is built: every pair's header and size, and the manifest
+    # before anything is built: every pair's header and size, and the manifest
+    bad = damaged_pairs(cfg.data)
     if bad:
         n = len(glob.glob(os.path.join(cfg.data, "pair-*.safetensors")))
         raise SystemExit(f"{cfg.data}: {len(bad)} damaged:\n" + "".join(f"  - {f}: {why}\n" for f, why in bad) +
@@ -429,14 +447,16 @@ def train(cfg):
                          f"with crop {cfg.crop} needs pairs from the same base, at least crop px")
     ds = PairDataset(cfg.data, cfg.crop)  # before the models: a missing folder fails fast
 
-    # 1. models (Alg. 1 line 3): v_theta <- the base + a trainable LoRA; the VAE frozen; no teacher in memory
+    # 1. models (Alg. 1 line 3): v_theta <- the base + a trainable LoRA; the VAE frozen; no teacher
+    # in memory
     dtype = common.weight_dtype(device)
     dit = common.load_dit(cfg.model, cfg.model_path or None, dtype)
     with torch.random.fork_rng(devices=[]):  # the same LoRA init on every rank
         torch.manual_seed(cfg.seed)
         dit = common.add_lora(dit, cfg.train_base, cfg.lora_rank, cfg.lora_alpha, LORA_TARGETS).to(device).train()
     vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device)
-    common.checkpointing(cfg, device, dit, vae)  # the VAE: the decoder's backward of line 14 at 1024 px
+    # the VAE: the decoder's backward of line 14 at 1024 px
+    common.checkpointing(cfg, device, dit, vae)
     if cfg.fsdp:
         dit = common.shard_fsdp2(dit, log)
     feats = BlockFeatures(dit)
@@ -458,8 +478,9 @@ def train(cfg):
     loader, accum = make_loader(ds, cfg, rank, world, step)
     log(f"{len(ds)} teacher pairs, batch {cfg.batch_size} = {world} ranks x {accum} accum x {cfg.micro_batch}")
 
-    # 5. loop (Alg. 1 lines 4-21): per micro-batch, seeded by its place in the run (a resume or any number of ranks
-    #    draws the same numbers), a batch of pairs, Alg. 1's losses, backward; line 20 updates v_theta (its LoRA)
+    # 5. loop (Alg. 1 lines 4-21): per micro-batch, seeded by its place in the run (a resume or any
+    # number of ranks draws the same numbers), a batch of pairs, Alg. 1's losses, backward; line 20
+    # updates v_theta (its LoRA)
     scale = 1 / accum
     saved = {"cond": {k: v.detach().cpu() for k, v in cond.items()}}  # the prompt the sampler uses
     import eval  # the held-out scores: --val_every, and --eval_heldout at the end

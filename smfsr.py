@@ -1,12 +1,14 @@
 """
-SMFSR: Noise-Started One-Step Real-World Super-Resolution via LR-Conditioned SplitMeanFlow and GAN Refinement
-(Zhu, Zhang, Zheng, Luo, Guo, Yang; arXiv:2605.09328; github.com/wzhu121/SMFSR releases inference only).
+SMFSR: Noise-Started One-Step Real-World Super-Resolution via LR-Conditioned SplitMeanFlow and
+GAN Refinement (Zhu, Zhang, Zheng, Luo, Guo, Yang; arXiv:2605.09328; github.com/wzhu121/SMFSR
+releases inference only).
 
-An LR-conditioned SD3.5-Medium predicts the average velocity u(z_t, r, t) over [r, t]; one jump from pure noise gives
-the HR latent (other seeds, other plausible outputs). All three training stages are here: `--stage teacher` (0) trains
-an LR-conditioned flow-matching teacher, `--stage isc` (1) distils it into the average-velocity student by Interval
-Splitting Consistency (Algorithm 1), `--stage gan` (2) refines the one jump with reconstruction, VSD and a DINOv3 GAN.
-Rectified flow, t = 1 is noise; z_hr, z_lr: the latents of the HR and of the bicubic x4 LR; c: the caption.
+An LR-conditioned SD3.5-Medium predicts the average velocity u(z_t, r, t) over [r, t]; one jump from
+pure noise gives the HR latent (other seeds, other plausible outputs). All three training stages are
+here: `--stage teacher` (0) trains an LR-conditioned flow-matching teacher, `--stage isc` (1)
+distils it into the average-velocity student by Interval Splitting Consistency (Algorithm 1),
+`--stage gan` (2) refines the one jump with reconstruction, VSD and a DINOv3 GAN. Rectified flow, t
+= 1 is noise; z_hr, z_lr: the latents of the HR and of the bicubic x4 LR; c: the caption.
     (1)  z_t = (1 - t) z_hr + t eps     (2)  v = eps - z_hr     (3)  L_FM = || v_theta(z_t, t) - (eps - z_hr) ||^2
     (5)  u(z_t, r, t) = 1/(t - r) int_r^t v(z_tau, tau) dtau  (average velocity)   (10) z_s = z_t - (t - s) u(z_t, s, t)
     (8)  (t - r) u(z_t, r, t) = (s - r) u(z_s, r, s) + (t - s) u(z_t, s, t),   r <= s <= t
@@ -19,7 +21,8 @@ Rectified flow, t = 1 is noise; z_hr, z_lr: the latents of the HR and of the bic
     (17) L_adv^G = -E[D(x_sr)]      (18) L_adv^D = E[max(0, 1 - D(x_hr))] + E[max(0, 1 + D(x_sr))]
     (19) L_Rec = MSE(x_sr, x_hr) + LPIPS(x_sr, x_hr),   x_sr = VAE-decode(z0_hat)
     (20) L_stu = 1.0 L_ISC + 1.0 L_Rec + 1.0 L_VSD + 0.5 L_adv^G
-Algorithm 1: r <= t, lam, q ~ U(0, 1), eps; z_t (Eq. 1); w.p. p = 0.6 the boundary branch (12), else the split (10-11).
+Algorithm 1: r <= t, lam, q ~ U(0, 1), eps; z_t (Eq. 1); w.p. p = 0.6 the boundary branch (12), else
+the split (10-11).
 
     python smfsr.py --stage teacher --data LSDIR_FFHQ10k.txt --captions captions.tsv   # -> out/smfsr-teacher
     python smfsr.py --stage isc --data LSDIR_FFHQ10k.txt    # then --stage gan, each from the previous out/smfsr-*
@@ -28,25 +31,36 @@ Algorithm 1: r <= t, lam, q ~ U(0, 1), eps; z_t (Eq. 1); w.p. p = 0.6 the bounda
     python smfsr.py --model mini --stage teacher && ... --stage isc && ... --stage gan   # CPU: the mini base
 
 What differs from the paper, and why:
-- LR injection, lighter than DiT4SR's third stream (~180M trainable on SD3.5-M, not 366M): the LR tokens (the base's
-  patch embedding, same positions, the image adaLN) and LR copies of each block's image k/v join the image queries'
-  softmax behind a per-head gate from zero: o = o_base + gate (o_joint - o_base). No LR MLP; text sees no LR.
-- DiT4SR's cross-stream convolution (3x3 depthwise, 1x1 from zero) adds the LR patch embeddings to the image tokens:
-  the local path SD3's absolute positions would have to learn. Both start at zero: the wrapped model is the base.
-- --train_base none (default): one frozen bf16 base for teacher, student and fake score; lora (the paper's "LR
-  parameters and LoRA") or full (the mini) train it too, and teacher and student then own a copy each.
-- e_{r,t} = e_t + MLP([e_r, e_t]) from zero: the student starts as the teacher (the paper: only Linear-SiLU-Linear).
-- p = 0.6 is the boundary branch's probability (Sec. 4; Algorithm 1 writes q < p for the split), drawn per micro-batch.
-- Unknown in the paper (`# ours` in Config): the (r, t) law (logit-normal(0, 1), sorted), stage-2 learning rates, the
-  VSD t law and w(t), the fake-score LoRA, the DINOv3 size, layers and heads, the micro-batch, the tile.
-- L_Rec's MSE (Eq. 19) on [0, 1] images, as PSNR (the paper does not say; on [-1, 1] lambda_2 would weigh 4x more).
-- VSD: w(t) = t / mean|z0_hat - x0_phi|, DMD's normaliser for velocities, the (1 - t) of dz0_hat_t/dz0_hat folded in;
-  one fake-score forward serves Eq. 15 (detached) and Eq. 16 (through its LoRA).
-- Captions optional (a TSV; the paper's: LLaVA; Table 8: the empty prompt does about as well); sampling: the empty one.
-- --start lr (ours): from z_t0 = (1 - t0) z_lr + t0 eps, t0 = --start_t, along u to 0; t0 = 1 is the paper's start.
+- LR injection, lighter than DiT4SR's third stream (~180M trainable on SD3.5-M, not 366M): the LR
+  tokens (the base's patch embedding, same positions, the image adaLN) and LR copies of each block's
+  image k/v join the image queries' softmax behind a per-head gate from zero: o = o_base + gate
+  (o_joint - o_base). No LR MLP; text sees no LR.
+- DiT4SR's cross-stream convolution (3x3 depthwise, 1x1 from zero) adds the LR patch embeddings to
+  the image tokens: the local path SD3's absolute positions would have to learn. Both start at zero:
+  the wrapped model is the base.
+- --train_base none (default): one frozen bf16 base for teacher, student and fake score; lora (the
+  paper's "LR parameters and LoRA") or full (the mini) train it too, and teacher and student then
+  own a copy each.
+- e_{r,t} = e_t + MLP([e_r, e_t]) from zero: the student starts as the teacher (the paper: only
+  Linear-SiLU-Linear).
+- p = 0.6 is the boundary branch's probability (Sec. 4; Algorithm 1 writes q < p for the split),
+  drawn per micro-batch.
+- Unknown in the paper (`# ours` in Config): the (r, t) law (logit-normal(0, 1), sorted), stage-2
+  learning rates, the VSD t law and w(t), the fake-score LoRA, the DINOv3 size, layers and heads,
+  the micro-batch, the tile.
+- L_Rec's MSE (Eq. 19) on [0, 1] images, as PSNR (the paper does not say; on [-1, 1] lambda_2 would
+  weigh 4x more).
+- VSD: w(t) = t / mean|z0_hat - x0_phi|, DMD's normaliser for velocities, the (1 - t) of
+  dz0_hat_t/dz0_hat folded in; one fake-score forward serves Eq. 15 (detached) and Eq. 16 (through
+  its LoRA).
+- Captions optional (a TSV; the paper's: LLaVA; Table 8: the empty prompt does about as well);
+  sampling: the empty one.
+- --start lr (ours): from z_t0 = (1 - t0) z_lr + t0 eps, t0 = --start_t, along u to 0; t0 = 1 is the
+  paper's start.
 - --steps K on a teacher checkpoint takes K Euler steps (a teacher ignores r: u = v).
-- --zero_init (ours, the mini): u = (z_t - z_lr) + the DiT's output, that layer from zero: at t = 1 the jump of Eq. 14
-  lands on z_lr (bicubic) whatever eps, as StrSR's; the network learns the detail instead of cancelling eps exactly.
+- --zero_init (ours, the mini): u = (z_t - z_lr) + the DiT's output, that layer from zero: at t = 1
+  the jump of Eq. 14 lands on z_lr (bicubic) whatever eps, as StrSR's; the network learns the detail
+  instead of cancelling eps exactly.
 """
 import contextlib, copy, dataclasses, os, types
 
@@ -60,7 +74,7 @@ from degrade import PRESETS as DEGRADE, ImageDataset, check_preset, degrade, mak
 
 UNSUPPORTED = {"fsdp": "SD3.5-M fits one GPU for all roles; its blocks run piece by piece, unseen by FSDP's hooks"}
 
-# ----------------------------------------------------------------------------- config
+# ------------------------------------------------------------ config
 @dataclasses.dataclass
 class Config(common.SampleFlags):  # + the shared sampling flags
     model: str = "sd35-medium"    # Sec. 4: SD3.5-Medium
@@ -124,11 +138,13 @@ class Config(common.SampleFlags):  # + the shared sampling flags
     val_every: int = 0            # ours: validate every N steps on --val (0: never)
     val: str = ""                 # ours: HR image or folder to validate on; "": the held-out sample photo
 
-STAGES = {"teacher": (80_000, 32), "isc": (40_000, 16), "gan": (10_000, 8)}  # Sec. 4: iterations, batch
+# Sec. 4: iterations, batch
+STAGES = {"teacher": (80_000, 32), "isc": (40_000, 16), "gan": (10_000, 8)}
 # --model tiny / mini (ours): these values for every flag not given; a dict holds them per --stage
 TINY = dict(crop=64, max_steps=4, batch_size=2, micro_batch=1, fake_rank=4, disc_width=16, tile=8, overlap=2)
-# mini: the whole base trains (a frozen 2M base cannot undo the noise start), from z0_hat = z_lr (--zero_init); stage
-# 2 is the MSE alone (VSD, the GAN and LPIPS need real networks; L_ISC keeps a 2M teacher's noise), its lr decaying
+# mini: the whole base trains (a frozen 2M base cannot undo the noise start), from z0_hat = z_lr
+# (--zero_init); stage 2 is the MSE alone (VSD, the GAN and LPIPS need real networks; L_ISC keeps a
+# 2M teacher's noise), its lr decaying
 MINI = dict(crop=128, max_steps={"teacher": 1000, "isc": 200, "gan": 1200}, batch_size=4, micro_batch=4,
             lr={"teacher": 3e-3, "isc": 3e-4, "gan": 3e-4}, lr_fake=3e-4, lr_d=1e-4, fake_rank=16, disc_width=32,
             tile=32, overlap=8, grid_every=300, save_every=300, eval_heldout=True, degrade="bicubic",
@@ -136,7 +152,8 @@ MINI = dict(crop=128, max_steps={"teacher": 1000, "isc": 200, "gan": 1200}, batc
             w_lpips={"gan": 0.0}, lr_decay={"gan": 0.5})
 
 def resolve(cfg):
-    """The concrete preset, and the stage's steps, batch and folder (0 defaults: Sec. 4); the flags checked."""
+    """The concrete preset, and the stage's steps, batch and folder (0 defaults: Sec. 4); the flags
+    checked."""
     preset = common.resolve_preset(cfg.model, Config.model)
     if common.PRESETS[preset].family != "sd3":
         raise SystemExit(f"--model {cfg.model}: SMFSR is built on SD3.5 (MM-DiT joint attention, pooled text)")
@@ -155,39 +172,45 @@ def resolve(cfg):
     return cfg
 
 def pretrained(cfg):
-    """Every pretrained network a run of cfg loads: checked before anything is built, fetched by `python common.py
-    prefetch --method smfsr`. The text encoders encode the captions (or the empty prompt) once."""
+    """Every pretrained network a run of cfg loads: checked before anything is built, fetched by
+    `python common.py prefetch --method smfsr`. The text encoders encode the captions (or the empty
+    prompt) once."""
     needs = [common.base_weights(cfg, text=True)]
     if cfg.stage == "gan" and cfg.w_gan:
         needs.append(common.Weights("DINOv3 (the discriminator, Eqs. 17-18)", cfg.disc_model, "disc_model",
                                     ("config.json", "model.safetensors"), ("*.json", "*.safetensors")))
     return needs + ([common.lpips_weights(cfg)] if cfg.stage == "gan" and cfg.w_lpips else [])
 
-# ----------------------------------------------------------------------------- model: LR injection, (r, t) embedding
+# ------------------------------------------------------------ model: LR injection, (r, t) embedding
 FAKE_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                      "attn.add_v_proj", "attn.to_add_out")  # ours: every linear of the joint attention
 # --train_base lora: every linear of the joint blocks' attention and MLPs (ours)
 BASE_LORA_TARGETS = FAKE_LORA_TARGETS + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
 
 class LRBranch(nn.Module):
-    """One block's LR parts: copies of the image k/v (as DiT4SR's LR stream) behind a gate; the cross-stream conv."""
+    """One block's LR parts: copies of the image k/v (as DiT4SR's LR stream) behind a gate; the
+    cross-stream conv."""
 
     def __init__(self, attn):
         super().__init__()
-        base = lambda m: getattr(m, "base_layer", m)  # the linear itself where the base carries a LoRA
+        # the linear itself where the base carries a LoRA
+        base = lambda m: getattr(m, "base_layer", m)
         self.to_k, self.to_v = copy.deepcopy(base(attn.to_k)).float(), copy.deepcopy(base(attn.to_v)).float()
         self.gate, dim = nn.Parameter(torch.zeros(attn.heads)), attn.to_k.in_features
         self.conv = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1, groups=dim), nn.Conv2d(dim, dim, 1))
         nn.init.zeros_(self.conv[1].weight), nn.init.zeros_(self.conv[1].bias)
 
     def cross_stream(self, m_lr):
-        """(B, D, h, w) LR patch embeddings (no positions) -> (B, h w, D) added to the image tokens: the local path."""
+        """(B, D, h, w) LR patch embeddings (no positions) -> (B, h w, D) added to the image tokens:
+        the local path."""
         return self.conv(m_lr.to(self.conv[1].weight.dtype)).flatten(2).transpose(1, 2).to(m_lr.dtype)
 
 def joint_attention(attn, lr, x, c, x_lr):
-    """SD3's joint attention, its image queries also on the LR tokens: o = o_base + gate (o_joint - o_base)."""
+    """SD3's joint attention, its image queries also on the LR tokens: o = o_base + gate (o_joint -
+    o_base)."""
     B, N, _ = x.shape
-    heads = lambda y: y.view(B, -1, attn.heads, y.shape[-1] // attn.heads).transpose(1, 2)  # (B, heads, L, d)
+    # (B, heads, L, d)
+    heads = lambda y: y.view(B, -1, attn.heads, y.shape[-1] // attn.heads).transpose(1, 2)
     q, k, v = heads(attn.to_q(x)), heads(attn.to_k(x)), heads(attn.to_v(x))
     cq, ck, cv = heads(attn.add_q_proj(c)), heads(attn.add_k_proj(c)), heads(attn.add_v_proj(c))
     k_lr, v_lr = heads(lr.to_k(x_lr)), heads(lr.to_v(x_lr))
@@ -196,15 +219,18 @@ def joint_attention(attn, lr, x, c, x_lr):
     if attn.norm_added_q is not None:
         cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
     K, V = torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-    o = F.scaled_dot_product_attention(torch.cat([q, cq], 2), K, V)  # the base: [image, text] tokens
-    o_joint = F.scaled_dot_product_attention(q, torch.cat([K, k_lr], 2), torch.cat([V, v_lr], 2))  # + LR tokens
+    # the base: [image, text] tokens
+    o = F.scaled_dot_product_attention(torch.cat([q, cq], 2), K, V)
+    # + LR tokens
+    o_joint = F.scaled_dot_product_attention(q, torch.cat([K, k_lr], 2), torch.cat([V, v_lr], 2))
     o_x = o[:, :, :N] + lr.gate.view(1, -1, 1, 1).to(o.dtype) * (o_joint - o[:, :, :N])
     flat = lambda y: y.transpose(1, 2).reshape(B, -1, y.shape[1] * y.shape[-1])
     out_c = None if attn.context_pre_only else attn.to_add_out(flat(o[:, :, N:]))
     return attn.to_out[0](flat(o_x)), out_c
 
 def block_forward(block, lr, x, c, x_lr, temb, m_lr):
-    """diffusers' JointTransformerBlock.forward plus the LR tokens in its attention and the cross-stream convolution."""
+    """diffusers' JointTransformerBlock.forward plus the LR tokens in its attention and the
+    cross-stream convolution."""
     mod = block.norm1(x, emb=temb)  # adaLN-zero; SD3.5's dual-attention blocks return two more
     nx, g_msa, sh_mlp, sc_mlp, g_mlp = mod[:5]
     nx_lr = block.norm1(x_lr, emb=temb)[0]  # the LR tokens take the image tokens' modulation
@@ -225,7 +251,8 @@ def block_forward(block, lr, x, c, x_lr, temb, m_lr):
     return c + cg_mlp.unsqueeze(1) * block.ff_context(n), x
 
 class RTEmbed(nn.Module):
-    """e_{r,t} = e_t + MLP([e_r, e_t]) (Fig. 2), the MLP's last layer zero-initialised (ours): u = v at init."""
+    """e_{r,t} = e_t + MLP([e_r, e_t]) (Fig. 2), the MLP's last layer zero-initialised (ours): u = v
+    at init."""
 
     def __init__(self, dim):
         super().__init__()
@@ -236,7 +263,8 @@ class RTEmbed(nn.Module):
         return e_t + self.mlp(torch.cat([e_r, e_t], -1))
 
 class SRNet(nn.Module):
-    """LRBranches (+ RTEmbed: the student) on an SD3 passed in, not owned: roles share it, checkpoints skip it."""
+    """LRBranches (+ RTEmbed: the student) on an SD3 passed in, not owned: roles share it,
+    checkpoints skip it."""
 
     def __init__(self, dit, two_times, skip=False):
         super().__init__()
@@ -245,24 +273,32 @@ class SRNet(nn.Module):
         self.requires_grad_(True)
 
     def forward(self, dit, z_t, r, t, z_lr, cond):
-        """u(z_t, r, t; z_lr, c) for (B, C, H, W) latents, r, t (B,) in [0, 1]; a teacher (no rt) ignores r: v."""
+        """u(z_t, r, t; z_lr, c) for (B, C, H, W) latents, r, t (B,) in [0, 1]; a teacher (no rt)
+        ignores r: v."""
         (B, _, H, W), dt, p = z_t.shape, dit.dtype, dit.config.patch_size
-        x, x_lr = (dit.pos_embed(z.to(dt)).contiguous() for z in (z_t, z_lr))  # (B, N, D): patches + the same positions
-        m_lr = dit.pos_embed.proj(z_lr.to(dt))  # (B, D, H/p, W/p): the patch embedding alone, for the convolutions
-        c, pooled = dit.context_embedder(cond["embeds"].to(dt)), cond["pooled"].to(dt)  # text tokens, pooled text
-        temb = dit.time_text_embed(t.float() * 1000, pooled)  # e_t: timestep (fp32, as SD3's pipeline) + pooled text
+        # (B, N, D): patches + the same positions
+        x, x_lr = (dit.pos_embed(z.to(dt)).contiguous() for z in (z_t, z_lr))
+        # (B, D, H/p, W/p): the patch embedding alone, for the convolutions
+        m_lr = dit.pos_embed.proj(z_lr.to(dt))
+        # text tokens, pooled text
+        c, pooled = dit.context_embedder(cond["embeds"].to(dt)), cond["pooled"].to(dt)
+        # e_t: timestep (fp32, as SD3's pipeline) + pooled text
+        temb = dit.time_text_embed(t.float() * 1000, pooled)
         if self.rt is not None:
             temb = self.rt(dit.time_text_embed(r.float() * 1000, pooled), temb)  # e_{r,t}
         run = (dit._gradient_checkpointing_func if dit.gradient_checkpointing and torch.is_grad_enabled() else
                lambda f, *args: f(*args))  # --grad_ckpt: each block recomputed in the backward pass
         for block, lr in zip(dit.transformer_blocks, self.lr):
             c, x = run(block_forward, block, lr, x, c, x_lr, temb, m_lr)
-        x = dit.proj_out(dit.norm_out(x, temb)).view(B, H // p, W // p, p, p, -1)  # (B, h, w, p, p, C)
+        # (B, h, w, p, p, C)
+        x = dit.proj_out(dit.norm_out(x, temb)).view(B, H // p, W // p, p, p, -1)
         x = x.permute(0, 5, 1, 3, 2, 4).reshape(B, -1, H, W).float()  # unpatchify as diffusers does
-        return x + (z_t - z_lr).float() if self.skip else x  # --zero_init: a residual on the straight path to z_lr
+        # --zero_init: a residual on the straight path to z_lr
+        return x + (z_t - z_lr).float() if self.skip else x
 
 def teacher_velocity(teacher, dit, z_lr, cond, null, w):
-    """v_phi^w(z, t) of the frozen teacher (Eq. 13); w = 1: no CFG (Table 6), else one call with and without c."""
+    """v_phi^w(z, t) of the frozen teacher (Eq. 13); w = 1: no CFG (Table 6), else one call with and
+    without c."""
     if w == 1:
         return lambda z, t: teacher(dit, z, t, t, z_lr, cond)
     two, both = lambda a: torch.cat([a, a]), {k: torch.cat([cond[k], null[k].expand_as(cond[k])]) for k in cond}
@@ -273,7 +309,8 @@ def teacher_velocity(teacher, dit, z_lr, cond, null, w):
 
 @contextlib.contextmanager
 def fake_score(dit):
-    """Inside: the fake score v_phi' = the teacher + its LoRA (trainable: peft ties requires_grad to the switch)."""
+    """Inside: the fake score v_phi' = the teacher + its LoRA (trainable: peft ties requires_grad to
+    the switch)."""
     dit.enable_adapters()
     try:
         yield
@@ -281,28 +318,32 @@ def fake_score(dit):
         dit.disable_adapters()
 
 def load_base(cfg, dtype, train_base, rank, ckpt=None, name=None, train=False, fuse=True, ema=False):
-    """The SD3 a model runs on. `none`: the frozen base, one copy that teacher, student and fake score share. Else the
-    base with the model's own weights on it (a rank-r LoRA, or all of them), from `<name>_base` in ckpt when given
-    (ema: their EMA where saved)."""
+    """The SD3 a model runs on. `none`: the frozen base, one copy that teacher, student and fake
+    score share. Else the base with the model's own weights on it (a rank-r LoRA, or all of them),
+    from `<name>_base` in ckpt when given (ema: their EMA where saved)."""
     dit = common.load_dit(cfg.model, cfg.model_path or None, dtype).requires_grad_(False).eval()
     if train_base == "none":
         return dit
-    common.add_lora(dit, train_base, rank, rank, BASE_LORA_TARGETS)  # B = 0: the base at init; full: fp32
+    # B = 0: the base at init; full: fp32
+    common.add_lora(dit, train_base, rank, rank, BASE_LORA_TARGETS)
     if ckpt:
         file = f"{name}_base{'_lora' if train_base == 'lora' else ''}.safetensors"
         if not os.path.exists(os.path.join(ckpt, file)):
             raise SystemExit(f"{ckpt}: no {file} (expected a checkpoint trained with --train_base {train_base})")
         common.load_checkpoint(ckpt, {f"{name}_base": dit}, ema=ema)
-    if not train:  # frozen (a teacher): the LoRA merged, the fake score's goes on top; full: its fp32 back to dtype
+    # frozen (a teacher): the LoRA merged, the fake score's goes on top; full: its fp32 back to
+    # dtype
+    if not train:
         if train_base == "lora" and fuse:  # a sampler: its --fuse_lora
             dit.fuse_lora(), dit.unload_lora()
-        if dit.requires_grad_(False).dtype != dtype:  # cast only if needed: diffusers warns at any .to(dtype)
+        # cast only if needed: diffusers warns at any .to(dtype)
+        if dit.requires_grad_(False).dtype != dtype:
             dit.to(dtype)
     return dit
 
 def load_net(ckpt, name, net, ema=False):
-    """The trained part of a stage (`teacher` or `student`) from its checkpoint folder (ema: its EMA where saved);
-    returns the folder's state."""
+    """The trained part of a stage (`teacher` or `student`) from its checkpoint folder (ema: its EMA
+    where saved); returns the folder's state."""
     if not os.path.exists(os.path.join(ckpt, f"{name}.safetensors")):
         raise SystemExit(f"{ckpt}: no {name}.safetensors (expected a checkpoint of the {name})")
     return common.load_checkpoint(ckpt, {name: net}, ema=ema)
@@ -311,14 +352,16 @@ RANDOM_DINO = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, nu
                    num_register_tokens=4)  # tiny/mini: a small random DINOv3
 
 class Discriminator(nn.Module):
-    """Frozen DINOv3 + heads (Eqs. 17-18; ours, as ADD): 4 evenly spaced layers' patch grids, SN-Conv-LReLU-SN-Conv."""
+    """Frozen DINOv3 + heads (Eqs. 17-18; ours, as ADD): 4 evenly spaced layers' patch grids,
+    SN-Conv-LReLU-SN-Conv."""
 
     def __init__(self, random_net, hub, width):
         super().__init__()
         from transformers import DINOv3ViTConfig, DINOv3ViTModel
         vit = DINOv3ViTModel(DINOv3ViTConfig(**RANDOM_DINO)) if random_net else DINOv3ViTModel.from_pretrained(
             common.local_copy(hub))
-        self.vit = vit.requires_grad_(False).eval()  # for good: DINOv3 jitters its positions in training mode
+        # for good: DINOv3 jitters its positions in training mode
+        self.vit = vit.requires_grad_(False).eval()
         n, d, sn = vit.config.num_hidden_layers, vit.config.hidden_size, nn.utils.parametrizations.spectral_norm
         self.levels = [n * (i + 1) // 4 for i in range(4)]
         self.heads = nn.ModuleList(nn.Sequential(sn(nn.Conv2d(d, width, 3, padding=1)), nn.LeakyReLU(0.2),
@@ -329,14 +372,16 @@ class Discriminator(nn.Module):
     def features(self, x):
         """Images in [0, 1], sides multiples of 16 -> per level (B, D, H/16, W/16)."""
         hs = self.vit(pixel_values=(x - self.mean) / self.std, output_hidden_states=True).hidden_states
-        skip, ps = 1 + self.vit.config.num_register_tokens, self.vit.config.patch_size  # CLS + registers first
+        # CLS + registers first
+        skip, ps = 1 + self.vit.config.num_register_tokens, self.vit.config.patch_size
         h, w = x.shape[-2] // ps, x.shape[-1] // ps
         return [hs[i][:, skip:].transpose(1, 2).reshape(x.shape[0], -1, h, w) for i in self.levels]
 
     def forward(self, feats):
-        return torch.cat([head(f.float()).flatten(1) for head, f in zip(self.heads, feats)], 1)  # (B, levels h w)
+        # (B, levels h w)
+        return torch.cat([head(f.float()).flatten(1) for head, f in zip(self.heads, feats)], 1)
 
-# ----------------------------------------------------------------------------- losses
+# ------------------------------------------------------------ losses
 def logit_normal(n, cfg, device):
     return torch.sigmoid(cfg.t_mean + cfg.t_std * torch.randn(n, device=device))
 
@@ -346,7 +391,8 @@ def fm_loss(v, z_hr, eps, t):
     return F.mse_loss(v(z_t, t, t), eps - z_hr)  # Eq. (3)
 
 def isc_loss(u, z_t, r, t, lam):
-    """Interval Splitting Consistency, Algorithm 1 lines 9-13: the target is built without gradient."""
+    """Interval Splitting Consistency, Algorithm 1 lines 9-13: the target is built without gradient.
+    """
     s = (1 - lam) * t + lam * r  # line 4
     with torch.no_grad():
         u2 = u(z_t, s, t)  # line 9
@@ -356,7 +402,8 @@ def isc_loss(u, z_t, r, t, lam):
     return F.mse_loss(u(z_t, r, t), u_target)  # line 13, Eq. (11)
 
 def boundary_loss(u, v_teacher, z_t, t):
-    """Boundary consistency, Algorithm 1 line 15: at r = t the average velocity is the teacher's v."""
+    """Boundary consistency, Algorithm 1 line 15: at r = t the average velocity is the teacher's v.
+    """
     with torch.no_grad():
         v = v_teacher(z_t, t)
     return F.mse_loss(u(z_t, t, t), v)  # Eq. (12)
@@ -368,8 +415,9 @@ def rec_loss(lpips, x_sr, x_hr, w_lpips=1.0):
     return mse + w_lpips * lp, mse, lp  # Eq. (19)
 
 def vsd_loss(z0_hat, z0_hat_t, t, v_real, v_fake):
-    """Eq. 15 as a loss whose gradient on z0_hat is w(t) (v_phi - v_phi') / numel, w(t) = t / mean|z0_hat - x0_phi|
-    (DMD's normaliser, ours), v_real and v_fake without gradient: z0_hat moves to the teacher's x0, off the fake's."""
+    """Eq. 15 as a loss whose gradient on z0_hat is w(t) (v_phi - v_phi') / numel, w(t) = t /
+    mean|z0_hat - x0_phi| (DMD's normaliser, ours), v_real and v_fake without gradient: z0_hat moves
+    to the teacher's x0, off the fake's."""
     x0_real = z0_hat_t - bc(t) * v_real  # the teacher's clean estimate
     w = bc(t) / (z0_hat - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-5)
     grad = w * (v_real - v_fake)  # Eq. (15)
@@ -386,16 +434,19 @@ def adv_d_loss(d_real, d_fake):
     return F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()  # Eq. (18), hinge
 
 def teacher_losses(u, z_hr, eps, cfg):
-    """Stage 0 (Eq. 3) on one micro-batch: flow matching with t ~ U(0, 1) (--teacher_t logit-normal: SD3's law)."""
+    """Stage 0 (Eq. 3) on one micro-batch: flow matching with t ~ U(0, 1) (--teacher_t logit-normal:
+    SD3's law)."""
     B = z_hr.shape[0]
     t = torch.rand(B, device=z_hr.device) if cfg.teacher_t == "uniform" else logit_normal(B, cfg, z_hr.device)
     l_fm = fm_loss(u, z_hr, eps, t)  # Eq. (3)
     return l_fm, {"loss": l_fm, "fm": l_fm}
 
 def isc_losses(u, v_teacher, z_hr, eps, cfg, weight=1.0):
-    """Stage 1 (Algorithm 1 lines 3-15): the boundary branch w.p. p_boundary, else the split; weight 0: no term."""
+    """Stage 1 (Algorithm 1 lines 3-15): the boundary branch w.p. p_boundary, else the split; weight
+    0: no term."""
     B, device = z_hr.shape[0], z_hr.device
-    r, t = logit_normal(2 * B, cfg, device).view(2, B).sort(0).values  # line 3: r <= t (ours: logit-normal)
+    # line 3: r <= t (ours: logit-normal)
+    r, t = logit_normal(2 * B, cfg, device).view(2, B).sort(0).values
     lam, q = torch.rand(B, device=device), torch.rand(())  # lines 4-5 (s inside isc_loss)
     z_t = (1 - bc(t)) * z_hr + bc(t) * eps  # line 7, Eq. (1)
     l_isc = torch.zeros((), device=device)
@@ -404,8 +455,9 @@ def isc_losses(u, v_teacher, z_hr, eps, cfg, weight=1.0):
     return weight * l_isc, {"loss": weight * l_isc, "isc": l_isc}
 
 def gan_losses(u, v_teacher, teacher, t_dit, disc, vae, lpips, z_lr, x_hr, cond, cfg):
-    """Stage 2's terms after L_ISC (Eq. 20) and D's (Eq. 18), weight 0 skipped. The fake score's own loss (Eq. 16) is
-    terms["fake"]: it is back-propagated apart, with the fake LoRA on (see fake_score)."""
+    """Stage 2's terms after L_ISC (Eq. 20) and D's (Eq. 18), weight 0 skipped. The fake score's own
+    loss (Eq. 16) is terms["fake"]: it is back-propagated apart, with the fake LoRA on (see
+    fake_score)."""
     B, device = z_lr.shape[0], z_lr.device
     z0_hat = sample(u, torch.randn_like(z_lr), 1)  # Eq. (14): one jump from noise
     x_sr = common.decode(vae, "sd3", z0_hat).float()
@@ -417,22 +469,25 @@ def gan_losses(u, v_teacher, teacher, t_dit, disc, vae, lpips, z_lr, x_hr, cond,
         z0_hat_t = (1 - bc(t_v)) * z0_hat.detach() + bc(t_v) * eps_v
         with torch.no_grad():
             v_real = v_teacher(z0_hat_t, t_v)
-        with fake_score(t_dit):  # one fake-score pass: detached for Eq. 15, through its LoRA for Eq. 16
+        # one fake-score pass: detached for Eq. 15, through its LoRA for Eq. 16
+        with fake_score(t_dit):
             v_fake = teacher(t_dit, z0_hat_t, t_v, t_v, z_lr, cond)
         l_fake = fake_score_loss(v_fake, eps_v, z0_hat)
         l_vsd = vsd_loss(z0_hat, z0_hat_t, t_v, v_real, v_fake.detach())  # Eq. (15)
     if cfg.w_gan:
-        f_fake, f_real = disc.features(x_sr), disc.features(x_hr)  # the frozen backbone: no graph for x_hr
+        # the frozen backbone: no graph for x_hr
+        f_fake, f_real = disc.features(x_sr), disc.features(x_hr)
         with common.frozen(disc.heads):  # L_adv^G reaches the generator only
             l_adv = adv_g_loss(disc(f_fake))
         l_d = adv_d_loss(disc(f_real), disc([f.detach() for f in f_fake]))
     l_g = cfg.w_rec * l_rec + cfg.w_vsd * l_vsd + cfg.w_gan * l_adv  # Eq. (20), after L_ISC
     return l_g + l_d, dict(loss=l_g, mse=l_mse, lpips=l_lpips, vsd=l_vsd, adv=l_adv, fake=l_fake, d=l_d), x_sr
 
-# ----------------------------------------------------------------------------- sampler
+# ------------------------------------------------------------ sampler
 def sample(u, eps, steps, z_lr=None, start_t=1.0):
-    """Eq. 14 in `steps` jumps, t_k = t0 (1 - k/steps): z <- z - (t_k - t_k+1) u(z, t_k+1, t_k). From noise (z = eps,
-    t0 = 1) or, given z_lr, from z = (1 - t0) z_lr + t0 eps (Eq. 1 with z_lr in place of z_hr; ours)."""
+    """Eq. 14 in `steps` jumps, t_k = t0 (1 - k/steps): z <- z - (t_k - t_k+1) u(z, t_k+1, t_k).
+    From noise (z = eps, t0 = 1) or, given z_lr, from z = (1 - t0) z_lr + t0 eps (Eq. 1 with z_lr in
+    place of z_hr; ours)."""
     t0, z = (1.0, eps) if z_lr is None else (start_t, (1 - start_t) * z_lr + start_t * eps)
     ts, ones = torch.linspace(t0, 0, steps + 1, device=eps.device), torch.ones(eps.shape[0], device=eps.device)
     for t, r in zip(ts[:-1], ts[1:]):
@@ -443,18 +498,21 @@ def seeded_noise(z_lr, seed):  # eps drawn on the CPU: the same image on any dev
     return torch.randn(z_lr.shape, generator=torch.Generator().manual_seed(seed)).to(z_lr.device)
 
 def build_sampler(flags, device=None):
-    """fn(x_lr (1, 3, h, w) in [0, 1]) -> (1, 3, 4h, 4w) of the checkpoint flags.ckpt: bicubic x4, encode, `steps`
-    jumps of Eq. 14 from noise seeded by flags.seed (each velocity over overlapping latent tiles), decode."""
+    """fn(x_lr (1, 3, h, w) in [0, 1]) -> (1, 3, 4h, 4w) of the checkpoint flags.ckpt: bicubic x4,
+    encode, `steps` jumps of Eq. 14 from noise seeded by flags.seed (each velocity over overlapping
+    latent tiles), decode."""
     flags = dataclasses.replace(flags, ckpt=flags.ckpt or flags.out_dir or "out/smfsr-gan")
     path, cfg, device, dtype = common.sampler_setup(flags, resolve, device)
     name = "teacher" if cfg.stage == "teacher" else "student"
-    with torch.random.fork_rng(devices=[]):  # the init is overwritten; keep the caller's RNG as it was
+    # the init is overwritten; keep the caller's RNG as it was
+    with torch.random.fork_rng(devices=[]):
         dit = load_base(cfg, dtype, cfg.train_base, cfg.lora_rank, path, name, fuse=False, ema=cfg.ema)
         net = SRNet(dit, two_times=name == "student", skip=cfg.zero_init)
     state = load_net(path, name, net, ema=cfg.ema)
     dit, net = common.sampling_weights(cfg, dtype, dit).to(device), net.to(device).eval()
     vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device, tiling=True)
-    cond = {k: v.to(device) for k, v in state["cond"].items()}  # the empty prompt: no text encoder needed
+    # the empty prompt: no text encoder needed
+    cond = {k: v.to(device) for k, v in state["cond"].items()}
 
     def latent(z_lr):
         u = lambda z, r, t: common.tiled_pair(lambda zz, ll: net(dit, zz, r, t, ll, cond), z, z_lr, cfg.tile,
@@ -462,7 +520,7 @@ def build_sampler(flags, device=None):
         return sample(u, seeded_noise(z_lr, cfg.seed), cfg.steps, z_lr if cfg.start == "lr" else None, cfg.start_t)
     return common.finish_sampler(lambda x_lr: common.super_resolve(vae, "sd3", x_lr, latent), cfg)
 
-# ----------------------------------------------------------------------------- training
+# ------------------------------------------------------------ training
 class IndexedImages(ImageDataset):
     """The training crops with their index: a micro-batch's indices name its captions."""
 
@@ -470,7 +528,8 @@ class IndexedImages(ImageDataset):
         return super().__getitem__(key), key[0]
 
 class Captions:
-    """Captions with dropout (Sec. 4.4), cached by rank 0, looked up by the images' indices in the dataset."""
+    """Captions with dropout (Sec. 4.4), cached by rank 0, looked up by the images' indices in the
+    dataset."""
 
     def __init__(self, cfg, dit, device, rank):
         stand_in, self.cfg, self.text = common.random_prompt(cfg), cfg, []
@@ -481,9 +540,11 @@ class Captions:
                      [os.path.splitext(os.path.basename(p))[0] for p in common.list_images(cfg.data, cfg.data_root)])
             self.text = [table.get(n, "").strip() for n in names]
         encode = lambda c: common.prompt_cond(cfg.model, c, cfg.cache_dir, device, cfg.model_path or None)
-        for c in sorted(set(self.text) - {""}) if rank == 0 and not stand_in else ():  # cached before the barrier
+        # cached before the barrier
+        for c in sorted(set(self.text) - {""}) if rank == 0 and not stand_in else ():
             encode(c)
-        self.prompt = common.fixed_prompt(cfg, dit, device, cfg.cache_dir)  # '' (tiny, mini: a random stand-in)
+        # '' (tiny, mini: a random stand-in)
+        self.prompt = common.fixed_prompt(cfg, dit, device, cfg.cache_dir)
         self.empty = {k: torch.zeros_like(v) for k, v in self.prompt.items()} if stand_in else self.prompt
         self.encode = (lambda c: self.prompt) if stand_in else encode
 
@@ -500,7 +561,8 @@ def trained_base(c):  # (train_base, lora_rank) of a checkpoint's config (common
     return c["train_base"], c.get("lora_rank", 128)
 
 def stage_inputs(cfg):
-    """cfg with its stage's inputs, checked: the previous stage's output and stage 1's teacher (in its config.json)."""
+    """cfg with its stage's inputs, checked: the previous stage's output and stage 1's teacher (in
+    its config.json)."""
     if cfg.stage == "teacher":
         return dataclasses.replace(cfg, init_ckpt="", teacher_ckpt="")
     prev = {"isc": "teacher", "gan": "isc"}[cfg.stage]
@@ -518,8 +580,9 @@ def stage_inputs(cfg):
     return dataclasses.replace(cfg, init_ckpt=init, teacher_ckpt=teacher)
 
 def build_models(cfg, device):
-    """The stage's networks, the same init on every rank: name ("teacher" or "student"), net (the SRNet that trains)
-    on dit, the frozen teacher on t_dit (which also carries v_phi', the fake score's LoRA), disc, lpips."""
+    """The stage's networks, the same init on every rank: name ("teacher" or "student"), net (the
+    SRNet that trains) on dit, the frozen teacher on t_dit (which also carries v_phi', the fake
+    score's LoRA), disc, lpips."""
     dtype, gan, random_nets = common.weight_dtype(device), cfg.stage == "gan", common.PRESETS[cfg.model].hub is None
     init, t_ckpt = cfg.init_ckpt, cfg.teacher_ckpt
     name, src = "teacher" if cfg.stage == "teacher" else "student", {"isc": "teacher", "gan": "student"}.get(cfg.stage)
@@ -529,10 +592,14 @@ def build_models(cfg, device):
         net = SRNet(dit, two_times=name == "student", skip=cfg.zero_init)
         if cfg.zero_init and not init:  # v = z_t - z_lr: from eps at t = 1 the jump lands on z_lr
             common.zero_output(dit)
-        t_cfg = common.load_config(t_ckpt) if init else {}  # the teacher's run: its base and its form
-        own = init and (cfg.train_base != "none" or t_cfg["train_base"] != "none")  # the teacher's own base
-        t_dit = load_base(cfg, dtype, *trained_base(t_cfg), t_ckpt, "teacher") if own else dit  # + the fake score's
-        skip = t_cfg.get("zero_init", False)  # the teacher's form: its residual on the straight path to z_lr
+        # the teacher's run: its base and its form
+        t_cfg = common.load_config(t_ckpt) if init else {}
+        # the teacher's own base
+        own = init and (cfg.train_base != "none" or t_cfg["train_base"] != "none")
+        # + the fake score's
+        t_dit = load_base(cfg, dtype, *trained_base(t_cfg), t_ckpt, "teacher") if own else dit
+        # the teacher's form: its residual on the straight path to z_lr
+        skip = t_cfg.get("zero_init", False)
         teacher = SRNet(t_dit, two_times=False, skip=skip).requires_grad_(False) if init else None
         if gan and cfg.w_vsd:  # v_phi' = v_phi at init
             common.add_lora(t_dit, "lora", cfg.fake_rank, cfg.fake_rank, FAKE_LORA_TARGETS).disable_adapters()
@@ -546,17 +613,21 @@ def build_models(cfg, device):
                                  disc=to(disc), lpips=lpips)
 
 def train(cfg):
-    cfg = stage_inputs(resolve(cfg))  # config.json records the inputs: the gan stage reads isc's teacher from it
+    # config.json records the inputs: the gan stage reads isc's teacher from it
+    cfg = stage_inputs(resolve(cfg))
     rank, world, device, log = common.setup(cfg, pretrained(cfg))
     gan = cfg.stage == "gan"
 
-    # 1. models: with --train_base none one frozen SD3 (bf16 on GPU) serves teacher, student and fake score
+    # 1. models: with --train_base none one frozen SD3 (bf16 on GPU) serves teacher, student and
+    # fake score
     m = build_models(cfg, device)
     name, net, dit, t_dit = m.name, m.net, m.dit, m.t_dit
     vae = common.load_vae(cfg.model, cfg.model_path or None, common.weight_dtype(device), device)
-    common.checkpointing(cfg, device, dit, t_dit)  # SRNet.forward checkpoints each block when this is on
+    # SRNet.forward checkpoints each block when this is on
+    common.checkpointing(cfg, device, dit, t_dit)
 
-    # 2. optimizers: AdamW, a fixed lr per trained part (Sec. 4); the fake-score LoRA and D heads in stage 2
+    # 2. optimizers: AdamW, a fixed lr per trained part (Sec. 4); the fake-score LoRA and D heads in
+    # stage 2
     adam = lambda params, lr: torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     models = {name: net, **({f"{name}_base": dit} if cfg.train_base != "none" else {})}
     opts = {"opt": adam(params := common.trainable(*models.values()), cfg.lr)}
@@ -576,16 +647,20 @@ def train(cfg):
     captions = Captions(cfg, dit, device, rank)
     log(f"batch {cfg.batch_size} = {world} ranks x {accum} accum x {cfg.micro_batch}, crop {cfg.crop}")
 
-    # 5. loop; DiT passes per micro-batch: teacher 1, isc 2 (boundary) or 3 (split), gan isc + 1 + teacher + fake score
+    # 5. loop; DiT passes per micro-batch: teacher 1, isc 2 (boundary) or 3 (split), gan isc + 1 +
+    # teacher + fake score
     def micro_step(batch, scale):
-        """One micro-batch's stage losses, back-propagated (the gan stage in three passes: L_ISC, freeing its graph;
-        the fake score's Eq. 16 with its LoRA on; the rest); returns (terms, a function giving the grid's images)."""
+        """One micro-batch's stage losses, back-propagated (the gan stage in three passes: L_ISC,
+        freeing its graph; the fake score's Eq. 16 with its LoRA on; the rest); returns (terms, a
+        function giving the grid's images)."""
         x, idx = batch
-        with torch.no_grad(), common.autocast(device):  # Alg. 1 line 6: z_lr, z_hr = E(x_lr), E(x_hr)
+        # Alg. 1 line 6: z_lr, z_hr = E(x_lr), E(x_hr)
+        with torch.no_grad(), common.autocast(device):
             x_lr, x_hr = degrade(x.to(device), 4, DEGRADE[cfg.degrade])
             z_hr, z_lr = common.encode_pair(vae, "sd3", x_hr, x_lr)
         cond = captions.batch(idx)
-        u, eps = (lambda z, r, t: net(dit, z, r, t, z_lr, cond)), torch.randn_like(z_hr)  # Alg. 1 line 5
+        # Alg. 1 line 5
+        u, eps = (lambda z, r, t: net(dit, z, r, t, z_lr, cond)), torch.randn_like(z_hr)
         with common.autocast(device):
             if cfg.stage == "teacher":
                 loss, terms = teacher_losses(u, z_hr, eps, cfg)
@@ -604,18 +679,21 @@ def train(cfg):
                     (terms["fake"] * scale).backward()
         (loss * scale).backward()
 
-        def preview():  # stages 0-1: the current model's sample of this micro-batch, from fixed noise
+        # stages 0-1: the current model's sample of this micro-batch, from fixed noise
+        def preview():
             with torch.no_grad(), common.autocast(device):
                 return x_lr, common.decode(vae, "sd3", sample(u, seeded_noise(z_lr, cfg.seed), cfg.steps)), x_hr
         return terms, (lambda: (x_lr, x_sr, x_hr)) if gan else preview
 
-    saved = {"cond": {k: v[:1].detach().cpu() for k, v in captions.empty.items()}}  # the prompt the sampler uses
+    # the prompt the sampler uses
+    saved = {"cond": {k: v[:1].detach().cpu() for k, v in captions.empty.items()}}
     scale = 1 / accum
     import eval  # the held-out scores: --val_every, and --eval_heldout at the end
     val = eval.validation("smfsr", build_sampler, cfg, device) if rank == 0 and cfg.val_every else None
     ema = common.start_ema(cfg, models)
     log.start_clock()
-    while step < cfg.max_steps:  # per micro-batch: seeded by its place in the run, so a resume draws the same numbers
+    # per micro-batch: seeded by its place in the run, so a resume draws the same numbers
+    while step < cfg.max_steps:
         sums = {}
         for j in range(accum):
             torch.manual_seed(common.micro_batch_seed(cfg.seed, step + 1, rank * accum + j))
@@ -630,7 +708,8 @@ def train(cfg):
         if log.master and common.due(step, cfg.grid_every, cfg.max_steps):
             log.image("grid", common.save_grid(cfg.out_dir, step, *images()), step)
         if common.due(step, cfg.save_every, cfg.max_steps):
-            if gan and cfg.w_vsd:  # the fake score's LoRA sits on the teacher's base, outside `models`
+            # the fake score's LoRA sits on the teacher's base, outside `models`
+            if gan and cfg.w_vsd:
                 saved["fake_lora"] = common.lora_state(t_dit)
             common.save_checkpoint(cfg.out_dir, step, cfg, models, opts, saved, ema=ema)
         if cfg.val_every and step % cfg.val_every == 0:

@@ -1,12 +1,14 @@
 """
-StrSR: Spectral and Trajectory Regularization for Diffusion Transformer Super-Resolution
-(Wang, Tang, Gong, Li, Li, Liu, Lan, Liu, Zhang; ECCV 2026, arXiv:2603.06275; code: github.com/jkwang28/StrSR).
+StrSR: Spectral and Trajectory Regularization for Diffusion Transformer Super-Resolution (Wang,
+Tang, Gong, Li, Li, Liu, Lan, Liu, Zhang; ECCV 2026, arXiv:2603.06275; code:
+github.com/jkwang28/StrSR).
 
-One-step real-world x4 SR by adversarial distillation of a text-to-image DiT (FLUX.2-klein-4B "StrSR-F", the
-default, or Z-Image-Turbo "StrSR-Z") with a LoRA. The LR image enters twice (the "dual encoder", Sec. 3.2): its VAE
-latent is the starting point of one Euler step, and a frozen Qwen3-VL reads it to replace the text condition. A
-frozen CLIP ConvNeXt-XXLarge with small trainable heads is the discriminator (Sec. 3.3); a frequency distribution
-loss fights the DiT's periodic grid artifacts (Sec. 3.4). Sigma convention: t = 1 is noise, v = eps - z_0.
+One-step real-world x4 SR by adversarial distillation of a text-to-image DiT (FLUX.2-klein-4B
+"StrSR-F", the default, or Z-Image-Turbo "StrSR-Z") with a LoRA. The LR image enters twice (the
+"dual encoder", Sec. 3.2): its VAE latent is the starting point of one Euler step, and a frozen
+Qwen3-VL reads it to replace the text condition. A frozen CLIP ConvNeXt-XXLarge with small trainable
+heads is the discriminator (Sec. 3.3); a frequency distribution loss fights the DiT's periodic grid
+artifacts (Sec. 3.4). Sigma convention: t = 1 is noise, v = eps - z_0.
 
   (5)  c = MLP(E_vlm(x_lr))                     MLP: Linear(H_vlm, d/2) -> SiLU -> Linear(d/2, d)
   (6)  z_lr = E_vae(bicubic_x4(x_lr))
@@ -16,7 +18,8 @@ loss fights the DiT's periodic grid artifacts (Sec. 3.4). Sigma convention: t = 
        L_G = 0.5 [BCE(D_Ra(x_sr, x_hr), 1) + BCE(D_Ra(x_hr, x_sr), 0)]
   (8)  L_R1 = mean || C(x_hr) - C(x_hr + n) ||^2,  n small noise (approximate R1)
   (9)  L_Dis = L_D + lambda_r1 L_R1                                      lambda_r1 = 10
-  (10) FDL(x, y) = sum_l SW(|F phi_l(x)|, |F phi_l(y)|) + lambda_p SW(ang F phi_l(x), ang F phi_l(y))
+  (10) FDL(x, y) = sum_l SW(|F phi_l(x)|, |F phi_l(y)|) + lambda_p SW(ang F phi_l(x), ang F
+  phi_l(y))
        phi_l: VGG19 relu{1_2,2_2,3_4,4_4,5_4}, F: 2-D DFT, SW: sliced Wasserstein distance
   (11) L_Gen = 1.0 L1 + 3.0 LPIPS + 0.1 L_G + lambda_fdl FDL,  lambda_fdl = 0 (stage 1), 0.002 (stage 2)
 
@@ -28,31 +31,41 @@ loss fights the DiT's periodic grid artifacts (Sec. 3.4). Sigma convention: t = 
   python strsr.py --model zimage --cond text                       # Table 4 ablation (w/o VLM)
   python strsr.py --sample --ckpt out/strsr --input photo.png --output out/strsr/sr
 
-Where the paper is silent or differs, this follows the authors' release (it produced the reported numbers), marked
-`# official != paper` or `# official` at the line:
-  - StrSR-F fine-tunes FLUX.2-klein-base-4B, the undistilled base (the paper names FLUX.2-klein-4B, the `flux2-klein`
-    preset); StrSR-Z Z-Image-Turbo.
-  - The condition (Eq. 5) reads only the non-image tokens of Qwen3-VL's last hidden state (the chat template, the
-    vision start/end tokens, the prompt; at most 512), with the release's prompt: its length does not grow with the LR.
+Where the paper is silent or differs, this follows the authors' release (it produced the reported
+numbers), marked `# official != paper` or `# official` at the line:
+  - StrSR-F fine-tunes FLUX.2-klein-base-4B, the undistilled base (the paper names FLUX.2-klein-4B,
+    the `flux2-klein` preset); StrSR-Z Z-Image-Turbo.
+  - The condition (Eq. 5) reads only the non-image tokens of Qwen3-VL's last hidden state (the chat
+    template, the vision start/end tokens, the prompt; at most 512), with the release's prompt: its
+    length does not grow with the LR.
   - R1 (Eq. 8): one-sided uniform noise, U[0, 0.005) on [-1, 1] images (the paper: Gaussian).
-  - The discriminator heads: BlurPool (binomial 4x4, zero padding 2) -> SN conv 3x3 stride 2 -> LeakyReLU(0.2) ->
-    BlurPool (padding 1) -> SN conv 1x1 stride 2: patch logits at 1/4 of each feature map. D sees the full crop.
-    D's loss is Eq. 7 per level, summed with weight 1, the batch mean taken per spatial position; the release also
-    computes vision-aided-loss's multilevel_loss(alpha=0.8) (a BCE with real labels smoothed to 0.8) and discards it.
-  - D's heads run in eval mode for the generator's terms: no spectral-norm power iteration in the G pass.
-  - FDL (Eq. 10) sees [-1, 1] images, as the release feeds it, though its VGG normalises for [0, 1] (--fdl_01 true:
-    FDL's own convention); L1 on [-1, 1] images.
-  - z_lr is a draw of the VAE's latent distribution (latent_dist.sample()), not its mode; for StrSR-Z it is the raw
-    latent, without the VAE's shift and scale, which the release applies only when decoding.
-  - AdamW with its default weight decay (0.01), gradient clipping at 1.0, LoRA alpha = rank, Gaussian LoRA init.
+  - The discriminator heads: BlurPool (binomial 4x4, zero padding 2) -> SN conv 3x3 stride 2 ->
+    LeakyReLU(0.2) -> BlurPool (padding 1) -> SN conv 1x1 stride 2: patch logits at 1/4 of each
+    feature map. D sees the full crop. D's loss is Eq. 7 per level, summed with weight 1, the batch
+    mean taken per spatial position; the release also computes vision-aided-loss's
+    multilevel_loss(alpha=0.8) (a BCE with real labels smoothed to 0.8) and discards it.
+  - D's heads run in eval mode for the generator's terms: no spectral-norm power iteration in the G
+    pass.
+  - FDL (Eq. 10) sees [-1, 1] images, as the release feeds it, though its VGG normalises for [0, 1]
+    (--fdl_01 true: FDL's own convention); L1 on [-1, 1] images.
+  - z_lr is a draw of the VAE's latent distribution (latent_dist.sample()), not its mode; for
+    StrSR-Z it is the raw latent, without the VAE's shift and scale, which the release applies only
+    when decoding.
+  - AdamW with its default weight decay (0.01), gradient clipping at 1.0, LoRA alpha = rank,
+    Gaussian LoRA init.
 And ours (`# ours`):
-  - G and D update on the same batch (G, then D on the detached output with the G pass's backbone features); the
-    release alternates them batch by batch. So an update pair sees one batch, and there is no second G forward.
-  - Random crops with flips of --data (the release: center crops of Aesthetic-Train-V2 at 1024, no flips).
-  - The condition MLP trains in fp32 (release: bf16); the VLM's input is resized once, to a multiple of 32.
-  - Sampling tiles in latent space (the release tiles 1024 px in pixel space, each tile through the VAE).
+  - G and D update on the same batch (G, then D on the detached output with the G pass's backbone
+    features); the release alternates them batch by batch. So an update pair sees one batch, and
+    there is no second G forward.
+  - Random crops with flips of --data (the release: center crops of Aesthetic-Train-V2 at 1024, no
+    flips).
+  - The condition MLP trains in fp32 (release: bf16); the VLM's input is resized once, to a multiple
+    of 32.
+  - Sampling tiles in latent space (the release tiles 1024 px in pixel space, each tile through the
+    VAE).
   - FDL's projection kernels are drawn once (fixed seed): a resumed run is bit-identical.
-  - Stage 2 continues the stage-1 run's steps and optimizers in its --out_dir (or starts from --init_ckpt).
+  - Stage 2 continues the stage-1 run's steps and optimizers in its --out_dir (or starts from
+    --init_ckpt).
   - Tiny and mini presets: random Qwen3-VL, ConvNeXt and VGGs of the same classes.
 """
 import dataclasses, os
@@ -64,7 +77,7 @@ import torch.nn.functional as F
 import common
 from degrade import PRESETS as DEGRADE, ImageDataset, check_preset, degrade, make_loader
 
-# ----------------------------------------------------------------------------- config
+# ------------------------------------------------------------ config
 OFFICIAL_PROMPT = ("Descibe this image in detail, especially the text in image. Cinematic, hyper sharpness, highly "
                    "detailed, perfect without deformations. Camera, hyper detailed photo, realistic maximum detail, "
                    "32k, Color. Grading, ultra HD, extreme meticulous detailing, skin pore detailing")  # typo theirs
@@ -132,9 +145,10 @@ class Config(common.SampleFlags):  # + the shared sampling flags
 
 # --model tiny / mini (ours): these values for every flag not given; a dict holds one per --stage
 TINY = dict(crop=64, max_steps={"1": 20, "2": 10}, disc_width=32, fdl_projections=32)
-# mini: a 2M base learns at a larger lr than a 4B one, and only fully fine-tuned; zero_init: the base's own step from
-# z_lr is far from the photo, unlearning it costs the run; w_gan, w_lpips 0: offline their networks are random, and
-# cost most of a step; micro_batch 4: the paper's batch in one pass
+# mini: a 2M base learns at a larger lr than a 4B one, and only fully fine-tuned; zero_init: the
+# base's own step from z_lr is far from the photo, unlearning it costs the run; w_gan, w_lpips 0:
+# offline their networks are random, and cost most of a step; micro_batch 4: the paper's batch in
+# one pass
 MINI = dict(max_steps=1200, crop=128, train_base="full", lr=5e-4, lr_decay=0.5, zero_init=True, micro_batch=4,
             w_gan=0.0, w_lpips=0.0, disc_width=32, fdl_projections=32, tile=16, overlap=4, grid_every=300,
             save_every=300, eval_heldout=True, degrade="bicubic", val_every=100)
@@ -142,7 +156,8 @@ MINI = dict(max_steps=1200, crop=128, train_base="full", lr=5e-4, lr_decay=0.5, 
 STAGES = ("1", "2")
 
 def resolve(cfg):
-    """The concrete preset, crop and step count (0 defaults: the paper's, per stage); the flags checked."""
+    """The concrete preset, crop and step count (0 defaults: the paper's, per stage); the flags
+    checked."""
     common.check_choices(cfg, stage=("1", "2"), cond=("vlm", "none", "text"), train_base=("lora", "full"))
     check_preset(cfg.degrade)
     if cfg.fsdp and cfg.train_base == "full":
@@ -154,11 +169,12 @@ def resolve(cfg):
     return dataclasses.replace(cfg, model=preset, crop=cfg.crop or 1024,
                                max_steps=cfg.max_steps or {"1": 40000, "2": 20000}[cfg.stage])
 
-CLIP_HUB = "laion/CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg-soup"  # open_clip's laion2b_s34b_b82k_augreg_soup
+# open_clip's laion2b_s34b_b82k_augreg_soup
+CLIP_HUB = "laion/CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg-soup"
 
 def pretrained(cfg):
-    """Every pretrained network a run of cfg loads: checked before anything is built, fetched by `python common.py
-    prefetch --method strsr`."""
+    """Every pretrained network a run of cfg loads: checked before anything is built, fetched by
+    `python common.py prefetch --method strsr`."""
     needs = [common.base_weights(cfg, text=cfg.cond == "text")]
     if cfg.cond == "vlm":
         needs.append(common.Weights("Qwen3-VL (E_vlm, Eq. 5)", cfg.vlm, "vlm", ("config.json", "tokenizer.json"),
@@ -172,7 +188,7 @@ def pretrained(cfg):
         needs.append(common.Weights("VGG19 of FDL (Eq. 10)", cfg.fdl_weights or common.VGG19_URL, "fdl_weights"))
     return needs
 
-# ----------------------------------------------------------------------------- generator and dual encoder
+# ------------------------------------------------------------ generator and dual encoder
 LORA_TARGETS = {  # official target modules; FLUX.2 needs a regex (attn.to_out is a ModuleList in double blocks)
     "flux2": r".*(transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
              r"to_add_out)|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out))",
@@ -180,8 +196,8 @@ LORA_TARGETS = {  # official target modules; FLUX.2 needs a regex (attn.to_out i
 }
 
 def one_step(dit, family, z_lr, c, t_star, steps=1):
-    """z0_hat = z_lr - t* v_theta(z_lr, t*, c): one Euler step from t* to 0, starting at the clean LR latent (no noise
-    added). steps > 1 walks the same straight path in K equal Euler steps."""
+    """z0_hat = z_lr - t* v_theta(z_lr, t*, c): one Euler step from t* to 0, starting at the clean
+    LR latent (no noise added). steps > 1 walks the same straight path in K equal Euler steps."""
     z, ts = z_lr, torch.linspace(t_star, 0, steps + 1).tolist()
     for t, s in zip(ts[:-1], ts[1:]):
         v_theta = common.velocity(family, dit, z, torch.full((z.shape[0],), t, device=z.device), c)
@@ -189,20 +205,21 @@ def one_step(dit, family, z_lr, c, t_star, steps=1):
     return z
 
 def lr_latent(vae, family, x_lr, rng=None):
-    """z_lr of Eq. 6: bicubic x4 of the LR, encoded by a draw of the VAE's latent distribution (official: sample(), not
-    the mode), from `rng` or the global RNG."""
+    """z_lr of Eq. 6: bicubic x4 of the LR, encoded by a draw of the VAE's latent distribution
+    (official: sample(), not the mode), from `rng` or the global RNG."""
     return release_latent(vae, family, common.encode(vae, family, common.upsample_lr(x_lr), True, rng))
 
 def release_latent(vae, family, z_lr):
-    """StrSR-Z: the release feeds the raw Z-Image latent, without the VAE's shift and scale (it applies them only when
-    decoding); every other family's normalised latent as it is."""
+    """StrSR-Z: the release feeds the raw Z-Image latent, without the VAE's shift and scale (it
+    applies them only when decoding); every other family's normalised latent as it is."""
     if family != "zimage":
         return z_lr
     mean, std = common.latent_stats(vae, family, z_lr)
     return z_lr * std + mean  # official != pipeline: the shift and scale only on the way out
 
 def tiny_vlm_config():
-    """A Qwen3-VL with the real classes and layout (vision tower with deepstack, M-RoPE text model)."""
+    """A Qwen3-VL with the real classes and layout (vision tower with deepstack, M-RoPE text model).
+    """
     from transformers import Qwen3VLConfig
     rope = dict(rope_type="default", rope_theta=5e5, mrope_section=[4, 2, 2], mrope_interleaved=True)
     return Qwen3VLConfig(
@@ -214,14 +231,16 @@ def tiny_vlm_config():
         image_token_id=100, video_token_id=101, vision_start_token_id=102, vision_end_token_id=103)
 
 class VLMEncoder(nn.Module):
-    """E_vlm: the LR image + a fixed describe-the-image prompt through a frozen Qwen3-VL; returns the last hidden
-    states of its non-image tokens (B, L, H_vlm), at most 512 (official). Pixels are resized and patchified here on
-    the device, in the layout of the Qwen2-VL/Qwen3-VL image processor (tested against it)."""
+    """E_vlm: the LR image + a fixed describe-the-image prompt through a frozen Qwen3-VL; returns
+    the last hidden states of its non-image tokens (B, L, H_vlm), at most 512 (official). Pixels are
+    resized and patchified here on the device, in the layout of the Qwen2-VL/Qwen3-VL image
+    processor (tested against it)."""
 
     def __init__(self, path=None, prompt="", max_pixels=1024 * 1024, dtype=torch.float32):
         super().__init__()
         from transformers import Qwen3VLModel
-        if path is None:  # tiny: random weights, stand-in ids for the chat template around the image
+        # tiny: random weights, stand-in ids for the chat template around the image
+        if path is None:
             cfg = tiny_vlm_config()
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
@@ -261,8 +280,10 @@ class VLMEncoder(nn.Module):
             x = F.interpolate(x, size=(H, W), mode="bicubic", align_corners=False, antialias=True)
         x = (x - self.mean) / self.std
         gh, gw = H // p, W // p
-        x = x.reshape(B, C, gh // m, m, p, gw // m, m, p).permute(0, 2, 5, 3, 6, 1, 4, 7)  # (B, gh/m, gw/m, m, m,
-        x = x.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, T, -1, -1)  # C, p, p); a still image fills the T patch
+        # (B, gh/m, gw/m, m, m,
+        x = x.reshape(B, C, gh // m, m, p, gw // m, m, p).permute(0, 2, 5, 3, 6, 1, 4, 7)
+        # C, p, p); a still image fills the T patch
+        x = x.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, T, -1, -1)
         grid = torch.tensor([[1, gh, gw]] * B, device=x.device)
         return x.reshape(B * gh * gw, C * T * p * p), grid
 
@@ -275,12 +296,13 @@ class VLMEncoder(nn.Module):
         out = self.model(input_ids=ids, pixel_values=patches.to(self.model.dtype), image_grid_thw=grid,
                          mm_token_type_ids=(ids == self.image_token).int(), attention_mask=torch.ones_like(ids),
                          use_cache=False)
-        return out.last_hidden_state[:, ids[0] != self.image_token][:, :512]  # official: the non-image tokens
+        # official: the non-image tokens
+        return out.last_hidden_state[:, ids[0] != self.image_token][:, :512]
 
 class Condition(nn.Module):
-    """The DiT's caption tokens. `vlm`: c = MLP(E_vlm(x_lr)) (Eq. 5), the MLP trains with the generator; the Table 4
-    ablations hold a fixed embedding: `none` one zero token, `text` the base's own text encoding of an empty prompt
-    (kept as a buffer, so checkpoints carry it)."""
+    """The DiT's caption tokens. `vlm`: c = MLP(E_vlm(x_lr)) (Eq. 5), the MLP trains with the
+    generator; the Table 4 ablations hold a fixed embedding: `none` one zero token, `text` the
+    base's own text encoding of an empty prompt (kept as a buffer, so checkpoints carry it)."""
 
     def __init__(self, mode, width, vlm=None, fixed=None):
         super().__init__()
@@ -299,7 +321,8 @@ class Condition(nn.Module):
 def build_generator(cfg, device, ckpt=None, dtype=None):
     """Base DiT + LoRA, VAE and the condition, on `device`. Frozen weights in bf16 on GPU."""
     family, random_nets = common.PRESETS[cfg.model].family, common.PRESETS[cfg.model].hub is None
-    dtype, path = dtype or common.weight_dtype(device), cfg.model_path or None  # a sampler's --dtype
+    # a sampler's --dtype
+    dtype, path = dtype or common.weight_dtype(device), cfg.model_path or None
     dit = common.add_lora(common.load_dit(cfg.model, path, dtype), cfg.train_base, cfg.lora_rank, cfg.lora_alpha,
                           LORA_TARGETS[family])
     vae = common.load_vae(cfg.model, path, dtype, device, tiling=ckpt is not None)
@@ -314,10 +337,11 @@ def build_generator(cfg, device, ckpt=None, dtype=None):
         fixed = common.fixed_prompt(cfg, dit, device, os.path.join(cfg.out_dir, "cache"))["embeds"].cpu()
     return dit.to(device), vae, Condition(cfg.cond, width, vlm, fixed).to(device)
 
-# ----------------------------------------------------------------------------- discriminator (Sec. 3.3)
+# ------------------------------------------------------------ discriminator (Sec. 3.3)
 class Blur(nn.Module):
-    """BlurPool's low-pass, as the release's (vision-aided-loss, filter size 4): the binomial [1, 3, 3, 1] x [1, 3, 3,
-    1] / 64 per channel, zero padding `pad` on every side, stride 1 (the stride is in the conv that follows)."""
+    """BlurPool's low-pass, as the release's (vision-aided-loss, filter size 4): the binomial [1, 3,
+    3, 1] x [1, 3, 3, 1] / 64 per channel, zero padding `pad` on every side, stride 1 (the stride is
+    in the conv that follows)."""
 
     def __init__(self, channels, pad):
         super().__init__()
@@ -328,17 +352,20 @@ class Blur(nn.Module):
         return F.conv2d(x, self.k.to(x.dtype), padding=self.pad, groups=x.shape[1])
 
 def head(channels, width):
-    """Official: BlurPool (pad 2) -> SN Conv3x3 stride 2 -> LeakyReLU(0.2) -> BlurPool (pad 1) -> SN Conv1x1 stride 2:
-    1-channel patch logits at 1/4 of the feature map (H -> H + 1 -> H/2 -> H/2 - 1 -> H/4 for H a multiple of 4)."""
+    """Official: BlurPool (pad 2) -> SN Conv3x3 stride 2 -> LeakyReLU(0.2) -> BlurPool (pad 1) -> SN
+    Conv1x1 stride 2: 1-channel patch logits at 1/4 of the feature map (H -> H + 1 -> H/2 -> H/2 - 1
+    -> H/4 for H a multiple of 4)."""
     sn = nn.utils.parametrizations.spectral_norm
     return nn.Sequential(Blur(channels, 2), sn(nn.Conv2d(channels, width, 3, 2, 0)), nn.LeakyReLU(0.2),
                          Blur(width, 1), sn(nn.Conv2d(width, 1, 1, 2)))
 
-RANDOM_TRUNK = (dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128)), 32)  # tiny/mini: a small random trunk, embedding
+# tiny/mini: a small random trunk, embedding
+RANDOM_TRUNK = (dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128)), 32)
 
 class Discriminator(nn.Module):
-    """C(x) in Eq. (7): features of the first three ConvNeXt stages and the pooled CLIP embedding of a frozen CLIP
-    image tower, each read by a trainable head; returns a list of logits (B, N_level)."""
+    """C(x) in Eq. (7): features of the first three ConvNeXt stages and the pooled CLIP embedding of
+    a frozen CLIP image tower, each read by a trainable head; returns a list of logits (B, N_level).
+    """
 
     def __init__(self, random_net, width=512, ckpt=""):
         super().__init__()
@@ -366,8 +393,8 @@ class Discriminator(nn.Module):
         return self
 
     def features(self, x):
-        """Images in [0, 1] -> [stage 1, stage 2, stage 3 maps, pooled embedding]. The backbone is frozen: it records
-        a graph only when the gradient must reach the input (the generator)."""
+        """Images in [0, 1] -> [stage 1, stage 2, stage 3 maps, pooled embedding]. The backbone is
+        frozen: it records a graph only when the gradient must reach the input (the generator)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and x.requires_grad):
             h, feats = self.trunk.stem((x - self.mean) / self.std), []
             for i, stage in enumerate(self.trunk.stages):
@@ -385,10 +412,11 @@ class Discriminator(nn.Module):
     def trainable(self):
         return [p for m in (self.heads, self.pooled_head) for p in m.parameters()]
 
-# ----------------------------------------------------------------------------- losses
+# ------------------------------------------------------------ losses
 def ragan_loss(d_real, d_fake, g_form=False):
-    """Eq. (7): relativistic average GAN, D_Ra(a, b) = C(a) - mean_batch C(b), per level, summed over levels. The D
-    form pushes real above the average fake and fake below the average real; the G form swaps."""
+    """Eq. (7): relativistic average GAN, D_Ra(a, b) = C(a) - mean_batch C(b), per level, summed
+    over levels. The D form pushes real above the average fake and fake below the average real; the
+    G form swaps."""
     bce = F.binary_cross_entropy_with_logits
     loss = 0.0
     for r, f in zip(d_real, d_fake):
@@ -401,24 +429,29 @@ def ragan_loss(d_real, d_fake, g_form=False):
     return loss
 
 def r1_loss(disc, x_real, d_real, noise_scale=0.005):
-    """Eq. (8): mean ||C(x) - C(x + n)||^2 summed over levels, n ~ U[0, s) per pixel on [-1, 1] images (official). For
-    small n this is the R1 penalty of the directional derivative along n, without a double backward. `d_real` =
-    disc(x_real), passed in because the D step has it already."""
-    n = torch.rand_like(x_real) * noise_scale / 2  # official != paper: one-sided uniform (paper: Gaussian); /2: [0, 1]
+    """Eq. (8): mean ||C(x) - C(x + n)||^2 summed over levels, n ~ U[0, s) per pixel on [-1, 1]
+    images (official). For small n this is the R1 penalty of the directional derivative along n,
+    without a double backward. `d_real` = disc(x_real), passed in because the D step has it already.
+    """
+    # official != paper: one-sided uniform (paper: Gaussian); /2: [0, 1]
+    n = torch.rand_like(x_real) * noise_scale / 2
     d_noisy = disc(x_real + n)
     return sum(((r.float() - q.float()) ** 2).mean() for r, q in zip(d_real, d_noisy))
 
-VGG19_RELU = (3, 8, 17, 26, 35)  # relu1_2, relu2_2, relu3_4, relu4_4, relu5_4 in torchvision's vgg19().features
+# relu1_2, relu2_2, relu3_4, relu4_4, relu5_4 in torchvision's vgg19().features
+VGG19_RELU = (3, 8, 17, 26, 35)
 
 class FDLFeatures(nn.Module):
-    """phi of Eq. (10): frozen VGG19 features (torchvision's ImageNet weights from `weights`, a file or "" torch hub's
-    cache; "random": a random VGG19, the tiny and mini presets' stand-in) and, per layer, the fixed random projections
-    of the sliced Wasserstein distance (5x5 kernels over all channels, each L2-normalised, drawn once)."""
+    """phi of Eq. (10): frozen VGG19 features (torchvision's ImageNet weights from `weights`, a file
+    or "" torch hub's cache; "random": a random VGG19, the tiny and mini presets' stand-in) and, per
+    layer, the fixed random projections of the sliced Wasserstein distance (5x5 kernels over all
+    channels, each L2-normalised, drawn once)."""
 
     def __init__(self, weights="random", projections=256, kernel=5):
         super().__init__()
         import torchvision
-        vgg = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["E"])  # VGG19's features
+        # VGG19's features
+        vgg = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["E"])
         if weights != "random":
             sd = torch.load(weights or common.hub_file(common.VGG19_URL), map_location="cpu", weights_only=True)
             vgg.load_state_dict({k.removeprefix("features."): v for k, v in sd.items() if k.startswith("features.")})
@@ -441,7 +474,8 @@ class FDLFeatures(nn.Module):
 def sliced_wasserstein(a, b, kernels):
     """1-D Wasserstein distance between the spatial distributions of random projections, (B,)."""
     h, w = a.shape[-2:]
-    if h < kernels.shape[-2] or w < kernels.shape[-1]:  # ours: maps smaller than the kernel (tiny crops only)
+    # ours: maps smaller than the kernel (tiny crops only)
+    if h < kernels.shape[-2] or w < kernels.shape[-1]:
         kernels = kernels[..., :h, :w]
         kernels = kernels / kernels.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
     pa = F.conv2d(a, kernels).flatten(2).sort(-1).values
@@ -449,8 +483,8 @@ def sliced_wasserstein(a, b, kernels):
     return (pa - pb).abs().mean((1, 2))
 
 def fdl_loss(phi, x, y, phase_weight=1.0):
-    """Eq. (10): per VGG layer, the DFT of the features split into amplitude and phase; sliced Wasserstein distance of
-    each between x and y; summed over layers, mean over the batch."""
+    """Eq. (10): per VGG layer, the DFT of the features split into amplitude and phase; sliced
+    Wasserstein distance of each between x and y; summed over layers, mean over the batch."""
     loss = 0.0
     for i, (fx, fy) in enumerate(zip(phi(x), phi(y))):
         Fx, Fy, k = torch.fft.fft2(fx.float()), torch.fft.fft2(fy.float()), getattr(phi, f"proj{i}")
@@ -459,10 +493,11 @@ def fdl_loss(phi, x, y, phase_weight=1.0):
     return loss.mean()
 
 def strsr_losses(dit, vae, cond, disc, lpips, phi, family, x_lr, x_hr, cfg):
-    """One training step's terms: the generator's L_Gen (Eq. 11) and, on its detached output, the discriminator's
-    L_Dis (Eq. 9). Their gradients reach disjoint parameters: D's heads are frozen (and in eval mode, official) during
-    the G pass, and the D pass sees no graph of G. Since the backbone is frozen, the D pass reuses the G pass's
-    backbone features. Returns (L_Gen + L_Dis, the terms, x_sr)."""
+    """One training step's terms: the generator's L_Gen (Eq. 11) and, on its detached output, the
+    discriminator's L_Dis (Eq. 9). Their gradients reach disjoint parameters: D's heads are frozen
+    (and in eval mode, official) during the G pass, and the D pass sees no graph of G. Since the
+    backbone is frozen, the D pass reuses the G pass's backbone features. Returns (L_Gen + L_Dis,
+    the terms, x_sr)."""
     with torch.no_grad():
         z_lr = lr_latent(vae, family, x_lr)                           # Eq. (6)
     z0_hat = one_step(dit, family, z_lr, cond(x_lr), cfg.t_star)     # Eqs. (5), (6)
@@ -476,10 +511,13 @@ def strsr_losses(dit, vae, cond, disc, lpips, phi, family, x_lr, x_hr, cfg):
         terms["fdl"] = fdl_loss(phi, to(x_sr.float()), to(x_hr), cfg.fdl_phase)
     if cfg.w_gan:
         with torch.no_grad():
-            feats_real = disc.features(x_hr)                          # frozen backbone, once per batch
-        with common.frozen(disc, eval_mode=True):  # L_G reaches the generator only; official: no power iteration
+            # frozen backbone, once per batch
+            feats_real = disc.features(x_hr)
+        # L_G reaches the generator only; official: no power iteration
+        with common.frozen(disc, eval_mode=True):
             feats_fake = disc.features(x_sr)
-            terms["gan"] = ragan_loss(disc.logits(feats_real), disc.logits(feats_fake), g_form=True)  # Eq. (7), G
+            # Eq. (7), G
+            terms["gan"] = ragan_loss(disc.logits(feats_real), disc.logits(feats_fake), g_form=True)
     loss_g = (cfg.w_l1 * terms["l1"] + cfg.w_lpips * terms.get("lpips", 0.0) + cfg.w_gan * terms.get("gan", 0.0)
               + w_fdl * terms.get("fdl", 0.0))  # Eq. (11)
     if not cfg.w_gan:  # no discriminator (Table 4's w/o GAN; the mini)
@@ -490,11 +528,12 @@ def strsr_losses(dit, vae, cond, disc, lpips, phi, family, x_lr, x_hr, cfg):
     loss_d = d_gan + cfg.w_r1 * r1                                    # Eq. (9)
     return loss_g + loss_d, {"loss": loss_g, **terms, "d": loss_d, "d_gan": d_gan, "r1": r1}, x_sr
 
-# ----------------------------------------------------------------------------- sampler
+# ------------------------------------------------------------ sampler
 def build_sampler(flags, device=None):
-    """fn(x_lr (1, 3, h, w) in [0, 1]) -> (1, 3, 4h, 4w) of the checkpoint flags.ckpt: bicubic x4, pad to 16, one step
-    (tiled in latent space for large inputs, the VLM condition computed once on the whole LR), crop back. The only
-    randomness, the draw of z_lr from the VAE's latent distribution, is seeded by flags.seed."""
+    """fn(x_lr (1, 3, h, w) in [0, 1]) -> (1, 3, 4h, 4w) of the checkpoint flags.ckpt: bicubic x4,
+    pad to 16, one step (tiled in latent space for large inputs, the VLM condition computed once on
+    the whole LR), crop back. The only randomness, the draw of z_lr from the VAE's latent
+    distribution, is seeded by flags.seed."""
     path, cfg, device, dtype = common.sampler_setup(flags, resolve, device)
     dit, vae, cond = build_generator(cfg, device, ckpt=path, dtype=dtype)
     common.load_checkpoint(path, {"dit": dit, "cond": cond}, ema=cfg.ema)
@@ -509,15 +548,16 @@ def build_sampler(flags, device=None):
             c = cond(x_lr.to(device).float())  # once, on the whole LR image
             return common.tiled(lambda z: one_step(dit, family, z, c, cfg.t_star, cfg.steps),
                                 release_latent(vae, family, z_lr), tile, overlap)
-        g = torch.Generator(device).manual_seed(cfg.seed)  # official: z_lr a draw of the latent distribution
+        # official: z_lr a draw of the latent distribution
+        g = torch.Generator(device).manual_seed(cfg.seed)
         return common.super_resolve(vae, family, x_lr, latent, g)
     sr.cond = cond  # for inspection (tests: the VLM runs once per image)
     return common.finish_sampler(sr, cfg)
 
-# ----------------------------------------------------------------------------- training
+# ------------------------------------------------------------ training
 def resume_stage(cfg, models, optimizers, log):
-    """(step, the step this stage started at): resume this run, continue a stage-1 run into stage 2 in the same
-    out_dir, or start stage 2 from --init_ckpt."""
+    """(step, the step this stage started at): resume this run, continue a stage-1 run into stage 2
+    in the same out_dir, or start stage 2 from --init_ckpt."""
     ckpt = common.latest_checkpoint(cfg.out_dir)
     if ckpt:
         state = common.load_checkpoint(ckpt, models, optimizers)
@@ -543,7 +583,8 @@ def train(cfg):
     rank, world, device, log = common.setup(cfg, pretrained(cfg))
     family, random_nets = common.PRESETS[cfg.model].family, common.PRESETS[cfg.model].hub is None
 
-    # 1. models: LoRA generator + condition MLP train; VLM, VAE, D backbone, VGG, LPIPS frozen; no D with --w_gan 0
+    # 1. models: LoRA generator + condition MLP train; VLM, VAE, D backbone, VGG, LPIPS frozen; no D
+    # with --w_gan 0
     with torch.random.fork_rng(devices=[]):  # the same initial weights on every rank
         torch.manual_seed(cfg.seed)
         dit, vae, cond = build_generator(cfg, device)
@@ -570,8 +611,9 @@ def train(cfg):
     # 4. data: HR crops; the LR made on the device by the degradation (Real-ESRGAN unless --degrade)
     loader, accum = make_loader(ImageDataset(cfg.data, cfg.crop, cfg.data_root), cfg, rank, world, step)
 
-    # 5. loop: per micro-batch, seeded by its place in the run (a resume or any number of ranks draws the same
-    #    numbers), L_Gen (Eq. 11) and L_Dis (Eq. 9) back-propagated together; then both optimizers step
+    # 5. loop: per micro-batch, seeded by its place in the run (a resume or any number of ranks
+    # draws the same numbers), L_Gen (Eq. 11) and L_Dis (Eq. 9) back-propagated together; then both
+    # optimizers step
     for m in models.values():
         m.train()
     saved = {"stage_start": first}  # where this stage began: its lr schedule, after a resume
@@ -589,7 +631,8 @@ def train(cfg):
                 loss, terms, x_sr = strsr_losses(dit, vae, cond, disc, lpips, phi, family, x_lr, x_hr, cfg)
             (loss * scale).backward()
             sums = {k: sums.get(k, 0) + v.detach() / accum for k, v in terms.items()}
-        common.set_lr(opts.values(), step + 1 - first, end - first, cfg.lr_decay)  # the schedule counts this stage
+        # the schedule counts this stage
+        common.set_lr(opts.values(), step + 1 - first, end - first, cfg.lr_decay)
         norms = common.optimizer_step(opts.values(), cfg.grad_clip)
         if ema:
             ema.update()

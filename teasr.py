@@ -1,16 +1,19 @@
 """
 TEASR: Training-Efficient Any-Step Diffusion Transformer for Real-World Image Super-Resolution
-(Gao, Zhu, Fang, Hu, Zhang; arXiv:2606.16188). The authors released no code: this file implements the paper.
+(Gao, Zhu, Fang, Hu, Zhang; arXiv:2606.16188). The authors released no code: this file implements
+the paper.
 
-One model, no teacher, no discriminator: a dual-branch DiT on Qwen-Image-2512 is trained with Self-Adversarial
-Distillation (SAD). The noise branch is the frozen base; a LoRA that acts only on the condition (LR) tokens, plus a
-second timestep embedder, is all that trains. The same network gives the real trajectory (target time t_tar >= 0),
-the one-step generator (t = 1 -> t_tar = 0) and the fake trajectory (negative target time), so one model in memory
-plays teacher, student and fake score.
+One model, no teacher, no discriminator: a dual-branch DiT on Qwen-Image-2512 is trained with
+Self-Adversarial Distillation (SAD). The noise branch is the frozen base; a LoRA that acts only on
+the condition (LR) tokens, plus a second timestep embedder, is all that trains. The same network
+gives the real trajectory (target time t_tar >= 0), the one-step generator (t = 1 -> t_tar = 0) and
+the fake trajectory (negative target time), so one model in memory plays teacher, student and fake
+score.
 
-Notation (rectified flow, t = 1 is noise): z_t = (1 - t) z_hr + t eps, v = eps - z_hr, Euler step z_s = z_t - (t - s)
-v; z_lr (the paper's z_lq) the latent of the bicubic x4 LR. v(z, t, t_tar) = v_theta(z, t, z_lr, t_tar): noise tokens
-at the current time t, condition tokens at the target time t_tar (Decoupled Timestep Condition, Sec. 3.3).
+Notation (rectified flow, t = 1 is noise): z_t = (1 - t) z_hr + t eps, v = eps - z_hr, Euler step
+z_s = z_t - (t - s) v; z_lr (the paper's z_lq) the latent of the bicubic x4 LR. v(z, t, t_tar) =
+v_theta(z, t, z_lr, t_tar): noise tokens at the current time t, condition tokens at the target time
+t_tar (Decoupled Timestep Condition, Sec. 3.3).
     (1)  v1 = v(z_t, t, s)                                      one shortcut step t -> s
     (2)  z_m = z_t - (t - s)/2 v(z_t, t, m),   m = (t + s)/2
     (3)  v2 = 1/2 v(z_t, t, m) + 1/2 v(z_m, m, s)               two half steps
@@ -25,12 +28,12 @@ at the current time t, condition tokens at the target time t_tar (Decoupled Time
     (14) Delta <- w(s) Delta,   w(s) = (1 - s)^2 / s             Time-Aware Rectification
     (11) L_rectify = || v(eps, 1, 0) - sg(v(eps, 1, 0) - Delta) ||^2      (t = 1, t_tar = 0: z_t = eps)
     (12) x_sr = D(z0_hat)
-    (13) L_data = MSE(x_sr, x_hr) + lambda_lpips LPIPS(x_sr, x_hr)
-    L = L_base + lambda_data L_data + lambda_adv L_adv + lambda_rect L_rectify
-    Algorithm 1 (any-step): tau_i = 1 - i/N, z <- z - (tau_i - tau_i+1) v(z, tau_i, tau_i+1), N = 1..30.
-Eq. (11)'s gradient is 2 w(s) Delta / numel on v(eps, 1, 0): it moves z0_hat = eps - v by +w Delta, towards the real
-score's x0 and away from the fake score's (DMD). In Eq. (11) t = 1, so z_t is the noise of Eq. (6) and v(z_t, 1, 0)
-is the very forward that made z0_hat: it runs once per step.
+    (13) L_data = MSE(x_sr, x_hr) + lambda_lpips LPIPS(x_sr, x_hr) L = L_base + lambda_data L_data +
+    lambda_adv L_adv + lambda_rect L_rectify Algorithm 1 (any-step): tau_i = 1 - i/N, z <- z -
+    (tau_i - tau_i+1) v(z, tau_i, tau_i+1), N = 1..30.
+Eq. (11)'s gradient is 2 w(s) Delta / numel on v(eps, 1, 0): it moves z0_hat = eps - v by +w Delta,
+towards the real score's x0 and away from the fake score's (DMD). In Eq. (11) t = 1, so z_t is the
+noise of Eq. (6) and v(z_t, 1, 0) is the very forward that made z0_hat: it runs once per step.
 
     python teasr.py --data LSDIR_FFHQ10k.txt                  # one GPU: batch 4 = 4 x accumulation
     torchrun --nproc_per_node=2 teasr.py --data LSDIR_FFHQ10k.txt   # Sec. 4.1: 2 GPUs x 1 x accum 2
@@ -39,30 +42,33 @@ is the very forward that made z0_hat: it runs once per step.
     python teasr.py --fused_t   /   --const_weight            # the two ablations of Table 3
 
 What differs from the paper, and why:
-- Unknown in the paper, chosen here (`# ours` in Config): the loss weights (0.25 for each auxiliary term as the
-  authors' precursor, 1.0 for L_data and LPIPS), the time laws of L_flow (t ~ U(0,1)) and L_cons (t ~ U(0,1),
-  s ~ U(0,t)), the guard of w(s) near s = 0 (the denominator is clamped at tar_min_s), the LoRA targets and init,
-  the tile size.
+- Unknown in the paper, chosen here (`# ours` in Config): the loss weights (0.25 for each auxiliary
+  term as the authors' precursor, 1.0 for L_data and LPIPS), the time laws of L_flow (t ~ U(0,1))
+  and L_cons (t ~ U(0,1), s ~ U(0,t)), the guard of w(s) near s = 0 (the denominator is clamped at
+  tar_min_s), the LoRA targets and init, the tile size.
 - ||.||_2 in Eqs. (4), (8), (11) is taken as the mean squared error, as in flow matching.
 - sg on the consistency target v2 (Eq. 4): the shortcut-model practice; the paper does not say.
-- LoRA targets: the patch embedding and every image-stream linear of the blocks (q, k, v, out, MLP), applied to the
-  condition half of the tokens only (OminiControl). Not peft: peft would apply the delta to all tokens, so a small
-  forward hook (CondLoRA) does it. In the last block only k and v get one (its condition queries, outputs and MLP
-  never reach the velocity). The condition tokens' adaLN modulation comes from the trainable t_tar embedder instead
-  of a LoRA on img_mod.
-- --fused_t (Table 3 baseline): temb(t) + temb2(t_tar) for all tokens, temb2 zero-initialised so the model starts as
-  the base; the paper names this fusion but not which one its baseline used.
-- The four loss groups are back-propagated together, once per micro-batch; with gradient checkpointing their four
-  DiT graphs hold only the blocks' inputs.
+- LoRA targets: the patch embedding and every image-stream linear of the blocks (q, k, v, out, MLP),
+  applied to the condition half of the tokens only (OminiControl). Not peft: peft would apply the
+  delta to all tokens, so a small forward hook (CondLoRA) does it. In the last block only k and v
+  get one (its condition queries, outputs and MLP never reach the velocity). The condition tokens'
+  adaLN modulation comes from the trainable t_tar embedder instead of a LoRA on img_mod.
+- --fused_t (Table 3 baseline): temb(t) + temb2(t_tar) for all tokens, temb2 zero-initialised so the
+  model starts as the base; the paper names this fusion but not which one its baseline used.
+- The four loss groups are back-propagated together, once per micro-batch; with gradient
+  checkpointing their four DiT graphs hold only the blocks' inputs.
 - diffusers' Qwen-Image VAE decoder clamps to [-1, 1], so saturated pixels give L_data no gradient.
-- Pixel ranges: L_data's MSE (Eq. 13) is taken on [0, 1] images, the range every image has here outside the VAE and
-  the one PSNR is measured on; the paper does not say. On [-1, 1] it would be 4x larger, i.e. lambda_data 4x heavier
-  against the latent flow terms (L_base, L_adv, L_rectify), which the [0, 1] / [-1, 1] choice does not touch.
-- --train_base full (ours, off by default; the mini's setting): the base's own weights train too, in fp32, so the
-  noise branch is no longer frozen. On the 2M mini base a frozen noise branch cannot read the condition tokens
-  (README, mini bases). The checkpoint then also holds the base (`dit.safetensors`).
-- --zero_init (ours, the mini): v = the DiT's output + (z_t - z_lr), that output layer zeroed, so the one step from
-  eps (Eq. 6) starts at z0_hat = z_lr, bicubic; the network learns the detail instead of first cancelling eps.
+- Pixel ranges: L_data's MSE (Eq. 13) is taken on [0, 1] images, the range every image has here
+  outside the VAE and the one PSNR is measured on; the paper does not say. On [-1, 1] it would be 4x
+  larger, i.e. lambda_data 4x heavier against the latent flow terms (L_base, L_adv, L_rectify),
+  which the [0, 1] / [-1, 1] choice does not touch.
+- --train_base full (ours, off by default; the mini's setting): the base's own weights train too, in
+  fp32, so the noise branch is no longer frozen. On the 2M mini base a frozen noise branch cannot
+  read the condition tokens (README, mini bases). The checkpoint then also holds the base
+  (`dit.safetensors`).
+- --zero_init (ours, the mini): v = the DiT's output + (z_t - z_lr), that output layer zeroed, so
+  the one step from eps (Eq. 6) starts at z0_hat = z_lr, bicubic; the network learns the detail
+  instead of first cancelling eps.
 """
 import copy, dataclasses
 
@@ -80,7 +86,7 @@ UNSUPPORTED = {"fsdp": "the paper trains the 20B base on one GPU (a frozen bf16 
                "fuse_lora": "the condition LoRA acts on the LR tokens only, and the noise tokens run the bare base in "
                             "the same pass: no merged base computes both"}
 
-# ----------------------------------------------------------------------------- config
+# ------------------------------------------------------------ config
 @dataclasses.dataclass
 class Config(common.SampleFlags):  # + the shared sampling flags
     model: str = "qwen-image"     # Sec. 4.1: Qwen-Image-2512
@@ -132,10 +138,11 @@ class Config(common.SampleFlags):  # + the shared sampling flags
 
 # --model tiny / mini (ours): these values for every flag not given
 TINY = dict(max_steps=20, crop=64, lora_rank=8, lora_alpha=8.0, batch_size=2, tile=8, overlap=2)
-# mini: the whole base trains (a frozen 2M noise branch cannot read the condition tokens), from z0_hat = z_lr;
-# w_data 3000: the pixel MSE (~0.003) must lead the latent terms, or L_flow's gradient (20x L_data's at weight 30)
-# drowns the one step's reading of the condition tokens; w_rect 0.05: a 2M base's score difference (Eq. 10) is mostly
-# noise; w_lpips 0: offline the VGG is random, and over half of a CPU step; tile 16, the crop
+# mini: the whole base trains (a frozen 2M noise branch cannot read the condition tokens), from
+# z0_hat = z_lr; w_data 3000: the pixel MSE (~0.003) must lead the latent terms, or L_flow's
+# gradient (20x L_data's at weight 30) drowns the one step's reading of the condition tokens; w_rect
+# 0.05: a 2M base's score difference (Eq. 10) is mostly noise; w_lpips 0: offline the VGG is random,
+# and over half of a CPU step; tile 16, the crop
 MINI = dict(max_steps=1200, crop=128, lora_rank=32, lora_alpha=32.0, lr=1e-3, lr_decay=0.5, w_data=3000.0, w_lpips=0.0,
             w_rect=0.05, batch_size=4, micro_batch=4, tile=16, overlap=4, grid_every=300, save_every=300,
             eval_heldout=True, degrade="bicubic", train_base="full", zero_init=True)
@@ -156,23 +163,25 @@ def resolve(cfg):
     return cfg
 
 def pretrained(cfg):
-    """Every pretrained network a run of cfg loads: checked before anything is built, fetched by `python common.py
-    prefetch --method teasr`. The text encoder encodes the empty prompt once."""
+    """Every pretrained network a run of cfg loads: checked before anything is built, fetched by
+    `python common.py prefetch --method teasr`. The text encoder encodes the empty prompt once."""
     return [common.base_weights(cfg, text=True)] + ([common.lpips_weights(cfg)] if cfg.w_lpips else [])
 
-# ----------------------------------------------------------------------------- model: the dual-branch DiT
+# ------------------------------------------------------------ model: the dual-branch DiT
 # image-stream linears of every block: they see the [noise | condition] token sequence
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "img_mlp.net.0.proj", "img_mlp.net.2")
-LAST_TARGETS = ("attn.to_k", "attn.to_v")  # the last block's condition outputs are never read: only its keys/values
+# the last block's condition outputs are never read: only its keys/values
+LAST_TARGETS = ("attn.to_k", "attn.to_v")
 
 class CondLoRA(nn.Module):
-    """LoRA on the condition tokens only (OminiControl): a forward hook on a frozen Linear whose input is the token
-    sequence [noise | condition] (equal halves). The noise half keeps the base output bit for bit; the condition half
-    gets + alpha/rank * up(down(x))."""
+    """LoRA on the condition tokens only (OminiControl): a forward hook on a frozen Linear whose
+    input is the token sequence [noise | condition] (equal halves). The noise half keeps the base
+    output bit for bit; the condition half gets + alpha/rank * up(down(x))."""
 
     def __init__(self, base, rank, alpha):
         super().__init__()
-        self.down = nn.Linear(base.in_features, rank, bias=False)  # kaiming-uniform, as peft's default
+        # kaiming-uniform, as peft's default
+        self.down = nn.Linear(base.in_features, rank, bias=False)
         self.up = nn.Linear(rank, base.out_features, bias=False)
         nn.init.zeros_(self.up.weight)  # delta 0 at init: the model starts as the base
         self.scale = alpha / rank
@@ -184,9 +193,10 @@ class CondLoRA(nn.Module):
         return y
 
 class CondBranch(nn.Module):
-    """Everything TEASR trains, outside the frozen base (whose state dict stays untouched): the condition-token LoRA of
-    every target Linear of `dit`, and the t_tar embedder (a copy of the base's timestep MLP, Sec. 3.3; zero-initialised
-    and summed in for --fused_t). Built by attach_cond_branch, which hooks it onto the base."""
+    """Everything TEASR trains, outside the frozen base (whose state dict stays untouched): the
+    condition-token LoRA of every target Linear of `dit`, and the t_tar embedder (a copy of the
+    base's timestep MLP, Sec. 3.3; zero-initialised and summed in for --fused_t). Built by
+    attach_cond_branch, which hooks it onto the base."""
 
     def __init__(self, dit, rank, alpha, fused_t=False, lr_skip=False):
         super().__init__()
@@ -203,15 +213,17 @@ class CondBranch(nn.Module):
         self.requires_grad_(True)
 
 def split_modulation(dit):
-    """Switch dit's blocks to per-token modulation (diffusers' zero_cond_t): each token takes the half of temb that
-    v_theta's index names, the text the first half. Every DiT v_theta runs on is switched once."""
+    """Switch dit's blocks to per-token modulation (diffusers' zero_cond_t): each token takes the
+    half of temb that v_theta's index names, the text the first half. Every DiT v_theta runs on is
+    switched once."""
     for block in dit.transformer_blocks:
         block.zero_cond_t = True
     return dit
 
 def attach_cond_branch(dit, rank, alpha, fused_t=False, lr_skip=False):
-    """Make `dit` the dual-branch DiT and return its condition branch: the base frozen (the noise branch), its
-    modulation split per token group, the branch's CondLoRA hooked on its target Linears."""
+    """Make `dit` the dual-branch DiT and return its condition branch: the base frozen (the noise
+    branch), its modulation split per token group, the branch's CondLoRA hooked on its target
+    Linears."""
     if dit.config.use_additional_t_cond:
         raise SystemExit("TEASR: a base with additional_t_cond (Qwen-Image-Layered) is not supported")
     dit.requires_grad_(False)  # the noise branch is the frozen base
@@ -222,28 +234,34 @@ def attach_cond_branch(dit, rank, alpha, fused_t=False, lr_skip=False):
     return branch
 
 def v_theta(dit, branch, z_t, t, z_lr, t_tar, cond):
-    """Dual-branch velocity v_theta(z_t, t, z_lr, t_tar) -> (B, C, H, W), v = eps - z_0 (Fig. 2). z_t, z_lr
-    (B, C, H, W); t, t_tar (B,). The base's own modules run in the base's order (as
-    QwenImageTransformer2DModel.forward); what differs: the LR tokens join the image sequence at the same positions,
-    and each token group has its own time embedding. branch=None: the condition tokens at the base's own time
-    embedding, for a DiT with no branch attached (switched by split_modulation)."""
+    """Dual-branch velocity v_theta(z_t, t, z_lr, t_tar) -> (B, C, H, W), v = eps - z_0 (Fig. 2).
+    z_t, z_lr (B, C, H, W); t, t_tar (B,). The base's own modules run in the base's order (as
+    QwenImageTransformer2DModel.forward); what differs: the LR tokens join the image sequence at the
+    same positions, and each token group has its own time embedding. branch=None: the condition
+    tokens at the base's own time embedding, for a DiT with no branch attached (switched by
+    split_modulation)."""
     B, C, H, W = z_t.shape
     n = H * W // 4  # tokens per group (2x2 packing)
-    # tokens [noise | condition]: the LR latent through the same patch embedding (its LoRA: the condition half)
+    # tokens [noise | condition]: the LR latent through the same patch embedding (its LoRA: the
+    # condition half)
     x = dit.img_in(torch.cat([common.pack(z_t), common.pack(z_lr)], 1).to(dit.dtype))  # (B, 2n, D)
     # DTC: noise tokens modulated by temb(t), condition tokens by temb2(t_tar)
     proj = dit.time_text_embed.time_proj  # sinusoids of 1000 t (no parameters)
     temb_t = dit.time_text_embed.timestep_embedder(proj(t).to(x.dtype))  # (B, D)
     embed_tar = branch.t_embedder if branch is not None else dit.time_text_embed.timestep_embedder
     temb_tar = embed_tar(proj(t_tar).to(x.dtype))  # (B, D)
-    if branch is not None and branch.fused_t:  # ablation: temb1(t_cur) + temb2(t_tar), the same for every token
+    # ablation: temb1(t_cur) + temb2(t_tar), the same for every token
+    if branch is not None and branch.fused_t:
         temb_t = temb_tar = temb_t + temb_tar
-    temb = torch.cat([temb_t, temb_tar])  # (2B, D): rows of the noise group, then of the condition group
-    index = (torch.arange(2 * n, device=x.device) >= n).int().expand(B, -1)  # (B, 2n): 0 noise, 1 condition
+    # (2B, D): rows of the noise group, then of the condition group
+    temb = torch.cat([temb_t, temb_tar])
+    # (B, 2n): 0 noise, 1 condition
+    index = (torch.arange(2 * n, device=x.device) >= n).int().expand(B, -1)
     txt = dit.txt_in(dit.txt_norm(cond["embeds"].to(dit.dtype).expand(B, -1, -1)))  # (B, L, D)
     mask = cond["mask"].bool().expand(B, -1) if "mask" in cond else None
     img_freqs, txt_freqs = dit.pos_embed([(1, H // 2, W // 2)], device=x.device, max_txt_seq_len=txt.shape[1])
-    rope = (torch.cat([img_freqs, img_freqs]), txt_freqs)  # both groups at the same positions (OminiControl)
+    # both groups at the same positions (OminiControl)
+    rope = (torch.cat([img_freqs, img_freqs]), txt_freqs)
     for block in dit.transformer_blocks:
         args = (x, txt, mask, temb, rope, None, index)
         if torch.is_grad_enabled() and dit.gradient_checkpointing:
@@ -252,17 +270,20 @@ def v_theta(dit, branch, z_t, t, z_lr, t_tar, cond):
             txt, x = block(*args)
     x = dit.norm_out(x[:, :n], temb_t)  # the velocity is read from the noise tokens
     v = common.unpack(dit.proj_out(x).float(), H, W)
-    return v + (z_t - z_lr) if branch is not None and branch.lr_skip else v  # --zero_init: at v = 0, z0_hat = z_lr
+    # --zero_init: at v = 0, z0_hat = z_lr
+    return v + (z_t - z_lr) if branch is not None and branch.lr_skip else v
 
 def bind(dit, branch, z_lr, cond):
-    """v(z, t, t_tar) for this batch's LR latent; z may stack k copies of the batch (one batched forward)."""
+    """v(z, t, t_tar) for this batch's LR latent; z may stack k copies of the batch (one batched
+    forward)."""
     def v(z, t, t_tar):
         return v_theta(dit, branch, z, t, z_lr.repeat(z.shape[0] // z_lr.shape[0], 1, 1, 1), t_tar, cond)
     return v
 
-# ----------------------------------------------------------------------------- losses
+# ------------------------------------------------------------ losses
 def flow_loss(v, z_hr, t, eps):
-    """L_flow (Eq. 5): the instantaneous velocity on the real trajectory, target time = current time."""
+    """L_flow (Eq. 5): the instantaneous velocity on the real trajectory, target time = current
+    time."""
     z_t = (1 - bc(t)) * z_hr + bc(t) * eps
     return F.mse_loss(v(z_t, t, t), eps - z_hr)                # Eq. (5), L_flow
 
@@ -278,7 +299,8 @@ def consistency_loss(v, z_hr, t, s, eps):
     return F.mse_loss(v1, v2)                                  # Eq. (4)
 
 def one_step(v, eps):
-    """Eq. (6): z0_hat = eps - v(eps, 1, z_lr, 0); returns (z0_hat, v_gen), v_gen carrying the graph."""
+    """Eq. (6): z0_hat = eps - v(eps, 1, z_lr, 0); returns (z0_hat, v_gen), v_gen carrying the
+    graph."""
     ones = torch.ones(eps.shape[0], device=eps.device)
     v_gen = v(eps, ones, 0 * ones)
     return eps - v_gen, v_gen                                  # Eq. (6)
@@ -297,13 +319,14 @@ def adv_loss(v, z0_hat, t, eps_fake):
     return F.mse_loss(v(z_t, t, -t), eps_fake - z0_hat)        # Eq. (8)
 
 def tar_weight(s, min_s=0.05, const=False):
-    """Eq. (14): w(s) = (1 - s)^2 / s, the denominator clamped at min_s (w(0) = 1/min_s, finite); const: the
-    ablation's w = 1."""
+    """Eq. (14): w(s) = (1 - s)^2 / s, the denominator clamped at min_s (w(0) = 1/min_s, finite);
+    const: the ablation's w = 1."""
     return torch.ones_like(s) if const else (1 - s) ** 2 / s.clamp_min(min_s)
 
 def rectify_loss(v, v_gen, z0_hat, s, eps_rect, min_s=0.05, const=False):
-    """L_rectify (Eqs. 9-11, TAR Eq. 14): v_gen = v(eps, 1, 0) (the forward of Eq. 6) is pulled by -w(s) Delta,
-    Delta = fake score - real score at the re-noised estimate; Delta carries no gradient."""
+    """L_rectify (Eqs. 9-11, TAR Eq. 14): v_gen = v(eps, 1, 0) (the forward of Eq. 6) is pulled by
+    -w(s) Delta, Delta = fake score - real score at the re-noised estimate; Delta carries no
+    gradient."""
     z_s = bc(s) * eps_rect + (1 - bc(s)) * z0_hat.detach()                     # Eq. (9)
     with torch.no_grad():  # sg of Eq. (11): both scores in one batched forward
         v_fake, v_real = v(torch.cat([z_s, z_s]), torch.cat([s, s]), torch.cat([-s, s])).chunk(2)
@@ -311,24 +334,27 @@ def rectify_loss(v, v_gen, z0_hat, s, eps_rect, min_s=0.05, const=False):
     return F.mse_loss(v_gen, v_gen.detach() - delta)                          # Eq. (11)
 
 def teasr_losses(v, vae, lpips, z_hr, x_hr, cfg):
-    """Every term of one training step on a micro-batch (Secs. 3.1-3.2): L_base, L_data, L_adv, L_rectify. 4 DiT
-    forwards with gradient (flow, shortcut, one-step, fake trajectory) and 3 without (two for the shortcut target, one
-    batched 2B for the two scores of Eq. 10). Returns (L, the terms, x_sr)."""
+    """Every term of one training step on a micro-batch (Secs. 3.1-3.2): L_base, L_data, L_adv,
+    L_rectify. 4 DiT forwards with gradient (flow, shortcut, one-step, fake trajectory) and 3
+    without (two for the shortcut target, one batched 2B for the two scores of Eq. 10). Returns (L,
+    the terms, x_sr)."""
     rand = lambda: torch.rand(z_hr.shape[0], device=z_hr.device)
     l_flow = flow_loss(v, z_hr, rand(), torch.randn_like(z_hr))  # real trajectory, L_base (Eq. 5)
     t = rand()
     l_cons = consistency_loss(v, z_hr, t, t * rand(), torch.randn_like(z_hr))  # ours: s ~ U(0, t)
-    z0_hat, v_gen = one_step(v, torch.randn_like(z_hr))  # Eq. (6): its forward feeds L_rectify and L_data
+    # Eq. (6): its forward feeds L_rectify and L_data
+    z0_hat, v_gen = one_step(v, torch.randn_like(z_hr))
     l_rect = rectify_loss(v, v_gen, z0_hat, rand(), torch.randn_like(z_hr), cfg.tar_min_s, cfg.const_weight)
     l_data, l_mse, l_lpips, x_sr = data_loss(vae, lpips, z0_hat, x_hr, cfg.w_lpips)
-    l_adv = adv_loss(v, z0_hat, rand(), torch.randn_like(z_hr))  # the fake trajectory (Eqs. 7-8) on sg(z0_hat)
+    # the fake trajectory (Eqs. 7-8) on sg(z0_hat)
+    l_adv = adv_loss(v, z0_hat, rand(), torch.randn_like(z_hr))
     loss = l_flow + cfg.w_cons * l_cons + cfg.w_data * l_data + cfg.w_adv * l_adv + cfg.w_rect * l_rect
     return loss, dict(loss=loss, flow=l_flow, cons=l_cons, mse=l_mse, lpips=l_lpips, adv=l_adv, rect=l_rect), x_sr
 
-# ----------------------------------------------------------------------------- sampler
+# ------------------------------------------------------------ sampler
 def sample(v, eps, steps):
-    """Algorithm 1: N Euler steps on tau_i = 1 - i/N from z = eps; the noise branch sees tau_i, the condition branch
-    tau_{i+1}, where the step lands."""
+    """Algorithm 1: N Euler steps on tau_i = 1 - i/N from z = eps; the noise branch sees tau_i, the
+    condition branch tau_{i+1}, where the step lands."""
     tau = torch.linspace(1, 0, steps + 1, device=eps.device)
     z, ones = eps, torch.ones(eps.shape[0], device=eps.device)
     for i in range(steps):
@@ -336,13 +362,16 @@ def sample(v, eps, steps):
     return z
 
 def build_sampler(flags, device=None):
-    """fn(x_lr (1, 3, h, w) in [0, 1]) -> (1, 3, 4h, 4w) of the checkpoint flags.ckpt: bicubic x4, encode, N steps of
-    Algorithm 1 from seeded noise (each step's velocity over overlapping latent tiles), decode."""
+    """fn(x_lr (1, 3, h, w) in [0, 1]) -> (1, 3, 4h, 4w) of the checkpoint flags.ckpt: bicubic x4,
+    encode, N steps of Algorithm 1 from seeded noise (each step's velocity over overlapping latent
+    tiles), decode."""
     path, cfg, device, dtype = common.sampler_setup(flags, resolve, device)
     dit = common.load_dit(cfg.model, cfg.model_path or None, dtype).requires_grad_(False).eval()
-    with torch.random.fork_rng(devices=[]):  # the LoRA init is overwritten; keep the caller's RNG as it was
+    # the LoRA init is overwritten; keep the caller's RNG as it was
+    with torch.random.fork_rng(devices=[]):
         branch = attach_cond_branch(dit, cfg.lora_rank, cfg.lora_alpha, cfg.fused_t, cfg.zero_init)
-    state = common.load_checkpoint(path, {"cond_branch": branch, "dit": dit}, ema=cfg.ema)  # dit: train_base
+    # dit: train_base
+    state = common.load_checkpoint(path, {"cond_branch": branch, "dit": dit}, ema=cfg.ema)
     dit, branch = common.sampling_weights(cfg, dtype, dit).to(device), branch.to(device).eval()
     vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device, tiling=True)
     cond = {k: v.to(device) for k, v in state["cond"].items()}
@@ -354,13 +383,13 @@ def build_sampler(flags, device=None):
         return sample(v, eps, cfg.steps)
     return common.finish_sampler(lambda x_lr: common.super_resolve(vae, "qwen", x_lr, latent), cfg)
 
-# ----------------------------------------------------------------------------- training
+# ------------------------------------------------------------ training
 def train(cfg):
     cfg = resolve(cfg)
     rank, world, device, log = common.setup(cfg, pretrained(cfg))
 
-    # 1. models: one DiT in memory, the frozen base in bf16 on GPU; trainable: the condition LoRA + t_tar embedder
-    #    (--train_base full: and the base itself, in fp32)
+    # 1. models: one DiT in memory, the frozen base in bf16 on GPU; trainable: the condition LoRA +
+    # t_tar embedder (--train_base full: and the base itself, in fp32)
     dtype = common.weight_dtype(device) if cfg.train_base == "none" else torch.float32
     dit = common.load_dit(cfg.model, cfg.model_path or None, dtype).requires_grad_(False).eval()
     with torch.random.fork_rng(devices=[]):  # the same init on every rank
@@ -368,9 +397,11 @@ def train(cfg):
         branch = attach_cond_branch(dit, cfg.lora_rank, cfg.lora_alpha, cfg.fused_t, cfg.zero_init)
         random_nets = common.PRESETS[cfg.model].hub is None
         lpips = common.load_lpips(device, "random" if random_nets else cfg.lpips_weights) if cfg.w_lpips else None
-    if cfg.zero_init:  # v = z_t - z_lr: the one step from noise returns z_lr, bicubic (a resumed run loads its own)
+    # v = z_t - z_lr: the one step from noise returns z_lr, bicubic (a resumed run loads its own)
+    if cfg.zero_init:
         common.zero_output(dit)
-    cond = common.fixed_prompt(cfg, dit, device, cfg.out_dir, cfg.prompt)  # the text encoder before the DiT, not with
+    # the text encoder before the DiT, not with
+    cond = common.fixed_prompt(cfg, dit, device, cfg.out_dir, cfg.prompt)
     dit, branch = dit.to(device), branch.to(device).train()
     vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device)
     common.checkpointing(cfg, device, dit)
@@ -382,15 +413,17 @@ def train(cfg):
     log(f"{cfg.model}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters (condition LoRA + t_tar "
         f"embedder" + (" + the base)" if cfg.train_base == "full" else
                        f"), {sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M frozen"))
-    models = {"cond_branch": branch, "dit": dit}  # a frozen dit saves nothing (common.save_checkpoint)
+    # a frozen dit saves nothing (common.save_checkpoint)
+    models = {"cond_branch": branch, "dit": dit}
 
     # 3. resume; 4. the loader, data position = step
     step, _ = common.resume(cfg.out_dir, models, opts, log)
     loader, accum = make_loader(ImageDataset(cfg.data, cfg.crop, cfg.data_root), cfg, rank, world, step)
     log(f"batch {cfg.batch_size} = {world} ranks x {accum} accum x {cfg.micro_batch}, crop {cfg.crop}")
 
-    # 5. loop: per micro-batch, seeded by its place in the run (a resume or any number of ranks draws the same
-    #    numbers), the HR crops, the LR made by the degradation (fp32, outside autocast), every term, backward
+    # 5. loop: per micro-batch, seeded by its place in the run (a resume or any number of ranks
+    # draws the same numbers), the HR crops, the LR made by the degradation (fp32, outside
+    # autocast), every term, backward
     scale = 1 / accum
     saved = {"cond": {k: v.detach().cpu() for k, v in cond.items()}}  # the prompt the sampler uses
     import eval  # the held-out scores: --val_every, and --eval_heldout at the end
