@@ -177,7 +177,10 @@ def encode(vae, family, x, sample=False, generator=None):
     # Qwen's video VAE: one frame
     dist_ = vae.encode(x.unsqueeze(2) if family == "qwen" else x).latent_dist
     z = dist_.sample(generator) if sample else dist_.mode()
-    z = patchify(z) if family == "flux2" else z[:, :, 0] if family == "qwen" else z
+    if family == "flux2":
+        z = patchify(z)
+    if family == "qwen":  # the video VAE's frame dimension
+        z = z[:, :, 0]
     mean, std = latent_stats(vae, family, z)
     return ((z - mean) / std).float()
 
@@ -749,8 +752,11 @@ def save_checkpoint(out_dir, step, config, models, optimizers, extra=None, keep=
 
 def latest_checkpoint(path):
     """`path` if it is a checkpoint, else the latest ckpt-* in it, else None."""
-    found = [] if not path else [path] if os.path.exists(os.path.join(path, "state.pt")) else sorted(
-        glob.glob(os.path.join(path, "ckpt-*")))
+    if not path:
+        return None
+    if os.path.exists(os.path.join(path, "state.pt")):
+        return path
+    found = sorted(glob.glob(os.path.join(path, "ckpt-*")))
     return found[-1] if found else None
 
 def load_checkpoint(ckpt, models, optimizers=None, ema=False):
@@ -963,8 +969,12 @@ def configure(cls, **given):
     values (a dict: per --stage), then `given`: a flag the user sets always wins."""
     cfg = cls(**given)
     p = PRESETS[resolve_preset(cfg.model, cls.model)]
-    small = "MINI" if p.pretrain else "TINY" if p.hub is None else None
-    for k, v in getattr(sys.modules[cls.__module__], small, {}).items() if small else ():
+    small = {}
+    if p.pretrain:
+        small = getattr(sys.modules[cls.__module__], "MINI", {})
+    elif p.hub is None:
+        small = getattr(sys.modules[cls.__module__], "TINY", {})
+    for k, v in small.items():
         if k not in given and (not isinstance(v, dict) or cfg.stage in v):
             setattr(cfg, k, v[cfg.stage] if isinstance(v, dict) else v)
     return cfg
@@ -1193,13 +1203,17 @@ def pca_init(vae, x):
     patches = F.unfold(x, 16, stride=8, padding=4).transpose(1, 2).reshape(-1, 3, 16, 16) * w
     basis = torch.linalg.svd(patches.flatten(1), full_matrices=False)[2][:C].view(C, 3, 16, 16) * w
     with torch.no_grad():
-        vae.enc.weight.copy_(basis), vae.enc.bias.zero_(), vae.dec.weight.copy_(basis), vae.dec.bias.zero_()
+        vae.enc.weight.copy_(basis)
+        vae.enc.bias.zero_()
+        vae.dec.weight.copy_(basis)
+        vae.dec.bias.zero_()
 
 def set_latent_stats(vae, family, z):
     """Store the normalisation of raw latents z (N, C, h, w) in the family's convention (encode() ->
     unit variance)."""
     if family == "flux2":
-        vae.bn.running_mean.copy_(patchify(z).mean((0, 2, 3))), vae.bn.running_var.copy_(patchify(z).var((0, 2, 3)))
+        vae.bn.running_mean.copy_(patchify(z).mean((0, 2, 3)))
+        vae.bn.running_var.copy_(patchify(z).var((0, 2, 3)))
     elif vae.config.per_channel:
         vae.register_to_config(latents_mean=z.mean((0, 2, 3)).tolist(), latents_std=z.std((0, 2, 3)).tolist())
     else:
@@ -1245,7 +1259,10 @@ def pretrain(preset, vae_steps=None, dit_steps=None, batch=16, lr=5e-4, seed=0, 
         x = batch_of(8)
         r = recon(x)
         loss = F.mse_loss(r, x) + sum(F.mse_loss(a, b) for a, b in zip(diffs(r), diffs(x)))
-        opt.zero_grad(set_to_none=True), loss.backward(), opt.step(), flatten_constant(vae)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        flatten_constant(vae)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         vae_psnr = float(-10 * torch.log10(F.mse_loss(recon(held).clamp(0, 1), held)))
@@ -1263,12 +1280,16 @@ def pretrain(preset, vae_steps=None, dit_steps=None, batch=16, lr=5e-4, seed=0, 
         eps, t = torch.randn(z_0.shape, generator=g), torch.sigmoid(torch.randn(batch, generator=g))
         loss = F.mse_loss(velocity(p.family, dit, (1 - bc(t)) * z_0 + bc(t) * eps, t, expand_cond(cond, batch)),
                           eps - z_0)
-        opt.zero_grad(set_to_none=True), loss.backward(), torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
-        opt.step(), sched.step()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        opt.step()
+        sched.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         bar.set_postfix(fm_loss=f"{ema:.4f}")
     shutil.rmtree(tmp := out + ".tmp", ignore_errors=True)  # written whole, then renamed
-    vae.save_pretrained(os.path.join(tmp, "vae")), dit.save_pretrained(os.path.join(tmp, "transformer"))
+    vae.save_pretrained(os.path.join(tmp, "vae"))
+    dit.save_pretrained(os.path.join(tmp, "transformer"))
     info = dict(recipe=[MINI_VERSION, vae_steps, dit_steps], seed=seed, vae_psnr=vae_psnr, fm_loss=ema,
                 minutes=(time.time() - t_start) / 60)
     with open(os.path.join(tmp, "pretrain.json"), "w") as f:

@@ -235,12 +235,14 @@ def write_outputs(items, run_dir, make_fn, device, run_info):
     """Write <key>.png for each LR not already done by the same run (method, ckpt, steps, seed)."""
     info_file, cache = os.path.join(run_dir, "run.json"), os.path.join(run_dir, "scores.jsonl")
     os.makedirs(run_dir, exist_ok=True)
-    if (old := json.load(open(info_file)) if os.path.exists(info_file) else run_info) != run_info:
+    old = json.load(open(info_file)) if os.path.exists(info_file) else run_info
+    if old != run_info:
         print(f"{run_dir}: outputs of another run ({old}): regenerating")
         for f in _images(run_dir) + [cache] * os.path.exists(cache):
             os.remove(f)
     json.dump(run_info, open(info_file, "w"))
-    if not (todo := [(k, lr) for k, lr, _ in items if not os.path.exists(os.path.join(run_dir, k + ".png"))]):
+    todo = [(k, lr) for k, lr, _ in items if not os.path.exists(os.path.join(run_dir, k + ".png"))]
+    if not todo:
         return
     fn, cuda = make_fn(), device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda d: None)
@@ -255,7 +257,8 @@ def write_outputs(items, run_dir, make_fn, device, run_info):
         sync(device)
         sec = time.perf_counter() - t0
         mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else common.peak_rss_gb()
-        common.save_image(x_sr, tmp := os.path.join(run_dir, f".{k}.png"))  # hidden until complete
+        tmp = os.path.join(run_dir, f".{k}.png")  # hidden until complete
+        common.save_image(x_sr, tmp)
         os.replace(tmp, os.path.join(run_dir, k + ".png"))
         _append(cache, {"image": k, "set": "gen", "sec": sec, "mem_GB": mem})
 
@@ -290,7 +293,8 @@ def score(pairs, run_dir, scorer, sr_dir, hr_dir):
     """Mean of each metric over `pairs` [(key, sr_path, hr_path or None)], reusing and extending
     run_dir/scores.jsonl (one line per image per metric set)."""
     os.makedirs(run_dir, exist_ok=True)
-    done, recs = {}, _read_cache(cache := os.path.join(run_dir, "scores.jsonl"))
+    cache = os.path.join(run_dir, "scores.jsonl")
+    done, recs = {}, _read_cache(cache)
     gen = {r["image"]: r for r in recs if r.get("set") == "gen"}  # write_outputs' timings
     for r in recs:
         done.setdefault((r["image"], r.get("key")), {}).update({c: r[c] for c in COLS if c in r})
@@ -307,7 +311,10 @@ def score(pairs, run_dir, scorer, sr_dir, hr_dir):
             if new := {c: v for c, v in got.items() if v is not None}:
                 _append(cache, {"image": k, "key": key, "set": kind, **new})
                 have.update(new)
-    row = {c: None if None in (v := [h.get(c) for h in haves]) else sum(v) / len(v) for c in per_image}  # all or none
+    row = {}
+    for c in per_image:  # the mean over every image, or none
+        v = [h.get(c) for h in haves]
+        row[c] = None if None in v else sum(v) / len(v)
     if "FID" in scorer.cols and has_hr and hr_dir:
         fkey = _hash(*[p for pair in pairs for p in pair[1:]])
         if (hit := done.get(("*", fkey), {}).get("FID")) is None:
@@ -331,7 +338,11 @@ def write_tables(rows, out_dir):
     cols = [c for c in COLS if any(c in r for r in rows)] + ["s/img", "mem_GB"]
     arrow = {m[0]: " ↑" if m[4] else " ↓" for m in METRICS}
     line = lambda cells: "| " + " | ".join(map(str, cells)) + " |\n"
-    cell = lambda r, c: "-" if c not in r else "n/a" if r[c] is None else format(r[c], FMT.get(c, ".4f"))  # -: no HR
+
+    def cell(r, c):  # -: not scored (no HR), n/a: not computable here
+        if c not in r:
+            return "-"
+        return "n/a" if r[c] is None else format(r[c], FMT.get(c, ".4f"))
     md = line(["Method", "Dataset", "N"] + [c + arrow.get(c, "") for c in cols]) + "|" + "---|" * (len(cols) + 3) + "\n"
     md += "".join(line([r["method"], r["dataset"], r["n"]] + [cell(r, c) for c in cols]) for r in rows)
     if notes := dict.fromkeys(f"{c}: {why}" for r in rows for c, why in r.get("unavailable", {}).items()):
@@ -403,7 +414,8 @@ def heldout(method, build_sampler, out_dir, degrade="realesrgan", data_root="dat
         ImageDraw.Draw(sheet).text((j * 260 + 2, 2), label, fill="black")
         for i, (t, l) in enumerate(CROPS):
             sheet.paste(im.crop((l, t, l + 128, t + 128)).resize((256, 256), Image.NEAREST), (j * 260, 16 + i * 260))
-    sheet.save(path := os.path.join(out_dir, "compare.png"))
+    path = os.path.join(out_dir, "compare.png")
+    sheet.save(path)
     print(f"written: {path} ({k}: LR nearest | bicubic | {method} | HR)")
     return rows
 
@@ -417,10 +429,11 @@ def validation(method, build_sampler, cfg, device):
     heldout), outputs in 8 bits like the files heldout scores."""
     if cfg.val:
         hr = common.list_images(cfg.val)
-        make_lr(hr, lr_dir := os.path.join(cfg.out_dir, "val", f"LR_{cfg.degrade}"), 0, PRESETS[cfg.degrade])
+        lr_dir = os.path.join(cfg.out_dir, "val", f"LR_{cfg.degrade}")
+        make_lr(hr, lr_dir, 0, PRESETS[cfg.degrade])
         pairs = [(stem_key(f), os.path.join(lr_dir, os.path.splitext(os.path.basename(f))[0] + ".png"), f) for f in hr]
     else:
-        pairs = load_bench("sample", "data", degrade=cfg.degrade)[0]
+        pairs = load_bench("sample", cfg.data_root, degrade=cfg.degrade)[0]
     scorer, device = Scorer(VAL_COLS, device), torch.device(device)
     images = [(k, common.load_image(lr)[None], common.load_image(hr)[None].to(device)) for k, lr, hr in pairs]
 
@@ -442,24 +455,34 @@ def validation(method, build_sampler, cfg, device):
 
 def main(argv=None, samplers=None):
     p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
-    p.add_argument("--method", default="", help="comma-separated: bicubic, strsr, fluxsr, smfsr, teasr (build_sampler)")
-    p.add_argument("--ckpt", default="", help="checkpoint folder, or a training out_dir (latest ckpt-*)")
+    p.add_argument("--method", default="",
+                   help="comma-separated: bicubic, strsr, fluxsr, smfsr, teasr (build_sampler)")
+    p.add_argument("--ckpt", default="",
+                   help="checkpoint folder, or a training out_dir (latest ckpt-*)")
     p.add_argument("--bench", default="sample", help=f"comma-separated: {', '.join(BENCHES)}")
     p.add_argument("--data_root", default="data")
     p.add_argument("--protocol", default="full", choices=["full", "stablesr"],
-                   help="RealSR, DRealSR: full-size images (StrSR, FluxSR) or StableSR's 512 px crops (OSEDiff, TEASR)")
-    p.add_argument("--crop_border", type=int, default=0, help="PSNR, SSIM without this many pixels at each border")
+                   help="RealSR, DRealSR: full images (StrSR, FluxSR) or StableSR's 512 px crops (OSEDiff, TEASR)")
+    p.add_argument("--crop_border", type=int, default=0,
+                   help="PSNR, SSIM without this many pixels at each border")
     p.add_argument("--out_dir", default="out/eval")
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
-    p.add_argument("--color_fix", default="none", help="the samplers' --color_fix: none, wavelet, adain")
-    p.add_argument("--dtype", default="", help="the samplers' --dtype: bf16, fp16, fp32 (default: bf16 on GPU)")
-    p.add_argument("--degrade_seed", type=int, default=0, help="seed of the DIV2K-val / sample LR images")
-    p.add_argument("--degrade", default="realesrgan", help="degrade.PRESETS name of those LR images (mini: bicubic)")
-    p.add_argument("--sr", default="", help="score this folder of outputs instead of running a method")
+    p.add_argument("--color_fix", default="none",
+                   help="the samplers' --color_fix: none, wavelet, adain")
+    p.add_argument("--dtype", default="",
+                   help="the samplers' --dtype: bf16, fp16, fp32 (default: bf16 on GPU)")
+    p.add_argument("--degrade_seed", type=int, default=0,
+                   help="seed of the DIV2K-val / sample LR images")
+    p.add_argument("--degrade", default="realesrgan",
+                   help="degrade.PRESETS name of those LR images (mini: bicubic)")
+    p.add_argument("--sr", default="",
+                   help="score this folder of outputs instead of running a method")
     p.add_argument("--hr", default="", help="HR folder for --sr (omit: no-reference metrics only)")
-    p.add_argument("--name", default="", help="row label (default: method, -Kstep appended when K > 1)")
-    p.add_argument("--metrics", default=",".join(COLS), help="comma-separated subset of " + ",".join(COLS))
+    p.add_argument("--name", default="",
+                   help="row label (default: method, -Kstep appended when K > 1)")
+    p.add_argument("--metrics", default=",".join(COLS),
+                   help="comma-separated subset of " + ",".join(COLS))
     p.add_argument("--limit", type=int, default=0, help="first N images only (quick checks)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)

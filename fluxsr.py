@@ -70,7 +70,7 @@ class Config(common.SampleFlags):  # + the shared sampling flags
     model: str = "flux1-dev"      # Sec. 4: FLUX.1-dev is base and teacher
     model_path: str = ""          # local folder of the base (else the preset's hub id)
     data: str = "out/fluxsr/pairs"  # Sec. 5.1: teacher pairs, no real images; --make_pairs writes them here
-    degrade: str = "realesrgan"   # LR of training and eval: a degrade.PRESETS name (paper: Real-ESRGAN)
+    degrade: str = "realesrgan"   # degrade.PRESETS name of the LR (paper: Real-ESRGAN)
     out_dir: str = "out/fluxsr"   # checkpoints, log.txt, grids/
     make_pairs: int = 0           # > 0: write pairs 0..N-1 to --data and stop (Sec. 5.1: 2400)
     pair_batch: int = 1           # ours: pairs per teacher call in --make_pairs (the pairs do not depend on it)
@@ -84,14 +84,14 @@ class Config(common.SampleFlags):  # + the shared sampling flags
     w_tv_lpips: float = 1.0       # ours: lambda, TV-LPIPS's weight in L_Rec (Eq. 21)
     w_rec: float = 1.0            # Alg. 1 line 19: L_Rec's weight, 1
     w_adl: float = 0.01           # ours: mu, L_ADL's weight (Alg. 1 line 19); small, it acts on every block
-    lpips_weights: str = ""       # a local torchvision VGG16 file for TV-LPIPS (default: torch hub's cache)
+    lpips_weights: str = ""       # a local torchvision VGG16 file for LPIPS (default: torch hub's)
     train_base: str = "lora"      # paper: a LoRA on the DiT; full: every DiT weight trains (ours, the mini)
     zero_init: bool = False       # ours: a new full fine-tuning zeroes the DiT's output layer: the step starts at z_lr
     lora_rank: int = 64           # ours
     lora_alpha: float = 64.0      # ours: alpha = rank, LoRA scale 1
     lr: float = 5e-5              # ours: AdamW (0.9, 0.999), no weight decay
     grad_clip: float = 1.0        # ours
-    lr_decay: float = 0.0         # ours: the lr falls on a half cosine to 0 over this last fraction; 0: constant
+    lr_decay: float = 0.0         # ours: half-cosine decay to 0 over this last fraction; 0: none
     max_steps: int = 30000        # Sec. 5.3 (the ablations' length)
     batch_size: int = 8           # ours: global batch
     micro_batch: int = 1          # ours: per rank per forward
@@ -110,11 +110,11 @@ class Config(common.SampleFlags):  # + the shared sampling flags
     steps: int = 1                # Eq. 18: one step, the model has no other step count
     tile: int = 0                 # latent tile; 0: ours, 128 (1024 px, the training size)
     overlap: int = 0              # latent overlap; 0: ours, 32 (256 px)
-    eval_heldout: bool = False    # ours: at the end, eval.py on the held-out sample photo against bicubic
-    ema_decay: float = 0.0        # paper: no EMA (0: off); ours: e.g. 0.999, an EMA of the trained weights
+    eval_heldout: bool = False    # ours: at the end, the held-out photo scored against bicubic
+    ema_decay: float = 0.0        # paper: 0 (no EMA); ours: e.g. 0.999, the trained weights' EMA
     ema: bool = True              # ours: --sample uses the checkpoint's EMA weights when saved
     val_every: int = 0            # ours: validate every N steps on --val (0: never)
-    val: str = ""                 # ours: HR image or folder to validate on; "": the held-out sample photo
+    val: str = ""                 # ours: HR image or folder to validate on; "": the held-out photo
 
 # --model tiny / mini (ours): these values for every flag not given
 TINY = dict(max_steps=20, pair_size=64, crop=64, teacher_steps=4, lora_rank=8, lora_alpha=8.0, batch_size=2, tile=8,

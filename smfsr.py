@@ -79,37 +79,37 @@ UNSUPPORTED = {"fsdp": "SD3.5-M fits one GPU for all roles; its blocks run piece
 class Config(common.SampleFlags):  # + the shared sampling flags
     model: str = "sd35-medium"    # Sec. 4: SD3.5-Medium
     model_path: str = ""          # local folder of the base (else the preset's hub id)
-    stage: str = "teacher"        # Sec. 4: teacher (stage 0) -> isc (stage 1, Alg. 1) -> gan (stage 2, Eq. 20)
-    init_ckpt: str = ""           # the previous stage's checkpoint; default out/smfsr-<previous stage>
-    teacher_ckpt: str = ""        # the frozen stage-0 teacher (isc, gan); default isc's init, for gan what isc used
+    stage: str = "teacher"        # Sec. 4: teacher (0) -> isc (1, Alg. 1) -> gan (2, Eq. 20)
+    init_ckpt: str = ""           # the previous stage's checkpoint (default out/smfsr-<it>)
+    teacher_ckpt: str = ""        # the frozen stage-0 teacher; default: isc's init, gan: isc's
     data: str = "sample"          # Sec. 4: LSDIR + the first 10k FFHQ (a folder or a file list)
     data_root: str = "data"       # folder of the named datasets
-    degrade: str = "realesrgan"   # LR of training and eval: a degrade.PRESETS name (paper: Real-ESRGAN)
-    captions: str = ""            # optional "<image file stem>\t<caption>" lines (Sec. 4: LLaVA); none: empty prompt
+    degrade: str = "realesrgan"   # degrade.PRESETS name of the LR (paper: Real-ESRGAN)
+    captions: str = ""            # optional "<file stem>\t<caption>" lines (Sec. 4: LLaVA)
     cache_dir: str = "out/cache"  # ours: encoded captions
     out_dir: str = ""             # default out/smfsr-<stage>
     lr: float = 5e-5              # Sec. 4: AdamW, fixed lr (stages 0 and 1; ours for stage 2)
     lr_fake: float = 5e-5         # ours: the fake-score LoRA (Eq. 16)
     lr_d: float = 5e-5            # ours: the discriminator heads (Eq. 18)
     grad_clip: float = 1.0        # ours
-    lr_decay: float = 0.0         # ours: the lr falls on a half cosine to 0 over this last fraction; 0: constant
-    zero_init: bool = False       # ours: u = (z_t - z_lr) + the DiT, its output layer zeroed: Eq. 14 starts at z_lr
+    lr_decay: float = 0.0         # ours: half-cosine decay to 0 over this last fraction; 0: none
+    zero_init: bool = False       # ours: u = (z_t - z_lr) + the DiT, output layer zeroed
     p_boundary: float = 0.6       # Sec. 4: probability of the boundary branch
-    teacher_cfg: float = 1.0      # Eq. 13: w for every teacher call; 1 = no CFG, the paper's choice (Table 6)
+    teacher_cfg: float = 1.0      # Eq. 13: w of every teacher call; 1: no CFG (Table 6)
     p_drop: float = 0.2           # Sec. 4.4: caption dropout
-    teacher_t: str = "uniform"    # Eq. 3: the teacher's t ~ U(0, 1); logit-normal: SD3's law (t_mean, t_std)
-    t_mean: float = 0.0           # ours: logit-normal(t_mean, t_std) for stage 1's sorted (r, t) (and --teacher_t)
+    teacher_t: str = "uniform"    # Eq. 3: t ~ U(0, 1); logit-normal: SD3's (t_mean, t_std)
+    t_mean: float = 0.0           # ours: logit-normal(t_mean, t_std) of stage 1's (r, t)
     t_std: float = 1.0            # ours
     w_isc: float = 1.0            # Sec. 4: lambda_1 (Eq. 20)
     w_rec: float = 1.0            # Sec. 4: lambda_2
     w_lpips: float = 1.0          # Eq. 19: L_Rec = MSE + LPIPS
-    lpips_weights: str = ""       # a local torchvision VGG16 file for LPIPS (default: torch hub's cache)
+    lpips_weights: str = ""       # a local torchvision VGG16 file for LPIPS (default: torch hub's)
     w_vsd: float = 1.0            # Sec. 4: lambda_3
     w_gan: float = 0.5            # Sec. 4: lambda_4
     vsd_t_min: float = 0.02       # ours: t ~ U(vsd_t_min, vsd_t_max) in Eqs. 15-16 (DMD's range)
     vsd_t_max: float = 0.98       # ours
     fake_rank: int = 64           # ours: LoRA rank (= alpha) of the fake score v_phi'
-    train_base: str = "none"      # paper: none, only the LR layers train; lora: and a LoRA on the base; full (ours)
+    train_base: str = "none"      # paper: none, only the LR layers; lora: + a LoRA; full (ours)
     lora_rank: int = 128          # ours: rank (= alpha) of --train_base lora
     disc_model: str = "facebook/dinov3-vitb16-pretrain-lvd1689m"  # ours: DINOv3 ViT-B/16 (hub id or local folder)
     disc_width: int = 256         # ours: channels of each discriminator head
@@ -132,11 +132,11 @@ class Config(common.SampleFlags):  # + the shared sampling flags
     start_t: float = 0.8          # ours: t0 of --start lr
     tile: int = 0                 # latent tile; 0: ours, 64 (512 px, the training crop)
     overlap: int = 0              # latent overlap; 0: ours, 16 (128 px)
-    eval_heldout: bool = False    # ours: at the end, eval.py on the held-out sample photo against bicubic
-    ema_decay: float = 0.0        # paper: no EMA (0: off); ours: e.g. 0.999, an EMA of the trained weights
+    eval_heldout: bool = False    # ours: at the end, the held-out photo scored against bicubic
+    ema_decay: float = 0.0        # paper: 0 (no EMA); ours: e.g. 0.999, the trained weights' EMA
     ema: bool = True              # ours: --sample uses the checkpoint's EMA weights when saved
     val_every: int = 0            # ours: validate every N steps on --val (0: never)
-    val: str = ""                 # ours: HR image or folder to validate on; "": the held-out sample photo
+    val: str = ""                 # ours: HR image or folder to validate on; "": the held-out photo
 
 # Sec. 4: iterations, batch
 STAGES = {"teacher": (80_000, 32), "isc": (40_000, 16), "gan": (10_000, 8)}
@@ -198,7 +198,8 @@ class LRBranch(nn.Module):
         self.to_k, self.to_v = copy.deepcopy(base(attn.to_k)).float(), copy.deepcopy(base(attn.to_v)).float()
         self.gate, dim = nn.Parameter(torch.zeros(attn.heads)), attn.to_k.in_features
         self.conv = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1, groups=dim), nn.Conv2d(dim, dim, 1))
-        nn.init.zeros_(self.conv[1].weight), nn.init.zeros_(self.conv[1].bias)
+        nn.init.zeros_(self.conv[1].weight)
+        nn.init.zeros_(self.conv[1].bias)
 
     def cross_stream(self, m_lr):
         """(B, D, h, w) LR patch embeddings (no positions) -> (B, h w, D) added to the image tokens:
@@ -257,7 +258,8 @@ class RTEmbed(nn.Module):
     def __init__(self, dim):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(2 * dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        nn.init.zeros_(self.mlp[2].weight), nn.init.zeros_(self.mlp[2].bias)
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
 
     def forward(self, e_r, e_t):
         return e_t + self.mlp(torch.cat([e_r, e_t], -1))
@@ -335,7 +337,8 @@ def load_base(cfg, dtype, train_base, rank, ckpt=None, name=None, train=False, f
     # dtype
     if not train:
         if train_base == "lora" and fuse:  # a sampler: its --fuse_lora
-            dit.fuse_lora(), dit.unload_lora()
+            dit.fuse_lora()
+            dit.unload_lora()
         # cast only if needed: diffusers warns at any .to(dtype)
         if dit.requires_grad_(False).dtype != dtype:
             dit.to(dtype)

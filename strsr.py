@@ -84,15 +84,15 @@ OFFICIAL_PROMPT = ("Descibe this image in detail, especially the text in image. 
 
 @dataclasses.dataclass
 class Config(common.SampleFlags):  # + the shared sampling flags
-    model: str = "flux2-klein-base"  # official != paper: FLUX.2-klein-base-4B (paper: -4B), StrSR-F; zimage: StrSR-Z
+    model: str = "flux2-klein-base"  # official != paper: klein-base-4B (StrSR-F); zimage: StrSR-Z
     model_path: str = ""          # local folder of the base pipeline (else the preset's hub id)
-    data: str = "sample"          # paper: LSDIR + Aesthetic-4K; official config: Aesthetic-Train-V2 (first 50k)
+    data: str = "sample"          # paper: LSDIR + Aesthetic-4K; official: Aesthetic-Train-V2 (50k)
     data_root: str = "data"       # folder of the named datasets
-    degrade: str = "realesrgan"   # training LR: a degrade.PRESETS name (paper: Real-ESRGAN)
+    degrade: str = "realesrgan"   # degrade.PRESETS name of the LR (paper: Real-ESRGAN)
     out_dir: str = "out/strsr"    # checkpoints, log.txt, grids/
     stage: str = "1"              # Sec. 4.1: stage 1 without FDL, stage 2 with FDL
     init_ckpt: str = ""           # stage 2 in a new out_dir: start from this stage-1 checkpoint
-    max_steps: int = 0            # steps of this stage; 0: the paper's 40k (stage 1) / 20k (stage 2)
+    max_steps: int = 0            # 0: the paper's 40k (stage 1) / 20k (stage 2)
     batch_size: int = 4           # paper: batch 4 (1 per GPU x 4 A800)
     micro_batch: int = 1          # paper: 1 per GPU
     crop: int = 0                 # 0: the paper's 1024 (it center-crops; here random crops)
@@ -101,17 +101,17 @@ class Config(common.SampleFlags):  # + the shared sampling flags
     save_every: int = 1000        # ours
     grid_every: int = 500         # ours
     num_workers: int = 2          # ours: data loader processes
-    grad_ckpt: bool = True        # official: gradient checkpointing of DiT, VAE and D backbone (GPU only)
-    fsdp: bool = False            # ours: FSDP2 sharding of the frozen DiT over the ranks (4B/6B fit one GPU without)
-    train_base: str = "lora"      # paper: a LoRA on the DiT; full: every DiT weight trains (ours, the mini)
+    grad_ckpt: bool = True        # official: of DiT, VAE and D backbone (GPU only)
+    fsdp: bool = False            # ours: FSDP2 shards the frozen DiT over the ranks
+    train_base: str = "lora"      # paper: a LoRA on the DiT; full: every weight (ours, the mini)
     lora_rank: int = 256          # paper
     lora_alpha: float = 256.0     # official
     t_star: float = 0.8           # official: the fixed time of the one step
-    cond: str = "vlm"             # vlm (Eq. 5) | none (Table 4 "w/o emb") | text (Table 4 "w/o VLM")
+    cond: str = "vlm"             # vlm (Eq. 5) | none (Table 4 "w/o emb") | text ("w/o VLM")
     vlm: str = "Qwen/Qwen3-VL-4B-Instruct"  # paper
     vlm_prompt: str = OFFICIAL_PROMPT  # official: the release's wording (the paper gives none)
     vlm_max_pixels: int = 1024 * 1024  # ours: caps the VLM's input on huge images at sampling time
-    disc_ckpt: str = ""           # a local open_clip checkpoint of CLIP-ConvNeXt-XXLarge (default: laion's, the hub)
+    disc_ckpt: str = ""           # a local open_clip CLIP-ConvNeXt-XXLarge (default: laion's)
     disc_width: int = 512         # official: channels of the discriminator heads
     r1_noise: float = 0.005       # official: R1 noise U[0, r1_noise) on [-1, 1] images
     w_l1: float = 1.0             # paper: L1 weight (Eq. 11)
@@ -120,28 +120,28 @@ class Config(common.SampleFlags):  # + the shared sampling flags
     w_fdl: float = 0.002          # paper: lambda_fdl, stage 2 only (0 in stage 1)
     w_r1: float = 10.0            # paper: lambda_r1 (Eq. 9)
     fdl_phase: float = 1.0        # official: lambda_p, FDL's phase weight (Eq. 10)
-    fdl_01: bool = False          # official != FDL's convention: FDL sees [-1, 1] images; true: [0, 1]
+    fdl_01: bool = False          # official != FDL's convention: [-1, 1] images; true: [0, 1]
     fdl_projections: int = 256    # official: random projections per VGG layer
-    lpips_weights: str = ""       # a local torchvision VGG16 file for LPIPS (default: torch hub's cache)
-    fdl_weights: str = ""         # a local torchvision VGG19 file for FDL (default: torch hub's cache)
+    lpips_weights: str = ""       # a local torchvision VGG16 file for LPIPS (default: torch hub's)
+    fdl_weights: str = ""         # a local torchvision VGG19 file for FDL (default: torch hub's)
     lr: float = 5e-6              # paper: generator (LoRA and condition MLP)
     lr_d: float = 1e-6            # paper: discriminator heads
-    weight_decay: float = 0.01    # official: AdamW's default (the configs set none; the paper: "default betas")
+    weight_decay: float = 0.01    # official: AdamW's default (the paper: "default betas")
     grad_clip: float = 1.0        # official
-    lr_decay: float = 0.0         # ours: the lr falls on a half cosine to 0 over this last fraction; 0: constant
-    zero_init: bool = False       # ours: a new full fine-tuning zeroes the DiT's output layer: the step starts at z_lr
+    lr_decay: float = 0.0         # ours: half-cosine decay to 0 over this last fraction; 0: none
+    zero_init: bool = False       # ours: a new full fine-tuning zeroes the output layer: v = 0
     sample: bool = False          # sample instead of training: --ckpt, --input, --output
     ckpt: str = ""                # checkpoint folder, or an out_dir (its latest ckpt-*)
     input: str = ""               # LR image or folder
     output: str = "out/strsr/sr"  # folder of the SR images
-    steps: int = 1                # paper: 1; K > 1 splits the same straight path t* -> 0 into K Euler steps (ours)
-    tile: int = 0                 # latent tile; 0: the paper's 1024 px in this family's latent units
+    steps: int = 1                # paper: 1; K > 1: the same path t* -> 0 in K Euler steps (ours)
+    tile: int = 0                 # latent tile; 0: the paper's 1024 px in latent units
     overlap: int = 0              # latent overlap; 0: the paper's 64 px
-    eval_heldout: bool = False    # ours: at the end, eval.py on the held-out sample photo against bicubic
-    ema_decay: float = 0.0        # paper: no EMA (0: off); ours: e.g. 0.999, an EMA of the trained weights
+    eval_heldout: bool = False    # ours: at the end, the held-out photo scored against bicubic
+    ema_decay: float = 0.0        # paper: 0 (no EMA); ours: e.g. 0.999, the trained weights' EMA
     ema: bool = True              # ours: --sample uses the checkpoint's EMA weights when saved
     val_every: int = 0            # ours: validate every N steps on --val (0: never)
-    val: str = ""                 # ours: HR image or folder to validate on; "": the held-out sample photo
+    val: str = ""                 # ours: HR image or folder to validate on; "": the held-out photo
 
 # --model tiny / mini (ours): these values for every flag not given; a dict holds one per --stage
 TINY = dict(crop=64, max_steps={"1": 20, "2": 10}, disc_width=32, fdl_projections=32)
@@ -538,7 +538,8 @@ def build_sampler(flags, device=None):
     dit, vae, cond = build_generator(cfg, device, ckpt=path, dtype=dtype)
     common.load_checkpoint(path, {"dit": dit, "cond": cond}, ema=cfg.ema)
     dit = common.sampling_weights(cfg, dtype, dit)
-    dit.eval(), cond.eval()
+    dit.eval()
+    cond.eval()
     family = common.PRESETS[cfg.model].family
     f = 16 if family == "flux2" else 8  # pixels per latent cell: VAE x8, FLUX.2 patchified x2
     tile, overlap = cfg.tile or 1024 // f, cfg.overlap or 64 // f

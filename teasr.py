@@ -93,19 +93,19 @@ class Config(common.SampleFlags):  # + the shared sampling flags
     model_path: str = ""          # local folder of the base (else the preset's hub id)
     data: str = "sample"          # Sec. 4.1: LSDIR + the first 10k FFHQ (a folder or a file list)
     data_root: str = "data"       # folder of the named datasets
-    degrade: str = "realesrgan"   # LR of training and eval: a degrade.PRESETS name (paper: Real-ESRGAN)
+    degrade: str = "realesrgan"   # degrade.PRESETS name of the LR (paper: Real-ESRGAN)
     out_dir: str = "out/teasr"    # checkpoints, log.txt, grids/
     train_base: str = "none"      # Sec. 4.1: the noise branch (the base) is frozen; full: it trains too (ours, mini)
     lora_rank: int = 128          # Sec. 4.1: the condition branch's LoRA, rank 128
     lora_alpha: float = 128.0     # Sec. 4.1: alpha 128
     lr: float = 5e-5              # Sec. 4.1: AdamW, constant
-    lr_decay: float = 0.0         # ours: the lr falls on a half cosine to 0 over this last fraction; 0: constant
+    lr_decay: float = 0.0         # ours: half-cosine decay to 0 over this last fraction; 0: none
     beta2: float = 0.99           # Sec. 4.1: betas (0.9, 0.99), weight decay 0
     grad_clip: float = 1.0        # Sec. 4.1
     w_cons: float = 0.25          # ours: lambda_cons (Eq. 5), 0.25 per auxiliary term as the authors' precursor
     w_data: float = 1.0           # ours: lambda_data (Eq. 13), the anchor of the one-step estimate
     w_lpips: float = 1.0          # ours: lambda_lpips inside L_data (Eq. 13)
-    lpips_weights: str = ""       # a local torchvision VGG16 file for LPIPS (default: torch hub's cache)
+    lpips_weights: str = ""       # a local torchvision VGG16 file for LPIPS (default: torch hub's)
     w_adv: float = 0.25           # ours: lambda_adv (Eq. 8), the precursor's
     w_rect: float = 0.25          # ours: lambda_rect (Eq. 11), the precursor's
     tar_min_s: float = 0.05       # ours: w(s) = (1 - s)^2 / max(s, tar_min_s); Eq. 14 is infinite at s = 0
@@ -130,11 +130,11 @@ class Config(common.SampleFlags):  # + the shared sampling flags
     steps: int = 1                # Algorithm 1: any N; the paper reports 1, 2, 4, 8, 30 (Table 2)
     tile: int = 0                 # latent tile; 0: ours, 128 (1024 px)
     overlap: int = 0              # latent overlap; 0: ours, 32 (256 px)
-    eval_heldout: bool = False    # ours: at the end, eval.py on the held-out sample photo against bicubic
-    ema_decay: float = 0.0        # paper: no EMA (0: off); ours: e.g. 0.999, an EMA of the trained weights
+    eval_heldout: bool = False    # ours: at the end, the held-out photo scored against bicubic
+    ema_decay: float = 0.0        # paper: 0 (no EMA); ours: e.g. 0.999, the trained weights' EMA
     ema: bool = True              # ours: --sample uses the checkpoint's EMA weights when saved
     val_every: int = 0            # ours: validate every N steps on --val (0: never)
-    val: str = ""                 # ours: HR image or folder to validate on; "": the held-out sample photo
+    val: str = ""                 # ours: HR image or folder to validate on; "": the held-out photo
 
 # --model tiny / mini (ours): these values for every flag not given
 TINY = dict(max_steps=20, crop=64, lora_rank=8, lora_alpha=8.0, batch_size=2, tile=8, overlap=2)
