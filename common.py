@@ -9,6 +9,14 @@ Every velocity call speaks one convention (rectified flow, sigma form):
     z_t = (1 - t) z_0 + t eps,   t in [0, 1],   v = eps - z_0,   Euler step: z_s = z_t - (t - s) v
 on (B, C, H, W) latents, whatever the family does inside (packing, position ids, its own timestep
 scale). Images are (B, 3, H, W) floats in [0, 1] everywhere outside the VAE.
+
+The Config fields read here: the contract a copied method's dataclass keeps (degrade.make_loader
+also reads batch_size, micro_batch, num_workers and seed).
+    model, model_path, out_dir, seed      loading, set-up, logging, checkpoints
+    train_base, zero_init, grad_ckpt      check_zero_init, checkpointing
+    lpips_weights, ema_decay              lpips_weights, start_ema
+    stage (if the method has stages)      configure: a preset's dict values are per stage
+    ckpt, steps, ema, tile, overlap and SampleFlags' fields (inherited): sampler_setup
 """
 import contextlib, dataclasses, functools, glob, hashlib, json, logging, math, os, re, shutil, sys, time, warnings
 
@@ -832,11 +840,12 @@ class SampleFlags:
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-def sampler_setup(flags, resolve, device=None):
+def sampler_setup(flags, resolve, device=None, own=()):
     """A sampler's (checkpoint, its training config with the sampling flags of `flags`, resolved,
-    device, dtype), its pretrained networks checked before anything is built."""
+    device, dtype), its pretrained networks checked before anything is built. own: the method's own
+    sampling flags, taken from `flags` as given (SMFSR's start, start_t)."""
     path, cfg = checkpoint_config(flags.ckpt or flags.out_dir, type(flags))
-    given = {k: getattr(flags, k) for k in ("steps", "seed", "start", "start_t", "ema") if hasattr(flags, k)}
+    given = {k: getattr(flags, k) for k in ("steps", "seed", "ema", *own)}
     given.update({k: getattr(flags, k) for k in ("tile", "overlap") if getattr(flags, k)})
     given.update({f.name: getattr(flags, f.name) for f in dataclasses.fields(SampleFlags)})
     cfg = resolve(dataclasses.replace(cfg, **given))

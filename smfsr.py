@@ -505,7 +505,7 @@ def build_sampler(flags, device=None):
     encode, `steps` jumps of Eq. 14 from noise seeded by flags.seed (each velocity over overlapping
     latent tiles), decode."""
     flags = dataclasses.replace(flags, ckpt=flags.ckpt or flags.out_dir or "out/smfsr-gan")
-    path, cfg, device, dtype = common.sampler_setup(flags, resolve, device)
+    path, cfg, device, dtype = common.sampler_setup(flags, resolve, device, own=("start", "start_t"))
     name = "teacher" if cfg.stage == "teacher" else "student"
     # the init is overwritten; keep the caller's RNG as it was
     with torch.random.fork_rng(devices=[]):
