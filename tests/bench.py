@@ -1,7 +1,8 @@
 """What a training step and a one-step SR cost (run by hand, not by pytest).
 
     python tests/bench.py --gpu              # GPU readiness: each method at its paper setting on real-size random
-                                             # networks (no hub): 3 training steps and one-step SR to 1024 px
+                                             # networks (no hub): 3 training steps and one-step SR to 1024 px, beside
+                                             # the plan's prediction (run `--plan --batch 1` first)
     python tests/bench.py --gpu --sizes tiny # the same script on tiny networks, on any device (a check of the bench)
     python tests/bench.py                    # CPU: the tiny and mini presets, ms per step and per SR
     python tests/bench.py --degrade realesrgan  # images/s of degrade.py's degradation, on the CPU and any GPU

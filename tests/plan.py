@@ -247,11 +247,17 @@ def traced_loop(out, fake, micro):
             roles["optimizer"] = state_bytes
             roles["grads"] = max(roles["grads"], grad_bytes if micro == 1 else total_grads)
         roles["activations"] = steady - sum(roles.values())
+        children = {id(c) for m in modules for c in m.children()}
+        nets = {}  # frozen bytes per network (a module no other one holds)
+        for m in modules:
+            if id(m) not in children and (n := sum(p.numel() * p.element_size() for p in m.parameters()
+                                                   if id(p) not in trained)):
+                nets[type(m).__name__] = nets.get(type(m).__name__, 0) + n
         weights = {}  # frozen elements per dtype
         for t in [p for p in params if id(p) not in trained] + list(buffers):
             weights[str(t.dtype)[6:]] = weights.get(str(t.dtype)[6:], 0) + t.numel()
         out.update(peak=steady, roles=roles, flops=tracker.flops, dit_flops=dit["flops"], dit_calls=dit["calls"],
-                   weights=weights, train_params=sum(p.numel() for p in params if id(p) in trained),
+                   weights=weights, nets=nets, train_params=sum(p.numel() for p in params if id(p) in trained),
                    dit_bytes=max(map(dit_bytes, dits)))
         return step + 1
     return loop
@@ -344,6 +350,25 @@ def trace(method, stage, batch, crop, micro=1, tiny=False, flags=None, weight_dt
 
 
 # ----------------------------------------------------------------------------- the table
+FSDP = {"strsr": 4, "strsr-z": 4, "fluxsr": 8}  # --fsdp true over the paper's GPUs (SMFSR, TEASR: no such flag)
+
+
+def fsdp_gb(method, res):
+    """Predicted peak with --fsdp true over the paper's GPUs: each rank holds 1/N of the frozen DiT (computed from the
+    traced split, not traced: FSDP2 gathers one block at a time, a block's weights more)."""
+    if method not in FSDP:
+        return None
+    return (res["peak"] - res["dit_bytes"] * (1 - 1 / FSDP[method])) * MARGIN / GB
+
+
+def needs(r, gb):  # what a row needs on a `gb` GB card
+    if r["predicted_gb"] <= gb:
+        return "as is"
+    if r["fsdp_gb"] is not None and r["fsdp_gb"] <= gb:
+        return f"--fsdp true ({FSDP[r['method']]} GPUs)"
+    return "no flag fits"
+
+
 def row(method, stage, gpu, batch, crop, micro, res, gpu_gb):
     flops, r = res["flops"], res["roles"]
     peak = res["peak"] * MARGIN / GB
@@ -353,7 +378,8 @@ def row(method, stage, gpu, batch, crop, micro, res, gpu_gb):
                 fits=peak <= gpu_gb, tflop=flops / 1e12, overhead=flops / max(res["dit_flops"], 1),
                 dit_calls=res["dit_calls"], s_paper=flops / (GPUS[gpu][0] * 1e12 * UTIL),
                 s_h100=flops / (GPUS["H100 SXM 80GB"][0] * 1e12 * UTIL), weights=res["weights"],
-                train_params=res["train_params"])
+                train_params=res["train_params"], nets={k: v / GB for k, v in res["nets"].items()},
+                fsdp_gb=fsdp_gb(method, res))
 
 
 def job(args):
@@ -385,7 +411,7 @@ def main(methods=None, gpu_gb=None, crop=None, batch=None, out="out/plan.json", 
           f"autocast, gradient checkpointing | +{MARGIN - 1:.0%} margin | utilisation {UTIL:.0%} of peak dense bf16 "
           f"({', '.join(f'{k} {v[0]}' for k, v in GPUS.items())} TFLOP/s)\n")
     print("| method | stage | GPU (GB) | batch x crop | frozen | trainable | grads | optim | activ. | peak +margin | "
-          "fits | TFLOP/step | overhead | s/step paper GPU | s/step H100 |\n" + "|---" * 15 + "|")
+          "fits | TFLOP/step | overhead | s/step paper GPU | s/step H100 | 24 / 48 / 80 GB |\n" + "|---" * 16 + "|")
     todo = [(m, s, batch or b, crop or c, 1, tiny, {}) for (m, s), (gpu, b, c, _) in RUNS.items()
             if not methods or m in methods or m.split("-")[0] in methods]
     todo.sort(key=lambda a: a[0] != "teasr")  # the longest trace first: the two workers end together
@@ -405,7 +431,7 @@ def main(methods=None, gpu_gb=None, crop=None, batch=None, out="out/plan.json", 
                   f"{r['frozen_gb']:.1f} | {r['trainable_gb']:.2f} | {r['grads_gb']:.2f} | {r['optimizer_gb']:.2f} | "
                   f"{r['activations_gb']:.1f} | {r['predicted_gb']:.1f} | {'yes' if r['fits'] else 'no'} | "
                   f"{r['tflop']:.0f} | {r['overhead']:.2f} | {r['s_paper']:.2f} | {r['s_h100']:.2f} | "
-                  f"({res['trace_s']:.0f} s)", flush=True)
+                  f"{' / '.join(needs(r, gb) for gb in (24, 48, 80))} | ({res['trace_s']:.0f} s)", flush=True)
     print(f"\n{time.time() - t_start:.0f} s; GB are 2^30 bytes; rows in {out}")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
