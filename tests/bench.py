@@ -248,7 +248,7 @@ def main():
     p.add_argument("--degrade", metavar="PRESET", help="the degradation table instead: a degrade.PRESETS name")
     p.add_argument("--images", type=int, default=64, help="--degrade: images per row")
     p.add_argument("--plan", action="store_true", help="predicted peak GB and s/step of every paper run (CPU trace)")
-    p.add_argument("--method", help="--plan: only this method (strsr, strsr-z, fluxsr, smfsr, teasr)")
+    p.add_argument("--method", help="--plan: only these (strsr, strsr-z, fluxsr, smfsr, teasr; smfsr:gan a stage)")
     p.add_argument("--gpu_gb", type=float, help="--plan: your GPU's memory (default: each paper's GPU)")
     p.add_argument("--crop", type=int, help="--plan: HR crop (default: each paper's)")
     p.add_argument("--batch", type=int, help="--plan: per-GPU batch (default: each paper's)")

@@ -17,9 +17,14 @@ optimizer step, so the steady-state peak of later steps is max(peak before the u
 during the update), which is what the table reports. With accumulation (--micro_batch < per-GPU batch) gradients live
 through the next micro-batch's forward: the trace adds them to the pre-update peak.
 
-FLOPs: torch.utils.flop_counter over the step (matmuls, convolutions, attention: what dominates a DiT). The DiT passes
-the method needs: each call of a DiT counted (its forward's FLOPs, x3 where it back-propagates: forward, then input and
-weight gradients); overhead = step FLOPs / those. Predicted s/step = FLOPs / (peak dense bf16 TFLOP/s x UTIL).
+FLOPs: torch.utils.flop_counter's formulas over the step's ops (matmuls, convolutions, attention: what dominates a DiT).
+The DiT passes the method needs: each pass counted at the DiT's output layer, 2 N T FLOPs (N its weights, T the tokens
+the velocity is read from), 6 N T where it back-propagates; overhead = step FLOPs / those (it includes checkpointing's
+recompute, the VAE, VLM and discriminators, and text tokens; TEASR's condition tokens double its passes' length).
+Predicted s/step = FLOPs / (peak dense bf16 TFLOP/s x UTIL).
+
+Computed, not traced: the peak under --fsdp (the frozen DiT's share per rank). Not traced yet: the one-step SR of a
+1024 px output (the samplers read a checkpoint from disk).
 """
 import contextlib, dataclasses, gc, json, os, platform, subprocess, sys, tempfile, time, warnings, weakref
 
@@ -413,7 +418,7 @@ def main(methods=None, gpu_gb=None, crop=None, batch=None, out="out/plan.json", 
     print("| method | stage | GPU (GB) | batch x crop | frozen | trainable | grads | optim | activ. | peak +margin | "
           "fits | TFLOP/step | overhead | s/step paper GPU | s/step H100 | 24 / 48 / 80 GB |\n" + "|---" * 16 + "|")
     todo = [(m, s, batch or b, crop or c, 1, tiny, {}) for (m, s), (gpu, b, c, _) in RUNS.items()
-            if not methods or m in methods or m.split("-")[0] in methods]
+            if not methods or m in methods or m.split("-")[0] in methods or f"{m}:{s}" in methods]
     todo.sort(key=lambda a: a[0] != "teasr")  # the longest trace first: the two workers end together
     rows = []
     with ThreadPoolExecutor(jobs) as pool:
