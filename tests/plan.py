@@ -150,10 +150,10 @@ def fake_like(fake, t):
         return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
 
 
-def materialise(fake, optimizers):
+def materialise(fake, optimizers, modules):
     """Every module's meta (or real) parameters and buffers replaced by fake tensors of their shapes; the optimizers'
     references too. Returns the modules."""
-    new, modules = {}, all_modules()
+    new = {}
     for m in modules:
         for store in (m._parameters, m._buffers):
             for name, p in list(store.items()):
@@ -200,12 +200,14 @@ FLOP_MAP = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_cpu
             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: sdpa_cpu_backward_flops}
 
 
-def traced_loop(out, fake, micro):
+def traced_loop(out, fake, micro, old):
     """A stand-in for common.train_loop: the models made fake, one step (`micro` micro-batches) traced."""
 
     def loop(cfg, log, loader, accum, micro_step, models, optimizers, step, end, first=0, extra=None):
         opts, MetaStays.on = list(optimizers.values()), False
-        modules = materialise(fake, opts) if fake else all_modules()
+        modules = [m for m in all_modules() if m not in old]  # this run's: a test process holds others
+        if fake:
+            materialise(fake, opts, modules)
         tracker = Tracker(fake)
         params = {id(p): p for m in modules for p in m.parameters()}.values()
         trained = {id(p) for o in opts for g in o.param_groups for p in g["params"]}  # what an optimizer steps
@@ -298,7 +300,7 @@ def trace(method, stage, batch, crop, micro=1, tiny=False, flags=None, weight_dt
     name = method.split("-")[0]
     mod = importlib.import_module(name)
     family = RUNS[(method, stage)][3] if (method, stage) in RUNS else None
-    fake, out = FakeTensorMode(allow_non_fake_inputs=True), {}
+    fake, out, old = FakeTensorMode(allow_non_fake_inputs=True), {}, weakref.WeakSet(all_modules())
     per = batch // micro
 
     def loader(ds, cfg, rank, world, step):
@@ -334,7 +336,7 @@ def trace(method, stage, batch, crop, micro=1, tiny=False, flags=None, weight_dt
         for cls in (strsr.VLMEncoder, strsr.Discriminator, smfsr.Discriminator):
             stack.enter_context(patched(cls, __init__=cls.__init__))
         use_real_sizes(torch.device("cpu" if real else "meta"), tiny)
-        stack.enter_context(patched(common, train_loop=traced_loop(out, None if real else fake, micro),
+        stack.enter_context(patched(common, train_loop=traced_loop(out, None if real else fake, micro, old),
                                     **gpu_like(weight_dtype)))
         stack.enter_context(patched(mod, make_loader=loader, degrade=lr_of))
         if name == "fluxsr":
