@@ -1,10 +1,13 @@
 """What a training step and a one-step SR cost (run by hand, not by pytest).
 
     python tests/bench.py --gpu              # GPU readiness: each method at its paper setting on real-size random
-                                             # networks (no hub): 3 training steps and one-step SR to 1024 px
+                                             # networks (no hub): 3 training steps and one-step SR to 1024 px, beside
+                                             # the plan's prediction (run `--plan --batch 1` first)
     python tests/bench.py --gpu --sizes tiny # the same script on tiny networks, on any device (a check of the bench)
     python tests/bench.py                    # CPU: the tiny and mini presets, ms per step and per SR
     python tests/bench.py --degrade realesrgan  # images/s of degrade.py's degradation, on the CPU and any GPU
+    python tests/bench.py --plan             # what GPU each paper run needs: every method and stage traced at real
+                                             # size on the CPU with fake tensors (tests/plan.py), no GPU, ~10 min
 
 The paper setting is each Config's defaults (bf16 frozen weights on GPU, the paper's LoRA rank, gradient
 checkpointing, the paper's crop) at batch 1 per GPU: StrSR stage 1 at 1024 px, FluxSR at 1024 px on two random
@@ -64,7 +67,7 @@ def use_real_sizes(device, tiny):
             with building(device, dtype):
                 init(self, *a, **k)
         return init_there
-    vlm_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as from_pretrained(dtype=bf16)
+    vlm_dtype = torch.bfloat16 if device.type in ("cuda", "meta") else torch.float32  # as from_pretrained(bf16)
     for cls, dtype in ((strsr.VLMEncoder, vlm_dtype), (strsr.Discriminator, torch.float32),
                        (smfsr.Discriminator, torch.float32)):
         cls.__init__ = on_device(cls.__init__, dtype)
@@ -135,7 +138,7 @@ def gpu_table(methods, sizes):
     print(f"{dev} | torch {torch.__version__} | {time.strftime('%Y-%m-%d')} | {sizes} sizes, random weights, bf16 "
           f"frozen weights on GPU | batch 1, gradient checkpointing, the paper's crop and LoRA rank\n")
     print("| method | base (DiT params) | s/step (3 steps) | peak GB, training | one-step SR to 1024 px, s | peak GB, "
-          "SR | note |\n|---|---|---|---|---|---|---|")
+          "SR | predicted s/step, GB (plan) | note |\n|---|---|---|---|---|---|---|---|")
     for method in methods:
         with tempfile.TemporaryDirectory() as out:
             t0 = time.time()
@@ -143,14 +146,25 @@ def gpu_table(methods, sizes):
                                text=True)
             line = [l for l in r.stdout.splitlines() if l.startswith("BENCH ")]
             if not line:
-                print(f"| {method} | | | | | | failed ({r.returncode}): "
+                print(f"| {method} | | | | | | | failed ({r.returncode}): "
                       f"{(r.stderr.strip().splitlines() or [''])[-1][:150]} |", flush=True)
                 continue
             b = json.loads(line[-1][6:])
             f = lambda k, fmt: format(b[k], fmt) if b.get(k) is not None else "-"
             print(f"| {method} | {b['base']} ({f('params', '.2f')}B) | {f('s_step', '.2f')} | {f('train_gb', '.1f')} | "
-                  f"{f('sr_s', '.2f')} | {f('sr_gb', '.1f')} | {b.get('note', '')} ({time.time() - t0:.0f} s) |",
+                  f"{f('sr_s', '.2f')} | {f('sr_gb', '.1f')} | {predicted(method, dev)} | {b.get('note', '')} "
+                  f"({time.time() - t0:.0f} s) |",
                   flush=True)
+
+
+def predicted(method, device, path="out/plan.json"):
+    """The plan's prediction of the --gpu setting (batch 1; SMFSR's gan stage), from `bench.py --plan --batch 1`."""
+    stage = {"strsr": "1", "smfsr": "gan"}.get(method, "")
+    rows = json.load(open(path)) if os.path.exists(path) else []
+    r = next((r for r in rows if (r["method"], r["stage"], r["batch"]) == (method, stage, 1)), None)
+    if r is None:
+        return "run --plan --batch 1"
+    return f"{r['s_h100' if 'H100' in device else 's_paper']:.2f}, {r['predicted_gb']:.1f}"
 
 
 # ----------------------------------------------------------------------------- CPU: tiny and mini presets
@@ -233,6 +247,11 @@ def main():
     p.add_argument("--steps", type=int, default=4, help="CPU: training steps")
     p.add_argument("--degrade", metavar="PRESET", help="the degradation table instead: a degrade.PRESETS name")
     p.add_argument("--images", type=int, default=64, help="--degrade: images per row")
+    p.add_argument("--plan", action="store_true", help="predicted peak GB and s/step of every paper run (CPU trace)")
+    p.add_argument("--method", help="--plan: only these (strsr, strsr-z, fluxsr, smfsr, teasr; smfsr:gan a stage)")
+    p.add_argument("--gpu_gb", type=float, help="--plan: your GPU's memory (default: each paper's GPU)")
+    p.add_argument("--crop", type=int, help="--plan: HR crop (default: each paper's)")
+    p.add_argument("--batch", type=int, help="--plan: per-GPU batch (default: each paper's)")
     p.add_argument("--job", nargs=3, help=argparse.SUPPRESS)  # method sizes out_dir (one process per method)
     p.add_argument("--cpu_job", nargs=4, help=argparse.SUPPRESS)  # method preset out_dir steps
     a = p.parse_args()
@@ -240,6 +259,9 @@ def main():
         return gpu_job(a.job[0], a.job[1] == "tiny", a.job[2])
     if a.cpu_job:
         return cpu_job(*a.cpu_job[:3], int(a.cpu_job[3]))
+    if a.plan:
+        import plan
+        return plan.main(a.method and a.method.split(","), a.gpu_gb, a.crop, a.batch)
     if a.degrade:
         return degrade_table(a.degrade, images=a.images)
     methods = a.methods.split(",")
