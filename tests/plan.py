@@ -200,52 +200,68 @@ FLOP_MAP = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_cpu
             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: sdpa_cpu_backward_flops}
 
 
-def traced_loop(out, fake, micro, old):
-    """A stand-in for common.train_loop: the models made fake, one step (`micro` micro-batches) traced."""
+def all_optimizers():
+    return [o for o in gc.get_objects() if isinstance(o, torch.optim.Optimizer)]
 
-    def loop(cfg, log, loader, accum, micro_step, models, optimizers, step, end, first=0, extra=None):
-        opts, MetaStays.on = list(optimizers.values()), False
-        modules = [m for m in all_modules() if m not in old]  # this run's: a test process holds others
-        if fake:
-            materialise(fake, opts, modules)
-        tracker = Tracker(fake)
-        params = {id(p): p for m in modules for p in m.parameters()}.values()
-        trained = {id(p) for o in opts for g in o.param_groups for p in g["params"]}  # what an optimizer steps
-        buffers = {id(b): b for m in modules for b in m.buffers()}.values()
-        dit = {"flops": 0.0, "calls": 0}
-        for p in params:
-            tracker.add(p, static=True)
-        for b in buffers:
-            tracker.add(b, static=True)
-        dits = [m for m in modules if type(m).__name__ in {v[0] for v in common.FAMILIES.values()}]
-        for m in dits:
+
+class StepTrace:
+    """One step of a method's own training loop, traced. Its first micro-batch seed (common.micro_batch_seed) makes
+    this run's models fake and starts the tracker; its update (common.optimizer_step) is traced too, then the
+    measurements go to `out`."""
+
+    def __init__(self, out, fake, micro, old, old_opts):
+        self.out, self.fake, self.micro, self.old, self.old_opts = out, fake, micro, old, old_opts
+        self.seed, self.update, self.tracker = common.micro_batch_seed, common.optimizer_step, None
+
+    def micro_batch_seed(self, *args):
+        if self.tracker is None:
+            self.start()
+        return self.seed(*args)
+
+    def start(self):
+        MetaStays.on = False
+        self.modules = [m for m in all_modules() if m not in self.old]  # this run's: a test process holds others
+        opts = [o for o in all_optimizers() if o not in self.old_opts]
+        if self.fake:
+            materialise(self.fake, opts, self.modules)
+        self.tracker = tracker = Tracker(self.fake)
+        self.params = {id(p): p for m in self.modules for p in m.parameters()}.values()
+        self.trained = {id(p) for o in opts for g in o.param_groups for p in g["params"]}  # what an optimizer steps
+        self.buffers = {id(b): b for m in self.modules for b in m.buffers()}.values()
+        self.dit = dit = {"flops": 0.0, "calls": 0}
+        for t in [*self.params, *self.buffers]:
+            tracker.add(t, static=True)
+        self.dits = [m for m in self.modules if type(m).__name__ in {v[0] for v in common.FAMILIES.values()}]
+        for m in self.dits:
             n = sum(p.numel() for k, p in m.named_parameters() if "lora_" not in k)
             outs = [m.proj_out] if hasattr(m, "proj_out") else [f.linear for f in m.all_final_layer.values()]
             for layer in outs:  # once per pass of the DiT, also where a method runs its blocks itself
                 layer.register_forward_hook(lambda mod, a, o, n=n: dit.update(
                     flops=dit["flops"] + (6 if torch.is_grad_enabled() else 2) * n * a[0].shape[:-1].numel(),
                     calls=dit["calls"] + 1))
-        batches = [next(loader) for _ in range(micro)]
-        with tracker:
-            torch.manual_seed(common.micro_batch_seed(cfg.seed, 1, 0))
-            for x in batches:
-                micro_step(x, 1 / micro)
-            tracker.phase, before = "update", tracker.peaks["step"]
-            grads = {tracker.alloc_id(p.grad) for p in params if id(p) in trained and p.grad is not None}
-            grad_bytes = sum(n for i, n in tracker.snap.items() if i in grads)
-            common.optimizer_step(opts, cfg.grad_clip)
+        tracker.__enter__()  # left in optimizer_step: the micro-batches and the update run under it
+
+    def optimizer_step(self, optimizers, clip):
+        tracker, params, trained, micro = self.tracker, self.params, self.trained, self.micro
+        opts = list(optimizers)
+        tracker.phase, before = "update", tracker.peaks["step"]
+        grads = {tracker.alloc_id(p.grad) for p in params if id(p) in trained and p.grad is not None}
+        grad_bytes = sum(n for i, n in tracker.snap.items() if i in grads)
+        norms = self.update(opts, clip)
+        tracker.__exit__(None, None, None)
         state = {tracker.alloc_id(t) for o in opts for s in o.state.values() for t in s.values()
                  if isinstance(t, torch.Tensor) and t.dim()}
         state_bytes = sum(n for i, n in tracker.live.values() if i in state)
         static = dict(tracker.static.values())
-        frozen = {tracker.alloc_id(p) for p in params if id(p) not in trained} | {tracker.alloc_id(b) for b in buffers}
+        frozen = {tracker.alloc_id(p) for p in params if id(p) not in trained}
+        frozen |= {tracker.alloc_id(b) for b in self.buffers}
         train = {tracker.alloc_id(p) for p in params if id(p) in trained}
         roles = dict(frozen=0, trainable=0, grads=0, optimizer=0)
         for i, n in [*static.items(), *tracker.snap.items()]:
-            role = "frozen" if i in frozen else "trainable" if i in train else "grads" if i in grads else \
-                "optimizer" if i in state else None
-            if role:
-                roles[role] += n
+            for role, ids in (("frozen", frozen), ("trainable", train), ("grads", grads), ("optimizer", state)):
+                if i in ids:
+                    roles[role] += n
+                    break
         total_grads = sum(p.numel() * p.element_size() for p in params if id(p) in trained)
         if micro > 1 and grad_bytes < total_grads:  # later micro-batches run with the gradients of the first
             before += total_grads - grad_bytes
@@ -254,20 +270,24 @@ def traced_loop(out, fake, micro, old):
             roles["optimizer"] = state_bytes
             roles["grads"] = max(roles["grads"], grad_bytes if micro == 1 else total_grads)
         roles["activations"] = steady - sum(roles.values())
-        children = {id(c) for m in modules for c in m.children()}
+        children = {id(c) for m in self.modules for c in m.children()}
         nets = {}  # frozen bytes per network (a module no other one holds)
-        for m in modules:
-            if id(m) not in children and (n := sum(p.numel() * p.element_size() for p in m.parameters()
-                                                   if id(p) not in trained)):
+        for m in self.modules:
+            n = sum(p.numel() * p.element_size() for p in m.parameters() if id(p) not in trained)
+            if id(m) not in children and n:
                 nets[type(m).__name__] = nets.get(type(m).__name__, 0) + n
         weights = {}  # frozen elements per dtype
-        for t in [p for p in params if id(p) not in trained] + list(buffers):
+        for t in [p for p in params if id(p) not in trained] + list(self.buffers):
             weights[str(t.dtype)[6:]] = weights.get(str(t.dtype)[6:], 0) + t.numel()
-        out.update(peak=steady, roles=roles, flops=tracker.flops, dit_flops=dit["flops"], dit_calls=dit["calls"],
-                   weights=weights, nets=nets, train_params=sum(p.numel() for p in params if id(p) in trained),
-                   dit_bytes=max(map(dit_bytes, dits)))
-        return step + 1
-    return loop
+        self.out.update(peak=steady, roles=roles, flops=tracker.flops, dit_flops=self.dit["flops"],
+                        dit_calls=self.dit["calls"], weights=weights, nets=nets,
+                        train_params=sum(p.numel() for p in params if id(p) in trained),
+                        dit_bytes=max(map(dit_bytes, self.dits)))
+        return norms
+
+
+def nothing(*args, **kwargs):  # a stand-in for what the traced step skips (checkpoints, grids, curves, the log)
+    return None
 
 
 @contextlib.contextmanager
@@ -301,20 +321,20 @@ def trace(method, stage, batch, crop, micro=1, tiny=False, flags=None, weight_dt
     mod = importlib.import_module(name)
     family = RUNS[(method, stage)][3] if (method, stage) in RUNS else None
     fake, out, old = FakeTensorMode(allow_non_fake_inputs=True), {}, weakref.WeakSet(all_modules())
+    old_opts = weakref.WeakSet(all_optimizers())
     per = batch // micro
 
     def loader(ds, cfg, rank, world, step):
-        def batches():
-            while True:
-                with contextlib.nullcontext() if real else fake:  # left before the yield: the step runs outside it
-                    if name == "fluxsr":  # (eps, z_hr, x_hr): a teacher pair at the crop
-                        h = cfg.crop // 8
-                        x = torch.randn(per, 16, h, h), torch.randn(per, 16, h, h), torch.rand(per, 3, cfg.crop,
-                                                                                              cfg.crop)
-                    else:
-                        x = torch.rand(per, 3, cfg.crop, cfg.crop)
-                yield x
-        return batches(), micro
+        """The step's `micro` batches, made now: before the trace, as a data loader's are."""
+        def batch():
+            with contextlib.nullcontext() if real else fake:
+                if name == "fluxsr":  # (eps, z_hr, x_hr): a teacher pair at the crop
+                    h = cfg.crop // 8
+                    return torch.randn(per, 16, h, h), torch.randn(per, 16, h, h), torch.rand(per, 3, cfg.crop,
+                                                                                               cfg.crop)
+                x = torch.rand(per, 3, cfg.crop, cfg.crop)
+            return (x, torch.arange(per)) if name == "smfsr" else x  # SMFSR's items carry their index
+        return iter([batch() for _ in range(micro)]), micro
 
     def lr_of(x, scale, opts, g=None):  # the degradation's shapes (it reads pixel values: not traceable)
         return F.avg_pool2d(x, scale), x
@@ -336,14 +356,17 @@ def trace(method, stage, batch, crop, micro=1, tiny=False, flags=None, weight_dt
         for cls in (strsr.VLMEncoder, strsr.Discriminator, smfsr.Discriminator):
             stack.enter_context(patched(cls, __init__=cls.__init__))
         use_real_sizes(torch.device("cpu" if real else "meta"), tiny)
-        stack.enter_context(patched(common, train_loop=traced_loop(out, None if real else fake, micro, old),
+        step = StepTrace(out, None if real else fake, micro, old, old_opts)
+        stack.enter_context(patched(common, micro_batch_seed=step.micro_batch_seed, optimizer_step=step.optimizer_step,
+                                    save_checkpoint=nothing, save_grid=nothing, plot_curves=nothing,
                                     **gpu_like(weight_dtype)))
+        stack.enter_context(patched(common.Logger, step=nothing, image=nothing))
         stack.enter_context(patched(mod, make_loader=loader, degrade=lr_of))
         if name == "fluxsr":
             os.makedirs(kw.setdefault("data", os.path.join(tmp, "pairs")))
             stack.enter_context(patched(mod, damaged_pairs=lambda d: [], PairDataset=lambda *a: [None]))
         if name == "strsr":  # stage 2 continues a stage-1 run: the same weights, shapes and optimizer state
-            stack.enter_context(patched(mod, resume=lambda cfg, models, opts, log: (0, 0)))
+            stack.enter_context(patched(mod, resume_stage=lambda cfg, models, opts, log: (0, 0)))
         if name == "smfsr" and stage != "teacher":  # the previous stages' checkpoints: their shapes are this run's
             c = {"train_base": kw.get("train_base", "none"), "lora_rank": kw.get("lora_rank", 128)}
             stack.enter_context(patched(mod, stage_inputs=lambda cfg: dataclasses.replace(
