@@ -161,7 +161,7 @@ def predicted(method, device, path="out/plan.json"):
     """The plan's prediction of the --gpu setting (batch 1; SMFSR's gan stage), from `bench.py --plan --batch 1`."""
     stage = {"strsr": "1", "smfsr": "gan"}.get(method, "")
     rows = json.load(open(path)) if os.path.exists(path) else []
-    r = next((r for r in rows if (r["method"], r["stage"], r["batch"]) == (method, stage, 1)), None)
+    r = next((r for r in rows if (r["method"], r["stage"], r.get("batch")) == (method, stage, 1)), None)
     if r is None:
         return "run --plan --batch 1"
     return f"{r['s_h100' if 'H100' in device else 's_paper']:.2f}, {r['predicted_gb']:.1f}"

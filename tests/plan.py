@@ -23,8 +23,8 @@ the velocity is read from), 6 N T where it back-propagates; overhead = step FLOP
 recompute, the VAE, VLM and discriminators, and text tokens; TEASR's condition tokens double its passes' length).
 Predicted s/step = FLOPs / (peak dense bf16 TFLOP/s x UTIL).
 
-Computed, not traced: the peak under --fsdp (the frozen DiT's share per rank). Not traced yet: the one-step SR of a
-1024 px output (the samplers read a checkpoint from disk).
+Computed, not traced: the peak under --fsdp (the frozen DiT's share per rank). The one-step SR of a 1024 px output
+runs each method's own sampler on the networks as built (the checkpoint it would read changes values, not shapes).
 """
 import contextlib, dataclasses, gc, json, os, platform, subprocess, sys, tempfile, time, warnings, weakref
 
@@ -316,7 +316,6 @@ def trace(method, stage, batch, crop, micro=1, tiny=False, flags=None, weight_dt
     """One traced training step of `method` (its stage) at real size (or tiny): a dict of the measurements. real: on
     real CPU tensors instead of fake ones (tests: the same peak)."""
     import importlib
-    from bench import use_real_sizes
     name = method.split("-")[0]
     mod = importlib.import_module(name)
     family = RUNS[(method, stage)][3] if (method, stage) in RUNS else None
@@ -348,14 +347,7 @@ def trace(method, stage, batch, crop, micro=1, tiny=False, flags=None, weight_dt
         kw["stage"] = stage
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         kw["out_dir"] = tmp
-        import smfsr, strsr  # what use_real_sizes patches, put back after the trace
-        stack.enter_context(patched(common, _load=common._load, tiny_cond=common.tiny_cond,
-                                    PRESETS=dict(common.PRESETS)))
-        stack.enter_context(patched(strsr, tiny_vlm_config=strsr.tiny_vlm_config, RANDOM_TRUNK=strsr.RANDOM_TRUNK))
-        stack.enter_context(patched(smfsr, RANDOM_DINO=smfsr.RANDOM_DINO))
-        for cls in (strsr.VLMEncoder, strsr.Discriminator, smfsr.Discriminator):
-            stack.enter_context(patched(cls, __init__=cls.__init__))
-        use_real_sizes(torch.device("cpu" if real else "meta"), tiny)
+        real_sizes(stack, real, tiny)
         step = StepTrace(out, None if real else fake, micro, old, old_opts)
         stack.enter_context(patched(common, micro_batch_seed=step.micro_batch_seed, optimizer_step=step.optimizer_step,
                                     save_checkpoint=nothing, save_grid=nothing, plot_curves=nothing,
@@ -372,11 +364,71 @@ def trace(method, stage, batch, crop, micro=1, tiny=False, flags=None, weight_dt
             stack.enter_context(patched(mod, stage_inputs=lambda cfg: dataclasses.replace(
                 cfg, init_ckpt="(traced)", teacher_ckpt="(traced)"), load_net=lambda *a: {}))
             stack.enter_context(patched(common, load_config=lambda ckpt: c))
-        stack.enter_context(patched(torch.utils.checkpoint, get_device_states=lambda *a: ([], [])))
         MetaStays.on = not real
         with MetaStays():
             mod.train(mod.Config(**kw))
     return out
+
+
+def real_sizes(stack, real, tiny):
+    """The method scripts build the real-size random networks (bench.use_real_sizes), on the meta device unless real;
+    every patch is undone when `stack` closes."""
+    import smfsr, strsr
+    from bench import use_real_sizes
+    stack.enter_context(patched(common, _load=common._load, tiny_cond=common.tiny_cond, PRESETS=dict(common.PRESETS)))
+    stack.enter_context(patched(strsr, tiny_vlm_config=strsr.tiny_vlm_config, RANDOM_TRUNK=strsr.RANDOM_TRUNK))
+    stack.enter_context(patched(smfsr, RANDOM_DINO=smfsr.RANDOM_DINO))
+    for cls in (strsr.VLMEncoder, strsr.Discriminator, smfsr.Discriminator):
+        stack.enter_context(patched(cls, __init__=cls.__init__))
+    stack.enter_context(patched(torch.utils.checkpoint, get_device_states=lambda *a: ([], [])))
+    use_real_sizes(torch.device("cpu" if real else "meta"), tiny)
+
+
+SR_PX = 1024  # the output side of the traced SR
+SR_FAMILY = {"strsr": "flux2", "strsr-z": "zimage", "fluxsr": "flux1", "smfsr": "sd3", "teasr": "qwen"}
+
+
+def trace_sr(method, size=1024, tiny=False, real=False):
+    """One SR to a `size` px output (a size/4 px LR) by the method's own sampler at real size, in bf16: the checkpoint
+    it reads stood in by the networks as built (a checkpoint changes their values, not their shapes) and the stored
+    prompt by a stand-in of its shape. Returns the peak bytes, FLOPs and the frozen weights' bytes."""
+    import importlib
+    name = method.split("-")[0]
+    mod = importlib.import_module(name)
+    fake, old, dits = FakeTensorMode(allow_non_fake_inputs=True), weakref.WeakSet(all_modules()), []
+    kw = dict(model=f"real-{SR_FAMILY[method]}")
+    if tiny:
+        small = dict(lora_rank=8, lora_alpha=8, tile=8, overlap=2)
+        kw.update({k: v for k, v in small.items() if k in mod.Config.__dataclass_fields__})
+    cfg = mod.Config(**kw)
+    load_dit = common.load_dit
+
+    def dit_seen(*args, **kwargs):
+        dits.append(load_dit(*args, **kwargs))
+        return dits[-1]
+    prompt = lambda *args, **kwargs: {"cond": common.tiny_cond(dits[-1], SR_FAMILY[method])}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        real_sizes(stack, real, tiny)
+        stack.enter_context(patched(common, load_dit=dit_seen, checkpoint_config=lambda ckpt, cls: (tmp, cfg),
+                                    load_checkpoint=prompt, **gpu_like()))
+        if name == "smfsr":
+            stack.enter_context(patched(mod, load_net=prompt))
+        MetaStays.on = not real
+        with MetaStays():
+            sr = mod.build_sampler(dataclasses.replace(cfg, ckpt=tmp), "cpu")
+        MetaStays.on = False
+        modules = [m for m in all_modules() if m not in old]
+        if not real:
+            materialise(fake, [], modules)
+        tracker = Tracker(None if real else fake)
+        for t in {id(t): t for m in modules for t in [*m.parameters(), *m.buffers()]}.values():
+            tracker.add(t, static=True)
+        weights = tracker.total
+        with contextlib.nullcontext() if real else fake:
+            x_lr = torch.rand(1, 3, size // 4, size // 4)
+        with tracker, torch.no_grad():
+            y = sr(x_lr)
+    return dict(peak=tracker.peak, flops=tracker.flops, weights=weights, shape=list(y.shape))
 
 
 # ----------------------------------------------------------------------------- the table
@@ -414,7 +466,6 @@ def row(method, stage, gpu, batch, crop, micro, res, gpu_gb):
 
 def job(args):
     """One row in its own process (the patches and the modules die with it): `python tests/plan.py JSON`."""
-    method, stage, b, c, micro, tiny, flags = args
     cmd = [sys.executable, os.path.abspath(__file__), json.dumps(args)]
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -462,6 +513,20 @@ def main(methods=None, gpu_gb=None, crop=None, batch=None, out="out/plan.json", 
                   f"{r['activations_gb']:.1f} | {r['predicted_gb']:.1f} | {'yes' if r['fits'] else 'no'} | "
                   f"{r['tflop']:.0f} | {r['overhead']:.2f} | {r['s_paper']:.2f} | {r['s_h100']:.2f} | "
                   f"{' / '.join(needs(r, gb) for gb in (24, 48, 80))} | ({res['trace_s']:.0f} s)", flush=True)
+    srs = [m for m in SR_FAMILY if not methods or m in methods or m.split("-")[0] in methods
+           or any(x.startswith(m + ":") for x in methods)]
+    print(f"\n| method | SR to {SR_PX} px: frozen | peak +margin | TFLOP | s on H100 |\n" + "|---" * 5 + "|")
+    with ThreadPoolExecutor(jobs) as pool:
+        for method, res in zip(srs, pool.map(job, [("sr", m, tiny) for m in srs])):
+            if "error" in res:
+                print(f"| {method} | failed: {res['error']} |", flush=True)
+                continue
+            r = dict(method=method, stage="sr", frozen_gb=res["weights"] / GB, peak_gb=res["peak"] / GB,
+                     predicted_gb=res["peak"] * MARGIN / GB, tflop=res["flops"] / 1e12,
+                     s_h100=res["flops"] / (GPUS["H100 SXM 80GB"][0] * 1e12 * UTIL))
+            rows.append(r)
+            print(f"| {method} | {r['frozen_gb']:.1f} | {r['predicted_gb']:.1f} | {r['tflop']:.1f} | "
+                  f"{r['s_h100']:.2f} | ({res['trace_s']:.0f} s)", flush=True)
     print(f"\n{time.time() - t_start:.0f} s; GB are 2^30 bytes; rows in {out}")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
@@ -470,7 +535,7 @@ def main(methods=None, gpu_gb=None, crop=None, batch=None, out="out/plan.json", 
 
 
 if __name__ == "__main__":
-    method, stage, b, c, micro, tiny, flags = json.loads(sys.argv[1])
+    args = json.loads(sys.argv[1])
     torch.set_num_threads(1)
-    res = trace(method, stage, b, c, micro, tiny, flags)
+    res = trace_sr(args[1], SR_PX, args[2]) if args[0] == "sr" else trace(*args)
     print("PLAN " + json.dumps(res), flush=True)

@@ -47,3 +47,13 @@ def test_plan_of_a_tiny_method_and_its_fake_trace_equals_the_real_one(tmp_path):
     for role in ("frozen", "trainable", "optimizer", "activations"):
         assert real["roles"][role] == pytest.approx(r[role + "_gb"] * GB, abs=0.5)
     assert real["peak"] == pytest.approx(r["peak_gb"] * GB, abs=0.5)
+
+
+def test_the_sr_trace_of_a_tiny_sampler_equals_the_real_one():
+    """The one-step SR by SMFSR's own sampler, traced on fake tensors and run on real ones: its output at 4x the LR,
+    the same FLOPs and bytes at the peak, the peak above the frozen weights."""
+    fake = plan.trace_sr("smfsr", 128, tiny=True)
+    real = plan.trace_sr("smfsr", 128, tiny=True, real=True)
+    assert fake["shape"] == real["shape"] == [1, 3, 128, 128]
+    assert fake["flops"] == real["flops"] > 0 and fake["weights"] == real["weights"]
+    assert fake["peak"] == real["peak"] > fake["weights"]
