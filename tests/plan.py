@@ -513,8 +513,7 @@ def main(methods=None, gpu_gb=None, crop=None, batch=None, out="out/plan.json", 
                   f"{r['activations_gb']:.1f} | {r['predicted_gb']:.1f} | {'yes' if r['fits'] else 'no'} | "
                   f"{r['tflop']:.0f} | {r['overhead']:.2f} | {r['s_paper']:.2f} | {r['s_h100']:.2f} | "
                   f"{' / '.join(needs(r, gb) for gb in (24, 48, 80))} | ({res['trace_s']:.0f} s)", flush=True)
-    srs = [m for m in SR_FAMILY if not methods or m in methods or m.split("-")[0] in methods
-           or any(x.startswith(m + ":") for x in methods)]
+    srs = [m for m in SR_FAMILY if not methods or m in methods or m.split("-")[0] in methods]  # not for "m:stage"
     print(f"\n| method | SR to {SR_PX} px: frozen | peak +margin | TFLOP | s on H100 |\n" + "|---" * 5 + "|")
     with ThreadPoolExecutor(jobs) as pool:
         for method, res in zip(srs, pool.map(job, [("sr", m, tiny) for m in srs])):

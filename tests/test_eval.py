@@ -326,25 +326,23 @@ def test_heldout_table_and_compare_png(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "negsr", types.SimpleNamespace(Config=types.SimpleNamespace))
     monkeypatch.setattr(pyiqa, "create_metric", no_lpips)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.chdir(tmp_path)  # data/ under the working directory, as a training run
-    rows = E.heldout("negsr", build_sampler, "run", "bicubic")
+    monkeypatch.chdir(tmp_path)  # the data roots under the working directory, as a training run
+    rows = E.heldout("negsr", build_sampler, "run", "bicubic", data_root="photos")  # a run's --data_root
     assert [r["method"] for r in rows] == ["bicubic", "negsr"]
     assert 0.9 < rows[0]["Blockiness"] < 1.0 and "Blockiness ↓" in open("run/eval/results.md").read()
     assert "run/compare.png" in capsys.readouterr().out
     sheet = np.asarray(Image.open("run/compare.png").convert("RGB"))
     assert sheet.shape == (16 + 3 * 260 - 4, 4 * 260 - 4, 3)  # three 128 px crops shown 256 px, 4 px apart
     load = lambda f: (C.load_image(f).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # (H, W, 3)
-    columns = [load("data/sample/LR_bicubic_seed0/astronaut.png").repeat(4, 0).repeat(4, 1),
+    columns = [load("photos/sample/LR_bicubic_seed0/astronaut.png").repeat(4, 0).repeat(4, 1),
                load("run/eval/bicubic/sample/astronaut.png"), load("run/eval/negsr/sample/astronaut.png"),
-               load("data/sample/HR/astronaut.png")]
+               load("photos/sample/HR/astronaut.png")]
     for j, x in enumerate(columns):
         assert (sheet[:16, 260 * j: 260 * j + 256] < 128).any()  # its label
         for i, (t, l) in enumerate(E.CROPS):
             crop = x[t: t + 128, l: l + 128].repeat(2, 0).repeat(2, 1)
             assert np.array_equal(sheet[16 + 260 * i: 16 + 260 * i + 256, 260 * j: 260 * j + 256], crop)
     first = open("run/compare.png", "rb").read()
-    E.heldout("negsr", build_sampler, "run", "bicubic")
+    E.heldout("negsr", build_sampler, "run", "bicubic", data_root="photos")
     assert open("run/compare.png", "rb").read() == first  # deterministic
-    E.heldout("negsr", build_sampler, "run2", "bicubic", data_root="photos")  # a run's --data_root
-    assert os.path.exists("photos/sample/HR/astronaut.png")
-    assert open("run2/compare.png", "rb").read() == first
+    assert not os.path.exists("data")  # nothing read or written under the default root
