@@ -457,7 +457,7 @@ def isc_losses(u, v_teacher, z_hr, eps, cfg, weight=1.0):
         l_isc = boundary_loss(u, v_teacher, z_t, t) if q < cfg.p_boundary else isc_loss(u, z_t, r, t, lam)
     return weight * l_isc, {"loss": weight * l_isc, "isc": l_isc}
 
-def gan_losses(u, v_teacher, teacher, t_dit, disc, vae, lpips, z_lr, x_hr, cond, cfg):
+def gan_losses(u, v_teacher, teacher, phi_dit, disc, vae, lpips, z_lr, x_hr, cond, cfg):
     """Stage 2's terms after L_ISC (Eq. 20) and D's (Eq. 18), weight 0 skipped. The fake score's own
     loss (Eq. 16) is terms["fake"]: it is back-propagated apart, with the fake LoRA on (see
     fake_score)."""
@@ -473,8 +473,8 @@ def gan_losses(u, v_teacher, teacher, t_dit, disc, vae, lpips, z_lr, x_hr, cond,
         with torch.no_grad():
             v_real = v_teacher(z0_hat_t, t_v)
         # one fake-score pass: detached for Eq. 15, through its LoRA for Eq. 16
-        with fake_score(t_dit):
-            v_fake = teacher(t_dit, z0_hat_t, t_v, t_v, z_lr, cond)
+        with fake_score(phi_dit):
+            v_fake = teacher(phi_dit, z0_hat_t, t_v, t_v, z_lr, cond)
         l_fake = fake_score_loss(v_fake, eps_v, z0_hat)
         l_vsd = vsd_loss(z0_hat, z0_hat_t, t_v, v_real, v_fake.detach())  # Eq. (15)
     if cfg.w_gan:
@@ -584,8 +584,8 @@ def stage_inputs(cfg):
 
 def build_models(cfg, device):
     """The stage's networks, the same init on every rank: name ("teacher" or "student"), net (the
-    SRNet that trains) on dit, the frozen teacher on t_dit (which also carries v_phi', the fake
-    score's LoRA), disc, lpips."""
+    SRNet that trains) on dit, the frozen teacher v_phi on phi_dit, which with its LoRA on is also the
+    fake score v_phi' (Eqs. 15-16), disc, lpips."""
     dtype, gan, random_nets = common.weight_dtype(device), cfg.stage == "gan", common.PRESETS[cfg.model].hub is None
     init, t_ckpt = cfg.init_ckpt, cfg.teacher_ckpt
     name, src = "teacher" if cfg.stage == "teacher" else "student", {"isc": "teacher", "gan": "student"}.get(cfg.stage)
@@ -600,19 +600,19 @@ def build_models(cfg, device):
         # the teacher's own base
         own = init and (cfg.train_base != "none" or t_cfg["train_base"] != "none")
         # + the fake score's
-        t_dit = load_base(cfg, dtype, *trained_base(t_cfg), t_ckpt, "teacher") if own else dit
+        phi_dit = load_base(cfg, dtype, *trained_base(t_cfg), t_ckpt, "teacher") if own else dit
         # the teacher's form: its residual on the straight path to z_lr
         skip = t_cfg.get("zero_init", False)
-        teacher = SRNet(t_dit, two_times=False, skip=skip).requires_grad_(False) if init else None
+        teacher = SRNet(phi_dit, two_times=False, skip=skip).requires_grad_(False) if init else None
         if gan and cfg.w_vsd:  # v_phi' = v_phi at init
-            common.add_lora(t_dit, "lora", cfg.fake_rank, cfg.fake_rank, FAKE_LORA_TARGETS).disable_adapters()
+            common.add_lora(phi_dit, "lora", cfg.fake_rank, cfg.fake_rank, FAKE_LORA_TARGETS).disable_adapters()
         disc = Discriminator(random_nets, cfg.disc_model, cfg.disc_width) if gan and cfg.w_gan else None
     lpips = common.load_lpips(device, "random" if random_nets else cfg.lpips_weights) if gan and cfg.w_lpips else None
     if init:
         load_net(t_ckpt, "teacher", teacher)
         load_net(init, src, net)
     to = lambda m: m if m is None else m.to(device)
-    return types.SimpleNamespace(name=name, net=to(net), dit=to(dit), teacher=to(teacher), t_dit=to(t_dit),
+    return types.SimpleNamespace(name=name, net=to(net), dit=to(dit), teacher=to(teacher), phi_dit=to(phi_dit),
                                  disc=to(disc), lpips=lpips)
 
 def train(cfg):
@@ -624,10 +624,10 @@ def train(cfg):
     # 1. models: with --train_base none one frozen SD3 (bf16 on GPU) serves teacher, student and
     # fake score
     m = build_models(cfg, device)
-    name, net, dit, t_dit = m.name, m.net, m.dit, m.t_dit
+    name, net, dit, phi_dit = m.name, m.net, m.dit, m.phi_dit
     vae = common.load_vae(cfg.model, cfg.model_path or None, common.weight_dtype(device), device)
     # SRNet.forward checkpoints each block when this is on
-    common.checkpointing(cfg, device, dit, t_dit)
+    common.checkpointing(cfg, device, dit, phi_dit)
 
     # 2. optimizers: AdamW, a fixed lr per trained part (Sec. 4); the fake-score LoRA and D heads in
     # stage 2
@@ -635,7 +635,7 @@ def train(cfg):
     models = {name: net, **({f"{name}_base": dit} if cfg.train_base != "none" else {})}
     opts = {"opt": adam(params := common.trainable(*models.values()), cfg.lr)}
     if gan and cfg.w_vsd:
-        opts["opt_fake"] = adam([p for n, p in t_dit.named_parameters() if "lora_" in n], cfg.lr_fake)
+        opts["opt_fake"] = adam([p for n, p in phi_dit.named_parameters() if "lora_" in n], cfg.lr_fake)
     if gan and cfg.w_gan:
         models["disc"] = m.disc.heads
         opts["opt_d"] = adam(m.disc.heads.parameters(), cfg.lr_d)
@@ -645,7 +645,7 @@ def train(cfg):
     # 3. resume; 4. the loader and the captions, data position = step
     step, state = common.resume(cfg.out_dir, models, opts, log)
     if state and gan and cfg.w_vsd:
-        common.load_lora_state(t_dit, state["fake_lora"])
+        common.load_lora_state(phi_dit, state["fake_lora"])
     loader, accum = make_loader(IndexedImages(cfg.data, cfg.crop, cfg.data_root), cfg, rank, world, step)
     captions = Captions(cfg, dit, device, rank)
     log(f"batch {cfg.batch_size} = {world} ranks x {accum} accum x {cfg.micro_batch}, crop {cfg.crop}")
@@ -668,17 +668,17 @@ def train(cfg):
             if cfg.stage == "teacher":
                 loss, terms = teacher_losses(u, z_hr, eps, cfg)
             else:
-                v_teacher = teacher_velocity(m.teacher, t_dit, z_lr, cond, captions.empty, cfg.teacher_cfg)
+                v_teacher = teacher_velocity(m.teacher, phi_dit, z_lr, cond, captions.empty, cfg.teacher_cfg)
                 loss, terms = isc_losses(u, v_teacher, z_hr, eps, cfg, cfg.w_isc if gan else 1.0)
         if gan:
             if loss.requires_grad:
                 (loss * scale).backward()  # the ISC graph is freed before the generator's is built
             with common.autocast(device):
-                loss, more, x_sr = gan_losses(u, v_teacher, m.teacher, t_dit, m.disc, vae, m.lpips, z_lr, x_hr, cond,
+                loss, more, x_sr = gan_losses(u, v_teacher, m.teacher, phi_dit, m.disc, vae, m.lpips, z_lr, x_hr, cond,
                                               cfg)
             terms = {"loss": terms["loss"] + more.pop("loss"), "isc": terms["isc"], **more}
             if cfg.w_vsd:
-                with fake_score(t_dit):  # Eq. 16 reaches the fake LoRA only while it is on
+                with fake_score(phi_dit):  # Eq. 16 reaches the fake LoRA only while it is on
                     (terms["fake"] * scale).backward()
         (loss * scale).backward()
 
@@ -713,7 +713,7 @@ def train(cfg):
         if common.due(step, cfg.save_every, cfg.max_steps):
             # the fake score's LoRA sits on the teacher's base, outside `models`
             if gan and cfg.w_vsd:
-                saved["fake_lora"] = common.lora_state(t_dit)
+                saved["fake_lora"] = common.lora_state(phi_dit)
             common.save_checkpoint(cfg.out_dir, step, cfg, models, opts, saved, ema=ema)
         if cfg.val_every and step % cfg.val_every == 0:
             common.validate(cfg, step, models, saved, ema, val, log)
