@@ -772,16 +772,20 @@ def load_checkpoint(ckpt, models, optimizers=None, ema=False):
     weights_only). ema: the trained weights replaced by their EMA where the checkpoint has one (the
     samplers' --ema)."""
     from safetensors.torch import load_file
+
+    def load_into(m, name, sd, file):  # what a model learns; a key it lacks means another model
+        if unexpected := m.load_state_dict(sd, strict=False).unexpected_keys:
+            raise KeyError(f"{file}: keys that match nothing in {name}: {unexpected[:5]}")
+    ema_file = os.path.join(ckpt, "ema.safetensors")
+    averages = load_file(ema_file) if ema and os.path.exists(ema_file) else {}  # read once, for every model
     for name, m in models.items():
         if os.path.exists(os.path.join(ckpt, _lora_file(name))):
             load_lora_state(m, load_file(os.path.join(ckpt, _lora_file(name))))
         if os.path.exists(file := os.path.join(ckpt, f"{name}.safetensors")):
-            if unexpected := m.load_state_dict(load_file(file), strict=False).unexpected_keys:
-                raise KeyError(f"{file}: keys that match nothing in {name}: {unexpected[:5]}")
-        if ema and os.path.exists(file := os.path.join(ckpt, "ema.safetensors")):
-            sd = {k[len(name) + 1:]: v for k, v in load_file(file).items() if k.startswith(name + ".")}
-            if unexpected := m.load_state_dict(sd, strict=False).unexpected_keys:
-                raise KeyError(f"{file}: keys that match nothing in {name}: {unexpected[:5]}")
+            load_into(m, name, load_file(file), file)
+        if averages:
+            load_into(m, name, {k[len(name) + 1:]: v for k, v in averages.items() if k.startswith(name + ".")},
+                      ema_file)
     state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)
     for k, o in (optimizers or {}).items():
         o.load_state_dict(state["optimizers"][k])
