@@ -553,6 +553,13 @@ def sample_photos(names=SAMPLE_PHOTOS):
     # stereo: the left view
     return [to_rgb(Image.fromarray(a[0] if isinstance(a, tuple) else a)) for a in photos]
 
+def random_crop(x, crop, seed):
+    """A crop x crop window of x (3, H, W), mirrored half the time: a pure function of `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    top, left = (int(torch.randint(0, n - crop + 1, (1,), generator=g)) for n in x.shape[1:])
+    x = x[:, top:top + crop, left:left + crop]
+    return x.flip(-1) if torch.rand(1, generator=g) < 0.5 else x
+
 def list_images(src, data_root="data"):
     """`src`: a folder (recursive), a text file of paths, an image, or a dataset name under
     data_root."""
@@ -1257,11 +1264,10 @@ def pretrain(preset, vae_steps=None, dit_steps=None, batch=16, lr=5e-4, seed=0, 
     out = out or os.path.join(MINI_DIR, preset)
     vae_steps, dit_steps = vae_steps or p.vae_steps, dit_steps or p.dit_steps
     torch.manual_seed(seed)
-    from degrade import ImageDataset
+    photos, held = sample_photos(), torch.stack(sample_photos(SAMPLE_HELDOUT))
+    draw = lambda m: int(torch.randint(m, (1,), generator=g))
     # ours: 128 px crops
-    ds, held = ImageDataset("sample", 128), torch.stack(sample_photos(SAMPLE_HELDOUT))
-    batch_of = lambda n: torch.stack([ds[tuple(int(torch.randint(m, (1,), generator=g)) for m in (len(ds), 2**31))]
-                                      for _ in range(n)])
+    batch_of = lambda n: torch.stack([random_crop(photos[draw(len(photos))], 128, draw(2**31)) for _ in range(n)])
     vae = mini_vae_class()(**p.vae)
     pca_init(vae, batch_of(256) * 2 - 1)
     recon = lambda x: (vae.decode(vae.encode(x * 2 - 1).latent_dist.mode()).sample + 1) / 2

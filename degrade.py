@@ -373,10 +373,7 @@ class ImageDataset(torch.utils.data.Dataset):
             self._say(f"image {i} is {x.shape[2]}x{x.shape[1]}, smaller than crop {self.crop}: upscaling")
             size = [max(self.crop, round(n * self.crop / min(x.shape[1:]))) for n in x.shape[1:]]
             x = F.interpolate(x[None], size=size, mode="bicubic", align_corners=False)[0].clamp(0, 1)
-        g = torch.Generator().manual_seed(seed)
-        top, left = (int(torch.randint(0, n - self.crop + 1, (1,), generator=g)) for n in x.shape[1:])
-        x = x[:, top:top + self.crop, left:left + self.crop]
-        return x.flip(-1) if torch.rand(1, generator=g) < 0.5 else x
+        return common.random_crop(x, self.crop, seed)
 
 class StepSampler(torch.utils.data.Sampler):
     """Infinite, resumable, rank-aware sampler of (index, seed) keys: step s's global batch is the

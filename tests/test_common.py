@@ -27,6 +27,20 @@ def test_import_does_no_work():
     assert not heavy, heavy
 
 
+def test_common_imports_no_project_module_outside_its_main():
+    """common.py is copied alone: a project import (degrade, eval, a method) only under `if __name__ == "__main__"`."""
+    import ast
+    tree = ast.parse(open(C.__file__).read())
+    main = [n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)]
+    allowed = {id(n) for m in main for n in ast.walk(m)}
+    project = {"degrade", "eval", "strsr", "fluxsr", "smfsr", "teasr"}
+    found = [(n.lineno, ast.unparse(n)) for n in ast.walk(tree) if id(n) not in allowed and (
+        isinstance(n, ast.Import) and any(a.name in project for a in n.names)
+        or isinstance(n, ast.ImportFrom) and n.module in project
+        or isinstance(n, ast.Call) and "import_module" in ast.unparse(n.func))]
+    assert not found, found
+
+
 @pytest.mark.parametrize("preset", TINY)
 def test_vae_roundtrip_and_normalisation(tiny_models, preset):
     """encode/decode are the raw VAE plus an exactly invertible per-family normalisation."""
