@@ -26,8 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-# bitsandbytes (pyiqa's, imported by peft) warns at import that an optional CPU kernel is missing;
-# nothing uses it
+# bitsandbytes (imported by peft) warns at import that a CPU kernel nothing here uses is missing
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 # ------------------------------------------------------------ presets
@@ -68,8 +67,7 @@ PRESETS = {
     "zimage": Preset("zimage", "Tongyi-MAI/Z-Image-Turbo", "6B"),
     "sd35-medium": Preset("sd3", "stabilityai/stable-diffusion-3.5-medium", "2.5B"),
     "qwen-image": Preset("qwen", "Qwen/Qwen-Image-2512", "20B"),
-    # tiny: the same classes, 1-2 blocks of head dim 16, random weights (seed 0): the code path, not
-    # the method
+    # tiny: the same classes, 1-2 blocks, head dim 16, random weights: the code path, not the method
     "tiny-flux1": Preset("flux1", None, "81k", dict(_F1, num_layers=1, num_single_layers=1, attention_head_dim=16,
         num_attention_heads=2, axes_dims_rope=(4, 6, 6)), dict(_KL4, latent_channels=16, scaling_factor=0.3611,
         shift_factor=0.1159)),
@@ -84,8 +82,7 @@ PRESETS = {
         shift_factor=0.0609)),
     "tiny-qwen": Preset("qwen", None, "92k", dict(_QW, num_layers=2, attention_head_dim=16, num_attention_heads=2,
         axes_dims_rope=(4, 6, 6)), dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)),
-    # mini: the same classes at ~2M parameters, pretrained here on the sample photos (README, mini
-    # bases)
+    # mini: the same classes at ~2M parameters, pretrained here on the sample photos
     "mini-flux1": Preset("flux1", None, "2.4M", dict(_F1, in_channels=128, num_layers=2, num_single_layers=4,
         attention_head_dim=32, num_attention_heads=4, axes_dims_rope=(8, 12, 12)), _MINI_AE, pretrain=True),
     "mini-flux2": Preset("flux2", None, "2.0M", dict(_F2, num_layers=2, num_single_layers=4, attention_head_dim=32,
@@ -108,8 +105,7 @@ def resolve_preset(model, default):
     return model + "-" + PRESETS[default].family if model in ("tiny", "mini") else model
 
 def random_prompt(cfg):
-    """True where the base has no text encoders (tiny and mini presets): prompts are fixed random
-    stand-ins."""
+    """Tiny and mini bases have no text encoders: their prompts are fixed random stand-ins."""
     return PRESETS[cfg.model].hub is None and not cfg.model_path
 
 # ------------------------------------------------------------ loading
@@ -132,21 +128,18 @@ def _load(cls_name, preset, path, sub, config, dtype):
     return cls.from_pretrained(src, subfolder=sub, torch_dtype=dtype)
 
 def local_copy(source):
-    """A hub repo id -> its snapshot folder in the Hugging Face cache, so that loading reads files
-    and never asks the hub (diffusers asks it for a sharded model's files even when they are
-    cached); anything else as given."""
+    """A cached hub id -> its snapshot folder, so loading never asks the hub (diffusers asks for a
+    sharded model's files even when they are cached); anything else as given."""
     if not source or os.path.exists(source) or source.startswith(("/", ".", "~", "http")):
         return source
     return hub_snapshot(source) or source  # not cached: from_pretrained downloads it
 
 def load_dit(preset, path=None, dtype=torch.float32):
-    """The family's transformer: hub weights, a local folder (`path`), tiny random or the mini
-    pretrained here."""
+    """The family's transformer: from the hub, a local `path`, tiny random or mini pretrained."""
     return _load(FAMILIES[PRESETS[preset].family][0], preset, path, "transformer", PRESETS[preset].dit, dtype)
 
 def load_vae(preset, path=None, dtype=torch.float32, device=None, tiling=False):
-    """The family's frozen VAE on `device`; `tiling` on real presets bounds the memory of large
-    images."""
+    """The family's frozen VAE on `device`; `tiling` bounds a real VAE's memory on large images."""
     vae = _load(FAMILIES[PRESETS[preset].family][1], preset, path, "vae", PRESETS[preset].vae, dtype)
     if tiling and PRESETS[preset].hub is not None:
         vae.enable_tiling()
@@ -179,8 +172,7 @@ def encode_pair(vae, family, x_hr, x_lr):
     return encode(vae, family, torch.cat([x_hr, upsample_lr(x_lr)])).chunk(2)
 
 def encode(vae, family, x, sample=False, generator=None):
-    """Images in [0, 1] -> normalised latents (B, C, H/8, W/8) (FLUX.2: (B, 128, H/16, W/16)): the
-    mode, or a draw."""
+    """Images in [0, 1] -> normalised latents (B, C, H/8, W/8), FLUX.2's (B, 128, H/16, W/16)."""
     x = (x * 2 - 1).to(vae.dtype)
     # Qwen's video VAE: one frame
     dist_ = vae.encode(x.unsqueeze(2) if family == "qwen" else x).latent_dist
@@ -216,10 +208,9 @@ def grid_ids(h, w, ndim, device):
     return ids
 
 def velocity(family, dit, z, t, cond, guidance=3.5):
-    """v(z_t, t) = eps - z_0 for z_t (B, C, H, W), t (B,) in [0, 1]; the transformer gets the
-    timestep in its family's pipeline arithmetic from the scheduler's fp32 1000 t: FLUX.1, FLUX.2,
-    Qwen-Image round it to the latents' dtype and divide by 1000, Z-Image takes (1000 - 1000 t) /
-    1000 in fp32, SD3 1000 t in fp32."""
+    """v(z_t, t) = eps - z_0 for z_t (B, C, H, W), t (B,) in [0, 1]. The DiT gets the timestep as
+    its pipeline computes it from the scheduler's fp32 1000 t: FLUX.1, FLUX.2 and Qwen-Image round
+    it to the latents' dtype and divide by 1000; Z-Image uses (1000 - 1000 t) / 1000, SD3 1000 t."""
     B, C, H, W = z.shape
     t1000 = (t.expand(B) if t.numel() == 1 else t).float() * 1000  # the scheduler's timesteps
     dt, emb, dev = dit.dtype, cond["embeds"].to(dit.dtype), z.device
@@ -256,8 +247,7 @@ def expand_cond(cond, B):  # a batch-1 condition -> batch B (a view)
     return {k: v.expand(B, *v.shape[1:]) for k, v in cond.items()}
 
 def tiny_cond(dit, family, length=8):
-    """Fixed random 'prompt embeddings' of the right shape, for bases without text encoders (tiny,
-    mini)."""
+    """Fixed random prompt embeddings of the right shape, for bases without text encoders."""
     c, g = dit.config, torch.Generator().manual_seed(1234)
     width = c.cap_feat_dim if family == "zimage" else c.joint_attention_dim
     cond = {"embeds": torch.randn(1, length, width, generator=g)}
@@ -294,8 +284,8 @@ def prompt_cond(preset, prompt, cache_dir, device, path=None):
     return {k: v.to(device) for k, v in load_file(file).items()}
 
 def fixed_prompt(cfg, dit, device, cache_dir, prompt=""):
-    """One fixed prompt's condition (the papers': empty), encoded by rank 0, read from its cache by
-    the others; an all-ones mask is dropped, so attention runs unmasked (the fast kernels)."""
+    """One fixed prompt's condition (the papers': empty), encoded by rank 0, cached for the
+    others; an all-ones mask is dropped, so attention runs unmasked (the fast kernels)."""
     if random_prompt(cfg):
         cond = tiny_cond(dit, PRESETS[cfg.model].family)
     else:
@@ -306,8 +296,7 @@ def fixed_prompt(cfg, dit, device, cache_dir, prompt=""):
     return {k: v.to(device) for k, v in cond.items() if k != "mask" or not bool(v.bool().all())}
 
 def add_lora(dit, train_base, rank, alpha, targets, init="gaussian"):
-    """--train_base: `lora` a peft LoRA (fp32) on the frozen transformer, `full` all of it (fp32),
-    `none` nothing."""
+    """--train_base: `lora` a peft LoRA (fp32) on the frozen DiT, `full` all (fp32), `none`."""
     if train_base == "full":
         return dit.float().requires_grad_(True)
     dit.requires_grad_(False)
@@ -334,8 +323,8 @@ def trainable(*modules):  # the parameters that train
 
 @contextlib.contextmanager
 def frozen(module, eval_mode=False):
-    """Inside: the module's trained parameters take no gradient (a loss through it reaches only what
-    feeds it) and, with eval_mode, it runs in eval mode; both restored on exit."""
+    """Inside, the module's trained parameters take no gradient (a loss through it reaches only its
+    inputs) and, with eval_mode, it runs in eval mode; both are restored on exit."""
     params, mode = trainable(module), module.training
     for p in params:
         p.requires_grad_(False)
@@ -410,8 +399,7 @@ def hub_file(url):  # where torch hub keeps a URL's download
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
 
 def hub_snapshot(repo):
-    """A hub repo's snapshot folder in the Hugging Face cache, read without the network; None where
-    it is not there."""
+    """A hub repo's folder in the Hugging Face cache, found without the network; None if absent."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
     try:
@@ -429,8 +417,7 @@ def is_repo_id(s):
         return False
 
 def has_weights(root, config):
-    """The folder of `config` (relative to root) holds weights: a weights file, or every shard an
-    index names."""
+    """The folder of `config` (under root) holds a weights file, or every shard its index names."""
     folder = os.path.join(root, os.path.dirname(config))
     indexes = glob.glob(os.path.join(folder, "*.index.json"))
     if indexes:
@@ -439,8 +426,7 @@ def has_weights(root, config):
     return any(f.endswith(WEIGHT_EXTS) and os.path.exists(os.path.join(folder, f)) for f in os.listdir(folder))
 
 def base_weights(cfg, text=False):
-    """cfg.model's pipeline (hub id or --model_path): transformer and VAE, with `text` its text
-    encoders too."""
+    """cfg.model's pipeline (hub or --model_path): transformer, VAE, with `text` text encoders."""
     n = {"flux1": 2, "flux2": 1, "zimage": 1, "sd3": 3, "qwen": 1}[PRESETS[cfg.model].family] if text else 0
     parts = ["transformer", "vae"] + ["text_encoder" + s for s in ("", "_2", "_3")[:n]]
     return Weights(f"{cfg.model} ({', '.join(parts)})", cfg.model_path or PRESETS[cfg.model].hub or cfg.model,
@@ -451,9 +437,8 @@ def lpips_weights(cfg):
     return Weights("VGG16 of LPIPS", cfg.lpips_weights or VGG16_URL, "lpips_weights")
 
 def check_weights(cfg, needs):
-    """A real preset's networks must all be on disk before anything is built or written (never a
-    download, never a random stand-in): else an exit that lists each missing one, why, and how to
-    fetch it."""
+    """A real preset's networks must all be on disk before anything is built: else exit, listing
+    each missing one, why, and how to fetch it (never a download, never a random stand-in)."""
     missing = [(w, why) for w in needs if (why := w.problem())] if PRESETS[cfg.model].hub else []
     if missing:
         method = os.path.splitext(os.path.basename(sys.modules[type(cfg).__module__].__file__))[0]
@@ -466,8 +451,7 @@ def size_text(n):  # bytes, in the unit that shows them
     return next(f"{n / 10**e:.2f} {u}" for e, u in ((9, "GB"), (6, "MB"), (3, "kB"), (0, "B")) if n >= 10**e or not e)
 
 def disk_size(path, patterns=()):
-    """Bytes on disk of a file, or of a folder's files matching `patterns` (all if none), each blob
-    counted once."""
+    """Bytes on disk of a file, or of a folder's files matching `patterns`; a blob counted once."""
     import fnmatch
     if os.path.isfile(path):
         return os.path.getsize(path)
@@ -476,8 +460,8 @@ def disk_size(path, patterns=()):
     return sum(os.path.getsize(f) for f in files if os.path.exists(f))
 
 def prefetch(needs):
-    """Download `needs` into the standard caches, each printed with the size on disk of what is
-    there; returns the failures, each one whole reason (wrapped)."""
+    """Download `needs` into the standard caches, printing each one's size on disk; returns the
+    failures, each reason whole (wrapped)."""
     import textwrap
     from huggingface_hub import snapshot_download
     failed = []
@@ -496,9 +480,8 @@ def prefetch(needs):
     return failed
 
 def load_lpips(device, weights="random"):
-    """VGG LPIPS on [0, 1] images: lpips' heads on torchvision's VGG16 from `weights` (a file; "":
-    torch hub's cache), or "random": a VGG16 drawn from seed 0, the stand-in of tiny and mini
-    presets and eval.py's LPIPS-rand."""
+    """VGG LPIPS on [0, 1] images: lpips' heads on torchvision's VGG16 from `weights` (a file;
+    "": torch hub's cache) or "random", a VGG16 from seed 0 (tiny and mini presets, LPIPS-rand)."""
     import lpips
     with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.simplefilter("ignore")
@@ -519,8 +502,7 @@ SAMPLE_PHOTOS = ["coffee", "chelsea", "rocket", "hubble_deep_field", "retina", "
 SAMPLE_HELDOUT = ["astronaut"]
 
 def to_rgb(img):
-    """PIL image of any mode (gray, RGBA over white, palette, 16-bit) -> float (3, H, W) in [0, 1].
-    """
+    """A PIL image of any mode (gray, RGBA over white, palette, 16-bit) -> (3, H, W) in [0, 1]."""
     if img.mode.startswith("I"):
         a = np.asarray(img, dtype=np.float32)
         a = np.clip(a / (255.0 if img.mode == "I" and a.max() <= 255 else 65535.0), 0, 1)
@@ -561,8 +543,7 @@ def random_crop(x, crop, seed):
     return x.flip(-1) if torch.rand(1, generator=g) < 0.5 else x
 
 def list_images(src, data_root="data"):
-    """`src`: a folder (recursive), a text file of paths, an image, or a dataset name under
-    data_root."""
+    """`src`: a folder (searched recursively), a text file of paths, an image, or a dataset name."""
     src = os.path.join(data_root, src) if src in NAMED_DATASETS else src
     if not os.path.exists(src):
         raise SystemExit(f"--data {src!r} not found: a folder, a file list, an image or a dataset downloaded to "
@@ -593,9 +574,8 @@ def compute_init(seed=0):
     return (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device) if ddp else (0, 1, device)
 
 def setup(cfg, needs=()):
-    """A run's start: `needs` checked, distributed init, the mini base prepared, the rank-0 logger
-    (the config its first line; tiny and mini presets' random stand-ins said). Returns (rank, world,
-    device, log)."""
+    """A run's start: `needs` checked, distributed init, the mini base prepared, the rank-0 logger,
+    whose first line is the config. Returns (rank, world, device, log)."""
     check_weights(cfg, needs)
     r, world, device = compute_init(cfg.seed)
     prepare_base(cfg.model)
@@ -610,26 +590,24 @@ def cleanup():
         dist.destroy_process_group()
 
 def lr_factor(step, max_steps, decay):
-    """The lr's multiplier at step 1..max_steps: 1, then a half cosine to 0 over the last `decay` of
-    the run."""
+    """The lr multiplier at step 1..max_steps: 1, then a half cosine to 0 over the last `decay`."""
     if not 0 <= decay <= 1:
         raise SystemExit(f"--lr_decay {decay}: expected a fraction of the steps, 0 to 1")
     start = (1 - decay) * max_steps
     return 1.0 if decay == 0 or step <= start else 0.5 * (1 + math.cos(math.pi * (step - start) / (max_steps - start)))
 
 def set_lr(optimizers, step, max_steps, decay):
-    """Each group's lr = its base lr (kept in `initial_lr`, saved with the optimizer) *
-    lr_factor(step)."""
+    """Each group's lr: its base lr (kept in `initial_lr`, saved with the optimizer) * lr_factor."""
     for group in (g for opt in optimizers for g in opt.param_groups):
         group["lr"] = group.setdefault("initial_lr", group["lr"]) * lr_factor(step, max_steps, decay)
 
 def optimizer_step(optimizers, clip):
-    """One update: gradients averaged over ranks (one all-reduce, not DDP's reducer: the methods
-    call a model several times per step, in different roles), clipped to norm `clip` per optimizer,
-    stepped, cleared. Returns the norms."""
+    """One update: gradients averaged over ranks (one all-reduce, not DDP: the methods call a model
+    several times per step, in different roles), clipped per optimizer, stepped, cleared. Returns
+    each optimizer's gradient norm before clipping."""
     groups = [[p for g in opt.param_groups for p in g["params"]] for opt in optimizers]
     grads = [p.grad for group in groups for p in group if p.grad is not None and type(p.grad) is torch.Tensor]
-    # (FSDP's sharded gradients are FSDP's)
+    # FSDP reduces its own (sharded) gradients
     if dist.is_initialized() and dist.get_world_size() > 1 and grads:
         flat = torch.cat([g.flatten() for g in grads])
         dist.all_reduce(flat)
@@ -644,8 +622,7 @@ def optimizer_step(optimizers, clip):
 
 def shard_fsdp2(dit, log):
     """FSDP2 for bases too big for one GPU: each block, then the root, sharded over the ranks; the
-    trained weights (the LoRA) stay whole on each rank, so optimizer states and checkpoints are an
-    unsharded run's."""
+    LoRA stays whole on each rank, so optimizer states and checkpoints are an unsharded run's."""
     from torch.distributed.fsdp import fully_shard
     if not dist.is_initialized():
         log("--fsdp: one process, nothing to shard over")
@@ -662,14 +639,13 @@ def autocast(device):
     return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 def checkpointing(cfg, device, *modules):
-    """--grad_ckpt: gradient checkpointing of these modules on GPU (on CPU memory is not the limit).
-    """
+    """--grad_ckpt: gradient checkpointing of these modules on GPU (memory is no limit on CPU)."""
     for m in modules if cfg.grad_ckpt and device.type == "cuda" else ():
         m.enable_gradient_checkpointing()
 
 def micro_batch_seed(seed, step, position):
-    """The seed of one micro-batch's draws from its place in the run: a resume, any number of ranks
-    or accumulation steps draw the same numbers, and checkpoints need no RNG state."""
+    """A micro-batch's seed from its place in the run: a resume, any number of ranks or accumulation
+    steps draw the same numbers, and checkpoints need no RNG state."""
     return ((seed * 1_000_003 + step) * 1_000_003 + position) % 2**62
 
 # an interval's work (grid, checkpoint) at this step: every `every` steps and at the end
@@ -677,9 +653,8 @@ def due(step, every, end):
     return step % every == 0 or step == end
 
 class EMA:
-    """--ema_decay d: an exponential moving average of the trained weights, after each update w_ema
-    = d w_ema + (1 - d) w (fp32); the discriminator's left out (it never samples). Saved as
-    ema.safetensors."""
+    """--ema_decay d: after each update w_ema = d w_ema + (1 - d) w, in fp32, for each trained
+    weight but the discriminator's (it never samples). Saved as ema.safetensors."""
 
     def __init__(self, models, decay):
         self.decay = decay
@@ -702,8 +677,7 @@ class EMA:
             v.copy_(sd[k])
 
 def start_ema(cfg, models):
-    """The run's EMA (None for --ema_decay 0): the one saved in out_dir's latest checkpoint, else
-    the weights now."""
+    """The run's EMA (None for --ema_decay 0): the latest checkpoint's, else the weights now."""
     if not 0 <= cfg.ema_decay <= 1:
         raise SystemExit(f"--ema_decay {cfg.ema_decay}: expected 0 (off) to 1")
     if not cfg.ema_decay:
@@ -715,9 +689,8 @@ def start_ema(cfg, models):
     return ema
 
 def validate(cfg, step, models, saved, ema, val, log):
-    """--val_every: the trained weights (and EMA) to out_dir/val/ckpt-*, which val(ckpt), rank 0's
-    scorer (the method's sampler on the validation images), turns into ({metric: score}, {metric:
-    bicubic's}) for the log."""
+    """--val_every: the trained weights (and EMA) saved to out_dir/val; then rank 0's `val(ckpt)`
+    (the method's sampler on the validation images) gives ({metric: score}, {metric: bicubic's})."""
     t0 = time.time()
     ckpt = save_checkpoint(os.path.join(cfg.out_dir, "val"), step, cfg, models, {}, saved, keep=1, ema=ema)
     if val:
@@ -734,9 +707,9 @@ def _lora_file(name):  # the dit's LoRA under the name pipe.load_lora_weights lo
     return "pytorch_lora_weights.safetensors" if name == "dit" else f"{name}_lora.safetensors"
 
 def save_checkpoint(out_dir, step, config, models, optimizers, extra=None, keep=2, ema=None):
-    """What each model learns (trainable weights and buffers; LoRA in the diffusers format), the
-    EMA, optimizers and config, written to a temp folder renamed when complete; older ones beyond
-    `keep` go. Every rank calls, rank 0 writes."""
+    """What each model learns (trained weights and buffers; LoRA in the diffusers format), the EMA,
+    optimizers and config, in a temp folder renamed when complete; only the last `keep` stay.
+    Every rank calls, rank 0 writes."""
     from safetensors.torch import save_file
     final, tmp = os.path.join(out_dir, f"ckpt-{step:07d}"), os.path.join(out_dir, f".tmp-ckpt-{step:07d}")
     if rank() == 0:
@@ -775,9 +748,8 @@ def latest_checkpoint(path):
     return found[-1] if found else None
 
 def load_checkpoint(ckpt, models, optimizers=None, ema=False):
-    """Load what save_checkpoint wrote and return its state; never code execution (safetensors,
-    weights_only). ema: the trained weights replaced by their EMA where the checkpoint has one (the
-    samplers' --ema)."""
+    """Load what save_checkpoint wrote and return its state (safetensors, weights_only: never code
+    execution). ema: the trained weights replaced by their EMA where saved (the samplers' --ema)."""
     from safetensors.torch import load_file
 
     def load_into(m, name, sd, file):  # what a model learns; a key it lacks means another model
@@ -799,8 +771,7 @@ def load_checkpoint(ckpt, models, optimizers=None, ema=False):
     return state
 
 def resume(out_dir, models, optimizers, log):
-    """(step, state) of the latest checkpoint in out_dir, loaded into models and optimizers; (0, {})
-    for a new run."""
+    """(step, state) of out_dir's latest checkpoint loaded into models and optimizers; else (0, {})."""
     if not (ckpt := latest_checkpoint(out_dir)):
         return 0, {}
     state = load_checkpoint(ckpt, models, optimizers)
@@ -818,8 +789,7 @@ def load_config(ckpt):
         c["stage"] = str(c["stage"])
     if "train_base" in c:
         return c
-    # older flags: SMFSR --base_rank (-1 frozen, 0 full, r a rank-r LoRA), TEASR --train_noise,
-    # --lora_rank 0 (full)
+    # older flags: SMFSR --base_rank (-1 none, 0 full, r LoRA), TEASR --train_noise, --lora_rank 0
     rank, noise = c.pop("base_rank", None), c.pop("train_noise", None)
     if rank is not None:
         c["train_base"] = {-1: "none", 0: "full"}.get(rank, "lora")
@@ -832,8 +802,7 @@ def load_config(ckpt):
     return c
 
 def checkpoint_config(ckpt, cls):
-    """(folder, config as `cls`, fields it no longer has ignored) of the latest checkpoint under
-    ckpt."""
+    """(folder, config as `cls`) of ckpt's latest checkpoint, without fields `cls` no longer has."""
     if not (found := latest_checkpoint(ckpt)):
         raise SystemExit(f"--ckpt {ckpt!r}: no checkpoint (a ckpt-* folder or an out_dir holding them)")
     names = {f.name for f in dataclasses.fields(cls)}
@@ -842,8 +811,7 @@ def checkpoint_config(ckpt, cls):
 # ------------------------------------------------------------ sampling
 @dataclasses.dataclass
 class SampleFlags:
-    """The sampling flags every method's Config inherits; finish_sampler and sampling_weights apply
-    them alike."""
+    """The sampling flags every method's Config inherits, applied alike by finish_sampler."""
     color_fix: str = "none"       # paper: none; ours: wavelet (the bicubic LR's low band) or adain (its mean and std)
     scale: float = 4.0            # ours: output side / input side, any S >= 1 (the x4 model's output resized)
     dtype: str = ""               # ours: sampling precision bf16 | fp16 | fp32; "": bf16 on GPU, fp32 on CPU
@@ -852,9 +820,8 @@ class SampleFlags:
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def sampler_setup(flags, resolve, device=None, own=()):
-    """A sampler's (checkpoint, its training config with the sampling flags of `flags`, resolved,
-    device, dtype), its pretrained networks checked before anything is built. own: the method's own
-    sampling flags, taken from `flags` as given (SMFSR's start, start_t)."""
+    """A sampler's (checkpoint, its training config with the sampling flags of `flags`, device,
+    dtype), its networks checked before anything is built. own: the method's own sampling flags."""
     path, cfg = checkpoint_config(flags.ckpt or flags.out_dir, type(flags))
     given = {k: getattr(flags, k) for k in ("steps", "seed", "ema", *own)}
     given.update({k: getattr(flags, k) for k in ("tile", "overlap") if getattr(flags, k)})
@@ -870,9 +837,8 @@ def sampler_setup(flags, resolve, device=None, own=()):
     return path, cfg, device, DTYPES[cfg.dtype] if cfg.dtype else weight_dtype(device)
 
 def sampling_weights(cfg, dtype, dit):
-    """--fuse_lora, then --dtype on a sampler's DiT: the LoRA merged into the base and dropped; a
-    dtype given casts every weight (a trained fp32 part too); none leaves them as trained (LoRA fp32
-    under autocast)."""
+    """--fuse_lora, then --dtype, on a sampler's DiT: the LoRA merged into the base; a given dtype
+    casts every weight, trained fp32 ones too (without it, the LoRA runs fp32 under autocast)."""
     if cfg.fuse_lora and getattr(dit, "peft_config", None):
         dit.fuse_lora()
         dit.unload_lora()
@@ -897,8 +863,8 @@ def _ramp(n, overlap, rise, fall, device):  # a tile's blending weights along on
 
 def tiled(fn, z, tile, overlap):
     """fn (latent -> latent) over overlapping tiles of z (B, C, H, W), blended by linear ramps that
-    reach 0 at a tile's inner edges: memory bounded by the tile; exact for a receptive radius of 1
-    (a 3x3 conv), a DiT's approximation."""
+    reach 0 at a tile's inner edges: memory bounded by the tile, exact for a receptive radius of 1
+    (a 3x3 conv), an approximation for a DiT."""
     B, C, H, W = z.shape
     if H <= tile and W <= tile:
         return fn(z)
@@ -914,8 +880,7 @@ def tiled(fn, z, tile, overlap):
     return out / wsum
 
 def tiled_pair(fn, z, z_lr, tile, overlap):
-    """tiled() for fn(z, z_lr) of two aligned latents (the LR-conditioned DiTs): each tile sees its
-    slice of both."""
+    """tiled() for fn(z, z_lr) of two aligned latents: each tile sees its slice of both."""
     C = z.shape[1]
     return tiled(lambda zz: fn(zz[:, :C], zz[:, C:]), torch.cat([z, z_lr], 1), tile, overlap)
 
@@ -930,9 +895,9 @@ def resize(x, size):
 
 @torch.no_grad()
 def super_resolve(vae, family, x_lr, latent_fn, generator=None):
-    """Every sampler's frame: x_lr (1, 3, h, w) -> bicubic x4, padded, encoded (a draw from
-    `generator` if given, else the mode) -> latent_fn(z_lr) = z0_hat (the method) -> decoded,
-    cropped to (1, 3, 4h, 4w). Autocast to the VAE's dtype (--dtype; full precision for fp32)."""
+    """Every sampler's frame: x_lr (1, 3, h, w) -> bicubic x4, padded, encoded (the mode, or a draw
+    from `generator`) -> latent_fn(z_lr) = z0_hat -> decoded, cropped to (1, 3, 4h, 4w); under
+    autocast to the VAE's dtype unless fp32."""
     p = next(vae.parameters())
     x, (H, W) = pad_to_multiple(upsample_lr(x_lr.to(p.device).float()))
     with torch.autocast(p.device.type, p.dtype, enabled=p.dtype != torch.float32):
@@ -948,17 +913,15 @@ def _blur(x, d):
     return F.conv2d(F.pad(x, (d, d, d, d), mode=mode), k, dilation=d, groups=x.shape[1])
 
 def wavelet_low(x, levels=5):
-    """The low band of an a trous wavelet decomposition: `levels` binomial blurs, their taps 1, 2,
-    4, ... apart (the high band is x minus it): a checkerboard's low band is 0, a constant's itself.
-    """
+    """The low band of an a trous wavelet decomposition: `levels` binomial blurs, taps 1, 2, 4, ...
+    apart. A checkerboard's low band is 0, a constant's is itself."""
     for i in range(levels):
         x = _blur(x, 2**i)
     return x
 
 def color_fix(x_sr, x_ref, how):
-    """--color_fix: `wavelet` x_sr's high band + x_ref's low band; `adain` x_sr with x_ref's
-    per-channel mean and std (over H, W); `none` x_sr. x_ref: the bicubic LR at x_sr's size. Not
-    clamped."""
+    """--color_fix: `wavelet` x_sr's high band + x_ref's low band; `adain` x_sr given x_ref's
+    per-channel mean and std; `none` x_sr. x_ref: the bicubic LR at x_sr's size. Not clamped."""
     if how == "wavelet":
         return x_sr - wavelet_low(x_sr) + wavelet_low(x_ref)
     if how == "adain":
@@ -967,10 +930,8 @@ def color_fix(x_sr, x_ref, how):
     return x_sr
 
 def finish_sampler(sr, cfg):
-    """A method's x4 sampler with --scale and --color_fix: x_lr (1, 3, h, w) -> its x4 output
-    resized to round(scale
-    * h) x round(scale * w) (x4: untouched), colour-fixed against the bicubic LR at that size,
-      clamped to [0, 1]."""
+    """A method's x4 sampler with --scale and --color_fix: its output resized to round(scale * h) x
+    round(scale * w), colour-fixed against the bicubic LR at that size, clamped to [0, 1]."""
     @functools.wraps(sr)  # keeps what the method hangs on it (StrSR's .cond)
     def fn(x_lr):
         # halves up
@@ -985,8 +946,8 @@ def finish_sampler(sr, cfg):
 
 # ------------------------------------------------------------ configuration and logging
 def configure(cls, **given):
-    """A Config: defaults (the paper's), then for tiny / mini presets the module's TINY / MINI
-    values (a dict: per --stage), then `given`: a flag the user sets always wins."""
+    """A Config: the defaults (the paper's), then a tiny / mini preset's TINY / MINI values (a dict:
+    per --stage), then `given`: a flag the user sets always wins."""
     cfg = cls(**given)
     p = PRESETS[resolve_preset(cfg.model, cls.model)]
     small = {}
@@ -1013,8 +974,7 @@ def _comments(cls):
     return dict(re.findall(r"^\s+(\w+):[^=\n]+=[^#\n]*#\s*(.*)$", src, re.M))
 
 def parse_config(cls, argv=None):
-    """The command line: flags are the Config's fields (`--lr 1e-5`, `--fsdp true`); --help shows
-    defaults, sources."""
+    """The command line: flags are the Config's fields (`--lr 1e-5`, `--fsdp true`)."""
     import argparse
     mod, notes, argv = sys.modules[cls.__module__], _comments(cls), sys.argv[1:] if argv is None else argv
     # flags this method deliberately lacks
@@ -1032,8 +992,8 @@ def parse_config(cls, argv=None):
     return configure(cls, **vars(p.parse_args(argv)))
 
 class Logger:
-    """Rank-0 lines to the console and out_dir/log.txt, scalars and images to TensorBoard in
-    out_dir/tb (opened on first use); step() writes one line per interval."""
+    """Rank-0 lines to the console and out_dir/log.txt; scalars and images to TensorBoard in
+    out_dir/tb, opened on first use."""
 
     def __init__(self, out_dir, master, device=torch.device("cpu")):
         self.master, self.file, self.device = master, os.path.join(out_dir, "log.txt"), device
@@ -1067,8 +1027,8 @@ class Logger:
             self.board.flush()
 
     def step(self, step, max_steps, losses, every, optimizers=None, norms=()):
-        """Every rank, after each update; each `every` steps: losses averaged over ranks, ms per
-        step, peak memory; to TensorBoard also each optimizer's lr and gradient norm."""
+        """Every rank, after each update; each `every` steps a line: losses averaged over ranks, ms
+        per step, peak memory; TensorBoard also gets each optimizer's lr and gradient norm."""
         self.t0, self.steps = self.t0 or time.time(), self.steps + 1
         if step % every and step != max_steps:
             return
@@ -1092,8 +1052,7 @@ def peak_rss_gb():  # this process's peak resident memory
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 def save_grid(out_dir, step, x_lr, out, x_hr):
-    """out_dir/grids/step-<step>.png, one row per image (at most 4): LR (bicubic-upsampled) | output
-    | HR; returns the grid (3, H, W)."""
+    """out_dir/grids/step-<step>.png, a row per image (at most 4): LR upsampled | output | HR."""
     import torchvision
     path = os.path.join(out_dir, "grids", f"step-{step:07d}.png")
     up = F.interpolate(x_lr[:4].float(), size=out.shape[-2:], mode="bicubic", align_corners=False)
@@ -1104,9 +1063,8 @@ def save_grid(out_dir, step, x_lr, out, x_hr):
     return grid.cpu()
 
 def read_log(out_dir):
-    """(losses, val, bicubic) from out_dir/log.txt: {term: {step: value}} of the step lines,
-    {metric: {step: value}} of the val lines and bicubic's {metric: value}; a step logged twice (a
-    resumed run) keeps its last value."""
+    """(losses, val, bicubic) from out_dir/log.txt: {term: {step: value}}, {metric: {step: value}}
+    and bicubic's {metric: value}; a step logged twice (a resumed run) keeps its last value."""
     losses, val, bicubic = {}, {}, {}
     pairs = lambda text: zip(text.split()[::2], map(float, text.split()[1::2]))
     for line in open(os.path.join(out_dir, "log.txt")):
@@ -1128,8 +1086,8 @@ def smooth(values, weight=0.9):
     return out
 
 def plot_curves(out_dir):
-    """out_dir/curves.png: each loss term over steps (raw, faint; smoothed) and each validation
-    score, with bicubic's as a dashed line."""
+    """out_dir/curves.png: each loss term (raw, faint, and smoothed) and each validation score, with
+    bicubic's dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1181,8 +1139,7 @@ def mini_vae_class():  # built on first use: `import common` stays free of diffu
     class LappedVAE(ModelMixin, ConfigMixin):
         """Latent cell (i, j) codes the 16x16 window centred on its 8x8 patch, linearly; the decoder
         writes it back over the window, so a latent error decodes to a smooth bump, not a square.
-        Deterministic (the mode is the code); normalised as its family: shift/scale, per-channel
-        mean/std (Qwen), or BatchNorm stats (FLUX.2)."""
+        Deterministic (the mode is the code); normalised as its family."""
 
         @register_to_config
         def __init__(self, latent_channels=16, scaling_factor=1.0, shift_factor=0.0, per_channel=False,
@@ -1207,16 +1164,14 @@ def mini_vae_class():  # built on first use: `import common` stays free of diffu
 @torch.no_grad()
 def flatten_constant(vae):
     """Project the decoder so that a constant field in its first half of channels decodes to a
-    constant image: the 4 overlapping parts of each 16x16 atom (offsets 0 and 8 in each axis) sum to
-    the same 8x8 block everywhere."""
+    constant image: the 4 overlapping parts of each 16x16 atom sum to one 8x8 block everywhere."""
     a = vae.dec.weight[: vae.config.latent_channels // 2].view(-1, 3, 2, 8, 2, 8)
     parts = a.sum((2, 4), keepdim=True)
     a -= (parts - parts.mean((3, 5), keepdim=True)) / 4
 
 def pca_init(vae, x):
-    """Encoder and decoder = w * the top-C right singular vectors of the w-windowed 16x16 patches of
-    x at stride 8, w a sine window: a truncated lapped transform (w(i)^2 + w(i + 8)^2 = 1, so all
-    768 reconstruct x inside the border)."""
+    """Encoder and decoder = w * the top-C right singular vectors of x's 16x16 patches at stride 8,
+    windowed by the sine w: a truncated lapped transform (w(i)^2 + w(i + 8)^2 = 1)."""
     C, w = vae.config.latent_channels, torch.sin(math.pi * (torch.arange(16.0) + 0.5) / 16)
     w = (w[:, None] * w[None]).to(x)
     # order (c, i, j)
@@ -1229,8 +1184,7 @@ def pca_init(vae, x):
         vae.dec.bias.zero_()
 
 def set_latent_stats(vae, family, z):
-    """Store the normalisation of raw latents z (N, C, h, w) in the family's convention (encode() ->
-    unit variance)."""
+    """Store the normalisation of raw latents z (N, C, h, w) in the family's convention."""
     if family == "flux2":
         vae.bn.running_mean.copy_(patchify(z).mean((0, 2, 3)))
         vae.bn.running_var.copy_(patchify(z).var((0, 2, 3)))
@@ -1240,8 +1194,8 @@ def set_latent_stats(vae, family, z):
         vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1 / z.std()))
 
 def prepare_base(preset):
-    """A mini preset's base, pretrained now (announced) unless MINI_DIR holds it; a lock makes
-    concurrent processes wait for one pretraining."""
+    """A mini preset's base, pretrained now (said) unless MINI_DIR holds it; a lock makes concurrent
+    processes wait for one pretraining."""
     import fcntl
     folder, info = os.path.join(MINI_DIR, preset), os.path.join(MINI_DIR, preset, "pretrain.json")
     p = PRESETS[preset]  # a base of another recipe is stale
@@ -1255,9 +1209,8 @@ def prepare_base(preset):
                 pretrain(preset)
 
 def pretrain(preset, vae_steps=None, dit_steps=None, batch=16, lr=5e-4, seed=0, out=None):
-    """A mini base from the sample photos (not the held-out one): the autoencoder from the SVD,
-    fine-tuned (decoder kept flatten_constant); the DiT by flow matching on its latents (z_t = (1 -
-    t) z_0 + t eps, v = eps - z_0, tiny_cond)."""
+    """A mini base from the sample photos (not the held-out one): the autoencoder from the SVD, then
+    fine-tuned; the DiT by flow matching on its latents (v = eps - z_0, tiny_cond's prompt)."""
     import diffusers
     from tqdm import tqdm
     p, t_start, g = PRESETS[preset], time.time(), torch.Generator().manual_seed(seed)
