@@ -439,7 +439,8 @@ def lpips_weights(cfg):
 def check_weights(cfg, needs):
     """A real preset's networks must all be on disk before anything is built: else exit, listing
     each missing one, why, and how to fetch it (never a download, never a random stand-in)."""
-    missing = [(w, why) for w in needs if (why := w.problem())] if PRESETS[cfg.model].hub else []
+    checked = [(w, w.problem()) for w in needs] if PRESETS[cfg.model].hub else []
+    missing = [(w, why) for w, why in checked if why]
     if missing:
         method = os.path.splitext(os.path.basename(sys.modules[type(cfg).__module__].__file__))[0]
         raise SystemExit("missing pretrained weights (nothing was built or downloaded):\n" + "".join(
@@ -581,7 +582,8 @@ def setup(cfg, needs=()):
     prepare_base(cfg.model)
     log = Logger(cfg.out_dir, r == 0, device)
     log(json.dumps(dataclasses.asdict(cfg)))
-    if PRESETS[cfg.model].hub is None and (stand_ins := [w.name for w in needs if w.flag != "model_path"]):
+    stand_ins = [w.name for w in needs if w.flag != "model_path"]
+    if PRESETS[cfg.model].hub is None and stand_ins:
         log(f"{cfg.model}: random stand-ins, nothing downloaded, for {', '.join(stand_ins)}")
     return r, world, device, log
 
@@ -684,8 +686,8 @@ def start_ema(cfg, models):
         return None
     from safetensors.torch import load_file
     ema, ckpt = EMA(models, cfg.ema_decay), latest_checkpoint(cfg.out_dir)
-    if ckpt and os.path.exists(file := os.path.join(ckpt, "ema.safetensors")):
-        ema.load_state_dict(load_file(file))
+    if ckpt and os.path.exists(os.path.join(ckpt, "ema.safetensors")):
+        ema.load_state_dict(load_file(os.path.join(ckpt, "ema.safetensors")))
     return ema
 
 def validate(cfg, step, models, saved, ema, val, log):
@@ -760,7 +762,8 @@ def load_checkpoint(ckpt, models, optimizers=None, ema=False):
     for name, m in models.items():
         if os.path.exists(os.path.join(ckpt, _lora_file(name))):
             load_lora_state(m, load_file(os.path.join(ckpt, _lora_file(name))))
-        if os.path.exists(file := os.path.join(ckpt, f"{name}.safetensors")):
+        file = os.path.join(ckpt, f"{name}.safetensors")
+        if os.path.exists(file):
             load_into(m, name, load_file(file), file)
         if averages:
             load_into(m, name, {k[len(name) + 1:]: v for k, v in averages.items() if k.startswith(name + ".")},
@@ -1118,7 +1121,8 @@ def plot_curves(out_dir):
         ax.tick_params(labelsize=7)
         ax.set_xlabel("step", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path := os.path.join(out_dir, "curves.png"), dpi=80)
+    path = os.path.join(out_dir, "curves.png")
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
 
@@ -1245,7 +1249,8 @@ def pretrain(preset, vae_steps=None, dit_steps=None, batch=16, lr=5e-4, seed=0, 
     opt = torch.optim.AdamW(dit.parameters(), lr=lr, weight_decay=0.0)  # ours
     # ours: 100-step warm-up
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 100))
-    for _ in (bar := tqdm(range(dit_steps), desc=f"{preset} dit")):
+    bar = tqdm(range(dit_steps), desc=f"{preset} dit")
+    for _ in bar:
         with torch.no_grad():
             z_0 = encode(vae, p.family, batch_of(batch))
         # ours: as SD3
@@ -1259,7 +1264,8 @@ def pretrain(preset, vae_steps=None, dit_steps=None, batch=16, lr=5e-4, seed=0, 
         sched.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         bar.set_postfix(fm_loss=f"{ema:.4f}")
-    shutil.rmtree(tmp := out + ".tmp", ignore_errors=True)  # written whole, then renamed
+    tmp = out + ".tmp"  # written whole, then renamed
+    shutil.rmtree(tmp, ignore_errors=True)
     vae.save_pretrained(os.path.join(tmp, "vae"))
     dit.save_pretrained(os.path.join(tmp, "transformer"))
     info = dict(recipe=[MINI_VERSION, vae_steps, dit_steps], seed=seed, vae_psnr=vae_psnr, fm_loss=ema,
