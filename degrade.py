@@ -1,32 +1,28 @@
 """
-The training data: HR crops of an image source, served per rank and step (ImageDataset,
-make_loader), and their Real-ESRGAN second-order degradation (degrade): batched, seeded, pure torch,
-CPU or GPU.
+The training data: HR crops served per rank and step (ImageDataset, make_loader), and their
+Real-ESRGAN second-order degradation (degrade): batched, seeded, pure torch, on CPU or GPU.
 
 Wang et al., "Real-ESRGAN: Training Real-World Blind Super-Resolution with Pure Synthetic Data",
-arXiv 2107.10833, Sec. 3. All four methods make their training LR this way, and the DIV2K-val test
-LR too. With k1, k2 random blur kernels and s the final sinc filter (numbers: the official
-train_realesrgan_x4plus.yml):
+arXiv 2107.10833, Sec. 3. All four methods make their training LR this way, and eval.py the LR of
+HR-only benchmarks (DIV2K-val). k1, k2: random blur kernels, s: the final sinc filter; numbers from
+the official x4plus training config:
 
   gt = USM(hr)                                    sharpened target (optional)
   stage 1:  x = JPEG(noise(resize(gt * k1)))
-  stage 2:  x = noise(resize(x * k2))             the k2 blur with p 0.8
+  stage 2:  x = noise(resize(x * k2))             the k2 blur with p second_blur_prob (0.8)
             x = JPEG(resize_lr(x) * s)  or  resize_lr(JPEG(x)) * s,  50/50
   lr = round(clamp(x, 0, 1) * 255) / 255          LR size (H // scale, W // scale), as the reference
 
-Per image, as the reference: the three kernels, noise sigma or Poisson scale, gray or colour noise,
-JPEG quality. Per batch: up/down/keep and its factor, resize mode, Gaussian or Poisson, second blur
-or not, the last stage's order.
+Drawn per image, as the reference: the three kernels, noise sigma or Poisson scale, gray noise,
+JPEG quality; per batch: resize (direction, factor, mode), noise type, second blur, JPEG/sinc order.
 
-  lr, gt = degrade(hr, scale=4, opts=PRESETS["seesr"], generator=g)   # hr (B, 3, H, W) in [0, 1]; g fixes all draws
+  lr, gt = degrade(hr, scale=4, opts=PRESETS["seesr"], generator=g)   # hr (B, 3, H, W) in [0, 1]
   python degrade.py --hr DIV2K_valid_HR --out DIV2K_valid_LR --seed 0  # paired LR PNGs (make_lr)
 
 Differences from the reference (basicsr), each on purpose:
   - The 51x51 USM blur runs separably as two matmuls: equal up to float rounding, faster.
-  - JPEG rounding is straight-through: an exact forward pass, as DiffJPEG(differentiable=False),
-    identity gradient.
-  - JPEG floors quantisation steps at 1 as libjpeg does: changes only q > 95 (q = 100 would divide
-    by zero).
+  - JPEG rounding is straight-through: DiffJPEG(differentiable=False)'s forward, identity gradient.
+  - Quantisation steps floored at 1, as libjpeg: only q > 95 changes (q = 100 would divide by zero).
   - Gray Gaussian noise is drawn per image (basicsr draws one (H, W) field shared by the batch).
 """
 import argparse, math, os, sys, zlib
@@ -73,16 +69,15 @@ class DegradeOpts:  # defaults: the official x4plus config and basicsr RealESRGA
     poisson_scale_range2: tuple = (0.05, 2.5)
     gray_noise_prob2: float = 0.4
     jpeg_range2: tuple = (30.0, 95.0)
-    # the classical setting: bicubic downsampling only, none of the above
-    bicubic_only: bool = False
+    bicubic_only: bool = False  # classical: bicubic downsampling only, none of the above
 
 PRESETS = {
     "realesrgan": DegradeOpts(),
-    # SeeSR's milder online ranges (its params_realesrgan.yml); kernels as Real-ESRGAN
+    # SeeSR's milder ranges, from its release; kernels as Real-ESRGAN
     "seesr": DegradeOpts(resize_range=(0.3, 1.5), noise_range=(1.0, 15.0), poisson_scale_range=(0.05, 2.0),
                          jpeg_range=(60.0, 95.0), second_blur_prob=0.5, resize_range2=(0.6, 1.2),
                          noise_range2=(1.0, 12.0), poisson_scale_range2=(0.05, 1.0), jpeg_range2=(60.0, 100.0)),
-    "bicubic": DegradeOpts(use_usm=False, bicubic_only=True),  # classical x4, the mini runs' LR (ours)
+    "bicubic": DegradeOpts(use_usm=False, bicubic_only=True),  # ours: classical x4, the mini's LR
 }
 
 def check_preset(name):
@@ -90,7 +85,7 @@ def check_preset(name):
     if name not in PRESETS:
         raise SystemExit(f"--degrade {name!r}: choose from {', '.join(PRESETS)}")
 
-# ------------------------------------------------------------ random draws, on the generator's device
+# ------------------------------------------------------------ draws on the generator's device
 def _rand(n, generator, device, lo=0.0, hi=1.0):
     return torch.rand(n, generator=generator, device=device) * (hi - lo) + lo
 
@@ -106,18 +101,17 @@ def _per_image(v, B, ref):
 
 # ------------------------------------------------------------ blur: kernels, filtering, sharpening
 def _support(k, half):
-    """k (n, K, K) zeroed outside each centred (2 half + 1)^2 window (the reference zero-pads to K),
-    summing to 1."""
+    """k (n, K, K) zeroed outside each centred (2 half + 1)^2 window, renormalised to sum 1: the
+    reference's smaller kernel zero-padded to K."""
     K = k.shape[-1]
     a = (torch.arange(K, device=k.device) - K // 2).abs()
     k = k * (torch.maximum(a[:, None], a[None, :]) <= half.view(-1, 1, 1))
     return k / k.sum((-2, -1), keepdim=True)
 
 def sinc_kernel(cutoff, size, pad_to=None):
-    """Circular low-pass (2-D sinc) kernels: cutoff J1(cutoff r) / (2 pi r), centre cutoff^2 / (4
-    pi), normalised (basicsr circular_lowpass_kernel). cutoff in radians (pi = Nyquist), size odd;
-    either may be a (n,) tensor. Returns (n, K, K), zero outside each size, K = pad_to or the
-    largest size."""
+    """Circular low-pass (2-D sinc) kernels, normalised, as basicsr circular_lowpass_kernel:
+    c J1(c r) / (2 pi r), c^2 / (4 pi) at r = 0; cutoff c in radians (pi: Nyquist), size odd, either
+    a (n,) tensor. Returns (n, K, K), 0 outside each size, K = pad_to or the largest size."""
     cutoff = torch.as_tensor(cutoff, dtype=torch.float64).reshape(-1, 1, 1)
     size = torch.as_tensor(size, device=cutoff.device).reshape(-1)
     K = pad_to or int(size.max())
@@ -130,11 +124,10 @@ def sinc_kernel(cutoff, size, pad_to=None):
 
 def random_kernel(n, kernel_list=KERNEL_TYPES, kernel_prob=KERNEL_PROB, sigma_range=(0.2, 3.0), betag_range=(0.5, 4.0),
                   betap_range=(1.0, 2.0), sinc_prob=0.1, sizes=(7, 21), pad_to=21, generator=None, device="cpu"):
-    """n random blur kernels (n, pad_to, pad_to), each summing to 1, as RealESRGANDataset draws
-    them: odd size in sizes; with p sinc_prob a sinc (cutoff U[pi/3, pi] below size 13, else U[pi/5,
-    pi]); else a type from kernel_list: (generalized) Gaussian exp(-0.5 q^beta) or plateau 1 /
-    (q^beta + 1), q = p^T Sigma^-1 p, Sigma = R(theta) diag(sx^2, sy^2) R(theta)^T; iso: sy = sx,
-    theta = 0."""
+    """n random blur kernels (n, pad_to, pad_to), each summing to 1, drawn as RealESRGANDataset:
+    odd size in sizes; with p sinc_prob a sinc, cutoff U[pi/3, pi] below size 13, else U[pi/5, pi];
+    else a kernel_list type: (generalized) Gaussian exp(-0.5 q^beta) or plateau 1 / (q^beta + 1),
+    q = p^T Sigma^-1 p, Sigma = R(theta) diag(sx^2, sy^2) R(theta)^T; iso: sy = sx, theta = 0."""
     dev = generator.device if generator is not None else torch.device(device)
     u = lambda lo, hi: _rand(n, generator, dev, lo, hi)
     half = torch.randint(sizes[0] // 2, sizes[1] // 2 + 1, (n,), generator=generator, device=dev)
@@ -145,8 +138,7 @@ def random_kernel(n, kernel_list=KERNEL_TYPES, kernel_prob=KERNEL_PROB, sigma_ra
     sx = u(*sigma_range)
     sy = torch.where(aniso, u(*sigma_range), sx)
     theta = torch.where(aniso, u(-math.pi, math.pi), 0.0)
-    # beta is U[lo, 1] or U[1, hi] with p 0.5 each (basicsr
-    # random_bivariate_generalized_Gaussian/_plateau)
+    # beta: U[lo, 1] or U[1, hi] with p 0.5 each, as basicsr's random_bivariate_* kernels
     lo = torch.where(family == 2, betap_range[0], betag_range[0])
     hi = torch.where(family == 2, betap_range[1], betag_range[1])
     r = u(0, 1)
@@ -163,9 +155,8 @@ def random_kernel(n, kernel_list=KERNEL_TYPES, kernel_prob=KERNEL_PROB, sigma_ra
     return _support(k, half)
 
 def filter2d(img, kernels):
-    """Filter each image of img (B, C, H, W) with its own kernel (B, k, k) (or one (k, k) for all),
-    k odd, reflect padding, same size out (basicsr filter2D). Images smaller than k // 2 + 1 are
-    padded by replication instead."""
+    """Filter each image of img (B, C, H, W) with its own kernel (B, k, k), or one (k, k) for all;
+    k odd, same size, reflect-padded (replicated below k // 2 + 1 pixels), as basicsr filter2D."""
     B, C, H, W = img.shape
     k, p = kernels.shape[-1], kernels.shape[-1] // 2
     # correlation, as the reference; every kernel here is point-symmetric, so it is also convolution
@@ -174,8 +165,7 @@ def filter2d(img, kernels):
     return F.conv2d(x.reshape(1, B * C, H + 2 * p, W + 2 * p), w, groups=B * C).view(B, C, H, W)
 
 def _reflect_blur_matrix(n, g):
-    """(n, n) M: M @ x filters x along its first axis with the 1-D kernel g, reflect padded, as
-    F.pad then conv."""
+    """(n, n) M: M @ x filters x along its first axis with the 1-D kernel g, reflect-padded."""
     r = g.numel() // 2
     idx = (torch.arange(n, device=g.device)[:, None] + torch.arange(-r, r + 1, device=g.device)).abs()
     # clamp: tiny images only
@@ -183,15 +173,13 @@ def _reflect_blur_matrix(n, g):
     return torch.zeros(n, n, device=g.device, dtype=g.dtype).scatter_add_(1, idx, g.expand(n, -1).contiguous())
 
 def usm_sharp(img, weight=0.5, threshold=10.0, size=51, sigma=8.0):
-    """Unsharp masking as Real-ESRGAN's USMSharp: sharp = clamp(img + weight (img - blur)), returned
-    through a soft mask, the blurred indicator of |img - blur| > threshold / 255. size 51 is
-    USMSharp's radius 50 made odd; sigma 8 is what cv2.getGaussianKernel(51, 0) uses: 0.3 ((51 - 1)
-    / 2 - 1) + 0.8."""
+    """Unsharp masking as Real-ESRGAN's USMSharp: sharp = clamp(img + weight (img - blur)), blended
+    in by a soft mask, the blurred indicator of |img - blur| > threshold / 255. size 51: USMSharp's
+    radius 50 made odd; sigma 8: cv2.getGaussianKernel(51, 0)'s 0.3 ((51 - 1) / 2 - 1) + 0.8."""
     H, W = img.shape[-2:]
     g = torch.exp(-(torch.arange(size, device=img.device, dtype=img.dtype) - size // 2) ** 2 / (2 * sigma ** 2))
     g = g / g.sum()
-    # the Gaussian is separable: two dense matmuls with banded reflect matrices beat a 51x51 or 1-D
-    # conv on CPU
+    # separable: two matmuls with banded reflect matrices, faster on CPU than a 51x51 or 1-D conv
     Mh, Mw = _reflect_blur_matrix(H, g), _reflect_blur_matrix(W, g)
     blur = lambda x: Mh @ x @ Mw.T
     residual = img - blur(img)
@@ -201,8 +189,8 @@ def usm_sharp(img, weight=0.5, threshold=10.0, size=51, sigma=8.0):
 
 # ------------------------------------------------------------ noise
 def add_gaussian_noise(img, sigma, gray=False, generator=None):
-    """clamp(img + N(0, (sigma / 255)^2)), one field for all three channels where gray; numbers or
-    (B,) tensors."""
+    """clamp(img + N(0, (sigma / 255)^2)), with one field for all channels where gray.
+    sigma and gray are numbers or (B,) tensors."""
     B, _, H, W = img.shape
     dev = generator.device if generator is not None else img.device
     noise = torch.randn(img.shape, generator=generator, device=dev).to(img)
@@ -212,18 +200,16 @@ def add_gaussian_noise(img, sigma, gray=False, generator=None):
     return (img + noise * _per_image(sigma, B, img) / 255).clamp(0, 1)
 
 def _poisson_levels(x):
-    """Per image (B, 1, 1, 1): 2^ceil(log2(number of distinct 8-bit values)); x is already on the
-    grid."""
+    """Per image (B, 1, 1, 1): 2^ceil(log2(distinct 8-bit values)) of x, given on the 8-bit grid."""
     B = x.shape[0]
     q = (x * 255).round().long().reshape(B, -1) + 256 * torch.arange(B, device=x.device)[:, None]
     n_unique = (torch.bincount(q.reshape(-1), minlength=256 * B).view(B, 256) > 0).sum(1)
     return (2.0 ** torch.log2(n_unique.double()).ceil()).float().view(B, 1, 1, 1)
 
 def add_poisson_noise(img, scale, gray=False, generator=None):
-    """Shot noise as basicsr generate_poisson_noise_pt: x = img on the 8-bit grid, L =
-    _poisson_levels(x), noise = Poisson(x L) / L - x, out = clamp(img + scale noise). A gray image
-    uses the noise of its luma for all three channels. scale and gray are numbers or (B,) tensors.
-    """
+    """Shot noise as basicsr generate_poisson_noise_pt: x = img on the 8-bit grid,
+    L = _poisson_levels(x), noise = Poisson(x L) / L - x, out = clamp(img + scale noise); a gray
+    image takes its luma's noise on all channels. scale and gray are numbers or (B,) tensors."""
     B, dev = img.shape[0], generator.device if generator is not None else img.device
     def shot(x):
         x = (x * 255).round().clamp(0, 255) / 255
@@ -244,14 +230,13 @@ Y_TABLE = [[16, 11, 10, 16, 24, 40, 51, 61], [12, 12, 14, 19, 26, 58, 60, 55], [
            [49, 64, 78, 87, 103, 121, 120, 101], [72, 92, 95, 98, 112, 100, 103, 99]]
 C_TABLE = [[17, 18, 24, 47] + [99] * 4, [18, 21, 26, 66] + [99] * 4, [24, 26, 56] + [99] * 5,
            [47, 66] + [99] * 6] + [[99] * 8] * 4
-# JFIF (ITU-T T.871) full-range colour transform; chroma kept centred on 0 (its +128 and the DCT's
-# -128 cancel)
+# JFIF (T.871) full-range colour transform; chroma centred on 0, as its +128 cancels the DCT's -128
 RGB2YCC = [[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]]
 YCC2RGB = [[1.0, 0.0, 1.402], [1.0, -0.344136, -0.714136], [1.0, 1.772, 0.0]]
 
 def _quantise(x, step):
-    """x (B, c, h, w; h, w multiples of 8) -> 8x8 block DCT rounded to multiples of step (B, 1, 1,
-    1, 8, 8) -> back."""
+    """x (B, c, h, w), h and w multiples of 8, through an 8x8 block DCT rounded to multiples of
+    step (B, 1, 1, 1, 8, 8) and back."""
     B, c, h, w = x.shape
     # orthonormal 8-point DCT-II, D[u, x] = c(u) cos((2x + 1) u pi / 16): JPEG's F = D f D^T
     u = torch.arange(8, device=x.device, dtype=torch.float32)
@@ -264,18 +249,15 @@ def _quantise(x, step):
     return (D.T @ (coef * step) @ D).transpose(3, 4).reshape(B, c, h, w)
 
 def diff_jpeg(img, quality):
-    """Batched, differentiable JPEG round trip of img (B, 3, H, W) in [0, 1]; quality a number or
-    (B,) tensor in (0, 100]. YCbCr, 4:2:0 chroma (2x2 mean, nearest upsampling), 8x8 DCT, Annex K
-    tables."""
+    """Batched, differentiable JPEG round trip of img (B, 3, H, W) in [0, 1], quality a number or
+    (B,) tensor in (0, 100]: YCbCr, 4:2:0 chroma (2x2 mean, nearest up), 8x8 DCT, Annex K tables."""
     B, _, H, W = img.shape
     q = _per_image(quality, B, img).view(B, 1, 1, 1, 1, 1)
-    # libjpeg's scaling 5000 / q % below 50, 200 - 2 q % above; the tables are not rounded (as
-    # basicsr)
+    # libjpeg's scaling, 5000 / q % below 50 and 200 - 2 q % above; tables not rounded, as basicsr
     factor = torch.where(q < 50, 50 / q, 2 - q / 50)
     x = F.pad(img * 255, (0, -W % 16, 0, -H % 16))  # whole 16x16 MCUs, zero-padded as the reference
     ycc = torch.einsum("ij,bjhw->bihw", img.new_tensor(RGB2YCC), x)
-    # reference != libjpeg: basicsr applies the luma table transposed; kept, as it made the papers'
-    # LR
+    # reference != libjpeg: basicsr transposes the luma table; kept, as it made the papers' LR
     y = _quantise(ycc[:, :1] - 128, (img.new_tensor(Y_TABLE).T * factor).clamp_min(1)) + 128
     cbcr = _quantise(F.avg_pool2d(ycc[:, 1:], 2), (img.new_tensor(C_TABLE) * factor).clamp_min(1))
     cbcr = cbcr.repeat_interleave(2, -2).repeat_interleave(2, -1)
@@ -285,9 +267,8 @@ def diff_jpeg(img, quality):
 # ------------------------------------------------------------ the pipeline
 @torch.no_grad()
 def degrade(hr, scale=4, opts=DegradeOpts(), generator=None):
-    """hr (B, 3, H, W) in [0, 1] -> (lr, gt): lr (B, 3, H // scale, W // scale) float32 on the 1/255
-    grid, gt the USM-sharpened hr (hr if not opts.use_usm). A CPU generator gives the same draws on
-    any device, a GPU one speed."""
+    """hr (B, 3, H, W) in [0, 1] -> lr (B, 3, H // scale, W // scale), float32 on the 1/255 grid,
+    and gt: hr, USM-sharpened if opts.use_usm. A CPU generator draws the same on any device."""
     o, g, hr = opts, generator, hr.float()
     B, _, H, W = hr.shape
     if o.bicubic_only:
@@ -331,8 +312,7 @@ def degrade(hr, scale=4, opts=DegradeOpts(), generator=None):
     x = F.interpolate(x, size=(max(1, int(H / scale * s)), max(1, int(W / scale * s))), mode=mode())
     x = noise(x, o.gaussian_noise_prob2, o.noise_range2, o.poisson_scale_range2, o.gray_noise_prob2)
 
-    # 3. [resize to LR + sinc] then JPEG, or JPEG then [resize + sinc], 50/50: other orders give
-    # twisted lines (paper)
+    # 3. [resize to LR + sinc] then JPEG, or JPEG then [resize + sinc], 50/50, as the reference
     def resize_sinc(x):
         x = F.interpolate(x, size=(H // scale, W // scale), mode=mode())
         return filter2d(x, k_sinc) if use_sinc.any() else x  # a pulse kernel is the identity
@@ -340,11 +320,11 @@ def degrade(hr, scale=4, opts=DegradeOpts(), generator=None):
     x = diff_jpeg(resize_sinc(x).clamp(0, 1), q2) if coin(0.5) else resize_sinc(diff_jpeg(x.clamp(0, 1), q2))
     return (x * 255).round().clamp(0, 255) / 255, gt
 
-# ------------------------------------------------------------ training data: HR crops per rank, step
+# ------------------------------------------------------------ training data, per rank and step
 class ImageDataset(torch.utils.data.Dataset):
     """Random crop + flip of an image source, keyed by (index, seed): a crop is a pure function of
-    the data position, so resume and any number of ranks see the same samples. Unreadable images are
-    skipped, small ones upscaled."""
+    the data position, so resume and any number of ranks see the same samples. Unreadable images
+    are skipped, small ones upscaled."""
 
     def __init__(self, src="sample", crop=512, data_root="data"):
         self.crop, self.said = crop, set()
@@ -376,9 +356,8 @@ class ImageDataset(torch.utils.data.Dataset):
         return common.random_crop(x, self.crop, seed)
 
 class StepSampler(torch.utils.data.Sampler):
-    """Infinite, resumable, rank-aware sampler of (index, seed) keys: step s's global batch is the
-    data positions [s*GB, (s+1)*GB), shuffled per epoch with seed + epoch; rank r takes its
-    contiguous share."""
+    """Infinite, resumable, rank-aware sampler of (index, seed) keys: step s's global batch is data
+    positions [s GB, (s+1) GB), shuffled per epoch (seed + epoch); each rank takes its slice."""
 
     def __init__(self, n, global_batch, rank, world, seed, start_step=0):
         self.n, self.gb, self.rank, self.world, self.seed, self.start = n, global_batch, rank, world, seed, start_step
@@ -394,14 +373,12 @@ class StepSampler(torch.utils.data.Sampler):
             step += 1
 
 def make_loader(ds, cfg, rank, world, start_step):
-    """Per-rank iterator of micro-batches of ds and the accumulation steps: --batch_size is the
-    global batch."""
+    """Per-rank iterator of micro-batches of ds, and accumulation steps; --batch_size is global."""
     if cfg.batch_size % (world * cfg.micro_batch):
         raise SystemExit(f"--batch_size {cfg.batch_size} must divide by ranks {world} x --micro_batch "
                          f"{cfg.micro_batch}")
     sampler = StepSampler(len(ds), cfg.batch_size, rank, world, cfg.seed, start_step)
-    # its own generator: a DataLoader otherwise draws a seed from the global RNG (a resume would
-    # diverge)
+    # its own generator: else a DataLoader draws a seed from the global RNG, and a resume diverges
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.micro_batch, sampler=sampler, num_workers=cfg.num_workers,
                                          persistent_workers=cfg.num_workers > 0, generator=torch.Generator())
     return iter(loader), cfg.batch_size // (world * cfg.micro_batch)
@@ -416,10 +393,8 @@ def make_lr(hr_files, lr_dir, seed=0, opts=PRESETS["realesrgan"], scale=4, devic
         stem = os.path.splitext(os.path.basename(f))[0]
         if os.path.exists(out := os.path.join(lr_dir, stem + ".png")):
             continue
-        x_hr = common.load_image(f)
-        # (3, H, W)
+        x_hr = common.load_image(f)  # (3, H, W)
         x_hr = x_hr[:, : x_hr.shape[1] // scale * scale, : x_hr.shape[2] // scale * scale]
-        # a CPU generator keeps 32 bits
         g = torch.Generator().manual_seed(zlib.crc32(stem.encode(), seed))
         x_lr, _ = degrade(x_hr[None].to(device), scale, opts, g)  # (1, 3, H / scale, W / scale)
         # hidden until complete

@@ -1,9 +1,8 @@
 """
-StrSR: Spectral and Trajectory Regularization for Diffusion Transformer Super-Resolution (Wang,
-Tang, Gong, Li, Li, Liu, Lan, Liu, Zhang; ECCV 2026, arXiv:2603.06275; code:
-github.com/jkwang28/StrSR).
+StrSR: Spectral and Trajectory Regularization for Diffusion Transformer Super-Resolution
+(Wang, Tang, Gong, Li, Li, Liu, Lan, Liu, Zhang; ECCV 2026; arXiv:2603.06275).
 
-One-step real-world x4 SR by adversarial distillation of a text-to-image DiT (FLUX.2-klein-4B
+One-step real-world x4 SR by adversarial distillation of a text-to-image DiT (FLUX.2-klein
 "StrSR-F", the default, or Z-Image-Turbo "StrSR-Z") with a LoRA. The LR image enters twice (the
 "dual encoder", Sec. 3.2): its VAE latent is the starting point of one Euler step, and a frozen
 Qwen3-VL reads it to replace the text condition. A frozen CLIP ConvNeXt-XXLarge with small trainable
@@ -18,21 +17,20 @@ artifacts (Sec. 3.4). Sigma convention: t = 1 is noise, v = eps - z_0.
        L_G = 0.5 [BCE(D_Ra(x_sr, x_hr), 1) + BCE(D_Ra(x_hr, x_sr), 0)]
   (8)  L_R1 = mean || C(x_hr) - C(x_hr + n) ||^2,  n small noise (approximate R1)
   (9)  L_Dis = L_D + lambda_r1 L_R1                                      lambda_r1 = 10
-  (10) FDL(x, y) = sum_l SW(|F phi_l(x)|, |F phi_l(y)|) + lambda_p SW(ang F phi_l(x), ang F
-  phi_l(y))
+  (10) FDL = sum_l SW(|F phi_l(x)|, |F phi_l(y)|) + lambda_p SW(ang F phi_l(x), ang F phi_l(y))
        phi_l: VGG19 relu{1_2,2_2,3_4,4_4,5_4}, F: 2-D DFT, SW: sliced Wasserstein distance
   (11) L_Gen = 1.0 L1 + 3.0 LPIPS + 0.1 L_G + lambda_fdl FDL,  lambda_fdl = 0 (stage 1), 0.002 (stage 2)
 
-  python strsr.py --model mini                                     # CPU: the mini base, a table against bicubic
-  python strsr.py --model tiny --stage 2                           # resumes the stage-1 run, adds FDL
+  python strsr.py --model mini                                     # CPU: scored against bicubic
+  python strsr.py --model tiny --stage 2                           # continues stage 1, adds FDL
   torchrun --nproc_per_node=4 strsr.py --data LSDIR                # stage 1: 40k steps
-  torchrun --nproc_per_node=4 strsr.py --data LSDIR --stage 2      # stage 2: 20k more steps with FDL
+  torchrun --nproc_per_node=4 strsr.py --data LSDIR --stage 2      # stage 2: 20k more steps, FDL
   python strsr.py --stage 2 --init_ckpt out/strsr --out_dir out/strsr-s2   # stage 2 in a new folder
   python strsr.py --model zimage --cond text                       # Table 4 ablation (w/o VLM)
   python strsr.py --sample --ckpt out/strsr --input photo.png --output out/strsr/sr
 
-Where the paper is silent or differs, this follows the authors' release (it produced the reported
-numbers), marked `# official != paper` or `# official` at the line:
+Where the paper is silent or differs, this follows the authors' release, github.com/jkwang28/StrSR
+(it produced the reported numbers), marked `# official != paper` or `# official` at the line:
   - StrSR-F fine-tunes FLUX.2-klein-base-4B, the undistilled base (the paper names FLUX.2-klein-4B,
     the `flux2-klein` preset); StrSR-Z Z-Image-Turbo.
   - The condition (Eq. 5) reads only the non-image tokens of Qwen3-VL's last hidden state (the chat
@@ -44,28 +42,20 @@ numbers), marked `# official != paper` or `# official` at the line:
     feature map. D sees the full crop. D's loss is Eq. 7 per level, summed with weight 1, the batch
     mean taken per spatial position; the release also computes vision-aided-loss's
     multilevel_loss(alpha=0.8) (a BCE with real labels smoothed to 0.8) and discards it.
-  - D's heads run in eval mode for the generator's terms: no spectral-norm power iteration in the G
-    pass.
+  - D's heads run in eval mode in the G pass: no spectral-norm power iteration there.
   - FDL (Eq. 10) sees [-1, 1] images, as the release feeds it, though its VGG normalises for [0, 1]
     (--fdl_01 true: FDL's own convention); L1 on [-1, 1] images.
-  - z_lr is a draw of the VAE's latent distribution (latent_dist.sample()), not its mode; for
-    StrSR-Z it is the raw latent, without the VAE's shift and scale, which the release applies only
-    when decoding.
-  - AdamW with its default weight decay (0.01), gradient clipping at 1.0, LoRA alpha = rank,
-    Gaussian LoRA init.
+  - z_lr is a draw of the VAE's latent distribution (latent_dist.sample()), not its mode; StrSR-Z
+    takes the raw latent: the release applies the VAE's shift and scale only when decoding.
+  - AdamW's default weight decay (0.01), gradient clipping at 1.0, LoRA alpha = rank, Gaussian init.
 And ours (`# ours`):
-  - G and D update on the same batch (G, then D on the detached output with the G pass's backbone
-    features); the release alternates them batch by batch. So an update pair sees one batch, and
-    there is no second G forward.
-  - Random crops with flips of --data (the release: center crops of Aesthetic-Train-V2 at 1024, no
-    flips).
-  - The condition MLP trains in fp32 (release: bf16); the VLM's input is resized once, to a multiple
-    of 32.
-  - Sampling tiles in latent space (the release tiles 1024 px in pixel space, each tile through the
-    VAE).
+  - G and D update on the same batch, from one backward of L_Gen + L_Dis (D on the detached output,
+    reusing the G pass's backbone features): no second G forward. The release alternates batches.
+  - Random crops with flips of --data (release: 1024 center crops of Aesthetic-Train-V2, no flips).
+  - The condition MLP in fp32 (release: bf16); the VLM's input resized once, to a multiple of 32.
+  - Sampling tiles in latent space (release: 1024 px tiles in pixel space, each through the VAE).
   - FDL's projection kernels are drawn once (fixed seed): a resumed run is bit-identical.
-  - Stage 2 continues the stage-1 run's steps and optimizers in its --out_dir (or starts from
-    --init_ckpt).
+  - Stage 2 continues the stage-1 run, optimizers included, in its --out_dir (or from --init_ckpt).
   - Tiny and mini presets: random Qwen3-VL, ConvNeXt and VGGs of the same classes.
 """
 import dataclasses, os
@@ -145,10 +135,8 @@ class Config(common.SampleFlags):  # + the shared sampling flags
 
 # --model tiny / mini (ours): these values for every flag not given; a dict holds one per --stage
 TINY = dict(crop=64, max_steps={"1": 20, "2": 10}, disc_width=32, fdl_projections=32)
-# mini: a 2M base learns at a larger lr than a 4B one, and only fully fine-tuned; zero_init: the
-# base's own step from z_lr is far from the photo, unlearning it costs the run; w_gan, w_lpips 0:
-# offline their networks are random, and cost most of a step; micro_batch 4: the paper's batch in
-# one pass
+# mini: a 2M base trains fully, at a larger lr; zero_init: unlearning its own step from z_lr costs
+# the run; w_gan, w_lpips 0: their networks are random offline and cost most of a step
 MINI = dict(max_steps=1200, crop=128, train_base="full", lr=5e-4, lr_decay=0.5, zero_init=True, micro_batch=4,
             w_gan=0.0, w_lpips=0.0, disc_width=32, fdl_projections=32, tile=16, overlap=4, grid_every=300,
             save_every=300, eval_heldout=True, degrade="bicubic", val_every=100)
@@ -156,8 +144,7 @@ MINI = dict(max_steps=1200, crop=128, train_base="full", lr=5e-4, lr_decay=0.5, 
 STAGES = ("1", "2")
 
 def resolve(cfg):
-    """The concrete preset, crop and step count (0 defaults: the paper's, per stage); the flags
-    checked."""
+    """The flags checked; the concrete preset, crop and step count (0: the paper's, per stage)."""
     common.check_choices(cfg, stage=("1", "2"), cond=("vlm", "none", "text"), train_base=("lora", "full"))
     check_preset(cfg.degrade)
     if cfg.fsdp and cfg.train_base == "full":
@@ -189,7 +176,7 @@ def pretrained(cfg):
     return needs
 
 # ------------------------------------------------------------ generator and dual encoder
-LORA_TARGETS = {  # official target modules; FLUX.2 needs a regex (attn.to_out is a ModuleList in double blocks)
+LORA_TARGETS = {  # official; a regex for FLUX.2, whose double blocks' attn.to_out is a ModuleList
     "flux2": r".*(transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
              r"to_add_out)|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out))",
     "zimage": ["to_q", "to_k", "to_v", "to_out.0", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"],
@@ -218,8 +205,7 @@ def release_latent(vae, family, z_lr):
     return z_lr * std + mean  # official != pipeline: the shift and scale only on the way out
 
 def tiny_vlm_config():
-    """A Qwen3-VL with the real classes and layout (vision tower with deepstack, M-RoPE text model).
-    """
+    """A Qwen3-VL of the real classes and layout (deepstack vision tower, M-RoPE text model)."""
     from transformers import Qwen3VLConfig
     rope = dict(rope_type="default", rope_theta=5e5, mrope_section=[4, 2, 2], mrope_interleaved=True)
     return Qwen3VLConfig(
@@ -280,9 +266,8 @@ class VLMEncoder(nn.Module):
             x = F.interpolate(x, size=(H, W), mode="bicubic", align_corners=False, antialias=True)
         x = (x - self.mean) / self.std
         gh, gw = H // p, W // p
-        # (B, gh/m, gw/m, m, m,
+        # (B, gh/m, gw/m, m, m, C, T, p, p), the processor's order; a still image fills all T frames
         x = x.reshape(B, C, gh // m, m, p, gw // m, m, p).permute(0, 2, 5, 3, 6, 1, 4, 7)
-        # C, p, p); a still image fills the T patch
         x = x.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, T, -1, -1)
         grid = torch.tensor([[1, gh, gw]] * B, device=x.device)
         return x.reshape(B * gh * gw, C * T * p * p), grid
@@ -339,9 +324,8 @@ def build_generator(cfg, device, ckpt=None, dtype=None):
 
 # ------------------------------------------------------------ discriminator (Sec. 3.3)
 class Blur(nn.Module):
-    """BlurPool's low-pass, as the release's (vision-aided-loss, filter size 4): the binomial [1, 3,
-    3, 1] x [1, 3, 3, 1] / 64 per channel, zero padding `pad` on every side, stride 1 (the stride is
-    in the conv that follows)."""
+    """BlurPool's low-pass as in the release (vision-aided-loss, filter size 4): the binomial kernel
+    [1, 3, 3, 1]^T [1, 3, 3, 1] / 64 per channel, zero padding `pad`, stride 1 (the next conv's)."""
 
     def __init__(self, channels, pad):
         super().__init__()
@@ -352,20 +336,18 @@ class Blur(nn.Module):
         return F.conv2d(x, self.k.to(x.dtype), padding=self.pad, groups=x.shape[1])
 
 def head(channels, width):
-    """Official: BlurPool (pad 2) -> SN Conv3x3 stride 2 -> LeakyReLU(0.2) -> BlurPool (pad 1) -> SN
-    Conv1x1 stride 2: 1-channel patch logits at 1/4 of the feature map (H -> H + 1 -> H/2 -> H/2 - 1
-    -> H/4 for H a multiple of 4)."""
+    """Official: BlurPool (pad 2) -> SN conv 3x3 stride 2 -> LeakyReLU(0.2) -> BlurPool (pad 1)
+    -> SN conv 1x1 stride 2: patch logits, H -> H+1 -> H/2 -> H/2-1 -> H/4 (H a multiple of 4)."""
     sn = nn.utils.parametrizations.spectral_norm
     return nn.Sequential(Blur(channels, 2), sn(nn.Conv2d(channels, width, 3, 2, 0)), nn.LeakyReLU(0.2),
                          Blur(width, 1), sn(nn.Conv2d(width, 1, 1, 2)))
 
-# tiny/mini: a small random trunk, embedding
+# tiny/mini: a small random trunk (timm arguments) and its embedding width
 RANDOM_TRUNK = (dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128)), 32)
 
 class Discriminator(nn.Module):
-    """C(x) in Eq. (7): features of the first three ConvNeXt stages and the pooled CLIP embedding of
-    a frozen CLIP image tower, each read by a trainable head; returns a list of logits (B, N_level).
-    """
+    """C(x) in Eq. (7): a frozen CLIP ConvNeXt's first three stage maps and pooled embedding, each
+    read by a trainable head; returns a list of logits (B, N_level)."""
 
     def __init__(self, random_net, width=512, ckpt=""):
         super().__init__()
@@ -414,9 +396,8 @@ class Discriminator(nn.Module):
 
 # ------------------------------------------------------------ losses
 def ragan_loss(d_real, d_fake, g_form=False):
-    """Eq. (7): relativistic average GAN, D_Ra(a, b) = C(a) - mean_batch C(b), per level, summed
-    over levels. The D form pushes real above the average fake and fake below the average real; the
-    G form swaps."""
+    """Eq. (7): relativistic average GAN, D_Ra(a, b) = C(a) - mean_batch C(b), summed over levels.
+    The D form pushes real above the average fake and fake below the average real; G swaps them."""
     bce = F.binary_cross_entropy_with_logits
     loss = 0.0
     for r, f in zip(d_real, d_fake):
@@ -430,10 +411,9 @@ def ragan_loss(d_real, d_fake, g_form=False):
 
 def r1_loss(disc, x_real, d_real, noise_scale=0.005):
     """Eq. (8): mean ||C(x) - C(x + n)||^2 summed over levels, n ~ U[0, s) per pixel on [-1, 1]
-    images (official). For small n this is the R1 penalty of the directional derivative along n,
-    without a double backward. `d_real` = disc(x_real), passed in because the D step has it already.
-    """
-    # official != paper: one-sided uniform (paper: Gaussian); /2: [0, 1]
+    images (official): for small n, R1 along n without a double backward. d_real: disc(x_real),
+    which the D step already has."""
+    # official != paper: one-sided uniform (paper: Gaussian); / 2: s is on [-1, 1], x on [0, 1]
     n = torch.rand_like(x_real) * noise_scale / 2
     d_noisy = disc(x_real + n)
     return sum(((r.float() - q.float()) ** 2).mean() for r, q in zip(d_real, d_noisy))
@@ -442,10 +422,9 @@ def r1_loss(disc, x_real, d_real, noise_scale=0.005):
 VGG19_RELU = (3, 8, 17, 26, 35)
 
 class FDLFeatures(nn.Module):
-    """phi of Eq. (10): frozen VGG19 features (torchvision's ImageNet weights from `weights`, a file
-    or "" torch hub's cache; "random": a random VGG19, the tiny and mini presets' stand-in) and, per
-    layer, the fixed random projections of the sliced Wasserstein distance (5x5 kernels over all
-    channels, each L2-normalised, drawn once)."""
+    """phi of Eq. (10): frozen VGG19 features, ImageNet weights from `weights` (a file; "": torch
+    hub's cache; "random": random ones, the tiny and mini stand-in), and per layer the fixed random
+    projections of the sliced Wasserstein distance (unit-norm 5x5 kernels over all channels)."""
 
     def __init__(self, weights="random", projections=256, kernel=5):
         super().__init__()
@@ -493,11 +472,9 @@ def fdl_loss(phi, x, y, phase_weight=1.0):
     return loss.mean()
 
 def strsr_losses(dit, vae, cond, disc, lpips, phi, family, x_lr, x_hr, cfg):
-    """One training step's terms: the generator's L_Gen (Eq. 11) and, on its detached output, the
-    discriminator's L_Dis (Eq. 9). Their gradients reach disjoint parameters: D's heads are frozen
-    (and in eval mode, official) during the G pass, and the D pass sees no graph of G. Since the
-    backbone is frozen, the D pass reuses the G pass's backbone features. Returns (L_Gen + L_Dis,
-    the terms, x_sr)."""
+    """One training step: L_Gen (Eq. 11) and, on its detached output, L_Dis (Eq. 9), on disjoint
+    parameters: D's heads are frozen (and in eval mode, official) in the G pass; the D pass reuses
+    its backbone features, detached. Returns (L_Gen + L_Dis, terms, x_sr)."""
     with torch.no_grad():
         z_lr = lr_latent(vae, family, x_lr)                           # Eq. (6)
     z0_hat = one_step(dit, family, z_lr, cond(x_lr), cfg.t_star)     # Eqs. (5), (6)
@@ -516,7 +493,7 @@ def strsr_losses(dit, vae, cond, disc, lpips, phi, family, x_lr, x_hr, cfg):
         # L_G reaches the generator only; official: no power iteration
         with common.frozen(disc, eval_mode=True):
             feats_fake = disc.features(x_sr)
-            # Eq. (7), G
+            # Eq. (7), G form
             terms["gan"] = ragan_loss(disc.logits(feats_real), disc.logits(feats_fake), g_form=True)
     loss_g = (cfg.w_l1 * terms["l1"] + cfg.w_lpips * terms.get("lpips", 0.0) + cfg.w_gan * terms.get("gan", 0.0)
               + w_fdl * terms.get("fdl", 0.0))  # Eq. (11)
@@ -532,8 +509,7 @@ def strsr_losses(dit, vae, cond, disc, lpips, phi, family, x_lr, x_hr, cfg):
 def build_sampler(flags, device=None):
     """fn(x_lr (1, 3, h, w) in [0, 1]) -> (1, 3, 4h, 4w) of the checkpoint flags.ckpt: bicubic x4,
     pad to 16, one step (tiled in latent space for large inputs, the VLM condition computed once on
-    the whole LR), crop back. The only randomness, the draw of z_lr from the VAE's latent
-    distribution, is seeded by flags.seed."""
+    the whole LR), crop back. flags.seed seeds the only randomness, the draw of z_lr."""
     path, cfg, device, dtype = common.sampler_setup(flags, resolve, device)
     dit, vae, cond = build_generator(cfg, device, ckpt=path, dtype=dtype)
     common.load_checkpoint(path, {"dit": dit, "cond": cond}, ema=cfg.ema)
@@ -584,8 +560,7 @@ def train(cfg):
     rank, world, device, log = common.setup(cfg, pretrained(cfg))
     family, random_nets = common.PRESETS[cfg.model].family, common.PRESETS[cfg.model].hub is None
 
-    # 1. models: LoRA generator + condition MLP train; VLM, VAE, D backbone, VGG, LPIPS frozen; no D
-    # with --w_gan 0
+    # 1. models: the LoRA, condition MLP and D heads train, the rest is frozen; no D with --w_gan 0
     with torch.random.fork_rng(devices=[]):  # the same initial weights on every rank
         torch.manual_seed(cfg.seed)
         dit, vae, cond = build_generator(cfg, device)
@@ -612,9 +587,8 @@ def train(cfg):
     # 4. data: HR crops; the LR made on the device by the degradation (Real-ESRGAN unless --degrade)
     loader, accum = make_loader(ImageDataset(cfg.data, cfg.crop, cfg.data_root), cfg, rank, world, step)
 
-    # 5. loop: per micro-batch, seeded by its place in the run (a resume or any number of ranks
-    # draws the same numbers), L_Gen (Eq. 11) and L_Dis (Eq. 9) back-propagated together; then both
-    # optimizers step
+    # 5. loop: each micro-batch seeded by its place in the run (the same draws after a resume, on
+    # any number of ranks); L_Gen + L_Dis (Eqs. 11, 9) back-propagated, then both optimizers step
     for m in models.values():
         m.train()
     saved = {"stage_start": first}  # where this stage began: its lr schedule, after a resume
