@@ -7,8 +7,8 @@ An LR-conditioned SD3.5-Medium predicts the average velocity u(z_t, r, t) over [
 pure noise gives the HR latent (other seeds, other plausible outputs). All three training stages are
 here: `--stage teacher` (0) trains an LR-conditioned flow-matching teacher, `--stage isc` (1)
 distils it into the average-velocity student by Interval Splitting Consistency (Algorithm 1),
-`--stage gan` (2) refines the one jump with reconstruction, VSD and a DINOv3 GAN. Rectified flow, t
-= 1 is noise; z_hr, z_lr: the latents of the HR and of the bicubic x4 LR; c: the caption.
+`--stage gan` (2) refines the one jump with reconstruction, VSD and a DINOv3 GAN. Rectified flow,
+t = 1 is noise; z_hr, z_lr: the latents of the HR and of the bicubic x4 LR; c: the caption.
     (1)  z_t = (1 - t) z_hr + t eps     (2)  v = eps - z_hr     (3)  L_FM = || v_theta(z_t, t) - (eps - z_hr) ||^2
     (5)  u(z_t, r, t) = 1/(t - r) int_r^t v(z_tau, tau) dtau  (average velocity)   (10) z_s = z_t - (t - s) u(z_t, s, t)
     (8)  (t - r) u(z_t, r, t) = (s - r) u(z_s, r, s) + (t - s) u(z_t, s, t),   r <= s <= t
@@ -21,14 +21,13 @@ distils it into the average-velocity student by Interval Splitting Consistency (
     (17) L_adv^G = -E[D(x_sr)]      (18) L_adv^D = E[max(0, 1 - D(x_hr))] + E[max(0, 1 + D(x_sr))]
     (19) L_Rec = MSE(x_sr, x_hr) + LPIPS(x_sr, x_hr),   x_sr = VAE-decode(z0_hat)
     (20) L_stu = 1.0 L_ISC + 1.0 L_Rec + 1.0 L_VSD + 0.5 L_adv^G
-Algorithm 1: r <= t, lam, q ~ U(0, 1), eps; z_t (Eq. 1); w.p. p = 0.6 the boundary branch (12), else
-the split (10-11).
+Algorithm 1: draw r <= t, lam, q ~ U(0, 1), eps; z_t by (1); then w.p. 0.6 Eq. 12, else Eqs. 10-11.
 
-    python smfsr.py --stage teacher --data LSDIR_FFHQ10k.txt --captions captions.tsv   # -> out/smfsr-teacher
-    python smfsr.py --stage isc --data LSDIR_FFHQ10k.txt    # then --stage gan, each from the previous out/smfsr-*
+    python smfsr.py --stage teacher --data LSDIR_FFHQ10k.txt --captions captions.tsv
+    python smfsr.py --stage isc --data LSDIR_FFHQ10k.txt   # then gan; each from out/smfsr-<prev>
     torchrun --nproc_per_node=4 smfsr.py --stage teacher ...    # Sec. 4: 4 GPUs, any stage
     python smfsr.py --sample --ckpt out/smfsr-gan --input lr/ --output sr/ [--steps 4] [--seed 1] [--start lr]
-    python smfsr.py --model mini --stage teacher && ... --stage isc && ... --stage gan   # CPU: the mini base
+    python smfsr.py --model mini --stage teacher && ... --stage isc && ... --stage gan   # on CPU
 
 What differs from the paper, and why:
 - LR injection, lighter than DiT4SR's third stream (~180M trainable on SD3.5-M, not 366M): the LR
@@ -36,27 +35,22 @@ What differs from the paper, and why:
   image k/v join the image queries' softmax behind a per-head gate from zero: o = o_base + gate
   (o_joint - o_base). No LR MLP; text sees no LR.
 - DiT4SR's cross-stream convolution (3x3 depthwise, 1x1 from zero) adds the LR patch embeddings to
-  the image tokens: the local path SD3's absolute positions would have to learn. Both start at zero:
-  the wrapped model is the base.
+  the image tokens, the local path SD3's absolute positions would have to learn. Both start at zero,
+  so the wrapped model is the base.
 - --train_base none (default): one frozen bf16 base for teacher, student and fake score; lora (the
   paper's "LR parameters and LoRA") or full (the mini) train it too, and teacher and student then
   own a copy each.
-- e_{r,t} = e_t + MLP([e_r, e_t]) from zero: the student starts as the teacher (the paper: only
-  Linear-SiLU-Linear).
-- p = 0.6 is the boundary branch's probability (Sec. 4; Algorithm 1 writes q < p for the split),
-  drawn per micro-batch.
+- e_{r,t} = e_t + MLP([e_r, e_t]), its last layer zeroed so the student starts as the teacher (the
+  paper specifies only the MLP, Linear-SiLU-Linear).
+- p = 0.6, per micro-batch, is the boundary branch's chance (Sec. 4; Algorithm 1 splits on q < p).
 - Unknown in the paper (`# ours` in Config): the (r, t) law (logit-normal(0, 1), sorted), stage-2
   learning rates, the VSD t law and w(t), the fake-score LoRA, the DINOv3 size, layers and heads,
   the micro-batch, the tile.
-- L_Rec's MSE (Eq. 19) on [0, 1] images, as PSNR (the paper does not say; on [-1, 1] lambda_2 would
-  weigh 4x more).
-- VSD: w(t) = t / mean|z0_hat - x0_phi|, DMD's normaliser for velocities, the (1 - t) of
-  dz0_hat_t/dz0_hat folded in; one fake-score forward serves Eq. 15 (detached) and Eq. 16 (through
-  its LoRA).
-- Captions optional (a TSV; the paper's: LLaVA; Table 8: the empty prompt does about as well);
-  sampling: the empty one.
-- --start lr (ours): from z_t0 = (1 - t0) z_lr + t0 eps, t0 = --start_t, along u to 0; t0 = 1 is the
-  paper's start.
+- L_Rec's MSE (Eq. 19) on [0, 1] images, as PSNR: the paper does not say (on [-1, 1] it weighs 4x).
+- VSD: w(t) = t / mean|z0_hat - x0_phi|, DMD's normaliser for velocities with the (1 - t) of
+  dz0_hat_t/dz0_hat folded in; one fake-score forward serves Eq. 15 (detached) and Eq. 16.
+- Captions optional (a TSV; paper: LLaVA); sampling uses the empty prompt (Table 8: about as good).
+- --start lr (ours): start at z_t0 = (1 - t0) z_lr + t0 eps, t0 = --start_t (the paper: t0 = 1).
 - --steps K on a teacher checkpoint takes K Euler steps (a teacher ignores r: u = v).
 - --zero_init (ours, the mini): u = (z_t - z_lr) + the DiT's output, that layer from zero: at t = 1
   the jump of Eq. 14 lands on z_lr (bicubic) whatever eps, as StrSR's; the network learns the detail
@@ -143,8 +137,8 @@ STAGES = {"teacher": (80_000, 32), "isc": (40_000, 16), "gan": (10_000, 8)}
 # --model tiny / mini (ours): these values for every flag not given; a dict holds them per --stage
 TINY = dict(crop=64, max_steps=4, batch_size=2, micro_batch=1, fake_rank=4, disc_width=16, tile=8, overlap=2)
 # mini: the whole base trains (a frozen 2M base cannot undo the noise start), from z0_hat = z_lr
-# (--zero_init); stage 2 is the MSE alone (VSD, the GAN and LPIPS need real networks; L_ISC keeps a
-# 2M teacher's noise), its lr decaying
+# (--zero_init); stage 2 is the MSE alone with a decaying lr (VSD, the GAN and LPIPS need real
+# networks; L_ISC would keep a 2M teacher's noise)
 MINI = dict(crop=128, max_steps={"teacher": 1000, "isc": 200, "gan": 1200}, batch_size=4, micro_batch=4,
             lr={"teacher": 3e-3, "isc": 3e-4, "gan": 3e-4}, lr_fake=3e-4, lr_d=1e-4, fake_rank=16, disc_width=32,
             tile=32, overlap=8, grid_every=300, save_every=300, eval_heldout=True, degrade="bicubic",
@@ -152,8 +146,7 @@ MINI = dict(crop=128, max_steps={"teacher": 1000, "isc": 200, "gan": 1200}, batc
             w_lpips={"gan": 0.0}, lr_decay={"gan": 0.5})
 
 def resolve(cfg):
-    """The concrete preset, and the stage's steps, batch and folder (0 defaults: Sec. 4); the flags
-    checked."""
+    """cfg checked, with the concrete preset and the stage's steps, batch and folder (Sec. 4)."""
     preset = common.resolve_preset(cfg.model, Config.model)
     if common.PRESETS[preset].family != "sd3":
         raise SystemExit(f"--model {cfg.model}: SMFSR is built on SD3.5 (MM-DiT joint attention, pooled text)")
@@ -173,8 +166,7 @@ def resolve(cfg):
 
 def pretrained(cfg):
     """Every pretrained network a run of cfg loads: checked before anything is built, fetched by
-    `python common.py prefetch --method smfsr`. The text encoders encode the captions (or the empty
-    prompt) once."""
+    `python common.py prefetch --method smfsr`. The text encoders encode each prompt once."""
     needs = [common.base_weights(cfg, text=True)]
     if cfg.stage == "gan" and cfg.w_gan:
         needs.append(common.Weights("DINOv3 (the discriminator, Eqs. 17-18)", cfg.disc_model, "disc_model",
@@ -188,13 +180,11 @@ FAKE_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "at
 BASE_LORA_TARGETS = FAKE_LORA_TARGETS + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
 
 class LRBranch(nn.Module):
-    """One block's LR parts: copies of the image k/v (as DiT4SR's LR stream) behind a gate; the
-    cross-stream conv."""
+    """One block's LR parts: gated copies of the image k/v (as DiT4SR's), the cross-stream conv."""
 
     def __init__(self, attn):
         super().__init__()
-        # the linear itself where the base carries a LoRA
-        base = lambda m: getattr(m, "base_layer", m)
+        base = lambda m: getattr(m, "base_layer", m)  # the linear under a LoRA
         self.to_k, self.to_v = copy.deepcopy(base(attn.to_k)).float(), copy.deepcopy(base(attn.to_v)).float()
         self.gate, dim = nn.Parameter(torch.zeros(attn.heads)), attn.to_k.in_features
         self.conv = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1, groups=dim), nn.Conv2d(dim, dim, 1))
@@ -202,13 +192,12 @@ class LRBranch(nn.Module):
         nn.init.zeros_(self.conv[1].bias)
 
     def cross_stream(self, m_lr):
-        """(B, D, h, w) LR patch embeddings (no positions) -> (B, h w, D) added to the image tokens:
-        the local path."""
+        """(B, D, h, w) LR patch embeddings -> (B, h w, D), a local path for the image tokens."""
         return self.conv(m_lr.to(self.conv[1].weight.dtype)).flatten(2).transpose(1, 2).to(m_lr.dtype)
 
 def joint_attention(attn, lr, x, c, x_lr):
-    """SD3's joint attention, its image queries also on the LR tokens: o = o_base + gate (o_joint -
-    o_base)."""
+    """SD3's joint attention with the image queries also on the LR tokens, behind a gate:
+    o = o_base + gate (o_joint - o_base)."""
     B, N, _ = x.shape
     # (B, heads, L, d)
     heads = lambda y: y.view(B, -1, attn.heads, y.shape[-1] // attn.heads).transpose(1, 2)
@@ -220,8 +209,7 @@ def joint_attention(attn, lr, x, c, x_lr):
     if attn.norm_added_q is not None:
         cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
     K, V = torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-    # the base: [image, text] tokens
-    o = F.scaled_dot_product_attention(torch.cat([q, cq], 2), K, V)
+    o = F.scaled_dot_product_attention(torch.cat([q, cq], 2), K, V)  # the base's [image, text]
     # + LR tokens
     o_joint = F.scaled_dot_product_attention(q, torch.cat([K, k_lr], 2), torch.cat([V, v_lr], 2))
     o_x = o[:, :, :N] + lr.gate.view(1, -1, 1, 1).to(o.dtype) * (o_joint - o[:, :, :N])
@@ -230,8 +218,8 @@ def joint_attention(attn, lr, x, c, x_lr):
     return attn.to_out[0](flat(o_x)), out_c
 
 def block_forward(block, lr, x, c, x_lr, temb, m_lr):
-    """diffusers' JointTransformerBlock.forward plus the LR tokens in its attention and the
-    cross-stream convolution."""
+    """diffusers' JointTransformerBlock.forward, with the LR tokens in its attention and the
+    cross-stream convolution added to the image tokens."""
     mod = block.norm1(x, emb=temb)  # adaLN-zero; SD3.5's dual-attention blocks return two more
     nx, g_msa, sh_mlp, sc_mlp, g_mlp = mod[:5]
     nx_lr = block.norm1(x_lr, emb=temb)[0]  # the LR tokens take the image tokens' modulation
@@ -252,8 +240,7 @@ def block_forward(block, lr, x, c, x_lr, temb, m_lr):
     return c + cg_mlp.unsqueeze(1) * block.ff_context(n), x
 
 class RTEmbed(nn.Module):
-    """e_{r,t} = e_t + MLP([e_r, e_t]) (Fig. 2), the MLP's last layer zero-initialised (ours): u = v
-    at init."""
+    """e_{r,t} = e_t + MLP([e_r, e_t]) (Fig. 2), its last layer zeroed (ours): u = v at init."""
 
     def __init__(self, dim):
         super().__init__()
@@ -265,8 +252,7 @@ class RTEmbed(nn.Module):
         return e_t + self.mlp(torch.cat([e_r, e_t], -1))
 
 class SRNet(nn.Module):
-    """LRBranches (+ RTEmbed: the student) on an SD3 passed in, not owned: roles share it,
-    checkpoints skip it."""
+    """LRBranches (+ RTEmbed: student) on a borrowed SD3: roles share it, checkpoints skip it."""
 
     def __init__(self, dit, two_times, skip=False):
         super().__init__()
@@ -275,8 +261,7 @@ class SRNet(nn.Module):
         self.requires_grad_(True)
 
     def forward(self, dit, z_t, r, t, z_lr, cond):
-        """u(z_t, r, t; z_lr, c) for (B, C, H, W) latents, r, t (B,) in [0, 1]; a teacher (no rt)
-        ignores r: v."""
+        """u(z_t, r, t; z_lr, c): (B, C, H, W) latents, r, t (B,) in [0, 1]; a teacher ignores r."""
         (B, _, H, W), dt, p = z_t.shape, dit.dtype, dit.config.patch_size
         # (B, N, D): patches + the same positions
         x, x_lr = (dit.pos_embed(z.to(dt)).contiguous() for z in (z_t, z_lr))
@@ -299,8 +284,7 @@ class SRNet(nn.Module):
         return x + (z_t - z_lr).float() if self.skip else x
 
 def teacher_velocity(teacher, dit, z_lr, cond, null, w):
-    """v_phi^w(z, t) of the frozen teacher (Eq. 13); w = 1: no CFG (Table 6), else one call with and
-    without c."""
+    """v_phi^w(z, t) of the frozen teacher (Eq. 13); w != 1: with and without c in one call."""
     if w == 1:
         return lambda z, t: teacher(dit, z, t, t, z_lr, cond)
     two, both = lambda a: torch.cat([a, a]), {k: torch.cat([cond[k], null[k].expand_as(cond[k])]) for k in cond}
@@ -311,8 +295,7 @@ def teacher_velocity(teacher, dit, z_lr, cond, null, w):
 
 @contextlib.contextmanager
 def fake_score(dit):
-    """Inside: the fake score v_phi' = the teacher + its LoRA (trainable: peft ties requires_grad to
-    the switch)."""
+    """Inside: v_phi' = teacher + LoRA, trainable (peft ties requires_grad to the switch)."""
     dit.enable_adapters()
     try:
         yield
@@ -320,9 +303,8 @@ def fake_score(dit):
         dit.disable_adapters()
 
 def load_base(cfg, dtype, train_base, rank, ckpt=None, name=None, train=False, fuse=True, ema=False):
-    """The SD3 a model runs on. `none`: the frozen base, one copy that teacher, student and fake
-    score share. Else the base with the model's own weights on it (a rank-r LoRA, or all of them),
-    from `<name>_base` in ckpt when given (ema: their EMA where saved)."""
+    """The SD3 a model runs on: `none`, the frozen base all roles share; else the base carrying the
+    model's weights (a rank-r LoRA, or all), from `<name>_base` in ckpt if given (ema: the EMA)."""
     dit = common.load_dit(cfg.model, cfg.model_path or None, dtype).requires_grad_(False).eval()
     if train_base == "none":
         return dit
@@ -333,8 +315,7 @@ def load_base(cfg, dtype, train_base, rank, ckpt=None, name=None, train=False, f
         if not os.path.exists(os.path.join(ckpt, file)):
             raise SystemExit(f"{ckpt}: no {file} (expected a checkpoint trained with --train_base {train_base})")
         common.load_checkpoint(ckpt, {f"{name}_base": dit}, ema=ema)
-    # frozen (a teacher): the LoRA merged, the fake score's goes on top; full: its fp32 back to
-    # dtype
+    # frozen: a teacher's LoRA merged (the fake score's goes on top), full's fp32 cast back
     if not train:
         if train_base == "lora" and fuse:  # a sampler: its --fuse_lora
             dit.fuse_lora()
@@ -355,8 +336,7 @@ RANDOM_DINO = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, nu
                    num_register_tokens=4)  # tiny/mini: a small random DINOv3
 
 class Discriminator(nn.Module):
-    """Frozen DINOv3 + heads (Eqs. 17-18; ours, as ADD): 4 evenly spaced layers' patch grids,
-    SN-Conv-LReLU-SN-Conv."""
+    """D (Eqs. 17-18; ours, as ADD): frozen DINOv3, SN-Conv-LReLU-SN-Conv heads on 4 layers."""
 
     def __init__(self, random_net, hub, width):
         super().__init__()
@@ -394,8 +374,7 @@ def fm_loss(v, z_hr, eps, t):
     return F.mse_loss(v(z_t, t, t), eps - z_hr)  # Eq. (3)
 
 def isc_loss(u, z_t, r, t, lam):
-    """Interval Splitting Consistency, Algorithm 1 lines 9-13: the target is built without gradient.
-    """
+    """Interval Splitting Consistency (Algorithm 1 lines 9-13); the target takes no gradient."""
     s = (1 - lam) * t + lam * r  # line 4
     with torch.no_grad():
         u2 = u(z_t, s, t)  # line 9
@@ -405,8 +384,7 @@ def isc_loss(u, z_t, r, t, lam):
     return F.mse_loss(u(z_t, r, t), u_target)  # line 13, Eq. (11)
 
 def boundary_loss(u, v_teacher, z_t, t):
-    """Boundary consistency, Algorithm 1 line 15: at r = t the average velocity is the teacher's v.
-    """
+    """Boundary consistency (Algorithm 1 line 15): at r = t, u is the teacher's v."""
     with torch.no_grad():
         v = v_teacher(z_t, t)
     return F.mse_loss(u(z_t, t, t), v)  # Eq. (12)
@@ -418,9 +396,8 @@ def rec_loss(lpips, x_sr, x_hr, w_lpips=1.0):
     return mse + w_lpips * lp, mse, lp  # Eq. (19)
 
 def vsd_loss(z0_hat, z0_hat_t, t, v_real, v_fake):
-    """Eq. 15 as a loss whose gradient on z0_hat is w(t) (v_phi - v_phi') / numel, w(t) = t /
-    mean|z0_hat - x0_phi| (DMD's normaliser, ours), v_real and v_fake without gradient: z0_hat moves
-    to the teacher's x0, off the fake's."""
+    """Eq. 15 as a loss: gradient w(t) (v_phi - v_phi') / numel on z0_hat, toward the teacher's x0,
+    off the fake's; w(t) = t / mean|z0_hat - x0_phi| (DMD's normaliser, ours), the v's detached."""
     x0_real = z0_hat_t - bc(t) * v_real  # the teacher's clean estimate
     w = bc(t) / (z0_hat - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-5)
     grad = w * (v_real - v_fake)  # Eq. (15)
@@ -437,16 +414,14 @@ def adv_d_loss(d_real, d_fake):
     return F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()  # Eq. (18), hinge
 
 def teacher_losses(u, z_hr, eps, cfg):
-    """Stage 0 (Eq. 3) on one micro-batch: flow matching with t ~ U(0, 1) (--teacher_t logit-normal:
-    SD3's law)."""
+    """Stage 0 (Eq. 3) on a micro-batch: flow matching, t ~ U(0, 1) or --teacher_t logit-normal."""
     B = z_hr.shape[0]
     t = torch.rand(B, device=z_hr.device) if cfg.teacher_t == "uniform" else logit_normal(B, cfg, z_hr.device)
     l_fm = fm_loss(u, z_hr, eps, t)  # Eq. (3)
     return l_fm, {"loss": l_fm, "fm": l_fm}
 
 def isc_losses(u, v_teacher, z_hr, eps, cfg, weight=1.0):
-    """Stage 1 (Algorithm 1 lines 3-15): the boundary branch w.p. p_boundary, else the split; weight
-    0: no term."""
+    """Stage 1 (Algorithm 1 lines 3-15): w.p. p_boundary Eq. 12, else Eq. 11; weight 0: neither."""
     B, device = z_hr.shape[0], z_hr.device
     # line 3: r <= t (ours: logit-normal)
     r, t = logit_normal(2 * B, cfg, device).view(2, B).sort(0).values
@@ -458,9 +433,8 @@ def isc_losses(u, v_teacher, z_hr, eps, cfg, weight=1.0):
     return weight * l_isc, {"loss": weight * l_isc, "isc": l_isc}
 
 def gan_losses(u, v_teacher, teacher, phi_dit, disc, vae, lpips, z_lr, x_hr, cond, cfg):
-    """Stage 2's terms after L_ISC (Eq. 20) and D's (Eq. 18), weight 0 skipped. The fake score's own
-    loss (Eq. 16) is terms["fake"]: it is back-propagated apart, with the fake LoRA on (see
-    fake_score)."""
+    """Stage 2's terms after L_ISC (Eq. 20) and D's (Eq. 18), weight 0 skipped; the fake score's own
+    loss (Eq. 16) is terms["fake"], for gan_step to back-propagate with the fake LoRA on."""
     B, device = z_lr.shape[0], z_lr.device
     z0_hat = sample(u, torch.randn_like(z_lr), 1)  # Eq. (14): one jump from noise
     x_sr = common.decode(vae, "sd3", z0_hat).float()
@@ -489,8 +463,7 @@ def gan_losses(u, v_teacher, teacher, phi_dit, disc, vae, lpips, z_lr, x_hr, con
 # ------------------------------------------------------------ sampler
 def sample(u, eps, steps, z_lr=None, start_t=1.0):
     """Eq. 14 in `steps` jumps, t_k = t0 (1 - k/steps): z <- z - (t_k - t_k+1) u(z, t_k+1, t_k).
-    From noise (z = eps, t0 = 1) or, given z_lr, from z = (1 - t0) z_lr + t0 eps (Eq. 1 with z_lr in
-    place of z_hr; ours)."""
+    From noise (z = eps, t0 = 1) or, given z_lr, from Eq. 1 with z_lr for z_hr (ours)."""
     t0, z = (1.0, eps) if z_lr is None else (start_t, (1 - start_t) * z_lr + start_t * eps)
     ts, ones = torch.linspace(t0, 0, steps + 1, device=eps.device), torch.ones(eps.shape[0], device=eps.device)
     for t, r in zip(ts[:-1], ts[1:]):
@@ -502,8 +475,7 @@ def seeded_noise(z_lr, seed):  # eps drawn on the CPU: the same image on any dev
 
 def build_sampler(flags, device=None):
     """fn(x_lr (1, 3, h, w) in [0, 1]) -> (1, 3, 4h, 4w) of the checkpoint flags.ckpt: bicubic x4,
-    encode, `steps` jumps of Eq. 14 from noise seeded by flags.seed (each velocity over overlapping
-    latent tiles), decode."""
+    encode, `steps` jumps of Eq. 14 from noise seeded by flags.seed (tiled, overlapping), decode."""
     flags = dataclasses.replace(flags, ckpt=flags.ckpt or flags.out_dir or "out/smfsr-gan")
     path, cfg, device, dtype = common.sampler_setup(flags, resolve, device, own=("start", "start_t"))
     name = "teacher" if cfg.stage == "teacher" else "student"
@@ -514,8 +486,7 @@ def build_sampler(flags, device=None):
     state = load_net(path, name, net, ema=cfg.ema)
     dit, net = common.sampling_weights(cfg, dtype, dit).to(device), net.to(device).eval()
     vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device, tiling=True)
-    # the empty prompt: no text encoder needed
-    cond = {k: v.to(device) for k, v in state["cond"].items()}
+    cond = {k: v.to(device) for k, v in state["cond"].items()}  # the empty prompt, no encoder
 
     def latent(z_lr):
         u = lambda z, r, t: common.tiled_pair(lambda zz, ll: net(dit, zz, r, t, ll, cond), z, z_lr, cfg.tile,
@@ -531,8 +502,7 @@ class IndexedImages(ImageDataset):
         return super().__getitem__(key), key[0]
 
 class Captions:
-    """Captions with dropout (Sec. 4.4), cached by rank 0, looked up by the images' indices in the
-    dataset."""
+    """Captions with dropout (Sec. 4.4), cached by rank 0, looked up by dataset index."""
 
     def __init__(self, cfg, dit, device, rank):
         stand_in, self.cfg, self.text = common.random_prompt(cfg), cfg, []
@@ -546,7 +516,7 @@ class Captions:
         # cached before the barrier
         for c in sorted(set(self.text) - {""}) if rank == 0 and not stand_in else ():
             encode(c)
-        # '' (tiny, mini: a random stand-in)
+        # the empty prompt (tiny, mini: a random stand-in)
         self.prompt = common.fixed_prompt(cfg, dit, device, cfg.cache_dir)
         self.empty = {k: torch.zeros_like(v) for k, v in self.prompt.items()} if stand_in else self.prompt
         self.encode = (lambda c: self.prompt) if stand_in else encode
@@ -564,8 +534,7 @@ def trained_base(c):  # (train_base, lora_rank) of a checkpoint's config (common
     return c["train_base"], c.get("lora_rank", 128)
 
 def stage_inputs(cfg):
-    """cfg with its stage's inputs, checked: the previous stage's output and stage 1's teacher (in
-    its config.json)."""
+    """cfg with its inputs checked: the previous stage's checkpoint and the teacher (gan: isc's)."""
     if cfg.stage == "teacher":
         return dataclasses.replace(cfg, init_ckpt="", teacher_ckpt="")
     prev = {"isc": "teacher", "gan": "isc"}[cfg.stage]
@@ -583,9 +552,8 @@ def stage_inputs(cfg):
     return dataclasses.replace(cfg, init_ckpt=init, teacher_ckpt=teacher)
 
 def build_models(cfg, device):
-    """The stage's networks, the same init on every rank: name ("teacher" or "student"), net (the
-    SRNet that trains) on dit, the frozen teacher v_phi on phi_dit, which with its LoRA on is also the
-    fake score v_phi' (Eqs. 15-16), disc, lpips."""
+    """The stage's networks, the same init on every rank: name, net (the SRNet that trains) on dit,
+    the frozen teacher v_phi on phi_dit (with its LoRA on: the fake score v_phi'), disc, lpips."""
     dtype, gan, random_nets = common.weight_dtype(device), cfg.stage == "gan", common.PRESETS[cfg.model].hub is None
     init, t_ckpt = cfg.init_ckpt, cfg.teacher_ckpt
     name, src = "teacher" if cfg.stage == "teacher" else "student", {"isc": "teacher", "gan": "student"}.get(cfg.stage)
@@ -595,13 +563,10 @@ def build_models(cfg, device):
         net = SRNet(dit, two_times=name == "student", skip=cfg.zero_init)
         if cfg.zero_init and not init:  # v = z_t - z_lr: from eps at t = 1 the jump lands on z_lr
             common.zero_output(dit)
-        # the teacher's run: its base and its form
-        t_cfg = common.load_config(t_ckpt) if init else {}
-        # the teacher's own base
+        t_cfg = common.load_config(t_ckpt) if init else {}  # the teacher run's base and form
+        # the teacher's own base where either run trains one; the fake score's LoRA goes on it
         own = init and (cfg.train_base != "none" or t_cfg["train_base"] != "none")
-        # + the fake score's
         phi_dit = load_base(cfg, dtype, *trained_base(t_cfg), t_ckpt, "teacher") if own else dit
-        # the teacher's form: its residual on the straight path to z_lr
         skip = t_cfg.get("zero_init", False)
         teacher = SRNet(phi_dit, two_times=False, skip=skip).requires_grad_(False) if init else None
         if gan and cfg.w_vsd:  # v_phi' = v_phi at init
@@ -615,92 +580,92 @@ def build_models(cfg, device):
     return types.SimpleNamespace(name=name, net=to(net), dit=to(dit), teacher=to(teacher), phi_dit=to(phi_dit),
                                  disc=to(disc), lpips=lpips)
 
+def optimizers(cfg, m):
+    """(models, opts): the trained parts by checkpoint name and their AdamW at a fixed lr (Sec. 4);
+    stage 2 adds the fake-score LoRA's and the D heads'."""
+    adam = lambda params, lr: torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    models = {m.name: m.net, **({f"{m.name}_base": m.dit} if cfg.train_base != "none" else {})}
+    opts = {"opt": adam(common.trainable(*models.values()), cfg.lr)}
+    if cfg.stage == "gan" and cfg.w_vsd:
+        opts["opt_fake"] = adam([p for n, p in m.phi_dit.named_parameters() if "lora_" in n], cfg.lr_fake)
+    if cfg.stage == "gan" and cfg.w_gan:
+        models["disc"] = m.disc.heads
+        opts["opt_d"] = adam(m.disc.heads.parameters(), cfg.lr_d)
+    return models, opts
+
+def bind(net, dit, z_lr, cond):
+    """u(z, r, t) of the net on this micro-batch's LR latents and captions."""
+    return lambda z, r, t: net(dit, z, r, t, z_lr, cond)
+
+def gan_step(m, vae, u, v_teacher, isc_terms, z_lr, x_hr, cond, scale, cfg):
+    """Stage 2 after L_ISC, back-propagated in two passes: the fake score's Eq. 16 with its LoRA on,
+    then the rest of Eq. 20. Returns (the terms with L_ISC's, x_sr)."""
+    with common.autocast(z_lr.device):
+        loss, terms, x_sr = gan_losses(u, v_teacher, m.teacher, m.phi_dit, m.disc, vae, m.lpips, z_lr,
+                                       x_hr, cond, cfg)
+    terms = {"loss": isc_terms["loss"] + terms.pop("loss"), "isc": isc_terms["isc"], **terms}
+    if cfg.w_vsd:
+        with fake_score(m.phi_dit):  # Eq. 16 reaches the fake LoRA only while it is on
+            (terms["fake"] * scale).backward()
+    (loss * scale).backward()
+    return terms, x_sr
+
+def preview(u, vae, z_lr, cfg):
+    """Stages 0-1's grid image: the current model's sample from fixed noise."""
+    with torch.no_grad(), common.autocast(z_lr.device):
+        return common.decode(vae, "sd3", sample(u, seeded_noise(z_lr, cfg.seed), cfg.steps))
+
 def train(cfg):
-    # config.json records the inputs: the gan stage reads isc's teacher from it
-    cfg = stage_inputs(resolve(cfg))
+    cfg = stage_inputs(resolve(cfg))  # config.json records the inputs: gan reads isc's teacher
     rank, world, device, log = common.setup(cfg, pretrained(cfg))
     gan = cfg.stage == "gan"
 
-    # 1. models: with --train_base none one frozen SD3 (bf16 on GPU) serves teacher, student and
-    # fake score
+    # 1. models: with --train_base none, one frozen SD3 (bf16 on GPU) serves every role
     m = build_models(cfg, device)
-    name, net, dit, phi_dit = m.name, m.net, m.dit, m.phi_dit
     vae = common.load_vae(cfg.model, cfg.model_path or None, common.weight_dtype(device), device)
-    # SRNet.forward checkpoints each block when this is on
-    common.checkpointing(cfg, device, dit, phi_dit)
+    common.checkpointing(cfg, device, m.dit, m.phi_dit)  # SRNet.forward reads the flag
 
-    # 2. optimizers: AdamW, a fixed lr per trained part (Sec. 4); the fake-score LoRA and D heads in
-    # stage 2
-    adam = lambda params, lr: torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
-    models = {name: net, **({f"{name}_base": dit} if cfg.train_base != "none" else {})}
-    opts = {"opt": adam(params := common.trainable(*models.values()), cfg.lr)}
-    if gan and cfg.w_vsd:
-        opts["opt_fake"] = adam([p for n, p in phi_dit.named_parameters() if "lora_" in n], cfg.lr_fake)
-    if gan and cfg.w_gan:
-        models["disc"] = m.disc.heads
-        opts["opt_d"] = adam(m.disc.heads.parameters(), cfg.lr_d)
-    log(f"{cfg.model}: stage {cfg.stage}, {sum(p.numel() for p in params) / 1e6:.3g}M trainable ({name}); "
+    # 2. optimizers; 3. resume (the fake score's LoRA sits outside `models`); 4. the loader and the
+    # captions, data position = step
+    models, opts = optimizers(cfg, m)
+    trained = sum(p.numel() for p in opts["opt"].param_groups[0]["params"]) / 1e6
+    log(f"{cfg.model}: stage {cfg.stage}, {trained:.3g}M trainable ({m.name}); "
         f"init {cfg.init_ckpt or cfg.model}, teacher {cfg.teacher_ckpt or '-'}")
-
-    # 3. resume; 4. the loader and the captions, data position = step
     step, state = common.resume(cfg.out_dir, models, opts, log)
     if state and gan and cfg.w_vsd:
-        common.load_lora_state(phi_dit, state["fake_lora"])
+        common.load_lora_state(m.phi_dit, state["fake_lora"])
     loader, accum = make_loader(IndexedImages(cfg.data, cfg.crop, cfg.data_root), cfg, rank, world, step)
-    captions = Captions(cfg, dit, device, rank)
+    captions = Captions(cfg, m.dit, device, rank)
     log(f"batch {cfg.batch_size} = {world} ranks x {accum} accum x {cfg.micro_batch}, crop {cfg.crop}")
 
-    # 5. loop; DiT passes per micro-batch: teacher 1, isc 2 (boundary) or 3 (split), gan isc + 1 +
-    # teacher + fake score
-    def micro_step(batch, scale):
-        """One micro-batch's stage losses, back-propagated (the gan stage in three passes: L_ISC,
-        freeing its graph; the fake score's Eq. 16 with its LoRA on; the rest); returns (terms, a
-        function giving the grid's images)."""
-        x, idx = batch
-        # Alg. 1 line 6: z_lr, z_hr = E(x_lr), E(x_hr)
-        with torch.no_grad(), common.autocast(device):
-            x_lr, x_hr = degrade(x.to(device), 4, DEGRADE[cfg.degrade])
-            z_hr, z_lr = common.encode_pair(vae, "sd3", x_hr, x_lr)
-        cond = captions.batch(idx)
-        # Alg. 1 line 5
-        u, eps = (lambda z, r, t: net(dit, z, r, t, z_lr, cond)), torch.randn_like(z_hr)
-        with common.autocast(device):
-            if cfg.stage == "teacher":
-                loss, terms = teacher_losses(u, z_hr, eps, cfg)
-            else:
-                v_teacher = teacher_velocity(m.teacher, phi_dit, z_lr, cond, captions.empty, cfg.teacher_cfg)
-                loss, terms = isc_losses(u, v_teacher, z_hr, eps, cfg, cfg.w_isc if gan else 1.0)
-        if gan:
-            if loss.requires_grad:
-                (loss * scale).backward()  # the ISC graph is freed before the generator's is built
-            with common.autocast(device):
-                loss, more, x_sr = gan_losses(u, v_teacher, m.teacher, phi_dit, m.disc, vae, m.lpips, z_lr, x_hr, cond,
-                                              cfg)
-            terms = {"loss": terms["loss"] + more.pop("loss"), "isc": terms["isc"], **more}
-            if cfg.w_vsd:
-                with fake_score(phi_dit):  # Eq. 16 reaches the fake LoRA only while it is on
-                    (terms["fake"] * scale).backward()
-        (loss * scale).backward()
-
-        # stages 0-1: the current model's sample of this micro-batch, from fixed noise
-        def preview():
-            with torch.no_grad(), common.autocast(device):
-                return x_lr, common.decode(vae, "sd3", sample(u, seeded_noise(z_lr, cfg.seed), cfg.steps)), x_hr
-        return terms, (lambda: (x_lr, x_sr, x_hr)) if gan else preview
-
-    # the prompt the sampler uses
+    # 5. loop: per micro-batch, seeded by its place in the run (a resume draws the same numbers):
+    # the batch, its latents, the stage's losses (DiT passes: teacher 1, isc 2-3, gan +3), backward
     saved = {"cond": {k: v[:1].detach().cpu() for k, v in captions.empty.items()}}
     scale = 1 / accum
     import eval  # the held-out scores: --val_every, and --eval_heldout at the end
     val = eval.validation("smfsr", build_sampler, cfg, device) if rank == 0 and cfg.val_every else None
     ema = common.start_ema(cfg, models)
     log.start_clock()
-    # per micro-batch: seeded by its place in the run, so a resume draws the same numbers
     while step < cfg.max_steps:
         sums = {}
         for j in range(accum):
             torch.manual_seed(common.micro_batch_seed(cfg.seed, step + 1, rank * accum + j))
-            terms, images = micro_step(next(loader), scale)
+            x, idx = next(loader)
+            with torch.no_grad(), common.autocast(device):  # Alg. 1 line 6: E(x_lr), E(x_hr)
+                x_lr, x_hr = degrade(x.to(device), 4, DEGRADE[cfg.degrade])
+                z_hr, z_lr = common.encode_pair(vae, "sd3", x_hr, x_lr)
+            cond = captions.batch(idx)
+            u, eps = bind(m.net, m.dit, z_lr, cond), torch.randn_like(z_hr)  # Alg. 1 line 5
+            with common.autocast(device):
+                if cfg.stage == "teacher":
+                    loss, terms = teacher_losses(u, z_hr, eps, cfg)
+                else:
+                    v_teacher = teacher_velocity(m.teacher, m.phi_dit, z_lr, cond, captions.empty, cfg.teacher_cfg)
+                    loss, terms = isc_losses(u, v_teacher, z_hr, eps, cfg, cfg.w_isc if gan else 1.0)
+            if loss.requires_grad:  # not at --w_isc 0; gan: freed before gan_step builds its graph
+                (loss * scale).backward()
+            if gan:
+                terms, x_sr = gan_step(m, vae, u, v_teacher, terms, z_lr, x_hr, cond, scale, cfg)
             sums = {k: sums.get(k, 0) + v.detach() / accum for k, v in terms.items()}
         common.set_lr(opts.values(), step + 1, cfg.max_steps, cfg.lr_decay)
         norms = common.optimizer_step(opts.values(), cfg.grad_clip)
@@ -709,11 +674,11 @@ def train(cfg):
         step += 1
         log.step(step, cfg.max_steps, sums, cfg.log_every, opts, norms)
         if log.master and common.due(step, cfg.grid_every, cfg.max_steps):
-            log.image("grid", common.save_grid(cfg.out_dir, step, *images()), step)
+            x_sr = x_sr if gan else preview(u, vae, z_lr, cfg)
+            log.image("grid", common.save_grid(cfg.out_dir, step, x_lr, x_sr, x_hr), step)
         if common.due(step, cfg.save_every, cfg.max_steps):
-            # the fake score's LoRA sits on the teacher's base, outside `models`
             if gan and cfg.w_vsd:
-                saved["fake_lora"] = common.lora_state(phi_dit)
+                saved["fake_lora"] = common.lora_state(m.phi_dit)
             common.save_checkpoint(cfg.out_dir, step, cfg, models, opts, saved, ema=ema)
         if cfg.val_every and step % cfg.val_every == 0:
             common.validate(cfg, step, models, saved, ema, val, log)
