@@ -1,7 +1,6 @@
 """
-FluxSR: One Diffusion Step to Real-World Super-Resolution via Flow Trajectory Distillation (Li,
-Cao, Guo, Li, Zhang; ICML 2025, arXiv:2502.01993). The authors released no code: this file
-implements Algorithm 1 from the paper.
+FluxSR: One Diffusion Step to Real-World Super-Resolution via Flow Trajectory Distillation
+(Li, Cao, Guo, Li, Zhang; ICML 2025, arXiv:2502.01993). No code was released: this is Algorithm 1.
 
 A one-step x4 SR model distilled from FLUX.1-dev, which is both the base and the teacher. The
 teacher never runs during training: it first writes (eps, z_hr) noise-image pairs to disk
@@ -9,8 +8,7 @@ teacher never runs during training: it first writes (eps, z_hr) noise-image pair
 
 Notation (rectified flow, t = 1 is noise): z_hr (the paper's z_0) the teacher's latent for noise
 eps, x_hr its decoded image, x_lr its Real-ESRGAN degradation, z_lr (the paper's z_L) the latent of
-bicubic x4 of x_lr. v_theta(z, t) is the base's velocity with the LoRA; T_L the time the LR latent
-sits at.
+bicubic x4 of x_lr; v_theta(z, t) the base's velocity with the LoRA; T_L the LR latent's time.
     (13)  z_hr = eps - u_t,   z_lr = eps - (1 - T_L) u^L_t,   z_lr - z_hr = u^SR T_L
     (14)  u^L_t = (u_t - u^SR T_L) / (1 - T_L),   t in [T_L, 1]
     (15)  v_phi(z_t, t) = (u_t - v_theta(z_t, t) T_L) / (1 - T_L)            (the LR flow, implied)
@@ -23,9 +21,10 @@ sits at.
     (21)  L_Rec = MSE(x_sr, x_hr) + lambda TV-LPIPS(x_sr, x_hr),   x_sr = VAE-decode(G(z_lr))
     (22-23) A_bar = mean_i A_i;  L_ADL = mean_l mean_i cos(A_i^(l), A_bar^(l))   (every block l)
     Alg. 1 line 19:  L = L_FTD + L_Rec + mu L_ADL
-Checking Eq. 17: u_t - (eps - z_lr) = z_lr - z_hr, so L_FTD = || (z_lr - z_hr) - T_L v_theta(z_t, t)
-||^2: it is zero exactly when v_theta(z_t, t) = (z_lr - z_hr) / T_L = u^SR (Eq. 13) at every point
-of the segment, which is what makes the generator of Eq. 18 land on z_hr from z_lr.
+Checking Eq. 17: since u_t - (eps - z_lr) = z_lr - z_hr,
+    L_FTD = || (z_lr - z_hr) - T_L v_theta(z_t, t) ||^2,
+zero exactly when v_theta(z_t, t) = (z_lr - z_hr) / T_L = u^SR (Eq. 13) all along the segment, so
+that the generator of Eq. 18 takes z_lr to z_hr.
 
     python fluxsr.py --make_pairs 2400                           # teacher pairs into --data (once)
     torchrun --nproc_per_node=8 fluxsr.py --make_pairs 2400      # the same, pair i on rank i % 8
@@ -39,21 +38,19 @@ What differs from the paper, and why:
   z_lr; a data-driven estimate is ||z_lr - z_hr|| / ||eps - z_hr|| over the pairs.
 - The LR is degraded from x_hr without USM sharpening: the FTD target is the teacher latent z_hr, so
   the reconstruction target is the teacher image itself, not a sharpened copy.
-- ADL is taken on the generator's forward pass (Alg. 1 computes it after line 13; the paper does not
-  say which pass), on image tokens only.
+- ADL is taken on the generator's pass (Alg. 1 computes it after line 13), image tokens only.
 - The FTD and generator passes go through the DiT as one batch of 2B (one call, one backward): the
   same math as two calls, one launch, one FSDP all-gather.
 - `--crop` smaller than the pair size trains on aligned random crops (offsets on the 16-px token
   grid) of eps, z_hr and x_hr; the default, like the paper, uses the whole 1024 px pair.
 - Sec. 5.3 trains ablations for 30k iterations; the main run's length is not given.
 - For the mini (ours): `--pairs_from sample` makes each pair from a photo: x_hr the photo crop, z_hr
-  its latent and eps the teacher's sampler run backwards from z_hr (`teacher_sample(invert=True)`),
-  a pair on the teacher's flow as a generated one is, with a photo at its end (a 2M teacher's own
-  samples are not photos); `--zero_init` starts G(z_lr) at z_lr; `--w_rec` weighs L_Rec (Alg. 1: 1),
+  its latent, eps the teacher's sampler run backwards from z_hr (`teacher_sample(invert=True)`): a
+  pair on the teacher's flow, like a generated one, with a photo at its end (a 2M teacher's own
+  samples are not photos). `--zero_init` starts G(z_lr) at z_lr. `--w_rec` weighs L_Rec (Alg. 1: 1),
   since L_FTD's gradient, mostly from t > T_L, otherwise drowns the generator's.
-- Pixel ranges: L_Rec's MSE (Eq. 21) is taken on [0, 1] images, the range every image has here
-  outside the VAE and the one PSNR is measured on; the paper does not say. On [-1, 1] it would be 4x
-  larger against L_FTD.
+- Pixel ranges: L_Rec's MSE (Eq. 21) is taken on [0, 1] images, the range of every image outside the
+  VAE and of PSNR; the paper does not say. On [-1, 1] it would weigh 4x more against L_FTD.
 """
 import contextlib, dataclasses, glob, json, math, os
 
@@ -117,11 +114,10 @@ class Config(common.SampleFlags):  # + the shared sampling flags
     val: str = ""                 # ours: HR image or folder to validate on; "": the held-out photo
 
 # --model tiny / mini (ours): these values for every flag not given
-TINY = dict(max_steps=20, pair_size=64, crop=64, teacher_steps=4, lora_rank=8, lora_alpha=8.0, batch_size=2, tile=8,
-            overlap=2)
-# mini: pairs from the sample photos (a 2M teacher's samples are not photos); the whole DiT trains
-# from G(z_lr) = z_lr; L_Rec x30, else the generator barely moves; w_tv_lpips 0: offline TV-LPIPS's
-# VGG is random, and most of a CPU step
+TINY = dict(max_steps=20, pair_size=64, crop=64, teacher_steps=4, lora_rank=8, lora_alpha=8.0, batch_size=2,
+            tile=8, overlap=2)
+# mini: pairs from the sample photos (a 2M teacher's are not photos); the whole DiT trains, from
+# G(z_lr) = z_lr; L_Rec x30, else the generator barely moves; no TV-LPIPS (offline: a random VGG)
 MINI = dict(max_steps=1200, pair_size=128, crop=128, pairs_from="sample", train_base="full", zero_init=True,
             w_rec=30.0, w_tv_lpips=0.0, lr=5e-4, lr_decay=0.5, batch_size=4, micro_batch=4, tile=32, overlap=8,
             grid_every=300, save_every=300, eval_heldout=True, degrade="bicubic", pair_batch=16)
@@ -187,6 +183,16 @@ def one_step(dit, z_lr, T_L, cond, guidance):
     t = torch.full((z_lr.shape[0],), T_L, device=z_lr.device)
     return G(z_lr, common.velocity("flux1", dit, z_lr, t, common.expand_cond(cond, z_lr.shape[0]), guidance), T_L)
 
+def build_generator(cfg, device):
+    """v_theta to train (Alg. 1 line 3), on device: the base with a LoRA, the same init on every
+    rank; and the frozen VAE. Returns (dit, vae)."""
+    dtype = common.weight_dtype(device)
+    dit = common.load_dit(cfg.model, cfg.model_path or None, dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        dit = common.add_lora(dit, cfg.train_base, cfg.lora_rank, cfg.lora_alpha, LORA_TARGETS).to(device).train()
+    return dit, common.load_vae(cfg.model, cfg.model_path or None, dtype, device)
+
 # ------------------------------------------------------------ losses
 def ftd_z_t(z_lr, eps, t, T_L):
     """The LR-to-noise segment: z_lr at t = T_L, eps at t = 1."""
@@ -236,8 +242,7 @@ def fluxsr_losses(dit, vae, lpips, feats, cond2, eps, z_hr, x_hr, cfg):
             z_lr = common.encode(vae, "flux1", common.upsample_lr(x_lr))
     u_t = eps - z_hr  # 6: the teacher's exact velocity, from the stored pair
     t = T_L + (1 - T_L) * torch.rand(B, device=eps.device)  # 8: t ~ U[T_L, 1]
-    # 9: on the segment from z_lr (t = T_L) to eps (t = 1), Eq. (16)
-    z_t = ftd_z_t(z_lr, eps, t, T_L)
+    z_t = ftd_z_t(z_lr, eps, t, T_L)  # 9: Eq. (16), from z_lr at t = T_L to eps at t = 1
     # 10 + 13: v_theta(z_t, t) for FTD and v_theta(z_lr, T_L) for the generator in one batched call;
     # ADL features are recorded on this call (the generator half is used, line 18)
     with common.autocast(eps.device), feats.record(enabled=cfg.w_adl > 0) as A:
@@ -293,17 +298,15 @@ def teacher_sample(dit, z, cond, steps, guidance, invert=False):
     return z
 
 def pair_seed(seed, i):
-    """Pair i's seed (its eps, or its photo crop): from the pair index, so pairs do not depend on
-    the ranks."""
+    """The seed of pair i's eps or photo crop: from i alone, so no pair depends on the ranks."""
     return seed * 1_000_003 + i
 
 def pair_noise(seed, i, shape):  # eps of pair i
     return torch.randn(shape, generator=torch.Generator().manual_seed(pair_seed(seed, i)))
 
 def write_pair(folder, i, eps, z_hr, x_hr, manifest):
-    """Pair i = one safetensors file (eps, z_0, x_0 as 8-bit; the manifest in its metadata), written
-    under a temp name and renamed, so a killed run leaves the whole pair or none; a PNG of x_0
-    first, for people."""
+    """Pair i as one safetensors file (eps, z_0, x_0 as 8-bit; the manifest in its metadata), after
+    a PNG of x_0 for people; each is written under a temp name, then renamed, so none is partial."""
     from safetensors.torch import save_file
     name, tmp = os.path.join(folder, f"pair-{i:06d}"), os.path.join(folder, f".tmp-pair-{i:06d}")
     common.save_image(x_hr, tmp + ".png")
@@ -319,8 +322,7 @@ def pair_manifest(cfg):
 
 def pair_damage(path):
     """Why a pair file cannot be read, or None: its safetensors header (8-byte length, JSON) must
-    parse and name eps, z_0 and x_0, and the data it describes must fill the file (a truncated copy
-    does not)."""
+    parse and name eps, z_0 and x_0, and the data it describes must fill the file exactly."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
@@ -336,29 +338,33 @@ def pair_damage(path):
     return None if end == size else f"truncated: {size} of {end} bytes"
 
 def damaged_pairs(folder):
-    """[(file, why)] of a pairs folder that cannot be read: the manifest, and every pair file
-    (header and size)."""
-    bad = [] if common.read_json(os.path.join(folder, "pairs.json")) is not None or not os.path.exists(
-        os.path.join(folder, "pairs.json")) else [("pairs.json", "not a JSON manifest")]
+    """[(file, why)] of what cannot be read in a pairs folder: the manifest, each pair file."""
+    man_file = os.path.join(folder, "pairs.json")
+    damaged = os.path.exists(man_file) and common.read_json(man_file) is None
+    bad = [("pairs.json", "not a JSON manifest")] if damaged else []
     for f in sorted(glob.glob(os.path.join(folder, "pair-*.safetensors"))):
         why = pair_damage(f)
         if why:
             bad.append((os.path.basename(f), why))
     return bad
 
-def make_pairs(cfg):
-    """Sample the frozen teacher from stored noise; pair i on rank i % world. Pairs already on disk
-    (and readable) are skipped, so a killed run continues where it stopped, and a damaged pair or
-    manifest is written again."""
-    cfg = resolve(cfg)
-    # the teacher, before anything is written
-    common.check_weights(cfg, [common.base_weights(cfg, text=True)])
-    rank, world, device = common.compute_init(cfg.seed)
-    common.prepare_base(cfg.model)  # a mini base is pretrained first: it is the teacher
+def check_pairs(cfg):
+    """Stop a training run before anything is built where --data holds a damaged pair or manifest,
+    with the command that makes exactly those again."""
+    bad = damaged_pairs(cfg.data)
+    if bad:
+        n = len(glob.glob(os.path.join(cfg.data, "pair-*.safetensors")))
+        raise SystemExit(f"{cfg.data}: {len(bad)} damaged:\n" + "".join(f"  - {f}: {why}\n" for f, why in bad) +
+                         f"make exactly these again (the settings they were made with, as for the others):\n  python "
+                         f"fluxsr.py --model {cfg.model} --make_pairs {n} --data {cfg.data}")
+
+def pairs_to_write(cfg, rank, world):
+    """(the pairs this rank still has to write, how many are its own): pair i is rank i % world's,
+    and one on disk and readable is done. The manifest is written first where it is new or damaged;
+    pairs made with other settings stop the run."""
     os.makedirs(cfg.data, exist_ok=True)
     man_file, manifest = os.path.join(cfg.data, "pairs.json"), pair_manifest(cfg)
-    # new or damaged: these settings (each pair holds its own)
-    if rank == 0 and common.read_json(man_file) is None:
+    if rank == 0 and common.read_json(man_file) is None:  # new or damaged; each pair has its own
         with open(man_file + ".tmp", "w") as f:
             json.dump(manifest, f, indent=1)
         os.replace(man_file + ".tmp", man_file)
@@ -367,32 +373,48 @@ def make_pairs(cfg):
     files = {i: os.path.join(cfg.data, f"pair-{i:06d}.safetensors") for i in range(rank, cfg.make_pairs, world)}
     good = [i for i, f in files.items() if os.path.exists(f) and not pair_damage(f)]
     from safetensors import safe_open
-    made = {json.dumps(json.loads((safe_open(files[i], "pt").metadata() or {}).get("manifest", "null")))
-            for i in good} - {"null"}
+    metas = [(safe_open(files[i], "pt").metadata() or {}).get("manifest", "null") for i in good]
+    made = {json.dumps(json.loads(m)) for m in metas} - {"null"}
     if common.read_json(man_file) != manifest or made - {json.dumps(manifest)}:
         raise SystemExit(f"{cfg.data} holds pairs made with other settings ({man_file}); use a new --data")
+    return [i for i in files if i not in good], len(files)
+
+def teacher_pairs(dit, vae, cond, photos, idx, cfg, device):
+    """(eps, z_hr, x_hr) of pairs idx, in one teacher call: stored noise eps to the teacher's latent
+    and image (the paper's), or with --pairs_from a photo back to its eps on the teacher's flow."""
+    h = cfg.pair_size // 8
+    with common.autocast(device):
+        if photos is None:
+            eps = torch.cat([pair_noise(cfg.seed, i, (1, vae.config.latent_channels, h, h)) for i in idx])
+            z_hr = teacher_sample(dit, eps.to(device), cond, cfg.teacher_steps, cfg.guidance)
+            x_hr = common.decode(vae, "flux1", z_hr).clamp(0, 1)
+        else:
+            x_hr = torch.stack([photos[(i % len(photos), pair_seed(cfg.seed, i))] for i in idx]).to(device)
+            z_hr = common.encode(vae, "flux1", x_hr)
+            eps = teacher_sample(dit, z_hr, cond, cfg.teacher_steps, cfg.guidance, invert=True)
+    return eps, z_hr, x_hr
+
+def make_pairs(cfg):
+    """Sample the frozen teacher from stored noise; pair i on rank i % world. Readable pairs already
+    on disk are skipped: a killed run continues where it stopped; damaged ones are made again."""
+    cfg = resolve(cfg)
+    common.check_weights(cfg, [common.base_weights(cfg, text=True)])  # before anything is written
+    rank, world, device = common.compute_init(cfg.seed)
+    common.prepare_base(cfg.model)  # a mini base is pretrained first: it is the teacher
+    todo, n_own = pairs_to_write(cfg, rank, world)
     dtype = common.weight_dtype(device)
     dit = common.load_dit(cfg.model, cfg.model_path or None, dtype).to(device).requires_grad_(False).eval()
     vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device)
     cond = common.fixed_prompt(cfg, dit, device, cfg.data)
-    h, todo = cfg.pair_size // 8, [i for i in files if i not in good]
     photos = ImageDataset(cfg.pairs_from, cfg.pair_size, cfg.data_root) if cfg.pairs_from else None
-    print(f"rank {rank}: {len(todo)} of {len(files)} pairs to write", flush=True)
+    print(f"rank {rank}: {len(todo)} of {n_own} pairs to write", flush=True)
     from tqdm import tqdm
     bar = tqdm(total=len(todo), desc="pairs", disable=rank != 0)
-    for k in range(0, len(todo), cfg.pair_batch):  # --pair_batch pairs per teacher call
+    for k in range(0, len(todo), cfg.pair_batch):
         idx = todo[k:k + cfg.pair_batch]
-        with common.autocast(device):
-            if photos is None:  # the paper: noise -> the teacher's image
-                eps = torch.cat([pair_noise(cfg.seed, i, (1, vae.config.latent_channels, h, h)) for i in idx])
-                z_hr = teacher_sample(dit, eps.to(device), cond, cfg.teacher_steps, cfg.guidance)
-                x_hr = common.decode(vae, "flux1", z_hr).clamp(0, 1)
-            else:  # --pairs_from: a photo -> the noise the teacher's flow carries to it
-                x_hr = torch.stack([photos[(i % len(photos), pair_seed(cfg.seed, i))] for i in idx]).to(device)
-                z_hr = common.encode(vae, "flux1", x_hr)
-                eps = teacher_sample(dit, z_hr, cond, cfg.teacher_steps, cfg.guidance, invert=True)
+        eps, z_hr, x_hr = teacher_pairs(dit, vae, cond, photos, idx, cfg, device)
         for j, i in enumerate(idx):
-            write_pair(cfg.data, i, eps[j:j + 1], z_hr[j:j + 1], x_hr[j:j + 1], manifest)
+            write_pair(cfg.data, i, eps[j:j + 1], z_hr[j:j + 1], x_hr[j:j + 1], pair_manifest(cfg))
         bar.update(len(idx))
     bar.close()
     if world > 1:
@@ -426,37 +448,27 @@ class PairDataset(torch.utils.data.Dataset):
             eps, z_hr = (z[:, top // 8:(top + c) // 8, left // 8:(left + c) // 8] for z in (eps, z_hr))
         return eps, z_hr, x_hr
 
-# ------------------------------------------------------------ training
-def train(cfg):
-    """--make_pairs N: write the teacher pairs and stop; otherwise Algorithm 1 on the pairs in
-    --data."""
-    cfg = resolve(cfg)
-    if cfg.make_pairs:
-        return make_pairs(cfg)
-    # before anything is built: every pair's header and size, and the manifest
-    bad = damaged_pairs(cfg.data)
-    if bad:
-        n = len(glob.glob(os.path.join(cfg.data, "pair-*.safetensors")))
-        raise SystemExit(f"{cfg.data}: {len(bad)} damaged:\n" + "".join(f"  - {f}: {why}\n" for f, why in bad) +
-                         f"make exactly these again (the settings they were made with, as for the others):\n  python "
-                         f"fluxsr.py --model {cfg.model} --make_pairs {n} --data {cfg.data}")
-    rank, world, device, log = common.setup(cfg, pretrained(cfg))
+def open_pairs(cfg):
+    """PairDataset(--data), its manifest checked: pairs of the base trained, at least --crop px."""
     man = common.read_json(os.path.join(cfg.data, "pairs.json"))
     if man and (man["preset"] != cfg.model or man["pair_size"] < cfg.crop):
         raise SystemExit(f"pairs in {cfg.data} are {man['preset']} at {man['pair_size']} px; training {cfg.model} "
                          f"with crop {cfg.crop} needs pairs from the same base, at least crop px")
-    ds = PairDataset(cfg.data, cfg.crop)  # before the models: a missing folder fails fast
+    return PairDataset(cfg.data, cfg.crop)
 
-    # 1. models (Alg. 1 line 3): v_theta <- the base + a trainable LoRA; the VAE frozen; no teacher
-    # in memory
-    dtype = common.weight_dtype(device)
-    dit = common.load_dit(cfg.model, cfg.model_path or None, dtype)
-    with torch.random.fork_rng(devices=[]):  # the same LoRA init on every rank
-        torch.manual_seed(cfg.seed)
-        dit = common.add_lora(dit, cfg.train_base, cfg.lora_rank, cfg.lora_alpha, LORA_TARGETS).to(device).train()
-    vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device)
-    # the VAE: the decoder's backward of line 14 at 1024 px
-    common.checkpointing(cfg, device, dit, vae)
+# ------------------------------------------------------------ training
+def train(cfg):
+    """--make_pairs N: write the teacher pairs and stop; else Algorithm 1 on the pairs in --data."""
+    cfg = resolve(cfg)
+    if cfg.make_pairs:
+        return make_pairs(cfg)
+    check_pairs(cfg)
+    rank, world, device, log = common.setup(cfg, pretrained(cfg))
+    ds = open_pairs(cfg)  # before the models: missing or mismatched pairs fail fast
+
+    # 1. models (Alg. 1 line 3): v_theta (the base + a LoRA) and the frozen VAE; no teacher
+    dit, vae = build_generator(cfg, device)
+    common.checkpointing(cfg, device, dit, vae)  # the VAE too: line 14's backward at 1024 px
     if cfg.fsdp:
         dit = common.shard_fsdp2(dit, log)
     feats = BlockFeatures(dit)
@@ -478,9 +490,8 @@ def train(cfg):
     loader, accum = make_loader(ds, cfg, rank, world, step)
     log(f"{len(ds)} teacher pairs, batch {cfg.batch_size} = {world} ranks x {accum} accum x {cfg.micro_batch}")
 
-    # 5. loop (Alg. 1 lines 4-21): per micro-batch, seeded by its place in the run (a resume or any
-    # number of ranks draws the same numbers), a batch of pairs, Alg. 1's losses, backward; line 20
-    # updates v_theta (its LoRA)
+    # 5. loop (Alg. 1 lines 4-21): each micro-batch seeded by its place in the run (a resume or any
+    # number of ranks draws the same numbers); the optimizer step is line 20
     scale = 1 / accum
     saved = {"cond": {k: v.detach().cpu() for k, v in cond.items()}}  # the prompt the sampler uses
     import eval  # the held-out scores: --val_every, and --eval_heldout at the end

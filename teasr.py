@@ -1,17 +1,15 @@
 """
 TEASR: Training-Efficient Any-Step Diffusion Transformer for Real-World Image Super-Resolution
-(Gao, Zhu, Fang, Hu, Zhang; arXiv:2606.16188). The authors released no code: this file implements
-the paper.
+(Gao, Zhu, Fang, Hu, Zhang; arXiv:2606.16188). No code was released: this file implements the paper.
 
 One model, no teacher, no discriminator: a dual-branch DiT on Qwen-Image-2512 is trained with
 Self-Adversarial Distillation (SAD). The noise branch is the frozen base; a LoRA that acts only on
 the condition (LR) tokens, plus a second timestep embedder, is all that trains. The same network
 gives the real trajectory (target time t_tar >= 0), the one-step generator (t = 1 -> t_tar = 0) and
-the fake trajectory (negative target time), so one model in memory plays teacher, student and fake
-score.
+the fake trajectory (negative target time): one model in memory is teacher, student and fake score.
 
 Notation (rectified flow, t = 1 is noise): z_t = (1 - t) z_hr + t eps, v = eps - z_hr, Euler step
-z_s = z_t - (t - s) v; z_lr (the paper's z_lq) the latent of the bicubic x4 LR. v(z, t, t_tar) =
+z_s = z_t - (t - s) v; z_lr (the paper's z_lq) the latent of the bicubic x4 LR; v(z, t, t_tar) =
 v_theta(z, t, z_lr, t_tar): noise tokens at the current time t, condition tokens at the target time
 t_tar (Decoupled Timestep Condition, Sec. 3.3).
     (1)  v1 = v(z_t, t, s)                                      one shortcut step t -> s
@@ -28,9 +26,9 @@ t_tar (Decoupled Timestep Condition, Sec. 3.3).
     (14) Delta <- w(s) Delta,   w(s) = (1 - s)^2 / s             Time-Aware Rectification
     (11) L_rectify = || v(eps, 1, 0) - sg(v(eps, 1, 0) - Delta) ||^2      (t = 1, t_tar = 0: z_t = eps)
     (12) x_sr = D(z0_hat)
-    (13) L_data = MSE(x_sr, x_hr) + lambda_lpips LPIPS(x_sr, x_hr) L = L_base + lambda_data L_data +
-    lambda_adv L_adv + lambda_rect L_rectify Algorithm 1 (any-step): tau_i = 1 - i/N, z <- z -
-    (tau_i - tau_i+1) v(z, tau_i, tau_i+1), N = 1..30.
+    (13) L_data = MSE(x_sr, x_hr) + lambda_lpips LPIPS(x_sr, x_hr)
+    L = L_base + lambda_data L_data + lambda_adv L_adv + lambda_rect L_rectify
+    Alg. 1 (any-step, N = 1..30): tau_i = 1 - i/N,  z <- z - (tau_i - tau_i+1) v(z, tau_i, tau_i+1)
 Eq. (11)'s gradient is 2 w(s) Delta / numel on v(eps, 1, 0): it moves z0_hat = eps - v by +w Delta,
 towards the real score's x0 and away from the fake score's (DMD). In Eq. (11) t = 1, so z_t is the
 noise of Eq. (6) and v(z_t, 1, 0) is the very forward that made z0_hat: it runs once per step.
@@ -58,17 +56,14 @@ What differs from the paper, and why:
 - The four loss groups are back-propagated together, once per micro-batch; with gradient
   checkpointing their four DiT graphs hold only the blocks' inputs.
 - diffusers' Qwen-Image VAE decoder clamps to [-1, 1], so saturated pixels give L_data no gradient.
-- Pixel ranges: L_data's MSE (Eq. 13) is taken on [0, 1] images, the range every image has here
-  outside the VAE and the one PSNR is measured on; the paper does not say. On [-1, 1] it would be 4x
-  larger, i.e. lambda_data 4x heavier against the latent flow terms (L_base, L_adv, L_rectify),
-  which the [0, 1] / [-1, 1] choice does not touch.
+- Pixel ranges: L_data's MSE (Eq. 13) is taken on [0, 1] images, the range of every image outside
+  the VAE and of PSNR; the paper does not say. On [-1, 1] lambda_data would weigh 4x more against
+  the latent terms (L_base, L_adv, L_rectify).
 - --train_base full (ours, off by default; the mini's setting): the base's own weights train too, in
-  fp32, so the noise branch is no longer frozen. On the 2M mini base a frozen noise branch cannot
-  read the condition tokens (README, mini bases). The checkpoint then also holds the base
-  (`dit.safetensors`).
-- --zero_init (ours, the mini): v = the DiT's output + (z_t - z_lr), that output layer zeroed, so
-  the one step from eps (Eq. 6) starts at z0_hat = z_lr, bicubic; the network learns the detail
-  instead of first cancelling eps.
+  fp32, so the noise branch is no longer frozen: on the 2M mini base a frozen one cannot read the
+  condition tokens (README, mini bases). The checkpoint then holds the base too (dit.safetensors).
+- --zero_init (ours, the mini): v = the DiT's output + (z_t - z_lr), that output layer zeroed: the
+  one step from eps (Eq. 6) starts at z0_hat = z_lr, bicubic, with no eps to cancel first.
 """
 import copy, dataclasses
 
@@ -139,10 +134,9 @@ class Config(common.SampleFlags):  # + the shared sampling flags
 # --model tiny / mini (ours): these values for every flag not given
 TINY = dict(max_steps=20, crop=64, lora_rank=8, lora_alpha=8.0, batch_size=2, tile=8, overlap=2)
 # mini: the whole base trains (a frozen 2M noise branch cannot read the condition tokens), from
-# z0_hat = z_lr; w_data 3000: the pixel MSE (~0.003) must lead the latent terms, or L_flow's
-# gradient (20x L_data's at weight 30) drowns the one step's reading of the condition tokens; w_rect
-# 0.05: a 2M base's score difference (Eq. 10) is mostly noise; w_lpips 0: offline the VGG is random,
-# and over half of a CPU step; tile 16, the crop
+# z0_hat = z_lr; w_data 3000: the pixel MSE (~0.003) must lead, else L_flow's gradient drowns
+# the one step's reading of the condition tokens; w_rect 0.05: a 2M base's score difference
+# (Eq. 10) is mostly noise; no LPIPS (offline: a random VGG); tile 16: the whole crop
 MINI = dict(max_steps=1200, crop=128, lora_rank=32, lora_alpha=32.0, lr=1e-3, lr_decay=0.5, w_data=3000.0, w_lpips=0.0,
             w_rect=0.05, batch_size=4, micro_batch=4, tile=16, overlap=4, grid_every=300, save_every=300,
             eval_heldout=True, degrade="bicubic", train_base="full", zero_init=True)
@@ -213,17 +207,15 @@ class CondBranch(nn.Module):
         self.requires_grad_(True)
 
 def split_modulation(dit):
-    """Switch dit's blocks to per-token modulation (diffusers' zero_cond_t): each token takes the
-    half of temb that v_theta's index names, the text the first half. Every DiT v_theta runs on is
-    switched once."""
+    """Switch dit's blocks to per-token modulation (diffusers' zero_cond_t), as v_theta needs: each
+    token takes the half of temb that v_theta's index names, the text tokens the first half."""
     for block in dit.transformer_blocks:
         block.zero_cond_t = True
     return dit
 
 def attach_cond_branch(dit, rank, alpha, fused_t=False, lr_skip=False):
     """Make `dit` the dual-branch DiT and return its condition branch: the base frozen (the noise
-    branch), its modulation split per token group, the branch's CondLoRA hooked on its target
-    Linears."""
+    branch), its modulation split per token group, the branch's CondLoRA hooked on its Linears."""
     if dit.config.use_additional_t_cond:
         raise SystemExit("TEASR: a base with additional_t_cond (Qwen-Image-Layered) is not supported")
     dit.requires_grad_(False)  # the noise branch is the frozen base
@@ -237,13 +229,11 @@ def v_theta(dit, branch, z_t, t, z_lr, t_tar, cond):
     """Dual-branch velocity v_theta(z_t, t, z_lr, t_tar) -> (B, C, H, W), v = eps - z_0 (Fig. 2).
     z_t, z_lr (B, C, H, W); t, t_tar (B,). The base's own modules run in the base's order (as
     QwenImageTransformer2DModel.forward); what differs: the LR tokens join the image sequence at the
-    same positions, and each token group has its own time embedding. branch=None: the condition
-    tokens at the base's own time embedding, for a DiT with no branch attached (switched by
-    split_modulation)."""
+    same positions, and each token group has its own time embedding. branch=None: a DiT with no
+    branch, only split_modulation; the condition tokens take the base's own time embedding."""
     B, C, H, W = z_t.shape
     n = H * W // 4  # tokens per group (2x2 packing)
-    # tokens [noise | condition]: the LR latent through the same patch embedding (its LoRA: the
-    # condition half)
+    # tokens [noise | condition], both through the patch embedding; its LoRA acts on the second half
     x = dit.img_in(torch.cat([common.pack(z_t), common.pack(z_lr)], 1).to(dit.dtype))  # (B, 2n, D)
     # DTC: noise tokens modulated by temb(t), condition tokens by temb2(t_tar)
     proj = dit.time_text_embed.time_proj  # sinusoids of 1000 t (no parameters)
@@ -253,8 +243,7 @@ def v_theta(dit, branch, z_t, t, z_lr, t_tar, cond):
     # ablation: temb1(t_cur) + temb2(t_tar), the same for every token
     if branch is not None and branch.fused_t:
         temb_t = temb_tar = temb_t + temb_tar
-    # (2B, D): rows of the noise group, then of the condition group
-    temb = torch.cat([temb_t, temb_tar])
+    temb = torch.cat([temb_t, temb_tar])  # (2B, D): noise rows, then condition rows
     # (B, 2n): 0 noise, 1 condition
     index = (torch.arange(2 * n, device=x.device) >= n).int().expand(B, -1)
     txt = dit.txt_in(dit.txt_norm(cond["embeds"].to(dit.dtype).expand(B, -1, -1)))  # (B, L, D)
@@ -274,16 +263,32 @@ def v_theta(dit, branch, z_t, t, z_lr, t_tar, cond):
     return v + (z_t - z_lr) if branch is not None and branch.lr_skip else v
 
 def bind(dit, branch, z_lr, cond):
-    """v(z, t, t_tar) for this batch's LR latent; z may stack k copies of the batch (one batched
-    forward)."""
+    """v(z, t, t_tar) for this batch's LR latent; z may stack k copies of the batch, one forward."""
     def v(z, t, t_tar):
         return v_theta(dit, branch, z, t, z_lr.repeat(z.shape[0] // z_lr.shape[0], 1, 1, 1), t_tar, cond)
     return v
 
+def build_dual_dit(cfg, device):
+    """The dual-branch DiT to train, on device: the base (frozen, in bf16 on GPU; --train_base full:
+    trained, in fp32) and its condition branch, the same init on every rank; then the frozen VAE and
+    the prompt's condition. Returns (dit, branch, vae, cond)."""
+    dtype = common.weight_dtype(device) if cfg.train_base == "none" else torch.float32
+    dit = common.load_dit(cfg.model, cfg.model_path or None, dtype).requires_grad_(False).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        branch = attach_cond_branch(dit, cfg.lora_rank, cfg.lora_alpha, cfg.fused_t, cfg.zero_init)
+    if cfg.train_base == "full":
+        dit.requires_grad_(True)
+    if cfg.zero_init:  # v = z_t - z_lr: the one step returns z_lr (a resume overwrites it)
+        common.zero_output(dit)
+    # the prompt before the DiT moves to the device: the text encoder is never there beside it
+    cond = common.fixed_prompt(cfg, dit, device, cfg.out_dir, cfg.prompt)
+    dit, branch = dit.to(device), branch.to(device).train()
+    return dit, branch, common.load_vae(cfg.model, cfg.model_path or None, dtype, device), cond
+
 # ------------------------------------------------------------ losses
 def flow_loss(v, z_hr, t, eps):
-    """L_flow (Eq. 5): the instantaneous velocity on the real trajectory, target time = current
-    time."""
+    """L_flow (Eq. 5): the instantaneous velocity (t_tar = t) on the real trajectory."""
     z_t = (1 - bc(t)) * z_hr + bc(t) * eps
     return F.mse_loss(v(z_t, t, t), eps - z_hr)                # Eq. (5), L_flow
 
@@ -299,8 +304,7 @@ def consistency_loss(v, z_hr, t, s, eps):
     return F.mse_loss(v1, v2)                                  # Eq. (4)
 
 def one_step(v, eps):
-    """Eq. (6): z0_hat = eps - v(eps, 1, z_lr, 0); returns (z0_hat, v_gen), v_gen carrying the
-    graph."""
+    """Eq. (6): z0_hat = eps - v(eps, 1, z_lr, 0); returns (z0_hat, v_gen), v_gen with its graph."""
     ones = torch.ones(eps.shape[0], device=eps.device)
     v_gen = v(eps, ones, 0 * ones)
     return eps - v_gen, v_gen                                  # Eq. (6)
@@ -324,9 +328,8 @@ def tar_weight(s, min_s=0.05, const=False):
     return torch.ones_like(s) if const else (1 - s) ** 2 / s.clamp_min(min_s)
 
 def rectify_loss(v, v_gen, z0_hat, s, eps_rect, min_s=0.05, const=False):
-    """L_rectify (Eqs. 9-11, TAR Eq. 14): v_gen = v(eps, 1, 0) (the forward of Eq. 6) is pulled by
-    -w(s) Delta, Delta = fake score - real score at the re-noised estimate; Delta carries no
-    gradient."""
+    """L_rectify (Eqs. 9-11, TAR Eq. 14): v_gen = v(eps, 1, 0), the forward of Eq. 6, is pulled by
+    -w(s) Delta, Delta (no gradient) = fake score - real score at the re-noised estimate."""
     z_s = bc(s) * eps_rect + (1 - bc(s)) * z0_hat.detach()                     # Eq. (9)
     with torch.no_grad():  # sg of Eq. (11): both scores in one batched forward
         v_fake, v_real = v(torch.cat([z_s, z_s]), torch.cat([s, s]), torch.cat([-s, s])).chunk(2)
@@ -335,9 +338,8 @@ def rectify_loss(v, v_gen, z0_hat, s, eps_rect, min_s=0.05, const=False):
 
 def teasr_losses(v, vae, lpips, z_hr, x_hr, cfg):
     """Every term of one training step on a micro-batch (Secs. 3.1-3.2): L_base, L_data, L_adv,
-    L_rectify. 4 DiT forwards with gradient (flow, shortcut, one-step, fake trajectory) and 3
-    without (two for the shortcut target, one batched 2B for the two scores of Eq. 10). Returns (L,
-    the terms, x_sr)."""
+    L_rectify, from 4 DiT forwards with gradient (flow, shortcut, one-step, fake trajectory) and 3
+    without (two for the shortcut target, a batched 2B one for Eq. 10). Returns (L, terms, x_sr)."""
     rand = lambda: torch.rand(z_hr.shape[0], device=z_hr.device)
     l_flow = flow_loss(v, z_hr, rand(), torch.randn_like(z_hr))  # real trajectory, L_base (Eq. 5)
     t = rand()
@@ -363,14 +365,13 @@ def sample(v, eps, steps):
 
 def build_sampler(flags, device=None):
     """fn(x_lr (1, 3, h, w) in [0, 1]) -> (1, 3, 4h, 4w) of the checkpoint flags.ckpt: bicubic x4,
-    encode, N steps of Algorithm 1 from seeded noise (each step's velocity over overlapping latent
-    tiles), decode."""
+    encode, Algorithm 1's N steps from seeded noise (velocities over overlapping tiles), decode."""
     path, cfg, device, dtype = common.sampler_setup(flags, resolve, device)
     dit = common.load_dit(cfg.model, cfg.model_path or None, dtype).requires_grad_(False).eval()
     # the LoRA init is overwritten; keep the caller's RNG as it was
     with torch.random.fork_rng(devices=[]):
         branch = attach_cond_branch(dit, cfg.lora_rank, cfg.lora_alpha, cfg.fused_t, cfg.zero_init)
-    # dit: train_base
+    # "dit": the base's own weights, in the checkpoint only with --train_base full
     state = common.load_checkpoint(path, {"cond_branch": branch, "dit": dit}, ema=cfg.ema)
     dit, branch = common.sampling_weights(cfg, dtype, dit).to(device), branch.to(device).eval()
     vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device, tiling=True)
@@ -388,42 +389,28 @@ def train(cfg):
     cfg = resolve(cfg)
     rank, world, device, log = common.setup(cfg, pretrained(cfg))
 
-    # 1. models: one DiT in memory, the frozen base in bf16 on GPU; trainable: the condition LoRA +
-    # t_tar embedder (--train_base full: and the base itself, in fp32)
-    dtype = common.weight_dtype(device) if cfg.train_base == "none" else torch.float32
-    dit = common.load_dit(cfg.model, cfg.model_path or None, dtype).requires_grad_(False).eval()
-    with torch.random.fork_rng(devices=[]):  # the same init on every rank
-        torch.manual_seed(cfg.seed)
-        branch = attach_cond_branch(dit, cfg.lora_rank, cfg.lora_alpha, cfg.fused_t, cfg.zero_init)
-        random_nets = common.PRESETS[cfg.model].hub is None
-        lpips = common.load_lpips(device, "random" if random_nets else cfg.lpips_weights) if cfg.w_lpips else None
-    # v = z_t - z_lr: the one step from noise returns z_lr, bicubic (a resumed run loads its own)
-    if cfg.zero_init:
-        common.zero_output(dit)
-    # the text encoder before the DiT, not with
-    cond = common.fixed_prompt(cfg, dit, device, cfg.out_dir, cfg.prompt)
-    dit, branch = dit.to(device), branch.to(device).train()
-    vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device)
+    # 1. models: one DiT in memory (teacher, student and fake score), the frozen VAE, LPIPS
+    dit, branch, vae, cond = build_dual_dit(cfg, device)
     common.checkpointing(cfg, device, dit)
+    random_nets = common.PRESETS[cfg.model].hub is None
+    lpips = common.load_lpips(device, "random" if random_nets else cfg.lpips_weights) if cfg.w_lpips else None
 
     # 2. optimizer on the condition branch only (--train_base full: and the base), gradient clipping
-    params = list(branch.parameters()) + (list(dit.requires_grad_(True).parameters()) if cfg.train_base == "full"
-                                          else [])
+    params = common.trainable(branch, dit)
     opts = {"opt": torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=0.0)}
-    log(f"{cfg.model}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters (condition LoRA + t_tar "
-        f"embedder" + (" + the base)" if cfg.train_base == "full" else
-                       f"), {sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M frozen"))
-    # a frozen dit saves nothing (common.save_checkpoint)
-    models = {"cond_branch": branch, "dit": dit}
+    what = "condition LoRA + t_tar embedder" + (" + the base" if cfg.train_base == "full" else "")
+    n_frozen = sum(p.numel() for p in dit.parameters() if not p.requires_grad)
+    log(f"{cfg.model}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters ({what})" +
+        (f", {n_frozen / 1e6:.2f}M frozen" if n_frozen else ""))
+    models = {"cond_branch": branch, "dit": dit}  # a frozen dit is not saved
 
     # 3. resume; 4. the loader, data position = step
     step, _ = common.resume(cfg.out_dir, models, opts, log)
     loader, accum = make_loader(ImageDataset(cfg.data, cfg.crop, cfg.data_root), cfg, rank, world, step)
     log(f"batch {cfg.batch_size} = {world} ranks x {accum} accum x {cfg.micro_batch}, crop {cfg.crop}")
 
-    # 5. loop: per micro-batch, seeded by its place in the run (a resume or any number of ranks
-    # draws the same numbers), the HR crops, the LR made by the degradation (fp32, outside
-    # autocast), every term, backward
+    # 5. loop: each micro-batch seeded by its place in the run (a resume or any number of ranks
+    # draws the same numbers); the degradation runs in fp32, outside autocast
     scale = 1 / accum
     saved = {"cond": {k: v.detach().cpu() for k, v in cond.items()}}  # the prompt the sampler uses
     import eval  # the held-out scores: --val_every, and --eval_heldout at the end
