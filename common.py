@@ -822,9 +822,10 @@ class SampleFlags:
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-def sampler_setup(flags, resolve, device=None, own=()):
+def sampler_setup(flags, resolve, pretrained, device=None, own=()):
     """A sampler's (checkpoint, its training config with the sampling flags of `flags`, device,
-    dtype), its networks checked before anything is built. own: the method's own sampling flags."""
+    dtype); the base and the method's `pretrained` networks marked `sample` checked before anything
+    is built. own: the method's own sampling flags."""
     path, cfg = checkpoint_config(flags.ckpt or flags.out_dir, type(flags))
     given = {k: getattr(flags, k) for k in ("steps", "seed", "ema", *own)}
     given.update({k: getattr(flags, k) for k in ("tile", "overlap") if getattr(flags, k)})
@@ -834,8 +835,6 @@ def sampler_setup(flags, resolve, device=None, own=()):
     if not cfg.scale >= 1:
         raise SystemExit(f"--scale {cfg.scale}: expected S >= 1 (the output is round(S x input) on each side)")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # the method's list: what its sampler loads of it
-    pretrained = sys.modules[type(cfg).__module__].pretrained
     check_weights(cfg, [base_weights(cfg)] + [w for w in pretrained(cfg) if w.sample])
     return path, cfg, device, DTYPES[cfg.dtype] if cfg.dtype else weight_dtype(device)
 
@@ -946,6 +945,19 @@ def finish_sampler(sr, cfg):
             return x_sr.clamp(0, 1)
         return color_fix(x_sr, resize(x_lr.float(), size).clamp(0, 1), cfg.color_fix).clamp(0, 1)
     return fn
+
+def sample_files(sr_fn, inp, output):
+    """--sample: sr_fn (x_lr (1, 3, h, w) -> its output) over an image or a folder, to PNGs."""
+    from tqdm import tqdm
+    if not inp or not os.path.exists(inp):
+        raise SystemExit(f"--sample needs --input: an LR image or a folder of them (got {inp!r})")
+    files = list_images(inp) if os.path.isdir(inp) else [inp]
+    for f in tqdm(files, desc="sr", disable=len(files) < 2):
+        with torch.no_grad():
+            y = sr_fn(load_image(f)[None])
+        save_image(y, os.path.join(output, os.path.splitext(os.path.basename(f))[0] + ".png"))
+    print(f"{len(files)} images -> {output}")
+    return len(files)
 
 # ------------------------------------------------------------ configuration and logging
 def configure(cls, **given):

@@ -241,7 +241,7 @@ def write_outputs(items, run_dir, make_fn, device, run_info):
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     for k, lr in tqdm(todo, desc=f"sr {os.path.basename(run_dir)}", disable=len(todo) < 2):
-        x_lr = common.load_image(lr)[None]  # (1, 3, h, w), on the CPU as sample_files passes it
+        x_lr = common.load_image(lr)[None]  # (1, 3, h, w), on the CPU as common.sample_files passes it
         sync(device)
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -253,18 +253,6 @@ def write_outputs(items, run_dir, make_fn, device, run_info):
         common.save_image(x_sr, tmp)
         os.replace(tmp, os.path.join(run_dir, k + ".png"))
         _append(cache, {"image": k, "set": "gen", "sec": sec, "mem_GB": mem})
-
-def sample_files(sr_fn, inp, output):
-    """--sample: sr_fn (x_lr (1, 3, h, w) -> (1, 3, 4h, 4w)) over an image or a folder, to PNGs."""
-    if not inp or not os.path.exists(inp):
-        raise SystemExit(f"--sample needs --input: an LR image or a folder of them (got {inp!r})")
-    files = common.list_images(inp) if os.path.isdir(inp) else [inp]
-    for f in tqdm(files, desc="sr", disable=len(files) < 2):
-        with torch.no_grad():
-            y = sr_fn(common.load_image(f)[None])
-        common.save_image(y, os.path.join(output, _stem(f) + ".png"))
-    print(f"{len(files)} images -> {output}")
-    return len(files)
 
 # ------------------------------------------------------------ scoring and tables
 def _hash(*paths):  # of the files' bytes: a changed output or HR is scored again

@@ -265,7 +265,7 @@ def fluxsr_losses(dit, vae, lpips, feats, cond2, eps, z_hr, x_hr, cfg):
 def build_sampler(flags, device=None):
     """fn(x_lr (1, 3, h, w) in [0, 1]) -> (1, 3, 4h, 4w) of the checkpoint flags.ckpt: bicubic x4,
     encode, one step of Eq. 18 over latent tiles, decode. Deterministic (no noise)."""
-    path, cfg, device, dtype = common.sampler_setup(flags, resolve, device)
+    path, cfg, device, dtype = common.sampler_setup(flags, resolve, pretrained, device)
     dit = common.add_lora(common.load_dit(cfg.model, cfg.model_path or None, dtype), cfg.train_base, cfg.lora_rank,
                           cfg.lora_alpha, LORA_TARGETS)
     state = common.load_checkpoint(path, {"dit": dit}, ema=cfg.ema)
@@ -526,8 +526,7 @@ def train(cfg):
 if __name__ == "__main__":
     cfg = common.parse_config(Config)
     if cfg.sample:
-        import eval
-        eval.sample_files(build_sampler(cfg), cfg.input, cfg.output)
+        common.sample_files(build_sampler(cfg), cfg.input, cfg.output)
     else:
         train(cfg)
     common.cleanup()

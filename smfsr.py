@@ -477,7 +477,8 @@ def build_sampler(flags, device=None):
     """fn(x_lr (1, 3, h, w) in [0, 1]) -> (1, 3, 4h, 4w) of the checkpoint flags.ckpt: bicubic x4,
     encode, `steps` jumps of Eq. 14 from noise seeded by flags.seed (tiled, overlapping), decode."""
     flags = dataclasses.replace(flags, ckpt=flags.ckpt or flags.out_dir or "out/smfsr-gan")
-    path, cfg, device, dtype = common.sampler_setup(flags, resolve, device, own=("start", "start_t"))
+    path, cfg, device, dtype = common.sampler_setup(flags, resolve, pretrained, device,
+                                                    own=("start", "start_t"))
     name = "teacher" if cfg.stage == "teacher" else "student"
     # the init is overwritten; keep the caller's RNG as it was
     with torch.random.fork_rng(devices=[]):
@@ -690,8 +691,7 @@ def train(cfg):
 if __name__ == "__main__":
     cfg = common.parse_config(Config)
     if cfg.sample:
-        import eval
-        eval.sample_files(build_sampler(cfg), cfg.input, cfg.output)
+        common.sample_files(build_sampler(cfg), cfg.input, cfg.output)
     else:
         train(cfg)
     common.cleanup()

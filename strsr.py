@@ -510,7 +510,7 @@ def build_sampler(flags, device=None):
     """fn(x_lr (1, 3, h, w) in [0, 1]) -> (1, 3, 4h, 4w) of the checkpoint flags.ckpt: bicubic x4,
     pad to 16, one step (tiled in latent space for large inputs, the VLM condition computed once on
     the whole LR), crop back. flags.seed seeds the only randomness, the draw of z_lr."""
-    path, cfg, device, dtype = common.sampler_setup(flags, resolve, device)
+    path, cfg, device, dtype = common.sampler_setup(flags, resolve, pretrained, device)
     dit, vae, cond = build_generator(cfg, device, ckpt=path, dtype=dtype)
     common.load_checkpoint(path, {"dit": dit, "cond": cond}, ema=cfg.ema)
     dit = common.sampling_weights(cfg, dtype, dit)
@@ -627,8 +627,7 @@ def train(cfg):
 if __name__ == "__main__":
     cfg = common.parse_config(Config)
     if cfg.sample:
-        import eval
-        eval.sample_files(build_sampler(cfg), cfg.input, cfg.output)
+        common.sample_files(build_sampler(cfg), cfg.input, cfg.output)
     else:
         train(cfg)
     common.cleanup()

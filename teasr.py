@@ -366,7 +366,7 @@ def sample(v, eps, steps):
 def build_sampler(flags, device=None):
     """fn(x_lr (1, 3, h, w) in [0, 1]) -> (1, 3, 4h, 4w) of the checkpoint flags.ckpt: bicubic x4,
     encode, Algorithm 1's N steps from seeded noise (velocities over overlapping tiles), decode."""
-    path, cfg, device, dtype = common.sampler_setup(flags, resolve, device)
+    path, cfg, device, dtype = common.sampler_setup(flags, resolve, pretrained, device)
     dit = common.load_dit(cfg.model, cfg.model_path or None, dtype).requires_grad_(False).eval()
     # the LoRA init is overwritten; keep the caller's RNG as it was
     with torch.random.fork_rng(devices=[]):
@@ -449,8 +449,7 @@ def train(cfg):
 if __name__ == "__main__":
     cfg = common.parse_config(Config)
     if cfg.sample:
-        import eval
-        eval.sample_files(build_sampler(cfg), cfg.input, cfg.output)
+        common.sample_files(build_sampler(cfg), cfg.input, cfg.output)
     else:
         train(cfg)
     common.cleanup()
