@@ -372,21 +372,51 @@ def losses_logged(out):
     return rows
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_two_ranks_equal_one_process(method, tmp_path, tmp_path_factory):
-    """torchrun --standalone (a free port: the one scheme of every test) with two CPU ranks (gloo) gives the losses and
-    weights of one process that accumulates the same global batch in two micro-batches: the same data, the same
-    random draws (seeded by the micro-batch's position in the run), the same averaged gradients. The methods that
-    shard (--fsdp: StrSR, FluxSR) run sharded, and a sharded run resumes its step-1 checkpoint to the same step 2."""
+def two_rank_flags(method, tmp_path_factory):
+    """The flags of the two-rank comparison: the global batch 2 in micro-batches of 1; --fsdp true where the method
+    shards (StrSR, FluxSR), in the torchrun command only."""
     kw = {**flags(method, tmp_path_factory), "batch_size": 2, "micro_batch": 1}
-    train(method, tmp_path / "one", tmp_path_factory, **kw)
     fsdp = "fsdp" in importlib.import_module(method).Config.__dataclass_fields__
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"{method}.py",
-                *[f"--{k}={v}" for k, v in {**kw, **({"fsdp": "true"} if fsdp else {})}.items()]]
-    r = run(torchrun + [f"--out_dir={tmp_path / 'two'}"])
-    assert r.stdout.count("step 2/2") == 1  # rank 0 logs alone
-    assert fsdp == ("FSDP2: 2 blocks and the root sharded over 2 ranks" in r.stdout)
-    one, two = losses_logged(tmp_path / "one"), losses_logged(tmp_path / "two")
+    return kw, [f"--{k}={v}" for k, v in {**kw, **({"fsdp": "true"} if fsdp else {})}.items()], fsdp
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """One `torchrun --standalone --nproc_per_node=2` (a free port: the one scheme of every test; two CPU ranks, gloo)
+    runs each method's script with the flags above, into <root>/<method>/two, and each method that shards again from
+    its step-1 checkpoint, into <method>/resumed: the runs one after another in the same two ranks
+    (tests/torchrun_runs.py), so torchrun and the imports are paid once. Returns (root, {(method, "two" or
+    "resumed"): the log of that run}, the whole log)."""
+    root, jobs, names = tmp_path_factory.mktemp("two-ranks"), [], []
+    for method in METHODS:
+        argv, fsdp = two_rank_flags(method, tmp_path_factory)[1:]
+        for which in ("two", "resumed") if fsdp else ("two",):
+            if which == "resumed":
+                jobs.append(["copy", str(root / method / "two" / "ckpt-0000001"),
+                             str(root / method / "resumed" / "ckpt-0000001")])
+            jobs.append(["run", f"{method}.py", argv + [f"--out_dir={root / method / which}"]])
+            names.append((method, which))
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    r = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             "tests/torchrun_runs.py", str(root / "jobs.json")])
+    runs = [i for i, job in enumerate(jobs) if job[0] == "run"]
+    logs = {name: r.stdout.split(f"=== run {i}\n")[1].split("=== run ")[0] for name, i in zip(names, runs)}
+    return root, logs, r.stdout
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_ranks_equal_one_process(method, two_ranks, tmp_path, tmp_path_factory):
+    """torchrun with two CPU ranks (the fixture above) gives the losses and weights of one process that accumulates the
+    same global batch in two micro-batches: the same data, the same random draws (seeded by the micro-batch's position
+    in the run), the same averaged gradients. The methods that shard (--fsdp: StrSR, FluxSR) run sharded, and a
+    sharded run resumes its step-1 checkpoint to the same step 2."""
+    kw, _, fsdp = two_rank_flags(method, tmp_path_factory)
+    train(method, tmp_path / "one", tmp_path_factory, **kw)
+    root, logs, stdout = two_ranks
+    two_dir = root / method / "two"
+    assert logs[method, "two"].count("step 2/2") == 1 and stdout.count("step 2/2") == len(logs)  # rank 0 logs alone
+    assert fsdp == ("FSDP2: 2 blocks and the root sharded over 2 ranks" in logs[method, "two"])
+    one, two = losses_logged(tmp_path / "one"), losses_logged(two_dir)
     assert one.keys() == two.keys() == {"1/2", "2/2"}
     for k in one:
         assert two[k] == pytest.approx(one[k], rel=2e-3, abs=1e-6), k
@@ -396,15 +426,15 @@ def test_two_ranks_equal_one_process(method, tmp_path, tmp_path_factory):
     cfg = json.load(open(tmp_path / "one" / "ckpt-0000002" / "config.json"))
     atol = 1e-6 + 5 * max(v for k, v in cfg.items() if k in ("lr", "lr_d", "lr_fake"))
     for f in glob.glob(str(tmp_path / "one" / "ckpt-0000002" / "*.safetensors")):
-        a, b = load_file(f), load_file(str(tmp_path / "two" / "ckpt-0000002" / os.path.basename(f)))
+        a, b = load_file(f), load_file(str(two_dir / "ckpt-0000002" / os.path.basename(f)))
         for k in (k for k in a if not k.endswith(("._u", "._v"))):  # the power iteration's own state
             torch.testing.assert_close(b[k], a[k], atol=atol, rtol=1e-4, msg=f"{os.path.basename(f)}:{k}")
+    assert fsdp == ((method, "resumed") in logs)
     if fsdp:
-        shutil.copytree(tmp_path / "two" / "ckpt-0000001", tmp_path / "resumed" / "ckpt-0000001")
-        run(torchrun + [f"--out_dir={tmp_path / 'resumed'}"])
-        assert losses_logged(tmp_path / "resumed")["2/2"] == two["2/2"]
-        for f in glob.glob(str(tmp_path / "two" / "ckpt-0000002" / "*.safetensors")):
-            a, b = load_file(f), load_file(str(tmp_path / "resumed" / "ckpt-0000002" / os.path.basename(f)))
+        resumed = root / method / "resumed"
+        assert "resumed " in logs[method, "resumed"] and losses_logged(resumed) == {"2/2": two["2/2"]}  # step 2 only
+        for f in glob.glob(str(two_dir / "ckpt-0000002" / "*.safetensors")):
+            a, b = load_file(f), load_file(str(resumed / "ckpt-0000002" / os.path.basename(f)))
             assert all(torch.equal(a[k], b[k]) for k in a), f
 
 
