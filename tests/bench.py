@@ -139,8 +139,8 @@ def gpu_table(methods, sizes):
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu, {os.cpu_count()} cores"
     print(f"{dev} | torch {torch.__version__} | {time.strftime('%Y-%m-%d')} | {sizes} sizes, random weights, bf16 "
           f"frozen weights on GPU | batch 1, gradient checkpointing, the paper's crop and LoRA rank\n")
-    print(f"| method | base (DiT params) | s/step (3 steps) | peak GB, training | one-step SR to {4 * SR_LR[sizes]} px, "
-          "s | peak GB, SR | predicted s/step, GB (plan) | note |\n|---|---|---|---|---|---|---|---|")
+    print(f"| method | base (DiT params) | s/step (3 steps) | peak GB, training | one-step SR to "
+          f"{4 * SR_LR[sizes]} px, s | peak GB, SR | predicted s/step, GB (plan) | note |\n" + "|---" * 8 + "|")
     for method in methods:
         with tempfile.TemporaryDirectory() as out:
             t0 = time.time()
