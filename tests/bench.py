@@ -3,7 +3,8 @@
     python tests/bench.py --gpu              # GPU readiness: each method at its paper setting on real-size random
                                              # networks (no hub): 3 training steps and one-step SR to 1024 px, beside
                                              # the plan's prediction (run `--plan --batch 1` first)
-    python tests/bench.py --gpu --sizes tiny # the same script on tiny networks, on any device (a check of the bench)
+    python tests/bench.py --gpu --sizes tiny # the same script on tiny networks (SR of a 64 px LR), on any device: a
+                                             # check of the bench
     python tests/bench.py                    # CPU: the tiny and mini presets, ms per step and per SR
     python tests/bench.py --degrade realesrgan  # images/s of degrade.py's degradation, on the CPU and any GPU
     python tests/bench.py --plan             # what GPU each paper run needs: every method and stage traced at real
@@ -26,6 +27,7 @@ import common  # noqa: E402
 from real_sizes import REAL, VAE, build, count  # noqa: E402
 
 METHODS = {"strsr": "flux2", "fluxsr": "flux1", "smfsr": "sd3", "teasr": "qwen"}
+SR_LR = {"real": 256, "tiny": 64}  # the LR side of the timed SR: to 1024 px; tiny networks, a check, to 256 px
 BASE = {"flux1": "flux1-dev", "flux2": "flux2-klein", "zimage": "zimage", "sd3": "sd35-medium", "qwen": "qwen-image"}
 
 
@@ -74,8 +76,8 @@ def use_real_sizes(device, tiny):
 
 
 def gpu_job(method, tiny, out):
-    """One method: 3 training steps at the paper setting, then one-step SR of a 256 px LR to 1024 px (a warm-up call,
-    then a timed one). Prints a JSON line."""
+    """One method: 3 training steps at the paper setting, then one-step SR of a 256 px LR to 1024 px (tiny: 64 px to
+    256 px; a warm-up call, then a timed one). Prints a JSON line."""
     import importlib
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -111,7 +113,7 @@ def gpu_job(method, tiny, out):
         if cuda:
             torch.cuda.empty_cache()
         sr = mod.build_sampler(mod.Config(ckpt=os.path.join(out, "run")))
-        x = torch.rand(1, 3, 256, 256)
+        x = torch.rand(1, 3, SR_LR["tiny" if tiny else "real"], SR_LR["tiny" if tiny else "real"])
         sr(x)
         if cuda:
             torch.cuda.synchronize()
@@ -137,8 +139,8 @@ def gpu_table(methods, sizes):
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu, {os.cpu_count()} cores"
     print(f"{dev} | torch {torch.__version__} | {time.strftime('%Y-%m-%d')} | {sizes} sizes, random weights, bf16 "
           f"frozen weights on GPU | batch 1, gradient checkpointing, the paper's crop and LoRA rank\n")
-    print("| method | base (DiT params) | s/step (3 steps) | peak GB, training | one-step SR to 1024 px, s | peak GB, "
-          "SR | predicted s/step, GB (plan) | note |\n|---|---|---|---|---|---|---|---|")
+    print(f"| method | base (DiT params) | s/step (3 steps) | peak GB, training | one-step SR to "
+          f"{4 * SR_LR[sizes]} px, s | peak GB, SR | predicted s/step, GB (plan) | note |\n" + "|---" * 8 + "|")
     for method in methods:
         with tempfile.TemporaryDirectory() as out:
             t0 = time.time()

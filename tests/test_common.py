@@ -565,23 +565,32 @@ def test_lpips_is_zero_on_identical_and_positive_otherwise():
 
 def test_lpips_reads_a_local_vgg16_file(tmp_path):
     """--lpips_weights FILE: torchvision's VGG16 state dict becomes LPIPS's backbone (features.<i> -> slice<n>.<i>),
-    the package's linear heads on top; the result differs from the random stand-in."""
-    import torchvision
+    the package's linear heads on top, the classifier's keys ignored; the result differs from the random stand-in
+    (seed 0). The file has every key and shape of torchvision's; its features are drawn (seed 3), its 120M classifier
+    weights are one stored zero each (expanded: a small file, not 528 MB written and read)."""
+    import lpips, torchvision
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in torchvision.models.vgg16().state_dict().items()}
     with torch.random.fork_rng():
         torch.manual_seed(3)
-        vgg = torchvision.models.vgg16()
-    torch.save(vgg.state_dict(), tmp_path / "vgg16.pth")
+        features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
+    sd = {k: features.state_dict()[k[len("features."):]] if k.startswith("features.") else torch.zeros(()).expand(v)
+          for k, v in shapes.items()}
+    assert all(sd[k].shape == v for k, v in shapes.items()) and any(k.startswith("classifier.") for k in sd)
+    torch.save(sd, tmp_path / "vgg16.pth")
     x, y = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
-    import lpips
-    ref = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
-    for i, layer in enumerate(vgg.features[:30]):  # lpips' slices hold torchvision's features 0..29 by index
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # the random stand-in's draw (load_lpips("cpu"))
+        ref = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+    stand_in = float(ref(x * 2 - 1, y * 2 - 1).mean())
+    for i, layer in enumerate(features[:30]):  # lpips' slices hold torchvision's features 0..29 by index
         slice_ = next(s for s in (ref.net.slice1, ref.net.slice2, ref.net.slice3, ref.net.slice4, ref.net.slice5)
                       if str(i) in s._modules)
         slice_._modules[str(i)] = layer
     want = ref(x * 2 - 1, y * 2 - 1).mean()
     got = C.load_lpips("cpu", str(tmp_path / "vgg16.pth"))(x, y)
     torch.testing.assert_close(got, want)
-    assert abs(float(got) - float(C.load_lpips("cpu")(x, y))) > 1e-4
+    assert abs(float(got) - stand_in) > 1e-4
 
 
 def test_prefetch_without_internet_says_so(tmp_path):

@@ -325,12 +325,18 @@ def test_heldout_table_and_compare_png(tmp_path, monkeypatch, capsys):
     build_sampler.__module__ = "negsr"
     monkeypatch.setitem(sys.modules, "negsr", types.SimpleNamespace(Config=types.SimpleNamespace))
     monkeypatch.setattr(pyiqa, "create_metric", no_lpips)
+    # LPIPS-rand's network (a random VGG16: 4 s per 512 px image) stood in by the mean |SR - HR|, checked below
+    monkeypatch.setattr(C, "load_lpips", lambda device, weights: lambda x, y: (x - y).abs().mean())
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)  # the data roots under the working directory, as a training run
     rows = E.heldout("negsr", build_sampler, "run", "bicubic", data_root="photos")  # a run's --data_root
     assert [r["method"] for r in rows] == ["bicubic", "negsr"]
     assert 0.9 < rows[0]["Blockiness"] < 1.0 and "Blockiness ↓" in open("run/eval/results.md").read()
     assert "run/compare.png" in capsys.readouterr().out
+    hr = C.load_image("photos/sample/HR/astronaut.png")  # each row scored its own output against the HR
+    for r in rows:
+        sr = C.load_image(f"run/eval/{r['method']}/sample/astronaut.png")
+        assert r["LPIPS-rand"] == pytest.approx(float((sr - hr).abs().mean()), abs=2e-3), r["method"]
     sheet = np.asarray(Image.open("run/compare.png").convert("RGB"))
     assert sheet.shape == (16 + 3 * 260 - 4, 4 * 260 - 4, 3)  # three 128 px crops shown 256 px, 4 px apart
     load = lambda f: (C.load_image(f).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # (H, W, 3)

@@ -60,6 +60,18 @@ def trained(tmp_path_factory):
     return get
 
 
+def script(method, *argv):
+    """`python METHOD.py ARGV` run here: the script's own __main__ block (runpy) on these sys.argv, without the fresh
+    process's ~4 s of imports (the fresh processes: test_a_real_preset_without_its_weights_stops_at_once, torchrun)."""
+    import runpy
+    old = sys.argv
+    sys.argv = [f"{method}.py", *map(str, argv)]
+    try:
+        runpy.run_path(os.path.join(ROOT, f"{method}.py"), run_name="__main__")
+    finally:
+        sys.argv = old
+
+
 def steps_logged(out):
     return [line.split(" | ")[:2] for line in open(os.path.join(out, "log.txt")) if line.startswith("step ")]
 
@@ -81,10 +93,12 @@ def test_a_given_flag_wins_over_the_preset_even_at_its_default(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_help_lists_every_flag_with_its_default_and_source(method):
-    r = run([sys.executable, f"{method}.py", "--help"])
+def test_help_lists_every_flag_with_its_default_and_source(method, capsys):
+    with pytest.raises(SystemExit) as e:
+        script(method, "--help")
+    assert e.value.code == 0
     mod = importlib.import_module(method)
-    text = " ".join(r.stdout.split())
+    text = " ".join(capsys.readouterr().out.split())
     comments = C._comments(mod.Config)
     for f in mod.Config.__dataclass_fields__.values():
         assert f"--{f.name}" in text and f.name in comments, f.name
@@ -372,21 +386,51 @@ def losses_logged(out):
     return rows
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_two_ranks_equal_one_process(method, tmp_path, tmp_path_factory):
-    """torchrun --standalone (a free port: the one scheme of every test) with two CPU ranks (gloo) gives the losses and
-    weights of one process that accumulates the same global batch in two micro-batches: the same data, the same
-    random draws (seeded by the micro-batch's position in the run), the same averaged gradients. The methods that
-    shard (--fsdp: StrSR, FluxSR) run sharded, and a sharded run resumes its step-1 checkpoint to the same step 2."""
+def two_rank_flags(method, tmp_path_factory):
+    """The flags of the two-rank comparison: the global batch 2 in micro-batches of 1; --fsdp true where the method
+    shards (StrSR, FluxSR), in the torchrun command only."""
     kw = {**flags(method, tmp_path_factory), "batch_size": 2, "micro_batch": 1}
-    train(method, tmp_path / "one", tmp_path_factory, **kw)
     fsdp = "fsdp" in importlib.import_module(method).Config.__dataclass_fields__
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"{method}.py",
-                *[f"--{k}={v}" for k, v in {**kw, **({"fsdp": "true"} if fsdp else {})}.items()]]
-    r = run(torchrun + [f"--out_dir={tmp_path / 'two'}"])
-    assert r.stdout.count("step 2/2") == 1  # rank 0 logs alone
-    assert fsdp == ("FSDP2: 2 blocks and the root sharded over 2 ranks" in r.stdout)
-    one, two = losses_logged(tmp_path / "one"), losses_logged(tmp_path / "two")
+    return kw, [f"--{k}={v}" for k, v in {**kw, **({"fsdp": "true"} if fsdp else {})}.items()], fsdp
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """One `torchrun --standalone --nproc_per_node=2` (a free port: the one scheme of every test; two CPU ranks, gloo)
+    runs each method's script with the flags above, into <root>/<method>/two, and each method that shards again from
+    its step-1 checkpoint, into <method>/resumed: the runs one after another in the same two ranks
+    (tests/torchrun_runs.py), so torchrun and the imports are paid once. Returns (root, {(method, "two" or
+    "resumed"): the log of that run}, the whole log)."""
+    root, jobs, names = tmp_path_factory.mktemp("two-ranks"), [], []
+    for method in METHODS:
+        argv, fsdp = two_rank_flags(method, tmp_path_factory)[1:]
+        for which in ("two", "resumed") if fsdp else ("two",):
+            if which == "resumed":
+                jobs.append(["copy", str(root / method / "two" / "ckpt-0000001"),
+                             str(root / method / "resumed" / "ckpt-0000001")])
+            jobs.append(["run", f"{method}.py", argv + [f"--out_dir={root / method / which}"]])
+            names.append((method, which))
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    r = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             "tests/torchrun_runs.py", str(root / "jobs.json")])
+    runs = [i for i, job in enumerate(jobs) if job[0] == "run"]
+    logs = {name: r.stdout.split(f"=== run {i}\n")[1].split("=== run ")[0] for name, i in zip(names, runs)}
+    return root, logs, r.stdout
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_ranks_equal_one_process(method, two_ranks, tmp_path, tmp_path_factory):
+    """torchrun with two CPU ranks (the fixture above) gives the losses and weights of one process that accumulates the
+    same global batch in two micro-batches: the same data, the same random draws (seeded by the micro-batch's position
+    in the run), the same averaged gradients. The methods that shard (--fsdp: StrSR, FluxSR) run sharded, and a
+    sharded run resumes its step-1 checkpoint to the same step 2."""
+    kw, _, fsdp = two_rank_flags(method, tmp_path_factory)
+    train(method, tmp_path / "one", tmp_path_factory, **kw)
+    root, logs, stdout = two_ranks
+    two_dir = root / method / "two"
+    assert logs[method, "two"].count("step 2/2") == 1 and stdout.count("step 2/2") == len(logs)  # rank 0 logs alone
+    assert fsdp == ("FSDP2: 2 blocks and the root sharded over 2 ranks" in logs[method, "two"])
+    one, two = losses_logged(tmp_path / "one"), losses_logged(two_dir)
     assert one.keys() == two.keys() == {"1/2", "2/2"}
     for k in one:
         assert two[k] == pytest.approx(one[k], rel=2e-3, abs=1e-6), k
@@ -396,15 +440,15 @@ def test_two_ranks_equal_one_process(method, tmp_path, tmp_path_factory):
     cfg = json.load(open(tmp_path / "one" / "ckpt-0000002" / "config.json"))
     atol = 1e-6 + 5 * max(v for k, v in cfg.items() if k in ("lr", "lr_d", "lr_fake"))
     for f in glob.glob(str(tmp_path / "one" / "ckpt-0000002" / "*.safetensors")):
-        a, b = load_file(f), load_file(str(tmp_path / "two" / "ckpt-0000002" / os.path.basename(f)))
+        a, b = load_file(f), load_file(str(two_dir / "ckpt-0000002" / os.path.basename(f)))
         for k in (k for k in a if not k.endswith(("._u", "._v"))):  # the power iteration's own state
             torch.testing.assert_close(b[k], a[k], atol=atol, rtol=1e-4, msg=f"{os.path.basename(f)}:{k}")
+    assert fsdp == ((method, "resumed") in logs)
     if fsdp:
-        shutil.copytree(tmp_path / "two" / "ckpt-0000001", tmp_path / "resumed" / "ckpt-0000001")
-        run(torchrun + [f"--out_dir={tmp_path / 'resumed'}"])
-        assert losses_logged(tmp_path / "resumed")["2/2"] == two["2/2"]
-        for f in glob.glob(str(tmp_path / "two" / "ckpt-0000002" / "*.safetensors")):
-            a, b = load_file(f), load_file(str(tmp_path / "resumed" / "ckpt-0000002" / os.path.basename(f)))
+        resumed = root / method / "resumed"
+        assert "resumed " in logs[method, "resumed"] and losses_logged(resumed) == {"2/2": two["2/2"]}  # step 2 only
+        for f in glob.glob(str(two_dir / "ckpt-0000002" / "*.safetensors")):
+            a, b = load_file(f), load_file(str(resumed / "ckpt-0000002" / os.path.basename(f)))
             assert all(torch.equal(a[k], b[k]) for k in a), f
 
 
@@ -450,8 +494,7 @@ def test_train_then_sample_then_eval(method, trained, tmp_path):
     Image.new("L", (13, 11), 120).save(inp / "gray.png")
     Image.new("RGBA", (9, 17), (10, 200, 30, 128)).save(inp / "rgba.png")
     C.save_image(torch.rand(3, 21, 30, generator=torch.Generator().manual_seed(0)), str(inp / "x.png"))
-    run([sys.executable, f"{method}.py", "--sample", "--ckpt", str(out), "--input", str(inp), "--output",
-         str(tmp_path / "sr")])
+    script(method, "--sample", "--ckpt", out, "--input", inp, "--output", tmp_path / "sr")
     assert [Image.open(tmp_path / "sr" / f).size for f in ("gray.png", "rgba.png", "x.png")] == [(52, 44), (36, 68),
                                                                                                   (120, 84)]
     data = tmp_path / "data" / "RealSR"
