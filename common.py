@@ -686,8 +686,9 @@ def start_ema(cfg, models):
         return None
     from safetensors.torch import load_file
     ema, ckpt = EMA(models, cfg.ema_decay), latest_checkpoint(cfg.out_dir)
-    if ckpt and os.path.exists(os.path.join(ckpt, "ema.safetensors")):
-        ema.load_state_dict(load_file(os.path.join(ckpt, "ema.safetensors")))
+    file = os.path.join(ckpt, "ema.safetensors") if ckpt else ""
+    if os.path.exists(file):
+        ema.load_state_dict(load_file(file))
     return ema
 
 def validate(cfg, step, models, saved, ema, val, log):

@@ -433,7 +433,8 @@ def validation(method, build_sampler, cfg, device):
         for k, x_lr, x_hr in images:
             with torch.no_grad():
                 x_sr = sr(x_lr).clamp(0, 1).mul(255).round().div(255).to(device)
-            rows.append({c: scorer.compute(c, x_sr, _match(x_sr, x_hr, k)) for c in VAL_COLS})
+            x_hr = _match(x_sr, x_hr, k)
+            rows.append({c: scorer.compute(c, x_sr, x_hr) for c in VAL_COLS})
         means = {c: _mean([r[c] for r in rows]) for c in VAL_COLS}
         return {c: v for c, v in means.items() if v is not None}
 

@@ -402,6 +402,7 @@ def make_pairs(cfg):
     rank, world, device = common.compute_init(cfg.seed)
     common.prepare_base(cfg.model)  # a mini base is pretrained first: it is the teacher
     todo, n_own = pairs_to_write(cfg, rank, world)
+    manifest = pair_manifest(cfg)
     dtype = common.weight_dtype(device)
     dit = common.load_dit(cfg.model, cfg.model_path or None, dtype).to(device).requires_grad_(False).eval()
     vae = common.load_vae(cfg.model, cfg.model_path or None, dtype, device)
@@ -414,7 +415,7 @@ def make_pairs(cfg):
         idx = todo[k:k + cfg.pair_batch]
         eps, z_hr, x_hr = teacher_pairs(dit, vae, cond, photos, idx, cfg, device)
         for j, i in enumerate(idx):
-            write_pair(cfg.data, i, eps[j:j + 1], z_hr[j:j + 1], x_hr[j:j + 1], pair_manifest(cfg))
+            write_pair(cfg.data, i, eps[j:j + 1], z_hr[j:j + 1], x_hr[j:j + 1], manifest)
         bar.update(len(idx))
     bar.close()
     if world > 1:
